@@ -1,0 +1,679 @@
+//! The daemon's configuration: the TOML schema, its defaults (the seeds' numbers) and
+//! validation that reports every problem at once, each named by its dotted key.
+//!
+//! Parsing is two-pass on purpose. serde stops at the first bad field, but an operator
+//! fixing a file wants the whole list; so each key is first deserialized on its own (type
+//! errors and unknown keys), then the assembled config is checked as a whole (ranges and
+//! relations between keys, such as the clear ratio being below the alert ratio).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Env var that overrides `database.url`, so a secret URL need not live in the file.
+pub const DATABASE_URL_ENV: &str = "TASKWARDEN_DATABASE_URL";
+/// Env var that turns on the periodic resource status line (the second seed's switch).
+pub const LOG_RESOURCE_USAGE_ENV: &str = "LOG_RESOURCE_USAGE";
+
+/// One problem found in a config file, named by its dotted key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config file {path} has {} problem(s):\n{}", .issues.len(), render_issues(.issues))]
+    Invalid {
+        path: PathBuf,
+        issues: Vec<ConfigIssue>,
+    },
+}
+
+fn render_issues(issues: &[ConfigIssue]) -> String {
+    issues
+        .iter()
+        .map(|i| format!("  - {i}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A duration written in the file as `"5s"`, `"30m"`, `"1h 30m"` (humantime syntax).
+/// Negative values cannot be written: the parser refuses a leading minus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    pub const fn secs(s: u64) -> Self {
+        Dur(Duration::from_secs(s))
+    }
+    pub const fn millis(ms: u64) -> Self {
+        Dur(Duration::from_millis(ms))
+    }
+    pub fn get(self) -> Duration {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let t = s.trim();
+        if t.starts_with('-') {
+            return Err(serde::de::Error::custom(format!(
+                "duration {s:?} is negative; write a positive duration such as \"5s\""
+            )));
+        }
+        humantime::parse_duration(t).map(Dur).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {s:?} ({e}); write e.g. \"500ms\", \"5s\", \"30m\""
+            ))
+        })
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub supervisor: SupervisorConfig,
+    pub workers: WorkersConfig,
+    pub agents: BTreeMap<String, AgentConfig>,
+    pub http: HttpConfig,
+    pub alerts: AlertsConfig,
+    pub logging: LoggingConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// Empty: run the embedded PostgreSQL under `data_dir`.
+    pub url: String,
+    /// Where the embedded cluster lives. Empty: `$STATE_DIRECTORY` (systemd) or `./data`.
+    pub data_dir: String,
+    pub pool_size: u32,
+    pub max_overflow: u32,
+    pub checkout_timeout: Dur,
+    pub connect_timeout: Dur,
+    pub pre_ping: bool,
+    pub application_name: String,
+    pub statement_timeout: Dur,
+    pub idle_in_transaction_timeout: Dur,
+    pub capture_backtraces: bool,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            data_dir: String::new(),
+            pool_size: 20,
+            max_overflow: 10,
+            checkout_timeout: Dur::secs(5),
+            connect_timeout: Dur::secs(10),
+            pre_ping: true,
+            application_name: "taskwarden".into(),
+            statement_timeout: Dur::secs(60),
+            idle_in_transaction_timeout: Dur::secs(60),
+            capture_backtraces: false,
+        }
+    }
+}
+
+impl DatabaseConfig {
+    /// The hard maximum of pooled connections: base size plus overflow.
+    pub fn max_connections(&self) -> usize {
+        self.pool_size as usize + self.max_overflow as usize
+    }
+
+    /// The URL in force: the env override if set, else the file's.
+    pub fn effective_url(&self) -> String {
+        match std::env::var(DATABASE_URL_ENV) {
+            Ok(v) if !v.trim().is_empty() => v,
+            _ => self.url.clone(),
+        }
+    }
+
+    /// The directory of the embedded cluster.
+    pub fn effective_data_dir(&self) -> PathBuf {
+        if !self.data_dir.is_empty() {
+            return PathBuf::from(&self.data_dir);
+        }
+        match std::env::var("STATE_DIRECTORY") {
+            // systemd may pass several colon-separated dirs; the first is ours.
+            Ok(v) if !v.is_empty() => PathBuf::from(v.split(':').next().unwrap_or(&v)),
+            _ => PathBuf::from("data"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SupervisorConfig {
+    pub interval: Dur,
+    pub pool_alert_ratio: f64,
+    pub pool_clear_ratio: f64,
+    pub session_warn_age: Dur,
+    pub session_max_age: Dur,
+    pub max_task_duration: Dur,
+    pub memory_alert_ratio: f64,
+    pub log_resource_usage: bool,
+    pub resource_log_interval: Dur,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            interval: Dur::secs(5),
+            pool_alert_ratio: 0.80,
+            pool_clear_ratio: 0.70,
+            session_warn_age: Dur::secs(60),
+            session_max_age: Dur::secs(30 * 60),
+            max_task_duration: Dur::secs(1800),
+            memory_alert_ratio: 0.90,
+            log_resource_usage: false,
+            resource_log_interval: Dur::secs(300),
+        }
+    }
+}
+
+impl SupervisorConfig {
+    /// The file's switch, or `LOG_RESOURCE_USAGE=true` in the environment.
+    pub fn resource_logging_enabled(&self) -> bool {
+        self.log_resource_usage
+            || std::env::var(LOG_RESOURCE_USAGE_ENV)
+                .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
+                .unwrap_or(false)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkersConfig {
+    pub concurrency: u32,
+    pub lease: Dur,
+    pub poll_interval: Dur,
+    pub max_attempts: u32,
+    pub retry_backoff: Dur,
+    pub retry_backoff_max: Dur,
+    /// How long shutdown waits for running work before re-queueing it and exiting.
+    pub shutdown_grace: Dur,
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 10,
+            lease: Dur::secs(30),
+            poll_interval: Dur::secs(1),
+            max_attempts: 3,
+            retry_backoff: Dur::secs(1),
+            retry_backoff_max: Dur::secs(300),
+            shutdown_grace: Dur::secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentKind {
+    Command,
+    Http,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    pub kind: Option<AgentKind>,
+    /// argv for `kind = "command"`.
+    pub command: Vec<String>,
+    /// Endpoint for `kind = "http"`.
+    pub url: String,
+    pub concurrency: u32,
+    pub timeout: Dur,
+    /// The agent's reply is the list of steps of an objective.
+    pub planner: bool,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            kind: None,
+            command: Vec::new(),
+            url: String::new(),
+            concurrency: 4,
+            timeout: Dur::secs(1800),
+            planner: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: String,
+    pub api_token: String,
+    pub api_token_file: String,
+    pub max_body_bytes: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9187".into(),
+            api_token: String::new(),
+            api_token_file: String::new(),
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlertsConfig {
+    pub webhook_url: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Pretty,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file. Every problem is reported, not just the first.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ParseError::Syntax(message) => ConfigError::Syntax {
+                path: path.to_path_buf(),
+                message,
+            },
+            ParseError::Invalid(issues) => ConfigError::Invalid {
+                path: path.to_path_buf(),
+                issues,
+            },
+        })
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config, ParseError> {
+        let table: toml::Table =
+            toml::from_str(text).map_err(|e| ParseError::Syntax(e.message().to_string()))?;
+        let mut issues = Vec::new();
+        check_keys(&table, &mut issues);
+        if !issues.is_empty() {
+            return Err(ParseError::Invalid(issues));
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| {
+                ParseError::Invalid(vec![ConfigIssue {
+                    key: "(file)".into(),
+                    message: e.message().to_string(),
+                }])
+            })?;
+        let issues = config.validate();
+        if issues.is_empty() {
+            Ok(config)
+        } else {
+            Err(ParseError::Invalid(issues))
+        }
+    }
+
+    /// Range and cross-key checks on an assembled config.
+    pub fn validate(&self) -> Vec<ConfigIssue> {
+        let mut v = Vec::new();
+        let mut bad = |key: &str, message: String| {
+            v.push(ConfigIssue {
+                key: key.into(),
+                message,
+            })
+        };
+        let db = &self.database;
+        if db.pool_size == 0 {
+            bad("database.pool_size", "must be at least 1".into());
+        }
+        if db.max_connections() > 10_000 {
+            bad(
+                "database.max_overflow",
+                "pool_size + max_overflow must be at most 10000".into(),
+            );
+        }
+        for (key, d) in [
+            ("database.checkout_timeout", db.checkout_timeout),
+            ("database.connect_timeout", db.connect_timeout),
+        ] {
+            if d.get().is_zero() {
+                bad(key, "must be greater than zero".into());
+            }
+        }
+        if db.application_name.is_empty() {
+            bad("database.application_name", "must not be empty".into());
+        } else if db.application_name.len() > 63 {
+            bad(
+                "database.application_name",
+                "PostgreSQL keeps at most 63 bytes".into(),
+            );
+        }
+        if !db.url.is_empty() && db.url.parse::<tokio_postgres::Config>().is_err() {
+            bad(
+                "database.url",
+                "not a PostgreSQL connection URL (postgresql://user@host/db)".into(),
+            );
+        }
+
+        let s = &self.supervisor;
+        for (key, d) in [
+            ("supervisor.interval", s.interval),
+            ("supervisor.session_warn_age", s.session_warn_age),
+            ("supervisor.session_max_age", s.session_max_age),
+            ("supervisor.max_task_duration", s.max_task_duration),
+            ("supervisor.resource_log_interval", s.resource_log_interval),
+        ] {
+            if d.get().is_zero() {
+                bad(key, "must be greater than zero".into());
+            }
+        }
+        for (key, r) in [
+            ("supervisor.pool_alert_ratio", s.pool_alert_ratio),
+            ("supervisor.pool_clear_ratio", s.pool_clear_ratio),
+            ("supervisor.memory_alert_ratio", s.memory_alert_ratio),
+        ] {
+            if !(r > 0.0 && r <= 1.0) {
+                bad(key, format!("{r} is not a ratio in (0, 1]"));
+            }
+        }
+        if s.pool_clear_ratio >= s.pool_alert_ratio {
+            bad(
+                "supervisor.pool_clear_ratio",
+                format!(
+                    "{} must be below supervisor.pool_alert_ratio ({}), or the alert would flap",
+                    s.pool_clear_ratio, s.pool_alert_ratio
+                ),
+            );
+        }
+        if s.session_warn_age >= s.session_max_age {
+            bad(
+                "supervisor.session_warn_age",
+                "must be shorter than supervisor.session_max_age".into(),
+            );
+        }
+
+        let w = &self.workers;
+        if w.concurrency == 0 {
+            bad("workers.concurrency", "must be at least 1".into());
+        }
+        if w.max_attempts == 0 {
+            bad("workers.max_attempts", "must be at least 1".into());
+        }
+        for (key, d) in [
+            ("workers.lease", w.lease),
+            ("workers.poll_interval", w.poll_interval),
+            ("workers.retry_backoff", w.retry_backoff),
+        ] {
+            if d.get().is_zero() {
+                bad(key, "must be greater than zero".into());
+            }
+        }
+        if w.retry_backoff_max < w.retry_backoff {
+            bad(
+                "workers.retry_backoff_max",
+                "must not be shorter than workers.retry_backoff".into(),
+            );
+        }
+
+        for (name, a) in &self.agents {
+            let key = |k: &str| format!("agents.{name}.{k}");
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                bad(
+                    &format!("agents.{name}"),
+                    "agent names use letters, digits, '_' and '-'".into(),
+                );
+            }
+            match a.kind {
+                None => bad(&key("kind"), "missing; one of \"command\", \"http\"".into()),
+                Some(AgentKind::Command) if a.command.is_empty() => {
+                    bad(&key("command"), "a command agent needs an argv list".into())
+                }
+                Some(AgentKind::Http) if !(a.url.starts_with("http://") || a.url.starts_with("https://")) => {
+                    bad(&key("url"), "an http agent needs an http:// or https:// url".into())
+                }
+                _ => {}
+            }
+            if a.concurrency == 0 {
+                bad(&key("concurrency"), "must be at least 1".into());
+            }
+            if a.timeout.get().is_zero() {
+                bad(&key("timeout"), "must be greater than zero".into());
+            }
+        }
+
+        if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            bad("http.listen", format!("{:?} is not an address:port", self.http.listen));
+        }
+        if !self.http.api_token.is_empty() && !self.http.api_token_file.is_empty() {
+            bad(
+                "http.api_token_file",
+                "set api_token or api_token_file, not both".into(),
+            );
+        }
+        if self.http.max_body_bytes == 0 {
+            bad("http.max_body_bytes", "must be greater than zero".into());
+        }
+        if !self.alerts.webhook_url.is_empty()
+            && !(self.alerts.webhook_url.starts_with("http://")
+                || self.alerts.webhook_url.starts_with("https://"))
+        {
+            bad("alerts.webhook_url", "must be an http:// or https:// url".into());
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.logging.level).is_err() {
+            bad(
+                "logging.level",
+                format!("{:?} is not a level or filter (e.g. \"info\", \"taskwarden=debug\")", self.logging.level),
+            );
+        }
+        v
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParseError {
+    Syntax(String),
+    Invalid(Vec<ConfigIssue>),
+}
+
+/// First pass: each key deserialized on its own, so one bad key cannot hide another.
+fn check_keys(table: &toml::Table, issues: &mut Vec<ConfigIssue>) {
+    for (section, value) in table {
+        match section.as_str() {
+            "database" => check_section::<DatabaseConfig>(section, value, issues),
+            "supervisor" => check_section::<SupervisorConfig>(section, value, issues),
+            "workers" => check_section::<WorkersConfig>(section, value, issues),
+            "http" => check_section::<HttpConfig>(section, value, issues),
+            "alerts" => check_section::<AlertsConfig>(section, value, issues),
+            "logging" => check_section::<LoggingConfig>(section, value, issues),
+            "agents" => match value.as_table() {
+                Some(agents) => {
+                    for (name, agent) in agents {
+                        check_section::<AgentConfig>(&format!("agents.{name}"), agent, issues);
+                    }
+                }
+                None => issues.push(ConfigIssue {
+                    key: "agents".into(),
+                    message: "must be a table of [agents.NAME] sections".into(),
+                }),
+            },
+            _ => issues.push(ConfigIssue {
+                key: section.clone(),
+                message: "unknown section".into(),
+            }),
+        }
+    }
+}
+
+fn check_section<T: DeserializeOwned>(prefix: &str, value: &toml::Value, issues: &mut Vec<ConfigIssue>) {
+    let Some(table) = value.as_table() else {
+        issues.push(ConfigIssue {
+            key: prefix.into(),
+            message: "must be a table".into(),
+        });
+        return;
+    };
+    for (key, v) in table {
+        let mut one = toml::Table::new();
+        one.insert(key.clone(), v.clone());
+        if let Err(e) = toml::Value::Table(one).try_into::<T>() {
+            let msg = e.message().to_string();
+            let message = if msg.starts_with("unknown field") {
+                "unknown key".to_string()
+            } else {
+                msg
+            };
+            issues.push(ConfigIssue {
+                key: format!("{prefix}.{key}"),
+                message,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issues(text: &str) -> Vec<ConfigIssue> {
+        match Config::parse(text) {
+            Err(ParseError::Invalid(i)) => i,
+            other => panic!("expected invalid config, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn empty_file_gives_seed_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.database.pool_size, 20);
+        assert_eq!(c.database.max_overflow, 10);
+        assert_eq!(c.database.max_connections(), 30);
+        assert_eq!(c.supervisor.session_max_age.get(), Duration::from_secs(1800));
+        assert_eq!(c.supervisor.max_task_duration.get(), Duration::from_secs(1800));
+        assert_eq!(c.supervisor.resource_log_interval.get(), Duration::from_secs(300));
+        assert_eq!(c.supervisor.pool_alert_ratio, 0.80);
+    }
+
+    #[test]
+    fn shipped_config_is_valid_and_matches_defaults() {
+        let text = include_str!("../config.toml");
+        let c = Config::parse(text).unwrap();
+        let d = Config::default();
+        assert_eq!(c.database, d.database);
+        assert_eq!(c.supervisor, d.supervisor);
+        assert_eq!(c.workers, d.workers);
+        assert_eq!(c.http, d.http);
+        assert_eq!(c.logging, d.logging);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let found = issues(
+            r#"
+            [database]
+            pool_size = "twenty"
+            checkout_timeout = "-5s"
+            colour = "blue"
+            [supervisor]
+            pool_alert_ratio = 0.5
+            pool_clear_ratio = 0.9
+            [nonsense]
+            x = 1
+            "#,
+        );
+        let keys: Vec<&str> = found.iter().map(|i| i.key.as_str()).collect();
+        assert!(keys.contains(&"database.pool_size"), "{found:?}");
+        assert!(keys.contains(&"database.checkout_timeout"), "{found:?}");
+        assert!(keys.contains(&"database.colour"), "{found:?}");
+        assert!(keys.contains(&"nonsense"), "{found:?}");
+        // the ratio relation is checked in the second pass, once types are right
+        let found = issues("[supervisor]\npool_alert_ratio = 0.5\npool_clear_ratio = 0.9\n");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].key, "supervisor.pool_clear_ratio");
+    }
+
+    #[test]
+    fn semantic_checks_name_their_keys() {
+        let found = issues(
+            r#"
+            [database]
+            pool_size = 0
+            [workers]
+            concurrency = 0
+            [agents.bad]
+            kind = "command"
+            [http]
+            listen = "nowhere"
+            [logging]
+            level = "loud=="
+            "#,
+        );
+        let keys: Vec<&str> = found.iter().map(|i| i.key.as_str()).collect();
+        for k in [
+            "database.pool_size",
+            "workers.concurrency",
+            "agents.bad.command",
+            "http.listen",
+        ] {
+            assert!(keys.contains(&k), "missing {k} in {found:?}");
+        }
+    }
+
+    #[test]
+    fn negative_number_is_a_type_error() {
+        let found = issues("[database]\nmax_overflow = -1\n");
+        assert_eq!(found[0].key, "database.max_overflow");
+    }
+}

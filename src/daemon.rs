@@ -1,0 +1,266 @@
+//! `taskwarden run`: brings the subsystems up in order (database, migrations, pool, store),
+//! announces readiness, serves signals, and takes everything down within the grace.
+//!
+//! Shutdown order matters: stop taking work, give running work the grace to finish, put
+//! what is still running back in the queue, close the pool, and only then stop the embedded
+//! PostgreSQL — so no task is left marked running and no connection is left open.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, ConfigError};
+use crate::db::embedded::{Cluster, ClusterOptions, EMBEDDED_DB};
+use crate::db::migrate::{self, MigrateError};
+use crate::db::{Db, DbError};
+use crate::logging::LogHandle;
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("invalid database.url: {0}")]
+    Url(String),
+    #[error("embedded PostgreSQL: {0}")]
+    Embedded(#[from] crate::db::embedded::EmbeddedError),
+    #[error(transparent)]
+    Migrate(#[from] MigrateError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot install signal handler: {0}")]
+    Signal(#[source] std::io::Error),
+}
+
+/// The database a daemon talks to: a server it was pointed at, or its own.
+pub struct Database {
+    pub pg: tokio_postgres::Config,
+    pub cluster: Option<Cluster>,
+}
+
+impl Database {
+    /// Uses `database.url` (or its env override); with none, starts the embedded cluster.
+    pub async fn open(cfg: &Config) -> Result<Database, DaemonError> {
+        let url = cfg.database.effective_url();
+        if !url.trim().is_empty() {
+            let pg: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| DaemonError::Url(e.to_string()))?;
+            tracing::info!(target_db = %describe(&pg), "using external PostgreSQL");
+            return Ok(Database { pg, cluster: None });
+        }
+        let data_dir = cfg.database.effective_data_dir();
+        let opts = ClusterOptions {
+            unsafe_fast: false,
+            // Room for the pool at its hard maximum, the admin and migration connections,
+            // and an operator's psql.
+            max_connections: Some((cfg.database.max_connections() as u32 + 10).max(50)),
+        };
+        let cluster = Cluster::start(&data_dir, opts).await?;
+        tracing::info!(data_dir = %data_dir.display(), socket_dir = %cluster.pgdata().display(), pid = cluster.pid(), "embedded PostgreSQL started");
+        Ok(Database {
+            pg: cluster.pg_config(EMBEDDED_DB),
+            cluster: Some(cluster),
+        })
+    }
+
+    pub async fn close(self) {
+        if let Some(c) = self.cluster {
+            c.stop().await;
+        }
+    }
+}
+
+/// Where a config points, without the password.
+pub fn describe(pg: &tokio_postgres::Config) -> String {
+    let host = pg
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(s) => s.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    format!(
+        "{}@{}/{}",
+        pg.get_user().unwrap_or(""),
+        host,
+        pg.get_dbname().unwrap_or("")
+    )
+}
+
+/// A process-unique name for this instance: leases and shutdown re-queueing use it.
+pub fn instance_id() -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown".into());
+    format!("{host}:{}:{:08x}", std::process::id(), rand::random::<u32>())
+}
+
+/// What the running daemon shares between its parts.
+pub struct Daemon {
+    pub config: Arc<ArcSwap<Config>>,
+    pub config_path: PathBuf,
+    pub db: Db,
+    pub store: Store,
+    pub instance_id: String,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config_path: &Path, config: Config, log: LogHandle) -> Result<(), DaemonError> {
+    // Install handlers first: a signal during start-up must not kill us half-way.
+    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
+
+    let database = Database::open(&config).await?;
+    let result = serve(config_path, config, log, &database, &mut sigterm, &mut sigint, &mut sighup).await;
+    database.close().await;
+    if result.is_ok() {
+        tracing::info!("taskwarden stopped");
+    }
+    result
+}
+
+async fn serve(
+    config_path: &Path,
+    config: Config,
+    log: LogHandle,
+    database: &Database,
+    sigterm: &mut tokio::signal::unix::Signal,
+    sigint: &mut tokio::signal::unix::Signal,
+    sighup: &mut tokio::signal::unix::Signal,
+) -> Result<(), DaemonError> {
+    let report = migrate::run(&database.pg, &config.database).await?;
+    tracing::info!(applied = report.applied.len(), schema_version = report.latest, "schema up to date");
+
+    let db = Db::new(database.pg.clone(), &config.database)?;
+    let store = Store::new(db.clone(), config.workers.max_attempts);
+    // Prove the pool works before saying we are ready.
+    drop(db.session("daemon.startup_check").await?);
+
+    let daemon = Daemon {
+        config: Arc::new(ArcSwap::from_pointee(config)),
+        config_path: config_path.to_path_buf(),
+        db,
+        store,
+        instance_id: instance_id(),
+        shutdown: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+    };
+    let cfg = daemon.config.load();
+    tracing::info!(
+        instance = %daemon.instance_id,
+        database = %describe(&database.pg),
+        pool_max = cfg.database.max_connections(),
+        "taskwarden ready"
+    );
+
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!(signal = "SIGTERM", "shutting down"); break; }
+            _ = sigint.recv() => { tracing::info!(signal = "SIGINT", "shutting down"); break; }
+            _ = sighup.recv() => reload(&daemon, &log),
+        }
+    }
+    shutdown(&daemon).await
+}
+
+async fn shutdown(d: &Daemon) -> Result<(), DaemonError> {
+    let grace = d.config.load().workers.shutdown_grace.get();
+    d.shutdown.cancel();
+    d.tasks.close();
+    if tokio::time::timeout(grace, d.tasks.wait()).await.is_err() {
+        tracing::warn!(grace_ms = grace.as_millis() as u64, "background work did not stop within the grace; abandoning it");
+    }
+    let requeued = d.store.requeue_running_owned_by(&d.instance_id).await?;
+    if requeued > 0 {
+        tracing::info!(requeued, "running tasks put back in the queue");
+    }
+    d.db.close();
+    // Guards still held by abandoned work close their connections when dropped; give
+    // them a moment so the server sees clean disconnects.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while d.db.tracker().open_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Keys that only take effect at start.
+const RESTART_ONLY: &[&str] = &[
+    "database.url",
+    "database.data_dir",
+    "database.checkout_timeout",
+    "database.connect_timeout",
+    "database.pre_ping",
+    "database.application_name",
+    "database.statement_timeout",
+    "database.idle_in_transaction_timeout",
+    "database.capture_backtraces",
+    "http.listen",
+    "logging.format",
+];
+
+/// SIGHUP: re-read the file; apply what can change live, keep the old config if invalid.
+fn reload(d: &Daemon, log: &LogHandle) {
+    let new = match Config::load(&d.config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(path = %d.config_path.display(), error = %e, "config reload failed; keeping the running config");
+            return;
+        }
+    };
+    let old = d.config.load_full();
+    let changed = changed_keys(&old, &new);
+    if changed.is_empty() {
+        tracing::info!("config reloaded; nothing changed");
+        return;
+    }
+    let (restart, live): (Vec<&String>, Vec<&String>) = changed.iter().partition(|k| RESTART_ONLY.contains(&k.as_str()));
+    if new.logging.level != old.logging.level
+        && let Err(e) = log.set_level(&new.logging.level)
+    {
+        tracing::error!(error = %e, "cannot apply logging.level");
+    }
+    if new.database.max_connections() != old.database.max_connections() || new.database.pool_size != old.database.pool_size {
+        d.db.resize(&new.database);
+    }
+    d.config.store(Arc::new(new));
+    tracing::info!(changed = ?live, needs_restart = ?restart, "config reloaded");
+}
+
+/// Dotted keys whose values differ between two configs.
+pub fn changed_keys(a: &Config, b: &Config) -> Vec<String> {
+    fn flatten(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<String, toml::Value>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    flatten(&key, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.clone());
+            }
+        }
+    }
+    let (mut fa, mut fb) = (Default::default(), Default::default());
+    if let (Ok(va), Ok(vb)) = (toml::Value::try_from(a), toml::Value::try_from(b)) {
+        flatten("", &va, &mut fa);
+        flatten("", &vb, &mut fb);
+    }
+    let mut keys: Vec<String> = fa.keys().chain(fb.keys()).cloned().collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter().filter(|k| fa.get(k) != fb.get(k)).collect()
+}

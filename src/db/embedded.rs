@@ -1,0 +1,393 @@
+//! The embedded PostgreSQL: with no `database.url`, the daemon runs its own cluster under
+//! `data_dir` — initdb once, a unix socket inside the cluster directory, no TCP port — and
+//! stops it on shutdown. The test harness uses the same code for its throwaway clusters.
+//!
+//! PostgreSQL refuses to run as root. When we are root (a container, a CI box), the server
+//! runs as the `postgres` system user if it exists, else `nobody`, and the cluster
+//! directory is handed to that user.
+//!
+//! The postmaster is spawned from a dedicated thread that lives exactly as long as the
+//! server and asks the kernel (PR_SET_PDEATHSIG) to send the server SIGINT (fast shutdown)
+//! if that thread dies. So even a SIGKILLed daemon or a test process that exits without
+//! running destructors does not leave a server behind.
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::{Pid, User};
+
+/// Superuser and database the embedded cluster is created with.
+pub const EMBEDDED_USER: &str = "taskwarden";
+pub const EMBEDDED_DB: &str = "taskwarden";
+/// The socket file is named after the port even with TCP off; the socket directory is
+/// private to the cluster, so the fixed number cannot collide with another server.
+pub const EMBEDDED_PORT: u16 = 5432;
+/// Env var naming the directory of initdb and postgres, overriding the search.
+pub const PG_BINDIR_ENV: &str = "TASKWARDEN_PG_BINDIR";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmbeddedError {
+    #[error(
+        "PostgreSQL server binaries (initdb, postgres) were not found ($TASKWARDEN_PG_BINDIR, \
+         PATH, /usr/lib/postgresql/*/bin); install them with `apt-get install postgresql` \
+         (Debian package `postgresql`), or set database.url to use an existing server"
+    )]
+    BinariesNotFound,
+    #[error("cannot prepare data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("running as root, but neither the `postgres` nor the `nobody` user exists to run PostgreSQL as")]
+    NoUnprivilegedUser,
+    #[error("initdb failed ({status}): {output}")]
+    Initdb { status: String, output: String },
+    #[error("cannot start PostgreSQL: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("PostgreSQL exited during start-up; last lines of {log}:\n{tail}")]
+    StartFailed { log: PathBuf, tail: String },
+    #[error("PostgreSQL did not accept connections within {0:?}; see {1}")]
+    StartTimeout(Duration, PathBuf),
+    #[error("cannot create database {EMBEDDED_DB}: {0}")]
+    CreateDb(#[source] tokio_postgres::Error),
+}
+
+/// Where the server binaries live.
+#[derive(Debug, Clone)]
+pub struct PgBinaries {
+    pub initdb: PathBuf,
+    pub postgres: PathBuf,
+}
+
+impl PgBinaries {
+    /// `$TASKWARDEN_PG_BINDIR` if set (and then only there); else PATH first (a user's own
+    /// build wins), then Debian's versioned directories, newest version first.
+    pub fn find() -> Result<PgBinaries, EmbeddedError> {
+        if let Some(dir) = std::env::var_os(PG_BINDIR_ENV).filter(|d| !d.is_empty()) {
+            let d = PathBuf::from(dir);
+            return if d.join("initdb").is_file() && d.join("postgres").is_file() {
+                Ok(PgBinaries {
+                    initdb: d.join("initdb"),
+                    postgres: d.join("postgres"),
+                })
+            } else {
+                Err(EmbeddedError::BinariesNotFound)
+            };
+        }
+        let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).collect())
+            .unwrap_or_default();
+        let mut versioned: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let v = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+                Some((v, e.path().join("bin")))
+            })
+            .collect();
+        versioned.sort_by(|a, b| b.0.cmp(&a.0));
+        dirs.extend(versioned.into_iter().map(|(_, p)| p));
+        dirs.into_iter()
+            .find(|d| d.join("initdb").is_file() && d.join("postgres").is_file())
+            .map(|d| PgBinaries {
+                initdb: d.join("initdb"),
+                postgres: d.join("postgres"),
+            })
+            .ok_or(EmbeddedError::BinariesNotFound)
+    }
+}
+
+/// Options for a cluster; the daemon uses the defaults, tests trade durability for speed.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    /// fsync off and friends: only for throwaway test clusters.
+    pub unsafe_fast: bool,
+    pub max_connections: Option<u32>,
+}
+
+/// A running embedded cluster. Call [`Cluster::stop`] to shut it down cleanly; dropping it
+/// also stops it (blocking briefly), so no path leaves a server running.
+#[derive(Debug)]
+pub struct Cluster {
+    pgdata: PathBuf,
+    pid: Pid,
+    exited: mpsc::Receiver<()>,
+    stopped: bool,
+}
+
+fn run_as_user() -> Result<Option<User>, EmbeddedError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    for name in ["postgres", "nobody"] {
+        if let Ok(Some(u)) = User::from_name(name) {
+            return Ok(Some(u));
+        }
+    }
+    Err(EmbeddedError::NoUnprivilegedUser)
+}
+
+fn as_user(cmd: &mut Command, user: &Option<User>) {
+    if let Some(u) = user {
+        // std drops supplementary groups itself when root sets a uid.
+        cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
+    }
+}
+
+impl Cluster {
+    /// initdb `data_dir/pgdata` if it is not a cluster yet, start the server, wait until it
+    /// accepts connections and make sure the `taskwarden` database exists.
+    pub async fn start(data_dir: &Path, opts: ClusterOptions) -> Result<Cluster, EmbeddedError> {
+        let data_dir = data_dir.to_path_buf();
+        let cluster = tokio::task::spawn_blocking(move || Self::start_blocking(&data_dir, &opts))
+            .await
+            .map_err(|e| EmbeddedError::Spawn(std::io::Error::other(e)))??;
+        cluster.ensure_database().await?;
+        Ok(cluster)
+    }
+
+    fn start_blocking(data_dir: &Path, opts: &ClusterOptions) -> Result<Cluster, EmbeddedError> {
+        let bins = PgBinaries::find()?;
+        let user = run_as_user()?;
+        let dd_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| EmbeddedError::DataDir { path, source }
+        };
+        fs::create_dir_all(data_dir).map_err(dd_err(data_dir))?;
+        let data_dir = fs::canonicalize(data_dir).map_err(dd_err(data_dir))?;
+        let pgdata = data_dir.join("pgdata");
+        if !pgdata.join("PG_VERSION").is_file() {
+            fs::create_dir_all(&pgdata).map_err(dd_err(&pgdata))?;
+            fs::set_permissions(&pgdata, fs::Permissions::from_mode(0o700)).map_err(dd_err(&pgdata))?;
+            if let Some(u) = &user {
+                nix::unistd::chown(&pgdata, Some(u.uid), Some(u.gid))
+                    .map_err(|e| dd_err(&pgdata)(std::io::Error::from(e)))?;
+            }
+            let mut cmd = Command::new(&bins.initdb);
+            cmd.arg("-D")
+                .arg(&pgdata)
+                .args(["-U", EMBEDDED_USER, "--auth=trust", "-E", "UTF8", "--locale=C", "--no-instructions"])
+                .stdin(Stdio::null());
+            as_user(&mut cmd, &user);
+            let out = cmd.output().map_err(EmbeddedError::Spawn)?;
+            if !out.status.success() {
+                return Err(EmbeddedError::Initdb {
+                    status: out.status.to_string(),
+                    output: format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    ),
+                });
+            }
+            tracing::info!(pgdata = %pgdata.display(), "embedded PostgreSQL cluster initialised");
+        }
+        stop_stale_postmaster(&pgdata);
+
+        // The log goes beside the cluster, owned by us: the server writes to an inherited fd.
+        let log_path = data_dir.join("postgresql.log");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(dd_err(&log_path))?;
+        let log_offset = log.metadata().map(|m| m.len()).unwrap_or(0);
+        let log_err = log.try_clone().map_err(dd_err(&log_path))?;
+
+        let mut cmd = Command::new(&bins.postgres);
+        cmd.arg("-D")
+            .arg(&pgdata)
+            .arg("-k")
+            .arg(&pgdata)
+            .args(["-p", &EMBEDDED_PORT.to_string()])
+            .args(["-c", "listen_addresses="])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        if let Some(n) = opts.max_connections {
+            cmd.args(["-c", &format!("max_connections={n}")]);
+        }
+        if opts.unsafe_fast {
+            cmd.args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]);
+        }
+        as_user(&mut cmd, &user);
+        // SAFETY: prctl is async-signal-safe; it runs in the child after setuid (so the
+        // credential change cannot clear it) and before exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+
+        let (pid_tx, pid_rx) = mpsc::channel::<Result<u32, std::io::Error>>();
+        let (exit_tx, exit_rx) = mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("embedded-postgres".into())
+            .spawn(move || match cmd.spawn() {
+                Ok(mut child) => {
+                    let _ = pid_tx.send(Ok(child.id()));
+                    let _ = child.wait();
+                    let _ = exit_tx.send(());
+                }
+                Err(e) => {
+                    let _ = pid_tx.send(Err(e));
+                }
+            })
+            .map_err(EmbeddedError::Spawn)?;
+        let pid = pid_rx
+            .recv()
+            .map_err(|e| EmbeddedError::Spawn(std::io::Error::other(e)))?
+            .map_err(EmbeddedError::Spawn)?;
+        let mut cluster = Cluster {
+            pgdata,
+            pid: Pid::from_raw(pid as i32),
+            exited: exit_rx,
+            stopped: false,
+        };
+
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let socket = cluster.pgdata.join(format!(".s.PGSQL.{EMBEDDED_PORT}"));
+        let pid_file = cluster.pgdata.join("postmaster.pid");
+        loop {
+            if cluster.exited.try_recv().is_ok() {
+                cluster.stopped = true;
+                return Err(EmbeddedError::StartFailed {
+                    tail: log_tail(&log_path, log_offset),
+                    log: log_path,
+                });
+            }
+            // postmaster.pid's 8th line reads "ready" once connections are accepted.
+            let ready = fs::read_to_string(&pid_file)
+                .map(|s| s.lines().nth(7).is_some_and(|l| l.trim() == "ready"))
+                .unwrap_or(false);
+            if ready && socket.exists() {
+                return Ok(cluster);
+            }
+            if Instant::now() > deadline {
+                cluster.stop_blocking();
+                return Err(EmbeddedError::StartTimeout(Duration::from_secs(60), log_path));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Connection settings for this cluster's socket; `dbname` picks the database.
+    pub fn pg_config(&self, dbname: &str) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.host_path(&self.pgdata)
+            .port(EMBEDDED_PORT)
+            .user(EMBEDDED_USER)
+            .dbname(dbname);
+        c
+    }
+
+    /// A libpq-style URL for this cluster, for tools and child processes.
+    pub fn url(&self, dbname: &str) -> String {
+        format!(
+            "postgresql://{EMBEDDED_USER}@/{dbname}?host={}&port={EMBEDDED_PORT}",
+            self.pgdata.display()
+        )
+    }
+
+    pub fn pgdata(&self) -> &Path {
+        &self.pgdata
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid.as_raw() as u32
+    }
+
+    async fn ensure_database(&self) -> Result<(), EmbeddedError> {
+        let (client, conn) = self
+            .pg_config("postgres")
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(EmbeddedError::CreateDb)?;
+        let conn = tokio::spawn(conn);
+        let exists = client
+            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&EMBEDDED_DB])
+            .await
+            .map_err(EmbeddedError::CreateDb)?
+            .is_some();
+        if !exists {
+            client
+                .batch_execute(&format!("CREATE DATABASE {EMBEDDED_DB}"))
+                .await
+                .map_err(EmbeddedError::CreateDb)?;
+        }
+        drop(client);
+        let _ = conn.await;
+        Ok(())
+    }
+
+    /// Fast shutdown (SIGINT: disconnect clients, checkpoint, exit) and wait for the exit.
+    pub async fn stop(mut self) {
+        let _ = tokio::task::spawn_blocking(move || self.stop_blocking()).await;
+    }
+
+    fn stop_blocking(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
+        let _ = kill(self.pid, Signal::SIGINT);
+        if self.exited.recv_timeout(Duration::from_secs(30)).is_err() {
+            tracing::warn!(pid = self.pid.as_raw(), "embedded PostgreSQL ignored fast shutdown; sending SIGQUIT");
+            let _ = kill(self.pid, Signal::SIGQUIT);
+            let _ = self.exited.recv_timeout(Duration::from_secs(10));
+        }
+        tracing::info!(pid = self.pid.as_raw(), "embedded PostgreSQL stopped");
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop_blocking();
+    }
+}
+
+/// A postmaster left by a daemon that was SIGKILLed before its server noticed: stop it so
+/// ours can start. PostgreSQL itself cleans a pid file whose process is gone.
+fn stop_stale_postmaster(pgdata: &Path) {
+    let Ok(text) = fs::read_to_string(pgdata.join("postmaster.pid")) else {
+        return;
+    };
+    let Some(pid) = text.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) else {
+        return;
+    };
+    // The pid may have been reused by an unrelated process since: only a postgres counts.
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if !comm.trim().starts_with("postgres") {
+        return;
+    }
+    let pid = Pid::from_raw(pid);
+    tracing::warn!(pid = pid.as_raw(), pgdata = %pgdata.display(), "stopping a PostgreSQL left running in our data directory");
+    let _ = kill(pid, Signal::SIGINT);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while kill(pid, None).is_ok() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn log_tail(path: &Path, from: u64) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = fs::File::open(path) {
+        use std::io::Seek;
+        let _ = f.seek(std::io::SeekFrom::Start(from));
+        let _ = f.read_to_string(&mut s);
+    }
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}

@@ -1,0 +1,442 @@
+//! The database layer: the bounded connection pool and the one guard, [`Session`], through
+//! which all code reaches PostgreSQL.
+//!
+//! The seeds' first failure was sessions that were never returned. Here that cannot be
+//! written: the pooled client is a private field of [`Session`], which registers itself in
+//! the [`Tracker`] at checkout and, when dropped, rolls back what it did not commit,
+//! unregisters, and returns (or discards) the connection. There is no accessor that hands
+//! out the raw client.
+//!
+//! The pool is deadpool-postgres with a thin manager around it that remembers each
+//! connection's backend pid (so the supervisor can match guards to `pg_stat_activity`).
+//! Connections above `pool_size` are overflow: they are closed when returned instead of
+//! being kept idle, so the pool shrinks back by itself.
+
+pub mod embedded;
+pub mod migrate;
+
+use std::fmt;
+use std::panic::Location;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use deadpool::managed::{self, Metrics, Object, PoolError, RecycleResult, TimeoutType, Timeouts};
+use deadpool_postgres::{ClientWrapper, ManagerConfig, RecyclingMethod};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+
+use crate::config::DatabaseConfig;
+use crate::tracker::{NewSession, Owner, SessionInfo, Tracker};
+
+/// Parameters of a query, as tokio-postgres takes them.
+pub type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+/// Pool figures at one instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PoolStatus {
+    /// Hard maximum: pool_size + max_overflow.
+    pub max: usize,
+    /// Base size; connections above it are overflow.
+    pub base: usize,
+    pub size: usize,
+    pub in_use: usize,
+    pub idle: usize,
+    pub waiting: usize,
+}
+
+impl PoolStatus {
+    pub fn utilization(&self) -> f64 {
+        if self.max == 0 {
+            0.0
+        } else {
+            self.in_use as f64 / self.max as f64
+        }
+    }
+}
+
+impl fmt::Display for PoolStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "max={} size={} in_use={} idle={} waiting={}",
+            self.max, self.size, self.in_use, self.idle, self.waiting
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error(
+        "no database connection free after waiting {waited:?} (checkout_timeout) for {label} at {caller}; pool {pool}"
+    )]
+    CheckoutTimeout {
+        waited: Duration,
+        label: &'static str,
+        caller: &'static Location<'static>,
+        pool: PoolStatus,
+    },
+    #[error("could not open a database connection within {0:?} (connect_timeout)")]
+    ConnectTimeout(Duration),
+    #[error("could not connect to the database: {0}")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("the connection pool is closed (shutting down)")]
+    PoolClosed,
+    #[error("database error: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("invalid database configuration: {0}")]
+    Config(String),
+}
+
+impl DbError {
+    /// The SQLSTATE of a server-side error, if this is one.
+    pub fn sqlstate(&self) -> Option<&tokio_postgres::error::SqlState> {
+        match self {
+            DbError::Query(e) | DbError::Connect(e) => e.code(),
+            _ => None,
+        }
+    }
+}
+
+/// A pooled connection plus what we learnt about it when it was opened.
+pub struct PgConn {
+    client: ClientWrapper,
+    backend_pid: i32,
+}
+
+/// deadpool-postgres' manager, plus one `pg_backend_pid()` per new connection.
+pub struct PgManager {
+    inner: deadpool_postgres::Manager,
+}
+
+impl managed::Manager for PgManager {
+    type Type = PgConn;
+    type Error = tokio_postgres::Error;
+
+    async fn create(&self) -> Result<PgConn, tokio_postgres::Error> {
+        let client = self.inner.create().await?;
+        let row = client.query_one("SELECT pg_backend_pid()", &[]).await?;
+        Ok(PgConn {
+            backend_pid: row.get(0),
+            client,
+        })
+    }
+
+    async fn recycle(&self, conn: &mut PgConn, metrics: &Metrics) -> RecycleResult<tokio_postgres::Error> {
+        self.inner.recycle(&mut conn.client, metrics).await
+    }
+
+    fn detach(&self, conn: &mut PgConn) {
+        self.inner.detach(&mut conn.client)
+    }
+}
+
+type Pool = managed::Pool<PgManager>;
+
+struct DbInner {
+    pool: Pool,
+    tracker: Arc<Tracker>,
+    base_size: AtomicUsize,
+    checkout_timeout: Duration,
+    connect_timeout: Duration,
+    capture_backtraces: bool,
+}
+
+/// The pool and its tracker. Cheap to clone; all clones share one pool.
+#[derive(Clone)]
+pub struct Db {
+    inner: Arc<DbInner>,
+}
+
+impl fmt::Debug for Db {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Db").field("pool", &self.status()).finish()
+    }
+}
+
+/// Applies the per-connection settings every pooled connection carries.
+pub fn session_settings(pg: &mut tokio_postgres::Config, cfg: &DatabaseConfig) {
+    pg.application_name(&cfg.application_name)
+        .connect_timeout(cfg.connect_timeout.get())
+        .options(format!(
+            "-c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+            cfg.statement_timeout.get().as_millis(),
+            cfg.idle_in_transaction_timeout.get().as_millis()
+        ));
+}
+
+impl Db {
+    /// Builds the pool. No connection is opened until the first checkout.
+    pub fn new(mut pg: tokio_postgres::Config, cfg: &DatabaseConfig) -> Result<Db, DbError> {
+        session_settings(&mut pg, cfg);
+        let recycling_method = if cfg.pre_ping {
+            RecyclingMethod::Verified
+        } else {
+            RecyclingMethod::Fast
+        };
+        let manager = PgManager {
+            inner: deadpool_postgres::Manager::from_config(pg, NoTls, ManagerConfig { recycling_method }),
+        };
+        let pool = Pool::builder(manager)
+            .max_size(cfg.max_connections())
+            .runtime(deadpool::Runtime::Tokio1)
+            .timeouts(Timeouts {
+                wait: Some(cfg.checkout_timeout.get()),
+                create: Some(cfg.connect_timeout.get()),
+                recycle: Some(cfg.checkout_timeout.get()),
+            })
+            .build()
+            .map_err(|e| DbError::Config(e.to_string()))?;
+        Ok(Db {
+            inner: Arc::new(DbInner {
+                pool,
+                tracker: Arc::new(Tracker::new()),
+                base_size: AtomicUsize::new(cfg.pool_size as usize),
+                checkout_timeout: cfg.checkout_timeout.get(),
+                connect_timeout: cfg.connect_timeout.get(),
+                capture_backtraces: cfg.capture_backtraces,
+            }),
+        })
+    }
+
+    pub fn tracker(&self) -> &Arc<Tracker> {
+        &self.inner.tracker
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        let s = self.inner.pool.status();
+        PoolStatus {
+            max: s.max_size,
+            base: self.inner.base_size.load(Ordering::Relaxed),
+            size: s.size,
+            in_use: s.size.saturating_sub(s.available),
+            idle: s.available,
+            waiting: s.waiting,
+        }
+    }
+
+    /// Checks out a session for `label`. The caller's source location is recorded.
+    #[track_caller]
+    pub fn session(&self, label: &'static str) -> impl Future<Output = Result<Session, DbError>> + Send + 'static {
+        let caller = Location::caller();
+        let db = self.clone();
+        async move { db.checkout(label, caller, None).await }
+    }
+
+    /// Checks out a session that works for a task; the supervisor can cancel the task
+    /// through `owner` when it force-closes the session.
+    #[track_caller]
+    pub fn session_for_task(
+        &self,
+        label: &'static str,
+        owner: Owner,
+    ) -> impl Future<Output = Result<Session, DbError>> + Send + 'static {
+        let caller = Location::caller();
+        let db = self.clone();
+        async move { db.checkout(label, caller, Some(owner)).await }
+    }
+
+    async fn checkout(
+        &self,
+        label: &'static str,
+        caller: &'static Location<'static>,
+        owner: Option<Owner>,
+    ) -> Result<Session, DbError> {
+        let started = Instant::now();
+        let obj = match self.inner.pool.get().await {
+            Ok(obj) => obj,
+            Err(PoolError::Timeout(TimeoutType::Create)) => {
+                return Err(DbError::ConnectTimeout(self.inner.connect_timeout));
+            }
+            Err(PoolError::Timeout(_)) => {
+                let pool = self.status();
+                tracing::warn!(caller = %caller, label, waited_ms = started.elapsed().as_millis() as u64, %pool, "database checkout timed out");
+                return Err(DbError::CheckoutTimeout {
+                    waited: self.inner.checkout_timeout,
+                    label,
+                    caller,
+                    pool,
+                });
+            }
+            Err(PoolError::Backend(e)) => return Err(DbError::Connect(e)),
+            Err(PoolError::PostCreateHook(e)) => return Err(DbError::Config(e.to_string())),
+            Err(PoolError::Closed) => return Err(DbError::PoolClosed),
+            Err(PoolError::NoRuntimeSpecified) => return Err(DbError::Config("no runtime".into())),
+        };
+        let info = self.inner.tracker.register(NewSession {
+            caller,
+            label,
+            backend_pid: obj.backend_pid,
+            owner,
+            capture_backtrace: self.inner.capture_backtraces,
+        });
+        tracing::trace!(session_id = info.id, caller = %caller, label, backend_pid = obj.backend_pid, "session checked out");
+        Ok(Session {
+            obj: Some(obj),
+            info,
+            db: self.clone(),
+        })
+    }
+
+    /// Changes the pool's hard maximum and base size (live reload).
+    pub fn resize(&self, cfg: &DatabaseConfig) {
+        self.inner
+            .base_size
+            .store(cfg.pool_size as usize, Ordering::Relaxed);
+        self.inner.pool.resize(cfg.max_connections());
+    }
+
+    /// Closes the pool: waiting and future checkouts fail, idle connections are closed,
+    /// checked-out ones are closed when their guards drop.
+    pub fn close(&self) {
+        self.inner.pool.close();
+    }
+
+    /// Closes idle connections above `keep` (emergency cleanup); returns how many.
+    pub fn close_idle(&self, keep: usize) -> usize {
+        let mut kept = 0usize;
+        let r = self.inner.pool.retain(|_, _| {
+            kept += 1;
+            kept <= keep
+        });
+        r.removed.len()
+    }
+}
+
+/// The one handle to a pooled connection. See the module docs.
+pub struct Session {
+    obj: Option<Object<PgManager>>,
+    info: Arc<SessionInfo>,
+    db: Db,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.info.id)
+            .field("caller", &self.info.caller)
+            .field("label", &self.info.label)
+            .field("backend_pid", &self.info.backend_pid)
+            .finish()
+    }
+}
+
+macro_rules! query_methods {
+    () => {
+        pub async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, DbError> {
+            let stmt = self.client().prepare_cached(sql).await?;
+            Ok(self.client().query(&stmt, params).await?)
+        }
+
+        pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, DbError> {
+            let stmt = self.client().prepare_cached(sql).await?;
+            Ok(self.client().query_one(&stmt, params).await?)
+        }
+
+        pub async fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>, DbError> {
+            let stmt = self.client().prepare_cached(sql).await?;
+            Ok(self.client().query_opt(&stmt, params).await?)
+        }
+
+        pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, DbError> {
+            let stmt = self.client().prepare_cached(sql).await?;
+            Ok(self.client().execute(&stmt, params).await?)
+        }
+    };
+}
+
+impl Session {
+    fn client(&self) -> &ClientWrapper {
+        match &self.obj {
+            Some(o) => &o.client,
+            // obj is only taken in Drop.
+            None => unreachable!("session used after drop"),
+        }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.info.id
+    }
+
+    pub fn backend_pid(&self) -> i32 {
+        self.info.backend_pid
+    }
+
+    query_methods!();
+
+    /// Runs several statements without parameters (simple query protocol).
+    pub async fn batch_execute(&self, sql: &str) -> Result<(), DbError> {
+        Ok(self.client().batch_execute(sql).await?)
+    }
+
+    /// Starts a transaction. It commits only through [`Tx::commit`]; dropped, or on any
+    /// error path that drops it, it rolls back.
+    pub async fn transaction(&mut self) -> Result<Tx<'_>, DbError> {
+        let obj = self.obj.as_mut().ok_or(DbError::PoolClosed)?;
+        let tx = obj.client.transaction().await?;
+        Ok(Tx { tx })
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.db.inner.tracker.unregister(self.info.id);
+        let Some(obj) = self.obj.take() else { return };
+        let discard = self.info.discard_requested() || obj.client.is_closed();
+        let overflow = self.db.inner.pool.status().size > self.db.inner.base_size.load(Ordering::Relaxed);
+        if discard || overflow {
+            // Detach from the pool; dropping the client closes the socket.
+            drop(Object::take(obj));
+        }
+        tracing::trace!(session_id = self.info.id, discard, overflow, "session returned");
+    }
+}
+
+/// A transaction on a [`Session`]. Rolled back on drop unless committed.
+pub struct Tx<'a> {
+    tx: deadpool_postgres::Transaction<'a>,
+}
+
+impl Tx<'_> {
+    fn client(&self) -> &deadpool_postgres::Transaction<'_> {
+        &self.tx
+    }
+
+    query_methods!();
+
+    pub async fn batch_execute(&self, sql: &str) -> Result<(), DbError> {
+        Ok(self.tx.batch_execute(sql).await?)
+    }
+
+    pub async fn commit(self) -> Result<(), DbError> {
+        Ok(self.tx.commit().await?)
+    }
+
+    pub async fn rollback(self) -> Result<(), DbError> {
+        Ok(self.tx.rollback().await?)
+    }
+}
+
+/// Opens a connection outside the pool, for the few jobs that must not depend on the pool
+/// (migrations under an advisory lock, the supervisor's admin connection). The connection
+/// task ends when the returned client is dropped.
+pub async fn connect_direct(
+    pg: &tokio_postgres::Config,
+    cfg: &DatabaseConfig,
+    purpose: &str,
+) -> Result<tokio_postgres::Client, DbError> {
+    let mut pg = pg.clone();
+    session_settings(&mut pg, cfg);
+    pg.application_name(&format!("{}:{purpose}", cfg.application_name));
+    let (client, conn) = match tokio::time::timeout(cfg.connect_timeout.get(), pg.connect(NoTls)).await {
+        Ok(r) => r.map_err(DbError::Connect)?,
+        Err(_) => return Err(DbError::ConnectTimeout(cfg.connect_timeout.get())),
+    };
+    let purpose = purpose.to_string();
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::warn!(purpose, error = %e, "direct database connection ended with an error");
+        }
+    });
+    Ok(client)
+}

@@ -1,0 +1,10 @@
+//! taskwarden: a daemon that runs agent and background tasks whose state lives in
+//! PostgreSQL, and watches its own database sessions, pool, tasks and memory so that
+//! leaks, pool exhaustion and hung tasks are seen and cleaned up. See ARCHITECTURE.md.
+
+pub mod config;
+pub mod daemon;
+pub mod db;
+pub mod logging;
+pub mod store;
+pub mod tracker;

@@ -1,0 +1,671 @@
+//! The task store: tasks, objectives and their steps, task events, and the one state
+//! machine every status change goes through. All access is through [`Db`] sessions.
+//!
+//! Status changes are a single conditional `UPDATE ... WHERE status = ANY(allowed)`; the
+//! allowed set comes from [`TaskStatus::allowed_from`], so the rules live in one place and
+//! a concurrent writer can never slip an illegal transition past a read-then-write race.
+//! When the update matches nothing, a follow-up read tells "no such task" from "illegal".
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio_postgres::Row;
+
+use crate::db::{Db, DbError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+impl TaskStatus {
+    pub const ALL: [TaskStatus; 6] = [
+        TaskStatus::Queued,
+        TaskStatus::Running,
+        TaskStatus::Succeeded,
+        TaskStatus::Failed,
+        TaskStatus::Cancelled,
+        TaskStatus::TimedOut,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Queued => "queued",
+            TaskStatus::Running => "running",
+            TaskStatus::Succeeded => "succeeded",
+            TaskStatus::Failed => "failed",
+            TaskStatus::Cancelled => "cancelled",
+            TaskStatus::TimedOut => "timed_out",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Succeeded | TaskStatus::Failed | TaskStatus::Cancelled | TaskStatus::TimedOut
+        )
+    }
+
+    /// The state machine: queued → running → succeeded | failed | cancelled | timed_out;
+    /// running → queued (retry, lease expiry, shutdown); queued → cancelled.
+    pub fn can_transition_to(self, to: TaskStatus) -> bool {
+        use TaskStatus::*;
+        matches!(
+            (self, to),
+            (Queued, Running)
+                | (Queued, Cancelled)
+                | (Running, Succeeded)
+                | (Running, Failed)
+                | (Running, Cancelled)
+                | (Running, TimedOut)
+                | (Running, Queued)
+        )
+    }
+
+    /// Every status from which `to` may be reached.
+    pub fn allowed_from(to: TaskStatus) -> Vec<&'static str> {
+        TaskStatus::ALL
+            .iter()
+            .filter(|from| from.can_transition_to(to))
+            .map(|s| s.as_str())
+            .collect()
+    }
+}
+
+impl fmt::Display for TaskStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TaskStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TaskStatus::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| format!("unknown task status {s:?}"))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("task {0} not found")]
+    TaskNotFound(i64),
+    #[error("objective {0} not found")]
+    ObjectiveNotFound(i64),
+    #[error("task {id}: illegal status transition {from} -> {to}")]
+    IllegalTransition {
+        id: i64,
+        from: TaskStatus,
+        to: TaskStatus,
+    },
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    #[error("stored task row is malformed: {0}")]
+    Corrupt(String),
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        StoreError::Db(DbError::Query(e))
+    }
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> StoreError {
+    StoreError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: i64,
+    pub objective_id: Option<i64>,
+    pub step_key: Option<String>,
+    pub depends_on: Vec<String>,
+    pub agent: String,
+    pub payload: serde_json::Value,
+    pub session_id: Option<String>,
+    pub status: TaskStatus,
+    pub priority: i32,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub run_after: DateTime<Utc>,
+    pub lease_owner: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub error: Option<String>,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost_usd: f64,
+}
+
+/// Columns read back for a [`Task`]; `cost_usd` leaves numeric as float8 for the client.
+const TASK_COLUMNS: &str = "id, objective_id, step_key, depends_on, agent, payload, session_id, status, \
+     priority, attempts, max_attempts, run_after, lease_owner, lease_expires_at, created_at, \
+     updated_at, started_at, finished_at, error, prompt_tokens, completion_tokens, cost_usd::float8 AS cost_usd";
+
+impl Task {
+    fn from_row(r: &Row) -> Result<Task, StoreError> {
+        let status: String = r.try_get("status")?;
+        Ok(Task {
+            id: r.try_get("id")?,
+            objective_id: r.try_get("objective_id")?,
+            step_key: r.try_get("step_key")?,
+            depends_on: r.try_get("depends_on")?,
+            agent: r.try_get("agent")?,
+            payload: r.try_get("payload")?,
+            session_id: r.try_get("session_id")?,
+            status: status.parse().map_err(StoreError::Corrupt)?,
+            priority: r.try_get("priority")?,
+            attempts: r.try_get("attempts")?,
+            max_attempts: r.try_get("max_attempts")?,
+            run_after: r.try_get("run_after")?,
+            lease_owner: r.try_get("lease_owner")?,
+            lease_expires_at: r.try_get("lease_expires_at")?,
+            created_at: r.try_get("created_at")?,
+            updated_at: r.try_get("updated_at")?,
+            started_at: r.try_get("started_at")?,
+            finished_at: r.try_get("finished_at")?,
+            error: r.try_get("error")?,
+            prompt_tokens: r.try_get("prompt_tokens")?,
+            completion_tokens: r.try_get("completion_tokens")?,
+            cost_usd: r.try_get("cost_usd")?,
+        })
+    }
+}
+
+/// Longest accepted agent name, session id and step key.
+pub const MAX_NAME_LEN: usize = 200;
+/// Most steps one objective may have.
+pub const MAX_STEPS: usize = 1000;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NewTask {
+    pub agent: String,
+    pub payload: serde_json::Value,
+    pub session_id: Option<String>,
+    pub priority: i32,
+    /// Defaults to `[workers] max_attempts` when absent.
+    pub max_attempts: Option<i32>,
+    /// Earliest start; now when absent.
+    pub run_after: Option<DateTime<Utc>>,
+}
+
+impl NewTask {
+    pub fn new(agent: impl Into<String>, payload: serde_json::Value) -> Self {
+        NewTask {
+            agent: agent.into(),
+            payload,
+            ..Default::default()
+        }
+    }
+
+    fn validate(&self, prefix: &str) -> Result<(), StoreError> {
+        let f = |k: &str| format!("{prefix}{k}");
+        if self.agent.is_empty() || self.agent.len() > MAX_NAME_LEN {
+            return Err(invalid(f("agent"), format!("must be 1..={MAX_NAME_LEN} characters")));
+        }
+        if let Some(s) = &self.session_id
+            && (s.is_empty() || s.len() > MAX_NAME_LEN)
+        {
+            return Err(invalid(f("session_id"), format!("must be 1..={MAX_NAME_LEN} characters")));
+        }
+        if let Some(m) = self.max_attempts
+            && !(1..=1000).contains(&m)
+        {
+            return Err(invalid(f("max_attempts"), "must be in 1..=1000"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NewStep {
+    pub key: String,
+    pub depends_on: Vec<String>,
+    #[serde(flatten)]
+    pub task: NewTask,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NewObjective {
+    pub title: String,
+    pub steps: Vec<NewStep>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Objective {
+    pub id: i64,
+    pub title: String,
+    pub created_at: DateTime<Utc>,
+    pub tasks: Vec<Task>,
+}
+
+/// Checks an objective's steps before anything is written: keys unique and non-empty,
+/// dependencies known, no cycle, and (if given) every agent known.
+pub fn validate_objective(o: &NewObjective, known_agents: Option<&BTreeSet<String>>) -> Result<(), StoreError> {
+    if o.steps.is_empty() {
+        return Err(invalid("steps", "an objective needs at least one step"));
+    }
+    if o.steps.len() > MAX_STEPS {
+        return Err(invalid("steps", format!("at most {MAX_STEPS} steps")));
+    }
+    let mut keys = HashSet::new();
+    for (i, s) in o.steps.iter().enumerate() {
+        if s.key.is_empty() || s.key.len() > MAX_NAME_LEN {
+            return Err(invalid(format!("steps[{i}].key"), format!("must be 1..={MAX_NAME_LEN} characters")));
+        }
+        if !keys.insert(s.key.as_str()) {
+            return Err(invalid(format!("steps[{i}].key"), format!("duplicate step key {:?}", s.key)));
+        }
+        s.task.validate(&format!("steps[{i}]."))?;
+        if let Some(agents) = known_agents
+            && !agents.contains(&s.task.agent)
+        {
+            return Err(invalid(format!("steps[{i}].agent"), format!("unknown agent {:?}", s.task.agent)));
+        }
+    }
+    for (i, s) in o.steps.iter().enumerate() {
+        for d in &s.depends_on {
+            if !keys.contains(d.as_str()) {
+                return Err(invalid(format!("steps[{i}].depends_on"), format!("unknown step key {d:?}")));
+            }
+            if d == &s.key {
+                return Err(invalid(format!("steps[{i}].depends_on"), "a step cannot depend on itself"));
+            }
+        }
+    }
+    // Kahn's algorithm: whatever cannot be ordered is on a cycle.
+    let mut indegree: HashMap<&str, usize> = o.steps.iter().map(|s| (s.key.as_str(), s.depends_on.len())).collect();
+    let mut ready: Vec<&str> = indegree.iter().filter(|(_, d)| **d == 0).map(|(k, _)| *k).collect();
+    let mut ordered = 0;
+    while let Some(k) = ready.pop() {
+        ordered += 1;
+        for s in o.steps.iter().filter(|s| s.depends_on.iter().any(|d| d == k)) {
+            if let Some(d) = indegree.get_mut(s.key.as_str()) {
+                *d -= 1;
+                if *d == 0 {
+                    ready.push(s.key.as_str());
+                }
+            }
+        }
+    }
+    if ordered < o.steps.len() {
+        let mut on_cycle: Vec<&str> = indegree.iter().filter(|(_, d)| **d > 0).map(|(k, _)| *k).collect();
+        on_cycle.sort_unstable();
+        return Err(invalid("steps", format!("dependency cycle among steps {on_cycle:?}")));
+    }
+    Ok(())
+}
+
+/// Extra fields written with a status change.
+#[derive(Debug, Clone, Default)]
+pub struct TransitionArgs {
+    /// For → running: the instance taking the lease, and its length.
+    pub lease_owner: Option<String>,
+    pub lease: Option<Duration>,
+    /// Kept on the row (the last attempt's error).
+    pub error: Option<String>,
+    /// For → queued: when it may run again (retry backoff).
+    pub run_after: Option<DateTime<Utc>>,
+}
+
+/// Token usage reported by an agent, added to the task's totals.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Usage {
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost_usd: f64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    pub status: Option<TaskStatus>,
+    pub session_id: Option<String>,
+    pub objective_id: Option<i64>,
+    /// Return tasks with id greater than this (keyset pagination).
+    pub after_id: Option<i64>,
+    pub limit: Option<i64>,
+}
+
+/// Most rows one list call returns.
+pub const MAX_LIST_LIMIT: i64 = 1000;
+
+/// Persistent tasks and objectives. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: Db,
+    default_max_attempts: i32,
+}
+
+impl Store {
+    pub fn new(db: Db, default_max_attempts: u32) -> Self {
+        Store {
+            db,
+            default_max_attempts: default_max_attempts.clamp(1, 1000) as i32,
+        }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    pub async fn create_task(&self, t: &NewTask) -> Result<Task, StoreError> {
+        t.validate("")?;
+        let s = self.db.session("store.create_task").await?;
+        let row = s
+            .query_one(
+                &format!(
+                    "INSERT INTO tasks (agent, payload, session_id, priority, max_attempts, run_after) \
+                     VALUES ($1, $2, $3, $4, $5, COALESCE($6, now())) RETURNING {TASK_COLUMNS}"
+                ),
+                &[
+                    &t.agent,
+                    &t.payload,
+                    &t.session_id,
+                    &t.priority,
+                    &t.max_attempts.unwrap_or(self.default_max_attempts),
+                    &t.run_after,
+                ],
+            )
+            .await?;
+        let task = Task::from_row(&row)?;
+        tracing::debug!(task_id = task.id, agent = %task.agent, "task created");
+        Ok(task)
+    }
+
+    /// Creates an objective and all its steps in one transaction: all or nothing.
+    pub async fn create_objective(
+        &self,
+        o: &NewObjective,
+        known_agents: Option<&BTreeSet<String>>,
+    ) -> Result<Objective, StoreError> {
+        validate_objective(o, known_agents)?;
+        let mut s = self.db.session("store.create_objective").await?;
+        let tx = s.transaction().await?;
+        let row = tx
+            .query_one(
+                "INSERT INTO objectives (title) VALUES ($1) RETURNING id, title, created_at",
+                &[&o.title],
+            )
+            .await?;
+        let id: i64 = row.try_get("id")?;
+        let mut tasks = Vec::with_capacity(o.steps.len());
+        for step in &o.steps {
+            let t = &step.task;
+            let row = tx
+                .query_one(
+                    &format!(
+                        "INSERT INTO tasks (objective_id, step_key, depends_on, agent, payload, session_id, \
+                         priority, max_attempts, run_after) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, COALESCE($9, now())) RETURNING {TASK_COLUMNS}"
+                    ),
+                    &[
+                        &id,
+                        &step.key,
+                        &step.depends_on,
+                        &t.agent,
+                        &t.payload,
+                        &t.session_id,
+                        &t.priority,
+                        &t.max_attempts.unwrap_or(self.default_max_attempts),
+                        &t.run_after,
+                    ],
+                )
+                .await?;
+            tasks.push(Task::from_row(&row)?);
+        }
+        tx.commit().await?;
+        Ok(Objective {
+            id,
+            title: row.try_get("title")?,
+            created_at: row.try_get("created_at")?,
+            tasks,
+        })
+    }
+
+    pub async fn get_objective(&self, id: i64) -> Result<Objective, StoreError> {
+        let s = self.db.session("store.get_objective").await?;
+        let row = s
+            .query_opt("SELECT id, title, created_at FROM objectives WHERE id = $1", &[&id])
+            .await?
+            .ok_or(StoreError::ObjectiveNotFound(id))?;
+        let rows = s
+            .query(
+                &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE objective_id = $1 ORDER BY id"),
+                &[&id],
+            )
+            .await?;
+        Ok(Objective {
+            id,
+            title: row.try_get("title")?,
+            created_at: row.try_get("created_at")?,
+            tasks: rows.iter().map(Task::from_row).collect::<Result<_, _>>()?,
+        })
+    }
+
+    pub async fn get_task(&self, id: i64) -> Result<Task, StoreError> {
+        let s = self.db.session("store.get_task").await?;
+        let row = s
+            .query_opt(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"), &[&id])
+            .await?
+            .ok_or(StoreError::TaskNotFound(id))?;
+        Task::from_row(&row)
+    }
+
+    pub async fn list_tasks(&self, f: &TaskFilter) -> Result<Vec<Task>, StoreError> {
+        let limit = f.limit.unwrap_or(100);
+        if !(1..=MAX_LIST_LIMIT).contains(&limit) {
+            return Err(invalid("limit", format!("must be in 1..={MAX_LIST_LIMIT}")));
+        }
+        let status = f.status.map(|s| s.as_str());
+        let s = self.db.session("store.list_tasks").await?;
+        let rows = s
+            .query(
+                &format!(
+                    "SELECT {TASK_COLUMNS} FROM tasks \
+                     WHERE ($1::text IS NULL OR status = $1) \
+                       AND ($2::text IS NULL OR session_id = $2) \
+                       AND ($3::bigint IS NULL OR objective_id = $3) \
+                       AND id > COALESCE($4, 0) \
+                     ORDER BY id LIMIT $5"
+                ),
+                &[&status, &f.session_id, &f.objective_id, &f.after_id, &limit],
+            )
+            .await?;
+        rows.iter().map(Task::from_row).collect()
+    }
+
+    /// Moves a task to `to` if the state machine allows it from its current status.
+    pub async fn transition(&self, id: i64, to: TaskStatus, args: &TransitionArgs) -> Result<Task, StoreError> {
+        let allowed = TaskStatus::allowed_from(to);
+        let lease_ms = args.lease.map(|d| d.as_millis().min(i64::MAX as u128) as i64);
+        let s = self.db.session("store.transition").await?;
+        let row = s
+            .query_opt(
+                &format!(
+                    "UPDATE tasks SET status = $2, updated_at = now(), \
+                       attempts = attempts + CASE WHEN $2 = 'running' THEN 1 ELSE 0 END, \
+                       started_at = CASE WHEN $2 = 'running' THEN now() ELSE started_at END, \
+                       finished_at = CASE WHEN $2 IN ('succeeded','failed','cancelled','timed_out') THEN now() END, \
+                       lease_owner = CASE WHEN $2 = 'running' THEN $4 END, \
+                       lease_expires_at = CASE WHEN $2 = 'running' THEN now() + make_interval(secs => $5::bigint / 1000.0) END, \
+                       error = COALESCE($6, error), \
+                       run_after = COALESCE($7, run_after) \
+                     WHERE id = $1 AND status = ANY($3) RETURNING {TASK_COLUMNS}"
+                ),
+                &[&id, &to.as_str(), &allowed, &args.lease_owner, &lease_ms.unwrap_or(0), &args.error, &args.run_after],
+            )
+            .await?;
+        if let Some(row) = row {
+            let t = Task::from_row(&row)?;
+            tracing::debug!(task_id = id, status = %to, "task status changed");
+            return Ok(t);
+        }
+        let cur = s
+            .query_opt("SELECT status FROM tasks WHERE id = $1", &[&id])
+            .await?
+            .ok_or(StoreError::TaskNotFound(id))?;
+        let from: String = cur.try_get(0)?;
+        Err(StoreError::IllegalTransition {
+            id,
+            from: from.parse().map_err(StoreError::Corrupt)?,
+            to,
+        })
+    }
+
+    /// Adds reported LLM usage to the task's totals; returns the new totals.
+    pub async fn record_usage(&self, id: i64, u: Usage) -> Result<Usage, StoreError> {
+        if u.prompt_tokens < 0 {
+            return Err(invalid("usage.prompt_tokens", "must not be negative"));
+        }
+        if u.completion_tokens < 0 {
+            return Err(invalid("usage.completion_tokens", "must not be negative"));
+        }
+        if !u.cost_usd.is_finite() || u.cost_usd < 0.0 {
+            return Err(invalid("usage.cost_usd", "must be a finite, non-negative number"));
+        }
+        let s = self.db.session("store.record_usage").await?;
+        let row = s
+            .query_opt(
+                "UPDATE tasks SET prompt_tokens = prompt_tokens + $2, \
+                   completion_tokens = completion_tokens + $3, \
+                   cost_usd = cost_usd + $4::float8::numeric, updated_at = now() \
+                 WHERE id = $1 RETURNING prompt_tokens, completion_tokens, cost_usd::float8",
+                &[&id, &u.prompt_tokens, &u.completion_tokens, &u.cost_usd],
+            )
+            .await?
+            .ok_or(StoreError::TaskNotFound(id))?;
+        Ok(Usage {
+            prompt_tokens: row.try_get(0)?,
+            completion_tokens: row.try_get(1)?,
+            cost_usd: row.try_get(2)?,
+        })
+    }
+
+    /// Puts every task this instance holds as running back in the queue (graceful
+    /// shutdown). The interrupted attempt is not counted against the task.
+    pub async fn requeue_running_owned_by(&self, lease_owner: &str) -> Result<u64, StoreError> {
+        debug_assert!(TaskStatus::Running.can_transition_to(TaskStatus::Queued));
+        let s = self.db.session("store.requeue_running").await?;
+        let n = s
+            .execute(
+                "UPDATE tasks SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL, \
+                   attempts = GREATEST(attempts - 1, 0), updated_at = now() \
+                 WHERE status = 'running' AND lease_owner = $1",
+                &[&lease_owner],
+            )
+            .await?;
+        Ok(n)
+    }
+
+    /// Task counts by status (every status present, zero when none).
+    pub async fn count_by_status(&self) -> Result<Vec<(TaskStatus, i64)>, StoreError> {
+        let s = self.db.session("store.count_by_status").await?;
+        let rows = s
+            .query("SELECT status, count(*) FROM tasks GROUP BY status", &[])
+            .await?;
+        let mut counts: HashMap<String, i64> = HashMap::new();
+        for r in rows {
+            counts.insert(r.try_get(0)?, r.try_get(1)?);
+        }
+        Ok(TaskStatus::ALL
+            .iter()
+            .map(|s| (*s, counts.get(s.as_str()).copied().unwrap_or(0)))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_machine_matches_design() {
+        use TaskStatus::*;
+        assert!(Queued.can_transition_to(Running));
+        assert!(Queued.can_transition_to(Cancelled));
+        assert!(Running.can_transition_to(Queued));
+        for t in [Succeeded, Failed, Cancelled, TimedOut] {
+            assert!(Running.can_transition_to(t));
+            assert!(t.is_terminal());
+            for to in TaskStatus::ALL {
+                assert!(!t.can_transition_to(to), "{t} -> {to} must be illegal");
+            }
+        }
+        assert!(!Queued.can_transition_to(Succeeded));
+        assert!(!Queued.can_transition_to(Queued));
+        assert_eq!(TaskStatus::allowed_from(Cancelled), vec!["queued", "running"]);
+        for s in TaskStatus::ALL {
+            assert_eq!(s.as_str().parse::<TaskStatus>(), Ok(s));
+        }
+    }
+
+    fn step(key: &str, deps: &[&str]) -> NewStep {
+        NewStep {
+            key: key.into(),
+            depends_on: deps.iter().map(|s| s.to_string()).collect(),
+            task: NewTask::new("echo", serde_json::json!({})),
+        }
+    }
+
+    fn field_of(r: Result<(), StoreError>) -> String {
+        match r {
+            Err(StoreError::Invalid { field, message }) => format!("{field}: {message}"),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn objective_validation_names_the_problem() {
+        let ok = NewObjective {
+            title: "t".into(),
+            steps: vec![step("a", &[]), step("b", &["a"]), step("c", &["a", "b"])],
+        };
+        validate_objective(&ok, None).unwrap();
+
+        let cyc = NewObjective {
+            title: "t".into(),
+            steps: vec![step("a", &["c"]), step("b", &["a"]), step("c", &["b"]), step("d", &[])],
+        };
+        let msg = field_of(validate_objective(&cyc, None));
+        assert!(msg.contains("cycle") && msg.contains("\"a\"") && !msg.contains("\"d\""), "{msg}");
+
+        let unknown = NewObjective {
+            title: "t".into(),
+            steps: vec![step("a", &["zzz"])],
+        };
+        assert!(field_of(validate_objective(&unknown, None)).starts_with("steps[0].depends_on"));
+
+        let dup = NewObjective {
+            title: "t".into(),
+            steps: vec![step("a", &[]), step("a", &[])],
+        };
+        assert!(field_of(validate_objective(&dup, None)).starts_with("steps[1].key"));
+
+        let agents: BTreeSet<String> = ["other".to_string()].into();
+        assert!(field_of(validate_objective(&ok, Some(&agents))).starts_with("steps[0].agent"));
+    }
+}
