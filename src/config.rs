@@ -350,14 +350,15 @@ impl Config {
         if !issues.is_empty() {
             return Err(ParseError::Invalid(issues));
         }
-        let config: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| {
-                ParseError::Invalid(vec![ConfigIssue {
-                    key: "(file)".into(),
-                    message: e.message().to_string(),
-                }])
-            })?;
+        let config: Config =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    ParseError::Invalid(vec![ConfigIssue {
+                        key: "(file)".into(),
+                        message: e.message().to_string(),
+                    }])
+                })?;
         let issues = config.validate();
         if issues.is_empty() {
             Ok(config)
@@ -470,7 +471,11 @@ impl Config {
 
         for (name, a) in &self.agents {
             let key = |k: &str| format!("agents.{name}.{k}");
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
                 bad(
                     &format!("agents.{name}"),
                     "agent names use letters, digits, '_' and '-'".into(),
@@ -481,8 +486,13 @@ impl Config {
                 Some(AgentKind::Command) if a.command.is_empty() => {
                     bad(&key("command"), "a command agent needs an argv list".into())
                 }
-                Some(AgentKind::Http) if !(a.url.starts_with("http://") || a.url.starts_with("https://")) => {
-                    bad(&key("url"), "an http agent needs an http:// or https:// url".into())
+                Some(AgentKind::Http)
+                    if !(a.url.starts_with("http://") || a.url.starts_with("https://")) =>
+                {
+                    bad(
+                        &key("url"),
+                        "an http agent needs an http:// or https:// url".into(),
+                    )
                 }
                 _ => {}
             }
@@ -495,7 +505,10 @@ impl Config {
         }
 
         if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
-            bad("http.listen", format!("{:?} is not an address:port", self.http.listen));
+            bad(
+                "http.listen",
+                format!("{:?} is not an address:port", self.http.listen),
+            );
         }
         if !self.http.api_token.is_empty() && !self.http.api_token_file.is_empty() {
             bad(
@@ -506,16 +519,20 @@ impl Config {
         if self.http.max_body_bytes == 0 {
             bad("http.max_body_bytes", "must be greater than zero".into());
         }
-        if !self.alerts.webhook_url.is_empty()
-            && !(self.alerts.webhook_url.starts_with("http://")
-                || self.alerts.webhook_url.starts_with("https://"))
-        {
-            bad("alerts.webhook_url", "must be an http:// or https:// url".into());
+        let hook = &self.alerts.webhook_url;
+        if !(hook.is_empty() || hook.starts_with("http://") || hook.starts_with("https://")) {
+            bad(
+                "alerts.webhook_url",
+                "must be an http:// or https:// url".into(),
+            );
         }
         if tracing_subscriber::EnvFilter::try_new(&self.logging.level).is_err() {
             bad(
                 "logging.level",
-                format!("{:?} is not a level or filter (e.g. \"info\", \"taskwarden=debug\")", self.logging.level),
+                format!(
+                    "{:?} is not a level or filter (e.g. \"info\", \"taskwarden=debug\")",
+                    self.logging.level
+                ),
             );
         }
         v
@@ -557,7 +574,11 @@ fn check_keys(table: &toml::Table, issues: &mut Vec<ConfigIssue>) {
     }
 }
 
-fn check_section<T: DeserializeOwned>(prefix: &str, value: &toml::Value, issues: &mut Vec<ConfigIssue>) {
+fn check_section<T: DeserializeOwned>(
+    prefix: &str,
+    value: &toml::Value,
+    issues: &mut Vec<ConfigIssue>,
+) {
     let Some(table) = value.as_table() else {
         issues.push(ConfigIssue {
             key: prefix.into(),
@@ -600,9 +621,18 @@ mod tests {
         assert_eq!(c.database.pool_size, 20);
         assert_eq!(c.database.max_overflow, 10);
         assert_eq!(c.database.max_connections(), 30);
-        assert_eq!(c.supervisor.session_max_age.get(), Duration::from_secs(1800));
-        assert_eq!(c.supervisor.max_task_duration.get(), Duration::from_secs(1800));
-        assert_eq!(c.supervisor.resource_log_interval.get(), Duration::from_secs(300));
+        assert_eq!(
+            c.supervisor.session_max_age.get(),
+            Duration::from_secs(1800)
+        );
+        assert_eq!(
+            c.supervisor.max_task_duration.get(),
+            Duration::from_secs(1800)
+        );
+        assert_eq!(
+            c.supervisor.resource_log_interval.get(),
+            Duration::from_secs(300)
+        );
         assert_eq!(c.supervisor.pool_alert_ratio, 0.80);
     }
 

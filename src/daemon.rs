@@ -50,7 +50,9 @@ impl Database {
     pub async fn open(cfg: &Config) -> Result<Database, DaemonError> {
         let url = cfg.database.effective_url();
         if !url.trim().is_empty() {
-            let pg: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| DaemonError::Url(e.to_string()))?;
+            let pg: tokio_postgres::Config = url
+                .parse()
+                .map_err(|e: tokio_postgres::Error| DaemonError::Url(e.to_string()))?;
             tracing::info!(target_db = %describe(&pg), "using external PostgreSQL");
             return Ok(Database { pg, cluster: None });
         }
@@ -101,7 +103,11 @@ pub fn instance_id() -> String {
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "unknown".into());
-    format!("{host}:{}:{:08x}", std::process::id(), rand::random::<u32>())
+    format!(
+        "{host}:{}:{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
 }
 
 /// What the running daemon shares between its parts.
@@ -123,7 +129,16 @@ pub async fn run(config_path: &Path, config: Config, log: LogHandle) -> Result<(
     let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
 
     let database = Database::open(&config).await?;
-    let result = serve(config_path, config, log, &database, &mut sigterm, &mut sigint, &mut sighup).await;
+    let result = serve(
+        config_path,
+        config,
+        log,
+        &database,
+        &mut sigterm,
+        &mut sigint,
+        &mut sighup,
+    )
+    .await;
     database.close().await;
     if result.is_ok() {
         tracing::info!("taskwarden stopped");
@@ -141,7 +156,11 @@ async fn serve(
     sighup: &mut tokio::signal::unix::Signal,
 ) -> Result<(), DaemonError> {
     let report = migrate::run(&database.pg, &config.database).await?;
-    tracing::info!(applied = report.applied.len(), schema_version = report.latest, "schema up to date");
+    tracing::info!(
+        applied = report.applied.len(),
+        schema_version = report.latest,
+        "schema up to date"
+    );
 
     let db = Db::new(database.pg.clone(), &config.database)?;
     let store = Store::new(db.clone(), config.workers.max_attempts);
@@ -180,7 +199,10 @@ async fn shutdown(d: &Daemon) -> Result<(), DaemonError> {
     d.shutdown.cancel();
     d.tasks.close();
     if tokio::time::timeout(grace, d.tasks.wait()).await.is_err() {
-        tracing::warn!(grace_ms = grace.as_millis() as u64, "background work did not stop within the grace; abandoning it");
+        tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "background work did not stop within the grace; abandoning it"
+        );
     }
     let requeued = d.store.requeue_running_owned_by(&d.instance_id).await?;
     if requeued > 0 {
@@ -226,13 +248,17 @@ fn reload(d: &Daemon, log: &LogHandle) {
         tracing::info!("config reloaded; nothing changed");
         return;
     }
-    let (restart, live): (Vec<&String>, Vec<&String>) = changed.iter().partition(|k| RESTART_ONLY.contains(&k.as_str()));
+    let (restart, live): (Vec<&String>, Vec<&String>) = changed
+        .iter()
+        .partition(|k| RESTART_ONLY.contains(&k.as_str()));
     if new.logging.level != old.logging.level
         && let Err(e) = log.set_level(&new.logging.level)
     {
         tracing::error!(error = %e, "cannot apply logging.level");
     }
-    if new.database.max_connections() != old.database.max_connections() || new.database.pool_size != old.database.pool_size {
+    if new.database.max_connections() != old.database.max_connections()
+        || new.database.pool_size != old.database.pool_size
+    {
         d.db.resize(&new.database);
     }
     d.config.store(Arc::new(new));
@@ -241,11 +267,19 @@ fn reload(d: &Daemon, log: &LogHandle) {
 
 /// Dotted keys whose values differ between two configs.
 pub fn changed_keys(a: &Config, b: &Config) -> Vec<String> {
-    fn flatten(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<String, toml::Value>) {
+    fn flatten(
+        prefix: &str,
+        v: &toml::Value,
+        out: &mut std::collections::BTreeMap<String, toml::Value>,
+    ) {
         match v {
             toml::Value::Table(t) => {
                 for (k, v) in t {
-                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
                     flatten(&key, v, out);
                 }
             }
@@ -262,5 +296,7 @@ pub fn changed_keys(a: &Config, b: &Config) -> Vec<String> {
     let mut keys: Vec<String> = fa.keys().chain(fb.keys()).cloned().collect();
     keys.sort();
     keys.dedup();
-    keys.into_iter().filter(|k| fa.get(k) != fb.get(k)).collect()
+    keys.into_iter()
+        .filter(|k| fa.get(k) != fb.get(k))
+        .collect()
 }

@@ -27,7 +27,8 @@ pub struct LogHandle {
 
 impl LogHandle {
     pub fn set_level(&self, level: &str) -> Result<(), LoggingError> {
-        let filter = EnvFilter::try_new(level).map_err(|e| LoggingError::Filter(level.into(), e.to_string()))?;
+        let filter = EnvFilter::try_new(level)
+            .map_err(|e| LoggingError::Filter(level.into(), e.to_string()))?;
         self.handle
             .reload(filter)
             .map_err(|e| LoggingError::Reload(e.to_string()))
@@ -37,7 +38,8 @@ impl LogHandle {
 /// Installs the global logger. `RUST_LOG`, when set, wins over the configured level.
 pub fn init(cfg: &LoggingConfig) -> Result<LogHandle, LoggingError> {
     let level = std::env::var("RUST_LOG").unwrap_or_else(|_| cfg.level.clone());
-    let filter = EnvFilter::try_new(&level).map_err(|e| LoggingError::Filter(level.clone(), e.to_string()))?;
+    let filter = EnvFilter::try_new(&level)
+        .map_err(|e| LoggingError::Filter(level.clone(), e.to_string()))?;
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     let result = match cfg.format {

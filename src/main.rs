@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use taskwarden::config::{Config, ConfigError};
 
 #[derive(Parser)]
-#[command(name = "taskwarden", version, about = "Runs agent tasks on PostgreSQL and watches its own DB sessions, pool and tasks")]
+#[command(
+    name = "taskwarden",
+    version,
+    about = "Runs agent tasks on PostgreSQL and watches its own DB sessions, pool and tasks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -97,7 +101,11 @@ fn migrate(arg: &ConfigArg) -> anyhow::Result<()> {
         let r = taskwarden::db::migrate::run(&db.pg, &config.database).await;
         db.close().await;
         let r = r?;
-        tracing::info!(applied = r.applied.len(), schema_version = r.latest, "migrations done");
+        tracing::info!(
+            applied = r.applied.len(),
+            schema_version = r.latest,
+            "migrations done"
+        );
         Ok::<_, anyhow::Error>(())
     })
 }

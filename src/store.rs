@@ -52,7 +52,10 @@ impl TaskStatus {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            TaskStatus::Succeeded | TaskStatus::Failed | TaskStatus::Cancelled | TaskStatus::TimedOut
+            TaskStatus::Succeeded
+                | TaskStatus::Failed
+                | TaskStatus::Cancelled
+                | TaskStatus::TimedOut
         )
     }
 
@@ -222,12 +225,18 @@ impl NewTask {
     fn validate(&self, prefix: &str) -> Result<(), StoreError> {
         let f = |k: &str| format!("{prefix}{k}");
         if self.agent.is_empty() || self.agent.len() > MAX_NAME_LEN {
-            return Err(invalid(f("agent"), format!("must be 1..={MAX_NAME_LEN} characters")));
+            return Err(invalid(
+                f("agent"),
+                format!("must be 1..={MAX_NAME_LEN} characters"),
+            ));
         }
         if let Some(s) = &self.session_id
             && (s.is_empty() || s.len() > MAX_NAME_LEN)
         {
-            return Err(invalid(f("session_id"), format!("must be 1..={MAX_NAME_LEN} characters")));
+            return Err(invalid(
+                f("session_id"),
+                format!("must be 1..={MAX_NAME_LEN} characters"),
+            ));
         }
         if let Some(m) = self.max_attempts
             && !(1..=1000).contains(&m)
@@ -264,7 +273,10 @@ pub struct Objective {
 
 /// Checks an objective's steps before anything is written: keys unique and non-empty,
 /// dependencies known, no cycle, and (if given) every agent known.
-pub fn validate_objective(o: &NewObjective, known_agents: Option<&BTreeSet<String>>) -> Result<(), StoreError> {
+pub fn validate_objective(
+    o: &NewObjective,
+    known_agents: Option<&BTreeSet<String>>,
+) -> Result<(), StoreError> {
     if o.steps.is_empty() {
         return Err(invalid("steps", "an objective needs at least one step"));
     }
@@ -274,35 +286,62 @@ pub fn validate_objective(o: &NewObjective, known_agents: Option<&BTreeSet<Strin
     let mut keys = HashSet::new();
     for (i, s) in o.steps.iter().enumerate() {
         if s.key.is_empty() || s.key.len() > MAX_NAME_LEN {
-            return Err(invalid(format!("steps[{i}].key"), format!("must be 1..={MAX_NAME_LEN} characters")));
+            return Err(invalid(
+                format!("steps[{i}].key"),
+                format!("must be 1..={MAX_NAME_LEN} characters"),
+            ));
         }
         if !keys.insert(s.key.as_str()) {
-            return Err(invalid(format!("steps[{i}].key"), format!("duplicate step key {:?}", s.key)));
+            return Err(invalid(
+                format!("steps[{i}].key"),
+                format!("duplicate step key {:?}", s.key),
+            ));
         }
         s.task.validate(&format!("steps[{i}]."))?;
         if let Some(agents) = known_agents
             && !agents.contains(&s.task.agent)
         {
-            return Err(invalid(format!("steps[{i}].agent"), format!("unknown agent {:?}", s.task.agent)));
+            return Err(invalid(
+                format!("steps[{i}].agent"),
+                format!("unknown agent {:?}", s.task.agent),
+            ));
         }
     }
     for (i, s) in o.steps.iter().enumerate() {
         for d in &s.depends_on {
             if !keys.contains(d.as_str()) {
-                return Err(invalid(format!("steps[{i}].depends_on"), format!("unknown step key {d:?}")));
+                return Err(invalid(
+                    format!("steps[{i}].depends_on"),
+                    format!("unknown step key {d:?}"),
+                ));
             }
             if d == &s.key {
-                return Err(invalid(format!("steps[{i}].depends_on"), "a step cannot depend on itself"));
+                return Err(invalid(
+                    format!("steps[{i}].depends_on"),
+                    "a step cannot depend on itself",
+                ));
             }
         }
     }
     // Kahn's algorithm: whatever cannot be ordered is on a cycle.
-    let mut indegree: HashMap<&str, usize> = o.steps.iter().map(|s| (s.key.as_str(), s.depends_on.len())).collect();
-    let mut ready: Vec<&str> = indegree.iter().filter(|(_, d)| **d == 0).map(|(k, _)| *k).collect();
+    let mut indegree: HashMap<&str, usize> = o
+        .steps
+        .iter()
+        .map(|s| (s.key.as_str(), s.depends_on.len()))
+        .collect();
+    let mut ready: Vec<&str> = indegree
+        .iter()
+        .filter(|(_, d)| **d == 0)
+        .map(|(k, _)| *k)
+        .collect();
     let mut ordered = 0;
     while let Some(k) = ready.pop() {
         ordered += 1;
-        for s in o.steps.iter().filter(|s| s.depends_on.iter().any(|d| d == k)) {
+        for s in o
+            .steps
+            .iter()
+            .filter(|s| s.depends_on.iter().any(|d| d == k))
+        {
             if let Some(d) = indegree.get_mut(s.key.as_str()) {
                 *d -= 1;
                 if *d == 0 {
@@ -312,9 +351,16 @@ pub fn validate_objective(o: &NewObjective, known_agents: Option<&BTreeSet<Strin
         }
     }
     if ordered < o.steps.len() {
-        let mut on_cycle: Vec<&str> = indegree.iter().filter(|(_, d)| **d > 0).map(|(k, _)| *k).collect();
+        let mut on_cycle: Vec<&str> = indegree
+            .iter()
+            .filter(|(_, d)| **d > 0)
+            .map(|(k, _)| *k)
+            .collect();
         on_cycle.sort_unstable();
-        return Err(invalid("steps", format!("dependency cycle among steps {on_cycle:?}")));
+        return Err(invalid(
+            "steps",
+            format!("dependency cycle among steps {on_cycle:?}"),
+        ));
     }
     Ok(())
 }
@@ -449,7 +495,10 @@ impl Store {
     pub async fn get_objective(&self, id: i64) -> Result<Objective, StoreError> {
         let s = self.db.session("store.get_objective").await?;
         let row = s
-            .query_opt("SELECT id, title, created_at FROM objectives WHERE id = $1", &[&id])
+            .query_opt(
+                "SELECT id, title, created_at FROM objectives WHERE id = $1",
+                &[&id],
+            )
             .await?
             .ok_or(StoreError::ObjectiveNotFound(id))?;
         let rows = s
@@ -469,7 +518,10 @@ impl Store {
     pub async fn get_task(&self, id: i64) -> Result<Task, StoreError> {
         let s = self.db.session("store.get_task").await?;
         let row = s
-            .query_opt(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"), &[&id])
+            .query_opt(
+                &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"),
+                &[&id],
+            )
             .await?
             .ok_or(StoreError::TaskNotFound(id))?;
         Task::from_row(&row)
@@ -489,7 +541,7 @@ impl Store {
                      WHERE ($1::text IS NULL OR status = $1) \
                        AND ($2::text IS NULL OR session_id = $2) \
                        AND ($3::bigint IS NULL OR objective_id = $3) \
-                       AND id > COALESCE($4, 0) \
+                       AND id > COALESCE($4::bigint, 0) \
                      ORDER BY id LIMIT $5"
                 ),
                 &[&status, &f.session_id, &f.objective_id, &f.after_id, &limit],
@@ -499,9 +551,16 @@ impl Store {
     }
 
     /// Moves a task to `to` if the state machine allows it from its current status.
-    pub async fn transition(&self, id: i64, to: TaskStatus, args: &TransitionArgs) -> Result<Task, StoreError> {
+    pub async fn transition(
+        &self,
+        id: i64,
+        to: TaskStatus,
+        args: &TransitionArgs,
+    ) -> Result<Task, StoreError> {
         let allowed = TaskStatus::allowed_from(to);
-        let lease_ms = args.lease.map(|d| d.as_millis().min(i64::MAX as u128) as i64);
+        let lease_ms = args
+            .lease
+            .map(|d| d.as_millis().min(i64::MAX as u128) as i64);
         let s = self.db.session("store.transition").await?;
         let row = s
             .query_opt(
@@ -545,7 +604,10 @@ impl Store {
             return Err(invalid("usage.completion_tokens", "must not be negative"));
         }
         if !u.cost_usd.is_finite() || u.cost_usd < 0.0 {
-            return Err(invalid("usage.cost_usd", "must be a finite, non-negative number"));
+            return Err(invalid(
+                "usage.cost_usd",
+                "must be a finite, non-negative number",
+            ));
         }
         let s = self.db.session("store.record_usage").await?;
         let row = s
@@ -617,7 +679,10 @@ mod tests {
         }
         assert!(!Queued.can_transition_to(Succeeded));
         assert!(!Queued.can_transition_to(Queued));
-        assert_eq!(TaskStatus::allowed_from(Cancelled), vec!["queued", "running"]);
+        assert_eq!(
+            TaskStatus::allowed_from(Cancelled),
+            vec!["queued", "running"]
+        );
         for s in TaskStatus::ALL {
             assert_eq!(s.as_str().parse::<TaskStatus>(), Ok(s));
         }
@@ -648,10 +713,18 @@ mod tests {
 
         let cyc = NewObjective {
             title: "t".into(),
-            steps: vec![step("a", &["c"]), step("b", &["a"]), step("c", &["b"]), step("d", &[])],
+            steps: vec![
+                step("a", &["c"]),
+                step("b", &["a"]),
+                step("c", &["b"]),
+                step("d", &[]),
+            ],
         };
         let msg = field_of(validate_objective(&cyc, None));
-        assert!(msg.contains("cycle") && msg.contains("\"a\"") && !msg.contains("\"d\""), "{msg}");
+        assert!(
+            msg.contains("cycle") && msg.contains("\"a\"") && !msg.contains("\"d\""),
+            "{msg}"
+        );
 
         let unknown = NewObjective {
             title: "t".into(),

@@ -36,9 +36,22 @@ pub struct SessionInfo {
     pub backtrace: Option<Backtrace>,
     discard: AtomicBool,
     warned: AtomicBool,
+    in_flight: AtomicBool,
 }
 
 impl SessionInfo {
+    /// Set before a statement is sent and cleared only when its result is in. If the guard
+    /// is dropped while set, the caller's future was cancelled mid-statement: the server
+    /// may still be executing it, so the connection must not be reused as is.
+    pub fn begin_statement(&self) {
+        self.in_flight.store(true, Ordering::Release);
+    }
+    pub fn end_statement(&self) {
+        self.in_flight.store(false, Ordering::Release);
+    }
+    pub fn statement_in_flight(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire)
+    }
     pub fn age(&self) -> Duration {
         self.checked_out_at.elapsed()
     }
@@ -116,6 +129,7 @@ impl Tracker {
             backtrace: s.capture_backtrace.then(Backtrace::force_capture),
             discard: AtomicBool::new(false),
             warned: AtomicBool::new(false),
+            in_flight: AtomicBool::new(false),
         });
         self.live().insert(id, Arc::clone(&info));
         self.opened.fetch_add(1, Ordering::Relaxed);

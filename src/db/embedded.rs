@@ -17,7 +17,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -46,7 +46,9 @@ pub enum EmbeddedError {
         #[source]
         source: std::io::Error,
     },
-    #[error("running as root, but neither the `postgres` nor the `nobody` user exists to run PostgreSQL as")]
+    #[error(
+        "running as root, but neither the `postgres` nor the `nobody` user exists to run PostgreSQL as"
+    )]
     NoUnprivilegedUser,
     #[error("initdb failed ({status}): {output}")]
     Initdb { status: String, output: String },
@@ -94,7 +96,7 @@ impl PgBinaries {
                 Some((v, e.path().join("bin")))
             })
             .collect();
-        versioned.sort_by(|a, b| b.0.cmp(&a.0));
+        versioned.sort_by_key(|v| std::cmp::Reverse(v.0));
         dirs.extend(versioned.into_iter().map(|(_, p)| p));
         dirs.into_iter()
             .find(|d| d.join("initdb").is_file() && d.join("postgres").is_file())
@@ -120,7 +122,8 @@ pub struct ClusterOptions {
 pub struct Cluster {
     pgdata: PathBuf,
     pid: Pid,
-    exited: mpsc::Receiver<()>,
+    // In a Mutex only to make Cluster Sync; one owner ever waits on it.
+    exited: Mutex<mpsc::Receiver<()>>,
     stopped: bool,
 }
 
@@ -167,7 +170,8 @@ impl Cluster {
         let pgdata = data_dir.join("pgdata");
         if !pgdata.join("PG_VERSION").is_file() {
             fs::create_dir_all(&pgdata).map_err(dd_err(&pgdata))?;
-            fs::set_permissions(&pgdata, fs::Permissions::from_mode(0o700)).map_err(dd_err(&pgdata))?;
+            fs::set_permissions(&pgdata, fs::Permissions::from_mode(0o700))
+                .map_err(dd_err(&pgdata))?;
             if let Some(u) = &user {
                 nix::unistd::chown(&pgdata, Some(u.uid), Some(u.gid))
                     .map_err(|e| dd_err(&pgdata)(std::io::Error::from(e)))?;
@@ -175,7 +179,15 @@ impl Cluster {
             let mut cmd = Command::new(&bins.initdb);
             cmd.arg("-D")
                 .arg(&pgdata)
-                .args(["-U", EMBEDDED_USER, "--auth=trust", "-E", "UTF8", "--locale=C", "--no-instructions"])
+                .args([
+                    "-U",
+                    EMBEDDED_USER,
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-instructions",
+                ])
                 .stdin(Stdio::null());
             as_user(&mut cmd, &user);
             let out = cmd.output().map_err(EmbeddedError::Spawn)?;
@@ -217,7 +229,14 @@ impl Cluster {
             cmd.args(["-c", &format!("max_connections={n}")]);
         }
         if opts.unsafe_fast {
-            cmd.args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]);
+            cmd.args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ]);
         }
         as_user(&mut cmd, &user);
         // SAFETY: prctl is async-signal-safe; it runs in the child after setuid (so the
@@ -253,7 +272,7 @@ impl Cluster {
         let mut cluster = Cluster {
             pgdata,
             pid: Pid::from_raw(pid as i32),
-            exited: exit_rx,
+            exited: Mutex::new(exit_rx),
             stopped: false,
         };
 
@@ -261,7 +280,7 @@ impl Cluster {
         let socket = cluster.pgdata.join(format!(".s.PGSQL.{EMBEDDED_PORT}"));
         let pid_file = cluster.pgdata.join("postmaster.pid");
         loop {
-            if cluster.exited.try_recv().is_ok() {
+            if cluster.exited_within(Duration::ZERO) {
                 cluster.stopped = true;
                 return Err(EmbeddedError::StartFailed {
                     tail: log_tail(&log_path, log_offset),
@@ -277,7 +296,10 @@ impl Cluster {
             }
             if Instant::now() > deadline {
                 cluster.stop_blocking();
-                return Err(EmbeddedError::StartTimeout(Duration::from_secs(60), log_path));
+                return Err(EmbeddedError::StartTimeout(
+                    Duration::from_secs(60),
+                    log_path,
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -317,7 +339,10 @@ impl Cluster {
             .map_err(EmbeddedError::CreateDb)?;
         let conn = tokio::spawn(conn);
         let exists = client
-            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&EMBEDDED_DB])
+            .query_opt(
+                "SELECT 1 FROM pg_database WHERE datname = $1",
+                &[&EMBEDDED_DB],
+            )
             .await
             .map_err(EmbeddedError::CreateDb)?
             .is_some();
@@ -337,16 +362,28 @@ impl Cluster {
         let _ = tokio::task::spawn_blocking(move || self.stop_blocking()).await;
     }
 
+    /// Whether the server process has exited (waiting up to `limit`).
+    fn exited_within(&self, limit: Duration) -> bool {
+        let rx = self.exited.lock().unwrap_or_else(|p| p.into_inner());
+        match rx.recv_timeout(limit) {
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => true,
+            Err(mpsc::RecvTimeoutError::Timeout) => false,
+        }
+    }
+
     fn stop_blocking(&mut self) {
         if self.stopped {
             return;
         }
         self.stopped = true;
         let _ = kill(self.pid, Signal::SIGINT);
-        if self.exited.recv_timeout(Duration::from_secs(30)).is_err() {
-            tracing::warn!(pid = self.pid.as_raw(), "embedded PostgreSQL ignored fast shutdown; sending SIGQUIT");
+        if !self.exited_within(Duration::from_secs(30)) {
+            tracing::warn!(
+                pid = self.pid.as_raw(),
+                "embedded PostgreSQL ignored fast shutdown; sending SIGQUIT"
+            );
             let _ = kill(self.pid, Signal::SIGQUIT);
-            let _ = self.exited.recv_timeout(Duration::from_secs(10));
+            self.exited_within(Duration::from_secs(10));
         }
         tracing::info!(pid = self.pid.as_raw(), "embedded PostgreSQL stopped");
     }
@@ -364,7 +401,11 @@ fn stop_stale_postmaster(pgdata: &Path) {
     let Ok(text) = fs::read_to_string(pgdata.join("postmaster.pid")) else {
         return;
     };
-    let Some(pid) = text.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) else {
+    let Some(pid) = text
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse::<i32>().ok())
+    else {
         return;
     };
     // The pid may have been reused by an unrelated process since: only a postgres counts.

@@ -44,7 +44,10 @@ pub fn latest_version() -> i32 {
 }
 
 /// Applies pending migrations under the advisory lock.
-pub async fn run(pg: &tokio_postgres::Config, cfg: &DatabaseConfig) -> Result<MigrationReport, MigrateError> {
+pub async fn run(
+    pg: &tokio_postgres::Config,
+    cfg: &DatabaseConfig,
+) -> Result<MigrationReport, MigrateError> {
     let mut client = connect_direct(pg, cfg, "migrate").await?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])

@@ -122,7 +122,11 @@ impl managed::Manager for PgManager {
         })
     }
 
-    async fn recycle(&self, conn: &mut PgConn, metrics: &Metrics) -> RecycleResult<tokio_postgres::Error> {
+    async fn recycle(
+        &self,
+        conn: &mut PgConn,
+        metrics: &Metrics,
+    ) -> RecycleResult<tokio_postgres::Error> {
         self.inner.recycle(&mut conn.client, metrics).await
     }
 
@@ -175,7 +179,11 @@ impl Db {
             RecyclingMethod::Fast
         };
         let manager = PgManager {
-            inner: deadpool_postgres::Manager::from_config(pg, NoTls, ManagerConfig { recycling_method }),
+            inner: deadpool_postgres::Manager::from_config(
+                pg,
+                NoTls,
+                ManagerConfig { recycling_method },
+            ),
         };
         let pool = Pool::builder(manager)
             .max_size(cfg.max_connections())
@@ -217,7 +225,10 @@ impl Db {
 
     /// Checks out a session for `label`. The caller's source location is recorded.
     #[track_caller]
-    pub fn session(&self, label: &'static str) -> impl Future<Output = Result<Session, DbError>> + Send + 'static {
+    pub fn session(
+        &self,
+        label: &'static str,
+    ) -> impl Future<Output = Result<Session, DbError>> + Send + 'static {
         let caller = Location::caller();
         let db = self.clone();
         async move { db.checkout(label, caller, None).await }
@@ -321,26 +332,60 @@ impl fmt::Debug for Session {
     }
 }
 
+// Each statement is bracketed by begin/end_statement (see SessionInfo): the end is not in
+// a Drop guard on purpose, so a future dropped mid-statement leaves the mark set.
 macro_rules! query_methods {
     () => {
         pub async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, DbError> {
-            let stmt = self.client().prepare_cached(sql).await?;
-            Ok(self.client().query(&stmt, params).await?)
+            self.info.begin_statement();
+            let r = match self.client().prepare_cached(sql).await {
+                Ok(stmt) => self.client().query(&stmt, params).await,
+                Err(e) => Err(e),
+            };
+            self.info.end_statement();
+            Ok(r?)
         }
 
         pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, DbError> {
-            let stmt = self.client().prepare_cached(sql).await?;
-            Ok(self.client().query_one(&stmt, params).await?)
+            self.info.begin_statement();
+            let r = match self.client().prepare_cached(sql).await {
+                Ok(stmt) => self.client().query_one(&stmt, params).await,
+                Err(e) => Err(e),
+            };
+            self.info.end_statement();
+            Ok(r?)
         }
 
-        pub async fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>, DbError> {
-            let stmt = self.client().prepare_cached(sql).await?;
-            Ok(self.client().query_opt(&stmt, params).await?)
+        pub async fn query_opt(
+            &self,
+            sql: &str,
+            params: Params<'_>,
+        ) -> Result<Option<Row>, DbError> {
+            self.info.begin_statement();
+            let r = match self.client().prepare_cached(sql).await {
+                Ok(stmt) => self.client().query_opt(&stmt, params).await,
+                Err(e) => Err(e),
+            };
+            self.info.end_statement();
+            Ok(r?)
         }
 
         pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, DbError> {
-            let stmt = self.client().prepare_cached(sql).await?;
-            Ok(self.client().execute(&stmt, params).await?)
+            self.info.begin_statement();
+            let r = match self.client().prepare_cached(sql).await {
+                Ok(stmt) => self.client().execute(&stmt, params).await,
+                Err(e) => Err(e),
+            };
+            self.info.end_statement();
+            Ok(r?)
+        }
+
+        /// Runs several statements without parameters (simple query protocol).
+        pub async fn batch_execute(&self, sql: &str) -> Result<(), DbError> {
+            self.info.begin_statement();
+            let r = self.client().batch_execute(sql).await;
+            self.info.end_statement();
+            Ok(r?)
         }
     };
 }
@@ -364,17 +409,17 @@ impl Session {
 
     query_methods!();
 
-    /// Runs several statements without parameters (simple query protocol).
-    pub async fn batch_execute(&self, sql: &str) -> Result<(), DbError> {
-        Ok(self.client().batch_execute(sql).await?)
-    }
-
     /// Starts a transaction. It commits only through [`Tx::commit`]; dropped, or on any
     /// error path that drops it, it rolls back.
     pub async fn transaction(&mut self) -> Result<Tx<'_>, DbError> {
         let obj = self.obj.as_mut().ok_or(DbError::PoolClosed)?;
+        self.info.begin_statement();
         let tx = obj.client.transaction().await?;
-        Ok(Tx { tx })
+        self.info.end_statement();
+        Ok(Tx {
+            tx,
+            info: Arc::clone(&self.info),
+        })
     }
 }
 
@@ -382,19 +427,38 @@ impl Drop for Session {
     fn drop(&mut self) {
         self.db.inner.tracker.unregister(self.info.id);
         let Some(obj) = self.obj.take() else { return };
-        let discard = self.info.discard_requested() || obj.client.is_closed();
-        let overflow = self.db.inner.pool.status().size > self.db.inner.base_size.load(Ordering::Relaxed);
+        let abandoned = self.info.statement_in_flight();
+        if abandoned {
+            // The server may still be running the abandoned statement: ask it to stop,
+            // and do not hand this connection to anyone else.
+            let token = obj.client.cancel_token();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = token.cancel_query(NoTls).await;
+                });
+            }
+            tracing::debug!(session_id = self.info.id, caller = %self.info.caller, label = self.info.label, "session dropped mid-statement; cancelling it and discarding the connection");
+        }
+        let discard = abandoned || self.info.discard_requested() || obj.client.is_closed();
+        let overflow =
+            self.db.inner.pool.status().size > self.db.inner.base_size.load(Ordering::Relaxed);
         if discard || overflow {
             // Detach from the pool; dropping the client closes the socket.
             drop(Object::take(obj));
         }
-        tracing::trace!(session_id = self.info.id, discard, overflow, "session returned");
+        tracing::trace!(
+            session_id = self.info.id,
+            discard,
+            overflow,
+            "session returned"
+        );
     }
 }
 
 /// A transaction on a [`Session`]. Rolled back on drop unless committed.
 pub struct Tx<'a> {
     tx: deadpool_postgres::Transaction<'a>,
+    info: Arc<SessionInfo>,
 }
 
 impl Tx<'_> {
@@ -404,16 +468,20 @@ impl Tx<'_> {
 
     query_methods!();
 
-    pub async fn batch_execute(&self, sql: &str) -> Result<(), DbError> {
-        Ok(self.tx.batch_execute(sql).await?)
-    }
-
     pub async fn commit(self) -> Result<(), DbError> {
-        Ok(self.tx.commit().await?)
+        let info = Arc::clone(&self.info);
+        info.begin_statement();
+        let r = self.tx.commit().await;
+        info.end_statement();
+        Ok(r?)
     }
 
     pub async fn rollback(self) -> Result<(), DbError> {
-        Ok(self.tx.rollback().await?)
+        let info = Arc::clone(&self.info);
+        info.begin_statement();
+        let r = self.tx.rollback().await;
+        info.end_statement();
+        Ok(r?)
     }
 }
 
@@ -427,11 +495,12 @@ pub async fn connect_direct(
 ) -> Result<tokio_postgres::Client, DbError> {
     let mut pg = pg.clone();
     session_settings(&mut pg, cfg);
-    pg.application_name(&format!("{}:{purpose}", cfg.application_name));
-    let (client, conn) = match tokio::time::timeout(cfg.connect_timeout.get(), pg.connect(NoTls)).await {
-        Ok(r) => r.map_err(DbError::Connect)?,
-        Err(_) => return Err(DbError::ConnectTimeout(cfg.connect_timeout.get())),
-    };
+    pg.application_name(format!("{}:{purpose}", cfg.application_name));
+    let (client, conn) =
+        match tokio::time::timeout(cfg.connect_timeout.get(), pg.connect(NoTls)).await {
+            Ok(r) => r.map_err(DbError::Connect)?,
+            Err(_) => return Err(DbError::ConnectTimeout(cfg.connect_timeout.get())),
+        };
     let purpose = purpose.to_string();
     tokio::spawn(async move {
         if let Err(e) = conn.await {

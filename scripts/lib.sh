@@ -1,0 +1,21 @@
+# Shared set-up for scripts/run.sh and scripts/test.sh (sourced, not run).
+
+# Installs the PostgreSQL server package when no server binaries are found.
+ensure_postgres() {
+  if [ -n "${TASKWARDEN_PG_BINDIR:-}" ] && [ -x "$TASKWARDEN_PG_BINDIR/initdb" ]; then return 0; fi
+  if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    return 0
+  fi
+  echo "PostgreSQL server binaries not found; installing the Debian package 'postgresql'" >&2
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q postgresql
+}
+
+# Prints the newest PostgreSQL bin directory.
+pg_bindir() {
+  if [ -n "${TASKWARDEN_PG_BINDIR:-}" ]; then echo "$TASKWARDEN_PG_BINDIR"; return; fi
+  if command -v initdb >/dev/null 2>&1; then dirname "$(readlink -f "$(command -v initdb)")"; return; fi
+  ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1
+}

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs the whole test suite against real PostgreSQL: one throwaway cluster for the run
+# (initdb into a temp dir, unix socket only, durability off), each test in its own
+# database. Set TASKWARDEN_TEST_DATABASE_URL to use an existing server instead.
+# Extra arguments go to the test runner.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+ensure_postgres
+
+if [ -z "${TASKWARDEN_TEST_DATABASE_URL:-}" ]; then
+  bindir=$(pg_bindir)
+  dir=$(mktemp -d /tmp/taskwarden-test-pg.XXXXXX)
+  as=()
+  if [ "$(id -u)" = 0 ]; then
+    # PostgreSQL refuses to run as root.
+    pguser=postgres; id "$pguser" >/dev/null 2>&1 || pguser=nobody
+    chown "$pguser" "$dir"
+    as=(runuser -u "$pguser" --)
+  fi
+  cleanup() {
+    "${as[@]}" "$bindir/pg_ctl" -D "$dir/pgdata" -m immediate stop >/dev/null 2>&1 || true
+    rm -rf "$dir"
+  }
+  trap cleanup EXIT
+  "${as[@]}" "$bindir/initdb" -D "$dir/pgdata" -U taskwarden --auth=trust -E UTF8 --locale=C --no-instructions >/dev/null
+  "${as[@]}" "$bindir/pg_ctl" -D "$dir/pgdata" -l "$dir/postgresql.log" -w -t 60 \
+    -o "-k $dir -p 5432 -c listen_addresses= -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+    start >/dev/null
+  export TASKWARDEN_TEST_DATABASE_URL="postgresql://taskwarden@/postgres?host=$dir&port=5432"
+fi
+
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --locked --no-fail-fast "$@"
+  # nextest does not run doctests.
+  cargo test --locked --doc
+else
+  cargo test --locked --no-fail-fast "$@"
+fi

@@ -1,0 +1,199 @@
+//! Test harness: a real PostgreSQL for every test, never a mock.
+//!
+//! With `TASKWARDEN_TEST_DATABASE_URL` set (scripts/test.sh starts one throwaway cluster
+//! for the whole run and sets it), tests use that server. Without it, the first test in a
+//! process starts a throwaway cluster of its own with the daemon's embedded-PostgreSQL code;
+//! the kernel stops that server when the test process exits.
+//!
+//! Either way each test gets a fresh database with the schema applied, and a unique
+//! `application_name`, so tests that terminate "our" backends only ever touch their own.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use taskwarden::config::{DatabaseConfig, Dur};
+use taskwarden::db::Db;
+use taskwarden::db::embedded::{Cluster, ClusterOptions};
+use tokio::sync::OnceCell;
+
+pub const TEST_DATABASE_URL_ENV: &str = "TASKWARDEN_TEST_DATABASE_URL";
+
+struct Server {
+    /// Connection settings for the server's `postgres` database (dbname is replaced).
+    admin: tokio_postgres::Config,
+    _cluster: Option<Cluster>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+static SERVER: OnceCell<Server> = OnceCell::const_new();
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+async fn server() -> &'static Server {
+    SERVER
+        .get_or_init(|| async {
+            if let Ok(url) = std::env::var(TEST_DATABASE_URL_ENV)
+                && !url.trim().is_empty()
+            {
+                let admin: tokio_postgres::Config = url
+                    .parse()
+                    .expect("TASKWARDEN_TEST_DATABASE_URL is not a valid URL");
+                return Server {
+                    admin,
+                    _cluster: None,
+                    _dir: None,
+                };
+            }
+            let dir = tempfile::Builder::new()
+                .prefix("taskwarden-test-pg")
+                .tempdir()
+                .expect("temp dir");
+            let cluster = Cluster::start(
+                dir.path(),
+                ClusterOptions {
+                    unsafe_fast: true,
+                    max_connections: Some(300),
+                },
+            )
+            .await
+            .expect("start throwaway PostgreSQL");
+            Server {
+                admin: cluster.pg_config("postgres"),
+                _cluster: Some(cluster),
+                _dir: Some(dir),
+            }
+        })
+        .await
+}
+
+/// A fresh, migrated database for one test.
+pub struct TestDb {
+    pub name: String,
+    pub pg: tokio_postgres::Config,
+    pub application_name: String,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let server = server().await;
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!(
+            "tw_{}_{}_{:06x}",
+            std::process::id(),
+            n,
+            rand::random::<u32>() & 0xffffff
+        );
+        let admin = connect(&server.admin).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        let mut pg = server.admin.clone();
+        pg.dbname(&name);
+        let db = TestDb {
+            application_name: format!("twt_{}_{}", std::process::id(), n),
+            name,
+            pg,
+        };
+        taskwarden::db::migrate::run(&db.pg, &db.config(2, 0, Duration::from_secs(5)))
+            .await
+            .expect("migrate test database");
+        db
+    }
+
+    /// A database config for this test's pool.
+    pub fn config(
+        &self,
+        pool_size: u32,
+        max_overflow: u32,
+        checkout_timeout: Duration,
+    ) -> DatabaseConfig {
+        DatabaseConfig {
+            pool_size,
+            max_overflow,
+            checkout_timeout: Dur(checkout_timeout),
+            application_name: self.application_name.clone(),
+            ..DatabaseConfig::default()
+        }
+    }
+
+    pub fn pool(&self, pool_size: u32, max_overflow: u32, checkout_timeout: Duration) -> Db {
+        Db::new(
+            self.pg.clone(),
+            &self.config(pool_size, max_overflow, checkout_timeout),
+        )
+        .expect("build pool")
+    }
+
+    /// A plain connection outside any pool, for the test's own checks.
+    pub async fn admin(&self) -> tokio_postgres::Client {
+        connect(&self.pg).await
+    }
+
+    /// A libpq URL for this database (for the binary under test).
+    pub fn url(&self) -> String {
+        let host = match self.pg.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            None => "localhost".into(),
+        };
+        let port = self.pg.get_ports().first().copied().unwrap_or(5432);
+        let user = self.pg.get_user().unwrap_or("postgres");
+        let pw = self
+            .pg
+            .get_password()
+            .map(|p| format!(":{}", String::from_utf8_lossy(p)))
+            .unwrap_or_default();
+        format!(
+            "postgresql://{user}{pw}@/{}?host={host}&port={port}",
+            self.name
+        )
+    }
+
+    /// Our backends (by application_name) as pg_stat_activity sees them.
+    pub async fn backends(&self) -> Vec<i32> {
+        let c = self.admin().await;
+        c.query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND pid <> pg_backend_pid()",
+            &[&self.application_name],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    }
+}
+
+pub async fn connect(pg: &tokio_postgres::Config) -> tokio_postgres::Client {
+    let (client, conn) = pg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect to test PostgreSQL");
+    tokio::spawn(conn);
+    client
+}
+
+/// Polls `f` until it returns true or `limit` passes; a guard against hangs, not a timing
+/// assertion (the limit is generous).
+pub async fn eventually<F, Fut>(limit: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_taskwarden"))
+}

@@ -1,0 +1,402 @@
+//! The task store against a real PostgreSQL: the state machine, usage, objectives,
+//! migrations under concurrency.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestDb;
+use taskwarden::store::{
+    NewObjective, NewStep, NewTask, Store, StoreError, TaskFilter, TaskStatus, TransitionArgs,
+    Usage,
+};
+
+fn store(t: &TestDb) -> Store {
+    Store::new(t.pool(2, 0, Duration::from_secs(5)), 3)
+}
+
+fn running_args(owner: &str) -> TransitionArgs {
+    TransitionArgs {
+        lease_owner: Some(owner.into()),
+        lease: Some(Duration::from_secs(30)),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn legal_transitions_apply_and_illegal_ones_are_refused() {
+    let t = TestDb::new().await;
+    let s = store(&t);
+    let task = s
+        .create_task(&NewTask::new("echo", serde_json::json!({"q": 1})))
+        .await
+        .unwrap();
+    assert_eq!(task.status, TaskStatus::Queued);
+    assert_eq!(task.max_attempts, 3);
+
+    // queued -> succeeded skips running: refused, and the row is untouched.
+    let err = s
+        .transition(task.id, TaskStatus::Succeeded, &TransitionArgs::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::IllegalTransition {
+                from: TaskStatus::Queued,
+                to: TaskStatus::Succeeded,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        s.get_task(task.id).await.unwrap().status,
+        TaskStatus::Queued
+    );
+
+    let running = s
+        .transition(task.id, TaskStatus::Running, &running_args("me"))
+        .await
+        .unwrap();
+    assert_eq!(running.attempts, 1);
+    assert_eq!(running.lease_owner.as_deref(), Some("me"));
+    assert!(running.started_at.is_some() && running.lease_expires_at.is_some());
+
+    let done = s
+        .transition(task.id, TaskStatus::Succeeded, &TransitionArgs::default())
+        .await
+        .unwrap();
+    assert!(done.finished_at.is_some());
+    assert!(done.lease_owner.is_none());
+
+    // Terminal states are final.
+    for to in TaskStatus::ALL {
+        let err = s
+            .transition(task.id, to, &running_args("me"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::IllegalTransition {
+                    from: TaskStatus::Succeeded,
+                    ..
+                }
+            ),
+            "{to}: {err:?}"
+        );
+    }
+    assert!(matches!(
+        s.transition(999_999, TaskStatus::Running, &running_args("me"))
+            .await,
+        Err(StoreError::TaskNotFound(999_999))
+    ));
+}
+
+#[tokio::test]
+async fn retry_requeue_keeps_the_error_and_the_backoff() {
+    let t = TestDb::new().await;
+    let s = store(&t);
+    let task = s
+        .create_task(&NewTask::new("echo", serde_json::json!({})))
+        .await
+        .unwrap();
+    s.transition(task.id, TaskStatus::Running, &running_args("me"))
+        .await
+        .unwrap();
+    let later = chrono::Utc::now() + chrono::Duration::seconds(60);
+    let requeued = s
+        .transition(
+            task.id,
+            TaskStatus::Queued,
+            &TransitionArgs {
+                error: Some("attempt 1: boom".into()),
+                run_after: Some(later),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(requeued.status, TaskStatus::Queued);
+    assert_eq!(requeued.error.as_deref(), Some("attempt 1: boom"));
+    assert!(requeued.run_after >= later - chrono::Duration::milliseconds(1));
+    assert!(requeued.lease_owner.is_none());
+}
+
+#[tokio::test]
+async fn usage_accumulates_across_updates() {
+    let t = TestDb::new().await;
+    let s = store(&t);
+    let task = s
+        .create_task(&NewTask::new("echo", serde_json::json!({})))
+        .await
+        .unwrap();
+    s.record_usage(
+        task.id,
+        Usage {
+            prompt_tokens: 100,
+            completion_tokens: 20,
+            cost_usd: 0.0015,
+        },
+    )
+    .await
+    .unwrap();
+    let total = s
+        .record_usage(
+            task.id,
+            Usage {
+                prompt_tokens: 50,
+                completion_tokens: 5,
+                cost_usd: 0.0005,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(total.prompt_tokens, 150);
+    assert_eq!(total.completion_tokens, 25);
+    assert!((total.cost_usd - 0.002).abs() < 1e-9, "{}", total.cost_usd);
+    let row = s.get_task(task.id).await.unwrap();
+    assert_eq!((row.prompt_tokens, row.completion_tokens), (150, 25));
+
+    let err = s
+        .record_usage(
+            task.id,
+            Usage {
+                prompt_tokens: -1,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid { ref field, .. } if field == "usage.prompt_tokens"));
+    assert!(matches!(
+        s.record_usage(424_242, Usage::default()).await,
+        Err(StoreError::TaskNotFound(_))
+    ));
+}
+
+fn step(key: &str, deps: &[&str]) -> NewStep {
+    NewStep {
+        key: key.into(),
+        depends_on: deps.iter().map(|d| d.to_string()).collect(),
+        task: NewTask::new("echo", serde_json::json!({ "step": key })),
+    }
+}
+
+#[tokio::test]
+async fn objectives_are_written_whole_or_not_at_all() {
+    let t = TestDb::new().await;
+    let s = store(&t);
+    let o = s
+        .create_objective(
+            &NewObjective {
+                title: "research".into(),
+                steps: vec![
+                    step("plan", &[]),
+                    step("search", &["plan"]),
+                    step("write", &["search"]),
+                ],
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(o.tasks.len(), 3);
+    let back = s.get_objective(o.id).await.unwrap();
+    assert_eq!(back.tasks[2].depends_on, vec!["search".to_string()]);
+    assert_eq!(back.tasks[1].step_key.as_deref(), Some("search"));
+
+    let err = s
+        .create_objective(
+            &NewObjective {
+                title: "loop".into(),
+                steps: vec![step("a", &["b"]), step("b", &["a"])],
+            },
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid { .. }), "{err:?}");
+
+    // A failure part-way through the transaction: the server rejects the third step.
+    let c = t.admin().await;
+    let before: i64 = c
+        .query_one("SELECT count(*) FROM tasks", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let objectives_before: i64 = c
+        .query_one("SELECT count(*) FROM objectives", &[])
+        .await
+        .unwrap()
+        .get(0);
+    c.batch_execute(
+        "CREATE FUNCTION reject_third() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.step_key = 'third' THEN RAISE EXCEPTION 'rejected'; END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER reject_third BEFORE INSERT ON tasks FOR EACH ROW EXECUTE FUNCTION reject_third();",
+    )
+    .await
+    .unwrap();
+    let err = s
+        .create_objective(
+            &NewObjective {
+                title: "partial".into(),
+                steps: vec![step("first", &[]), step("second", &[]), step("third", &[])],
+            },
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Db(_)), "{err:?}");
+    let after: i64 = c
+        .query_one("SELECT count(*) FROM tasks", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let objectives_after: i64 = c
+        .query_one("SELECT count(*) FROM objectives", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!((after, objectives_after), (before, objectives_before));
+    assert_eq!(s.db().status().in_use, 0);
+}
+
+#[tokio::test]
+async fn list_filters_by_status_and_session() {
+    let t = TestDb::new().await;
+    let s = store(&t);
+    for i in 0..5 {
+        let mut n = NewTask::new("echo", serde_json::json!({ "i": i }));
+        n.session_id = Some(if i % 2 == 0 { "even" } else { "odd" }.into());
+        s.create_task(&n).await.unwrap();
+    }
+    let first = s.list_tasks(&TaskFilter::default()).await.unwrap();
+    s.transition(
+        first[0].id,
+        TaskStatus::Cancelled,
+        &TransitionArgs::default(),
+    )
+    .await
+    .unwrap();
+
+    let even = s
+        .list_tasks(&TaskFilter {
+            session_id: Some("even".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(even.len(), 3);
+    let queued_even = s
+        .list_tasks(&TaskFilter {
+            session_id: Some("even".into()),
+            status: Some(TaskStatus::Queued),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(queued_even.len(), 2);
+    let page = s
+        .list_tasks(&TaskFilter {
+            after_id: Some(first[1].id),
+            limit: Some(2),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        page.iter().map(|t| t.id).collect::<Vec<_>>(),
+        vec![first[2].id, first[3].id]
+    );
+    assert!(matches!(
+        s.list_tasks(&TaskFilter {
+            limit: Some(0),
+            ..Default::default()
+        })
+        .await,
+        Err(StoreError::Invalid { .. })
+    ));
+    let counts = s.count_by_status().await.unwrap();
+    assert!(counts.contains(&(TaskStatus::Queued, 4)));
+    assert!(counts.contains(&(TaskStatus::Cancelled, 1)));
+    assert!(counts.contains(&(TaskStatus::Running, 0)));
+}
+
+#[tokio::test]
+async fn shutdown_requeue_touches_only_this_instances_running_tasks() {
+    let t = TestDb::new().await;
+    let s = store(&t);
+    let mine = s
+        .create_task(&NewTask::new("echo", serde_json::json!({})))
+        .await
+        .unwrap();
+    let theirs = s
+        .create_task(&NewTask::new("echo", serde_json::json!({})))
+        .await
+        .unwrap();
+    s.transition(mine.id, TaskStatus::Running, &running_args("me"))
+        .await
+        .unwrap();
+    s.transition(theirs.id, TaskStatus::Running, &running_args("other"))
+        .await
+        .unwrap();
+    assert_eq!(s.requeue_running_owned_by("me").await.unwrap(), 1);
+    let m = s.get_task(mine.id).await.unwrap();
+    assert_eq!(
+        (m.status, m.attempts, m.lease_owner),
+        (TaskStatus::Queued, 0, None)
+    );
+    assert_eq!(
+        s.get_task(theirs.id).await.unwrap().status,
+        TaskStatus::Running
+    );
+}
+
+#[tokio::test]
+async fn concurrent_migrations_apply_once() {
+    let t = TestDb::new().await; // already migrated once; run four more at the same time
+    let cfg = t.config(1, 0, Duration::from_secs(5));
+    let runs: Vec<_> = (0..4)
+        .map(|_| {
+            let pg = t.pg.clone();
+            let cfg = cfg.clone();
+            tokio::spawn(async move { taskwarden::db::migrate::run(&pg, &cfg).await })
+        })
+        .collect();
+    for r in runs {
+        let report = r.await.unwrap().unwrap();
+        assert!(report.applied.is_empty());
+    }
+    let c = t.admin().await;
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM refinery_schema_history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, taskwarden::db::migrate::latest_version() as i64);
+}
+
+#[tokio::test]
+async fn migrations_on_a_fresh_database_race_safely() {
+    // Four instances starting at once on an empty database: exactly one applies.
+    let t = TestDb::new().await;
+    let c = t.admin().await;
+    c.batch_execute("DROP TABLE task_events, tasks, objectives, refinery_schema_history")
+        .await
+        .unwrap();
+    let cfg = t.config(1, 0, Duration::from_secs(5));
+    let runs: Vec<_> = (0..4)
+        .map(|_| {
+            let pg = t.pg.clone();
+            let cfg = cfg.clone();
+            tokio::spawn(async move { taskwarden::db::migrate::run(&pg, &cfg).await })
+        })
+        .collect();
+    let mut applied = 0;
+    for r in runs {
+        applied += r.await.unwrap().unwrap().applied.len();
+    }
+    assert_eq!(applied, 1);
+}
