@@ -14,12 +14,16 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::alerts::Alerts;
 use crate::config::{Config, ConfigError};
 use crate::db::embedded::{Cluster, ClusterOptions, EMBEDDED_DB};
 use crate::db::migrate::{self, MigrateError};
 use crate::db::{Db, DbError};
 use crate::logging::LogHandle;
+use crate::metrics::{self, Metrics};
+use crate::orchestrator::registry::RunningTasks;
 use crate::store::{Store, StoreError};
+use crate::supervisor::{Heartbeat, Supervisor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -116,6 +120,10 @@ pub struct Daemon {
     pub config_path: PathBuf,
     pub db: Db,
     pub store: Store,
+    pub metrics: Metrics,
+    pub running: Arc<RunningTasks>,
+    pub alerts: Alerts,
+    pub heartbeat: Arc<Heartbeat>,
     pub instance_id: String,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
@@ -162,19 +170,45 @@ async fn serve(
         "schema up to date"
     );
 
-    let db = Db::new(database.pg.clone(), &config.database)?;
+    let metrics = Metrics::new();
+    let db = Db::new(database.pg.clone(), &config.database, &metrics)?;
     let store = Store::new(db.clone(), config.workers.max_attempts);
     // Prove the pool works before saying we are ready.
     drop(db.session("daemon.startup_check").await?);
 
+    let config = Arc::new(ArcSwap::from_pointee(config));
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let running = RunningTasks::new();
+    let alerts = Alerts::new(
+        metrics.clone(),
+        Arc::clone(&config),
+        &tasks,
+        shutdown.clone(),
+    );
+    let supervisor = Supervisor::new(
+        Arc::clone(&config),
+        database.pg.clone(),
+        db.clone(),
+        Arc::clone(&running),
+        alerts.clone(),
+        metrics.clone(),
+    );
+    let heartbeat = supervisor.heartbeat();
+    tasks.spawn(supervisor.run(shutdown.clone()));
+
     let daemon = Daemon {
-        config: Arc::new(ArcSwap::from_pointee(config)),
+        config,
         config_path: config_path.to_path_buf(),
         db,
         store,
+        metrics,
+        running,
+        alerts,
+        heartbeat,
         instance_id: instance_id(),
-        shutdown: CancellationToken::new(),
-        tasks: TaskTracker::new(),
+        shutdown,
+        tasks,
     };
     let cfg = daemon.config.load();
     tracing::info!(
@@ -191,12 +225,16 @@ async fn serve(
             _ = sighup.recv() => reload(&daemon, &log),
         }
     }
-    shutdown(&daemon).await
+    stop(&daemon).await
 }
 
-async fn shutdown(d: &Daemon) -> Result<(), DaemonError> {
+async fn stop(d: &Daemon) -> Result<(), DaemonError> {
     let grace = d.config.load().workers.shutdown_grace.get();
     d.shutdown.cancel();
+    let cancelled = d.running.cancel_all();
+    if cancelled > 0 {
+        tracing::info!(cancelled, "cancelled running tasks for shutdown");
+    }
     d.tasks.close();
     if tokio::time::timeout(grace, d.tasks.wait()).await.is_err() {
         tracing::warn!(
@@ -238,10 +276,16 @@ fn reload(d: &Daemon, log: &LogHandle) {
     let new = match Config::load(&d.config_path) {
         Ok(c) => c,
         Err(e) => {
+            d.metrics
+                .counter(metrics::CONFIG_RELOADS_TOTAL, &[("result", "error")])
+                .increment(1);
             tracing::error!(path = %d.config_path.display(), error = %e, "config reload failed; keeping the running config");
             return;
         }
     };
+    d.metrics
+        .counter(metrics::CONFIG_RELOADS_TOTAL, &[("result", "ok")])
+        .increment(1);
     let old = d.config.load_full();
     let changed = changed_keys(&old, &new);
     if changed.is_empty() {

@@ -2,9 +2,13 @@
 //! PostgreSQL, and watches its own database sessions, pool, tasks and memory so that
 //! leaks, pool exhaustion and hung tasks are seen and cleaned up. See ARCHITECTURE.md.
 
+pub mod alerts;
 pub mod config;
 pub mod daemon;
 pub mod db;
 pub mod logging;
+pub mod metrics;
+pub mod orchestrator;
 pub mod store;
+pub mod supervisor;
 pub mod tracker;

@@ -37,6 +37,8 @@ pub struct SessionInfo {
     discard: AtomicBool,
     warned: AtomicBool,
     in_flight: AtomicBool,
+    force_closed: AtomicBool,
+    lent: AtomicBool,
 }
 
 impl SessionInfo {
@@ -51,6 +53,21 @@ impl SessionInfo {
     }
     pub fn statement_in_flight(&self) -> bool {
         self.in_flight.load(Ordering::Acquire)
+    }
+    /// True the first time only: a session is force-closed once.
+    pub fn mark_force_closed(&self) -> bool {
+        !self.force_closed.swap(true, Ordering::AcqRel)
+    }
+    pub fn is_force_closed(&self) -> bool {
+        self.force_closed.load(Ordering::Acquire)
+    }
+    /// True the first time only: the pool lends one slot for a force-closed guard that
+    /// its holder keeps; the slot is taken back when the guard finally drops.
+    pub fn mark_lent(&self) -> bool {
+        !self.lent.swap(true, Ordering::AcqRel)
+    }
+    pub fn is_lent(&self) -> bool {
+        self.lent.load(Ordering::Acquire)
     }
     pub fn age(&self) -> Duration {
         self.checked_out_at.elapsed()
@@ -130,6 +147,8 @@ impl Tracker {
             discard: AtomicBool::new(false),
             warned: AtomicBool::new(false),
             in_flight: AtomicBool::new(false),
+            force_closed: AtomicBool::new(false),
+            lent: AtomicBool::new(false),
         });
         self.live().insert(id, Arc::clone(&info));
         self.opened.fetch_add(1, Ordering::Relaxed);

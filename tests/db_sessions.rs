@@ -226,7 +226,7 @@ async fn every_connection_carries_the_configured_settings() {
     let mut cfg = t.config(1, 0, Duration::from_secs(5));
     cfg.statement_timeout = taskwarden::config::Dur::millis(1500);
     cfg.idle_in_transaction_timeout = taskwarden::config::Dur::secs(7);
-    let db = Db::new(t.pg.clone(), &cfg).unwrap();
+    let db = Db::new(t.pg.clone(), &cfg, &taskwarden::metrics::Metrics::new()).unwrap();
     let s = db.session("test.settings").await.unwrap();
     let row = s
         .query_one(

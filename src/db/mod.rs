@@ -21,12 +21,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use deadpool::managed::{self, Metrics, Object, PoolError, RecycleResult, TimeoutType, Timeouts};
+use deadpool::managed::{
+    self, Metrics as PoolMetrics, Object, PoolError, RecycleResult, TimeoutType, Timeouts,
+};
 use deadpool_postgres::{ClientWrapper, ManagerConfig, RecyclingMethod};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use crate::config::DatabaseConfig;
+use crate::metrics::Metrics;
 use crate::tracker::{NewSession, Owner, SessionInfo, Tracker};
 
 /// Parameters of a query, as tokio-postgres takes them.
@@ -125,7 +128,7 @@ impl managed::Manager for PgManager {
     async fn recycle(
         &self,
         conn: &mut PgConn,
-        metrics: &Metrics,
+        metrics: &PoolMetrics,
     ) -> RecycleResult<tokio_postgres::Error> {
         self.inner.recycle(&mut conn.client, metrics).await
     }
@@ -141,6 +144,11 @@ struct DbInner {
     pool: Pool,
     tracker: Arc<Tracker>,
     base_size: AtomicUsize,
+    /// Configured hard maximum, and slots lent for force-closed guards still held.
+    max_size: AtomicUsize,
+    lent: AtomicUsize,
+    checkout_wait: metrics::Histogram,
+    checkout_timeouts: metrics::Counter,
     checkout_timeout: Duration,
     connect_timeout: Duration,
     capture_backtraces: bool,
@@ -171,7 +179,11 @@ pub fn session_settings(pg: &mut tokio_postgres::Config, cfg: &DatabaseConfig) {
 
 impl Db {
     /// Builds the pool. No connection is opened until the first checkout.
-    pub fn new(mut pg: tokio_postgres::Config, cfg: &DatabaseConfig) -> Result<Db, DbError> {
+    pub fn new(
+        mut pg: tokio_postgres::Config,
+        cfg: &DatabaseConfig,
+        metrics: &Metrics,
+    ) -> Result<Db, DbError> {
         session_settings(&mut pg, cfg);
         let recycling_method = if cfg.pre_ping {
             RecyclingMethod::Verified
@@ -200,6 +212,10 @@ impl Db {
                 pool,
                 tracker: Arc::new(Tracker::new()),
                 base_size: AtomicUsize::new(cfg.pool_size as usize),
+                max_size: AtomicUsize::new(cfg.max_connections()),
+                lent: AtomicUsize::new(0),
+                checkout_wait: metrics.histogram(crate::metrics::DB_CHECKOUT_WAIT_SECONDS, &[]),
+                checkout_timeouts: metrics.counter(crate::metrics::DB_CHECKOUT_TIMEOUTS_TOTAL, &[]),
                 checkout_timeout: cfg.checkout_timeout.get(),
                 connect_timeout: cfg.connect_timeout.get(),
                 capture_backtraces: cfg.capture_backtraces,
@@ -260,6 +276,7 @@ impl Db {
                 return Err(DbError::ConnectTimeout(self.inner.connect_timeout));
             }
             Err(PoolError::Timeout(_)) => {
+                self.inner.checkout_timeouts.increment(1);
                 let pool = self.status();
                 tracing::warn!(caller = %caller, label, waited_ms = started.elapsed().as_millis() as u64, %pool, "database checkout timed out");
                 return Err(DbError::CheckoutTimeout {
@@ -274,6 +291,9 @@ impl Db {
             Err(PoolError::Closed) => return Err(DbError::PoolClosed),
             Err(PoolError::NoRuntimeSpecified) => return Err(DbError::Config("no runtime".into())),
         };
+        self.inner
+            .checkout_wait
+            .record(started.elapsed().as_secs_f64());
         let info = self.inner.tracker.register(NewSession {
             caller,
             label,
@@ -294,7 +314,43 @@ impl Db {
         self.inner
             .base_size
             .store(cfg.pool_size as usize, Ordering::Relaxed);
-        self.inner.pool.resize(cfg.max_connections());
+        self.inner
+            .max_size
+            .store(cfg.max_connections(), Ordering::Relaxed);
+        self.apply_size();
+    }
+
+    fn apply_size(&self) {
+        let max =
+            self.inner.max_size.load(Ordering::Relaxed) + self.inner.lent.load(Ordering::Relaxed);
+        self.inner.pool.resize(max);
+    }
+
+    /// Lends the pool one extra slot for a force-closed guard whose holder has not let go
+    /// (its backend is already terminated, so the server-side bound still holds). Capacity
+    /// comes back at once; the slot is taken back when the guard drops.
+    pub fn lend_capacity_for(&self, info: &SessionInfo) -> bool {
+        if !info.mark_lent() {
+            return false;
+        }
+        self.inner.lent.fetch_add(1, Ordering::Relaxed);
+        self.apply_size();
+        true
+    }
+
+    /// Slots currently lent for held force-closed guards.
+    pub fn lent(&self) -> usize {
+        self.inner.lent.load(Ordering::Relaxed)
+    }
+
+    /// Backend pids of idle pooled connections (not checked out).
+    pub fn idle_backends(&self) -> Vec<i32> {
+        let mut pids = Vec::new();
+        self.inner.pool.retain(|conn, _| {
+            pids.push(conn.backend_pid);
+            true
+        });
+        pids
     }
 
     /// Closes the pool: waiting and future checkouts fail, idle connections are closed,
@@ -445,6 +501,11 @@ impl Drop for Session {
         if discard || overflow {
             // Detach from the pool; dropping the client closes the socket.
             drop(Object::take(obj));
+        }
+        if self.info.is_lent() {
+            // Take back the slot the pool lent while this force-closed guard was held.
+            self.db.inner.lent.fetch_sub(1, Ordering::Relaxed);
+            self.db.apply_size();
         }
         tracing::trace!(
             session_id = self.info.id,

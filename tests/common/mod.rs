@@ -122,6 +122,7 @@ impl TestDb {
         Db::new(
             self.pg.clone(),
             &self.config(pool_size, max_overflow, checkout_timeout),
+            &taskwarden::metrics::Metrics::new(),
         )
         .expect("build pool")
     }

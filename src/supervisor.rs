@@ -1,0 +1,636 @@
+//! The watchdog. Every `supervisor.interval` it looks at the pool, the live sessions, the
+//! running tasks, PostgreSQL's view of our backends, and the process's memory; it records
+//! every figure as a metric, alerts (once, with hysteresis), and cleans up:
+//!
+//! - a session older than `session_warn_age` is logged once with its caller;
+//! - one older than `session_max_age` is force-closed: backend terminated, owning task
+//!   cancelled, connection discarded instead of recycled; if its holder still keeps the
+//!   guard a tick later, the pool lends a slot so capacity comes back regardless;
+//! - a task running longer than `max_task_duration` is marked `timed_out` and cancelled;
+//! - a backend with our `application_name` that no guard and no idle pool slot accounts
+//!   for, and that sits idle in a transaction or unchanged past `session_max_age`, is
+//!   terminated;
+//! - above `memory_alert_ratio`, idle connections are closed (emergency cleanup).
+//!
+//! It talks to PostgreSQL on its own admin connection, never through the pool: the pool
+//! being exhausted is exactly when it must keep working. It may cancel tasks and flag
+//! guards, but it never holds a pooled connection and never waits on a task it cancelled.
+//! A failing tick is logged and counted; the loop itself never stops until shutdown.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::alerts::{self, Alerts, Severity};
+use crate::config::Config;
+use crate::db::{Db, DbError, PoolStatus, connect_direct};
+use crate::metrics::{self as m, Metrics};
+use crate::orchestrator::registry::RunningTasks;
+use crate::store::TaskStatus;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("admin connection: {0}")]
+    Connect(#[from] DbError),
+    #[error("admin query failed: {0}")]
+    Query(#[from] tokio_postgres::Error),
+}
+
+/// What one tick saw and did (returned for tests and benchmarks; also logged).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TickReport {
+    pub pool: Option<PoolStatus>,
+    pub sessions_open: usize,
+    pub sessions_warned: usize,
+    pub sessions_force_closed: usize,
+    pub capacity_lent: usize,
+    pub tasks_timed_out: Vec<i64>,
+    pub orphans_terminated: Vec<i32>,
+    pub resident_memory_bytes: u64,
+    pub emergency_cleanup: bool,
+}
+
+/// Shared view of the loop's liveness, for the systemd watchdog and status output.
+#[derive(Debug, Default)]
+pub struct Heartbeat {
+    last_tick_unix_ms: AtomicU64,
+    ticks: AtomicU64,
+}
+
+impl Heartbeat {
+    pub fn ticks(&self) -> u64 {
+        self.ticks.load(Ordering::Relaxed)
+    }
+    /// Time since the last completed tick, if there was one.
+    pub fn since_last_tick(&self) -> Option<Duration> {
+        let ms = self.last_tick_unix_ms.load(Ordering::Relaxed);
+        if ms == 0 {
+            return None;
+        }
+        let now = unix_ms();
+        Some(Duration::from_millis(now.saturating_sub(ms)))
+    }
+    fn beat(&self) {
+        self.last_tick_unix_ms.store(unix_ms(), Ordering::Relaxed);
+        self.ticks.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub struct Supervisor {
+    config: Arc<ArcSwap<Config>>,
+    pg: tokio_postgres::Config,
+    db: Db,
+    running: Arc<RunningTasks>,
+    alerts: Alerts,
+    metrics: Metrics,
+    heartbeat: Arc<Heartbeat>,
+    admin: Option<tokio_postgres::Client>,
+    sys: sysinfo::System,
+    pid: sysinfo::Pid,
+    last_cpu_sample: Option<Instant>,
+    last_resource_log: Option<Instant>,
+}
+
+impl Supervisor {
+    pub fn new(
+        config: Arc<ArcSwap<Config>>,
+        pg: tokio_postgres::Config,
+        db: Db,
+        running: Arc<RunningTasks>,
+        alerts: Alerts,
+        metrics: Metrics,
+    ) -> Supervisor {
+        Supervisor {
+            config,
+            pg,
+            db,
+            running,
+            alerts,
+            metrics,
+            heartbeat: Arc::new(Heartbeat::default()),
+            admin: None,
+            sys: sysinfo::System::new(),
+            pid: sysinfo::Pid::from_u32(std::process::id()),
+            last_cpu_sample: None,
+            last_resource_log: None,
+        }
+    }
+
+    pub fn heartbeat(&self) -> Arc<Heartbeat> {
+        Arc::clone(&self.heartbeat)
+    }
+
+    /// Ticks every `supervisor.interval` (re-read each time, so a reload applies) until
+    /// `shutdown`. Late ticks are measured; a failed tick is counted and the loop goes on.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut next = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep_until(next) => {}
+            }
+            let interval = self.config.load().supervisor.interval.get();
+            let lateness = tokio::time::Instant::now().saturating_duration_since(next);
+            self.metrics
+                .gauge(m::SUPERVISOR_LATENESS_SECONDS, &[])
+                .set(lateness.as_secs_f64());
+            let started = Instant::now();
+            // The tick is raced against shutdown so a stuck admin query cannot hold it up.
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = self.tick() => r,
+            };
+            let took = started.elapsed();
+            match result {
+                Ok(_) => self
+                    .metrics
+                    .counter(m::SUPERVISOR_TICKS_TOTAL, &[("result", "ok")])
+                    .increment(1),
+                Err(e) => {
+                    self.metrics
+                        .counter(m::SUPERVISOR_TICKS_TOTAL, &[("result", "error")])
+                        .increment(1);
+                    tracing::error!(error = %e, "supervisor tick failed");
+                    // A broken admin connection is rebuilt next tick.
+                    self.admin = None;
+                }
+            }
+            if took > interval {
+                self.metrics
+                    .counter(m::SUPERVISOR_TICK_OVERRUNS_TOTAL, &[])
+                    .increment(1);
+                tracing::warn!(
+                    took_ms = took.as_millis() as u64,
+                    interval_ms = interval.as_millis() as u64,
+                    "supervisor tick overran its interval"
+                );
+            }
+            next += interval;
+            // After a long stall, do not fire a burst of catch-up ticks.
+            let now = tokio::time::Instant::now();
+            if next < now {
+                next = now;
+            }
+        }
+        tracing::debug!("supervisor stopped");
+    }
+
+    async fn admin(&mut self) -> Result<&tokio_postgres::Client, SupervisorError> {
+        if self.admin.as_ref().is_some_and(|c| c.is_closed()) {
+            self.admin = None;
+        }
+        if self.admin.is_none() {
+            let cfg = self.config.load();
+            self.admin = Some(connect_direct(&self.pg, &cfg.database, "supervisor").await?);
+        }
+        match self.admin.as_ref() {
+            Some(c) => Ok(c),
+            None => Err(SupervisorError::Connect(DbError::PoolClosed)),
+        }
+    }
+
+    /// One pass over everything. Public so benchmarks and tests can drive it directly.
+    pub async fn tick(&mut self) -> Result<TickReport, SupervisorError> {
+        let started = Instant::now();
+        let cfg = self.config.load_full();
+        let mut report = TickReport::default();
+
+        self.check_pool(&cfg, &mut report);
+        // Session checks need no database for the parts that matter most (cancel, discard,
+        // lend), so a dead admin connection does not stop them.
+        let admin_err = self.check_sessions(&cfg, &mut report).await.err();
+        let db_result = async {
+            self.check_tasks(&cfg, &mut report).await?;
+            self.check_backends(&cfg, &mut report).await
+        }
+        .await;
+        self.check_process(&cfg, &mut report).await;
+        self.maybe_log_resources(&cfg, &report);
+
+        self.metrics.upkeep();
+        let took = started.elapsed();
+        self.metrics
+            .histogram(m::SUPERVISOR_TICK_SECONDS, &[])
+            .record(took.as_secs_f64());
+        self.metrics
+            .gauge(m::SUPERVISOR_LAST_TICK_TIMESTAMP_SECONDS, &[])
+            .set(unix_ms() as f64 / 1000.0);
+        self.heartbeat.beat();
+        if let Some(e) = admin_err {
+            return Err(e);
+        }
+        db_result.map(|_| report)
+    }
+
+    fn check_pool(&mut self, cfg: &Config, report: &mut TickReport) {
+        let p = self.db.status();
+        let util = p.utilization();
+        self.metrics
+            .gauge(m::DB_POOL_MAX_CONNECTIONS, &[])
+            .set(p.max as f64);
+        self.metrics
+            .gauge(m::DB_POOL_CONNECTIONS, &[])
+            .set(p.size as f64);
+        self.metrics
+            .gauge(m::DB_POOL_IN_USE, &[])
+            .set(p.in_use as f64);
+        self.metrics.gauge(m::DB_POOL_IDLE, &[]).set(p.idle as f64);
+        self.metrics
+            .gauge(m::DB_POOL_WAITING, &[])
+            .set(p.waiting as f64);
+        self.metrics
+            .gauge(m::DB_POOL_UTILIZATION_RATIO, &[])
+            .set(util);
+        let s = &cfg.supervisor;
+        if util >= s.pool_alert_ratio && !self.alerts.is_firing(alerts::POOL_UTILIZATION_HIGH) {
+            let top = self.top_callers(5);
+            self.alerts.fire(
+                alerts::POOL_UTILIZATION_HIGH,
+                Severity::Warning,
+                format!(
+                    "database pool {:.0}% in use ({} of {}), at or above the {:.0}% alert line",
+                    util * 100.0,
+                    p.in_use,
+                    p.max,
+                    s.pool_alert_ratio * 100.0
+                ),
+                json!({ "pool": p, "utilization": util, "top_callers": top }),
+            );
+        } else if util < s.pool_clear_ratio && self.alerts.is_firing(alerts::POOL_UTILIZATION_HIGH)
+        {
+            self.alerts.resolve(
+                alerts::POOL_UTILIZATION_HIGH,
+                format!("database pool back to {:.0}% in use", util * 100.0),
+                json!({ "pool": p, "utilization": util }),
+            );
+        }
+        report.pool = Some(p);
+    }
+
+    /// Callers holding the most sessions right now, most first.
+    fn top_callers(&self, n: usize) -> Vec<serde_json::Value> {
+        let mut by: BTreeMap<String, (usize, f64)> = BTreeMap::new();
+        for s in self.db.tracker().live_sessions() {
+            let e = by.entry(format!("{} ({})", s.caller, s.label)).or_default();
+            e.0 += 1;
+            e.1 = e.1.max(s.age().as_secs_f64());
+        }
+        let mut v: Vec<_> = by.into_iter().collect();
+        v.sort_by(|a, b| b.1.0.cmp(&a.1.0).then(a.0.cmp(&b.0)));
+        v.into_iter()
+            .take(n)
+            .map(|(caller, (count, oldest))| json!({ "caller": caller, "sessions": count, "oldest_age_seconds": oldest }))
+            .collect()
+    }
+
+    async fn check_sessions(
+        &mut self,
+        cfg: &Config,
+        report: &mut TickReport,
+    ) -> Result<(), SupervisorError> {
+        let tracker = Arc::clone(self.db.tracker());
+        let live = tracker.live_sessions();
+        let counts = tracker.counts();
+        report.sessions_open = live.len();
+        self.metrics
+            .gauge(m::DB_SESSIONS_OPEN, &[])
+            .set(live.len() as f64);
+        self.metrics
+            .counter(m::DB_SESSIONS_OPENED_TOTAL, &[])
+            .absolute(counts.opened);
+        self.metrics
+            .counter(m::DB_SESSIONS_FORCE_CLOSED_TOTAL, &[])
+            .absolute(counts.force_closed);
+        let oldest = live.first().map(|s| s.age().as_secs_f64()).unwrap_or(0.0);
+        self.metrics
+            .gauge(m::DB_SESSION_OLDEST_AGE_SECONDS, &[])
+            .set(oldest);
+
+        let s = &cfg.supervisor;
+        let mut to_force_close = Vec::new();
+        for info in &live {
+            let age = info.age();
+            if age < s.session_warn_age.get() {
+                break; // oldest first: the rest are younger
+            }
+            if info.mark_warned() {
+                report.sessions_warned += 1;
+                self.metrics
+                    .counter(m::DB_SESSIONS_LONG_LIVED_TOTAL, &[])
+                    .increment(1);
+                tracing::warn!(
+                    session_id = info.id,
+                    caller = %info.caller,
+                    label = info.label,
+                    age_s = age.as_secs_f64(),
+                    backend_pid = info.backend_pid,
+                    task_id = info.owner.as_ref().map(|o| o.task_id),
+                    backtrace = info.backtrace.as_ref().map(|b| b.to_string()),
+                    "long-lived database session"
+                );
+            }
+            if age < s.session_max_age.get() {
+                continue;
+            }
+            if info.mark_force_closed() {
+                // Flag first: whatever happens next, this connection is not recycled.
+                info.request_discard();
+                to_force_close.push(Arc::clone(info));
+                tracker.record_force_close();
+                report.sessions_force_closed += 1;
+                self.alerts.event(
+                    alerts::SESSION_FORCE_CLOSED,
+                    Severity::Critical,
+                    format!(
+                        "force-closed a database session held {:.0}s (limit {:.0}s) by {}",
+                        age.as_secs_f64(),
+                        s.session_max_age.get().as_secs_f64(),
+                        info.caller
+                    ),
+                    json!({
+                        "session_id": info.id, "caller": info.caller.to_string(), "label": info.label,
+                        "age_seconds": age.as_secs_f64(), "backend_pid": info.backend_pid,
+                        "task_id": info.owner.as_ref().map(|o| o.task_id),
+                    }),
+                );
+            } else if self.db.lend_capacity_for(info) {
+                // Force-closed on an earlier tick and still held: its holder ignores
+                // cancellation. Give the pool its slot back anyway.
+                report.capacity_lent += 1;
+                tracing::error!(session_id = info.id, caller = %info.caller, label = info.label, lent = self.db.lent(), "force-closed session still held; pool lends a slot until it is dropped");
+            }
+        }
+        if to_force_close.is_empty() {
+            return Ok(());
+        }
+        self.metrics
+            .counter(m::DB_SESSIONS_FORCE_CLOSED_TOTAL, &[])
+            .absolute(tracker.counts().force_closed);
+        // Terminate the backends before waking the owners, so nothing more runs on them;
+        // the owners are cancelled even if the admin connection is down.
+        let pids: Vec<i32> = to_force_close.iter().map(|i| i.backend_pid).collect();
+        let terminated = self.terminate(&pids).await;
+        for info in &to_force_close {
+            if let Some(owner) = &info.owner {
+                owner.cancel.cancel();
+            }
+        }
+        let n = terminated?;
+        self.metrics
+            .counter(m::DB_BACKENDS_TERMINATED_TOTAL, &[])
+            .increment(n as u64);
+        Ok(())
+    }
+
+    /// pg_terminate_backend on each pid; returns how many were terminated.
+    async fn terminate(&mut self, pids: &[i32]) -> Result<usize, SupervisorError> {
+        let admin = self.admin().await?;
+        let rows = admin
+            .query(
+                "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY($1)",
+                &[&pids],
+            )
+            .await?;
+        Ok(rows.iter().filter(|r| r.get::<_, bool>(1)).count())
+    }
+
+    async fn check_tasks(
+        &mut self,
+        cfg: &Config,
+        report: &mut TickReport,
+    ) -> Result<(), SupervisorError> {
+        let limit_s = cfg.supervisor.max_task_duration.get().as_secs_f64();
+        let allowed = TaskStatus::allowed_from(TaskStatus::TimedOut);
+        let message = format!("exceeded max_task_duration ({limit_s:.0}s)");
+        let admin = self.admin().await?;
+        let rows = admin
+            .query(
+                "UPDATE tasks SET status = 'timed_out', finished_at = now(), updated_at = now(), \
+                   lease_owner = NULL, lease_expires_at = NULL, error = $3 \
+                 WHERE status = ANY($2) \
+                   AND started_at < now() - make_interval(secs => $1) \
+                 RETURNING id, agent, extract(epoch FROM now() - started_at)::float8",
+                &[&limit_s, &allowed, &message],
+            )
+            .await?;
+        let counts = admin
+            .query(
+                "SELECT status, count(*), extract(epoch FROM now() - min(started_at))::float8 \
+                 FROM tasks GROUP BY status",
+                &[],
+            )
+            .await?;
+        for row in &rows {
+            let id: i64 = row.get(0);
+            let agent: String = row.get(1);
+            let ran: f64 = row.get(2);
+            let here = self.running.cancel(id);
+            report.tasks_timed_out.push(id);
+            self.metrics
+                .counter(m::TASKS_TIMED_OUT_TOTAL, &[])
+                .increment(1);
+            self.metrics
+                .counter(
+                    m::TASKS_FINISHED_TOTAL,
+                    &[("agent", &agent), ("outcome", "timed_out")],
+                )
+                .increment(1);
+            self.alerts.event(
+                alerts::TASK_TIMED_OUT,
+                Severity::Warning,
+                format!("task {id} ({agent}) ran {ran:.0}s, past max_task_duration {limit_s:.0}s; marked timed_out"),
+                json!({ "task_id": id, "agent": agent, "running_seconds": ran, "cancelled_here": here }),
+            );
+        }
+        let mut oldest_running = 0.0;
+        let mut seen = HashSet::new();
+        for r in &counts {
+            let status: String = r.get(0);
+            let n: i64 = r.get(1);
+            if status == "running" {
+                oldest_running = r.get::<_, Option<f64>>(2).unwrap_or(0.0);
+            }
+            self.metrics
+                .gauge(m::TASKS, &[("status", &status)])
+                .set(n as f64);
+            seen.insert(status);
+        }
+        for s in TaskStatus::ALL {
+            if !seen.contains(s.as_str()) {
+                self.metrics
+                    .gauge(m::TASKS, &[("status", s.as_str())])
+                    .set(0.0);
+            }
+        }
+        self.metrics
+            .gauge(m::TASK_RUNNING_OLDEST_SECONDS, &[])
+            .set(oldest_running);
+        Ok(())
+    }
+
+    async fn check_backends(
+        &mut self,
+        cfg: &Config,
+        report: &mut TickReport,
+    ) -> Result<(), SupervisorError> {
+        // Accounted for: backends behind live guards and idle pool slots. Read both before
+        // querying the server, so a connection created meanwhile is simply not listed yet.
+        let mut ours: Vec<i32> = self.db.tracker().owned_backends();
+        ours.extend(self.db.idle_backends());
+        let grace_s = cfg.supervisor.interval.get().as_secs_f64();
+        let max_age_s = cfg.supervisor.session_max_age.get().as_secs_f64();
+        let app = cfg.database.application_name.clone();
+        let admin = self.admin().await?;
+        let rows = admin
+            .query(
+                "SELECT pid, state, pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE application_name = $1 AND datname = current_database() \
+                   AND pid <> pg_backend_pid() AND NOT (pid = ANY($2)) \
+                   AND ((state IN ('idle in transaction', 'idle in transaction (aborted)') \
+                         AND state_change < now() - make_interval(secs => $3)) \
+                     OR state_change < now() - make_interval(secs => $4))",
+                &[&app, &ours, &grace_s, &max_age_s],
+            )
+            .await?;
+        for r in &rows {
+            let pid: i32 = r.get(0);
+            let state: Option<String> = r.get(1);
+            if r.get::<_, bool>(2) {
+                report.orphans_terminated.push(pid);
+                self.metrics
+                    .counter(m::DB_BACKENDS_TERMINATED_TOTAL, &[])
+                    .increment(1);
+                self.alerts.event(
+                    alerts::ORPHAN_BACKEND_TERMINATED,
+                    Severity::Warning,
+                    format!(
+                        "terminated backend {pid} ({}) that no session of ours owns",
+                        state.as_deref().unwrap_or("?")
+                    ),
+                    json!({ "backend_pid": pid, "state": state, "application_name": app }),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    async fn check_process(&mut self, cfg: &Config, report: &mut TickReport) {
+        use sysinfo::{ProcessRefreshKind, ProcessesToUpdate};
+        self.sys.refresh_processes_specifics(
+            ProcessesToUpdate::Some(&[self.pid]),
+            false,
+            ProcessRefreshKind::nothing().with_memory().with_cpu(),
+        );
+        self.sys.refresh_memory();
+        let Some(p) = self.sys.process(self.pid) else {
+            return;
+        };
+        let rss = p.memory();
+        let cpu = if self.last_cpu_sample.is_some() {
+            p.cpu_usage() as f64 / 100.0
+        } else {
+            0.0
+        };
+        self.last_cpu_sample = Some(Instant::now());
+        let limit = self
+            .sys
+            .cgroup_limits()
+            .map(|c| c.total_memory)
+            .filter(|t| *t > 0)
+            .unwrap_or_else(|| self.sys.total_memory());
+        report.resident_memory_bytes = rss;
+        self.metrics
+            .gauge(m::PROCESS_RESIDENT_MEMORY_BYTES, &[])
+            .set(rss as f64);
+        self.metrics
+            .gauge(m::PROCESS_MEMORY_LIMIT_BYTES, &[])
+            .set(limit as f64);
+        self.metrics.gauge(m::PROCESS_CPU_RATIO, &[]).set(cpu);
+        if limit == 0 {
+            return;
+        }
+        let ratio = rss as f64 / limit as f64;
+        let alert_at = cfg.supervisor.memory_alert_ratio;
+        if ratio >= alert_at {
+            let fired = self.alerts.fire(
+                alerts::MEMORY_HIGH,
+                Severity::Critical,
+                format!(
+                    "resident memory {:.1}% of {} bytes, at or above the {:.0}% alert line",
+                    ratio * 100.0,
+                    limit,
+                    alert_at * 100.0
+                ),
+                json!({ "resident_memory_bytes": rss, "limit_bytes": limit, "ratio": ratio }),
+            );
+            if fired {
+                self.emergency_cleanup(report);
+            }
+        } else if ratio < alert_at * 0.9 {
+            self.alerts.resolve(
+                alerts::MEMORY_HIGH,
+                format!("resident memory back to {:.1}%", ratio * 100.0),
+                json!({ "resident_memory_bytes": rss, "limit_bytes": limit, "ratio": ratio }),
+            );
+        }
+    }
+
+    /// Frees what can be freed without losing work: idle pooled connections. Overdue
+    /// tasks are already timed out by this same tick.
+    fn emergency_cleanup(&mut self, report: &mut TickReport) {
+        let closed = self.db.close_idle(0);
+        report.emergency_cleanup = true;
+        self.metrics
+            .counter(m::EMERGENCY_CLEANUPS_TOTAL, &[])
+            .increment(1);
+        tracing::warn!(
+            idle_connections_closed = closed,
+            tasks_timed_out = report.tasks_timed_out.len(),
+            sessions_force_closed = report.sessions_force_closed,
+            "emergency cleanup on memory pressure"
+        );
+    }
+
+    fn maybe_log_resources(&mut self, cfg: &Config, report: &TickReport) {
+        if !cfg.supervisor.resource_logging_enabled() {
+            return;
+        }
+        let every = cfg.supervisor.resource_log_interval.get();
+        if self.last_resource_log.is_some_and(|t| t.elapsed() < every) {
+            return;
+        }
+        self.last_resource_log = Some(Instant::now());
+        let p = report.pool.unwrap_or_else(|| self.db.status());
+        let oldest = self
+            .db
+            .tracker()
+            .live_sessions()
+            .first()
+            .map(|s| s.age().as_secs_f64())
+            .unwrap_or(0.0);
+        tracing::info!(
+            pool_in_use = p.in_use,
+            pool_idle = p.idle,
+            pool_max = p.max,
+            pool_waiting = p.waiting,
+            sessions_open = report.sessions_open,
+            session_oldest_age_s = oldest,
+            tasks_running_here = self.running.len(),
+            resident_memory_bytes = report.resident_memory_bytes,
+            alerts_firing = self.alerts.firing().len(),
+            "resource status"
+        );
+    }
+}
