@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::panic::Location;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -30,7 +30,6 @@ pub struct SessionInfo {
     pub caller: &'static Location<'static>,
     pub label: &'static str,
     pub checked_out_at: Instant,
-    pub checked_out_wall: SystemTime,
     pub backend_pid: i32,
     pub owner: Option<Owner>,
     pub backtrace: Option<Backtrace>,
@@ -140,7 +139,6 @@ impl Tracker {
             caller: s.caller,
             label: s.label,
             checked_out_at: Instant::now(),
-            checked_out_wall: SystemTime::now(),
             backend_pid: s.backend_pid,
             owner: s.owner,
             backtrace: s.capture_backtrace.then(Backtrace::force_capture),

@@ -164,6 +164,38 @@ fn embedded_default_starts_is_ready_and_stops_its_postgres_on_sigterm() {
     assert!(!alive(pg));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_resource_usage_env_prints_status_lines_with_fields() {
+    let t = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[database]\napplication_name = {:?}\n[supervisor]\ninterval = \"100ms\"\nresource_log_interval = \"200ms\"\n\
+         [logging]\nformat = \"json\"\n",
+        t.application_name
+    );
+    let url = t.url();
+    let mut d = Daemon::start(
+        dir.path(),
+        &config,
+        &[
+            ("TASKWARDEN_DATABASE_URL", &url),
+            ("LOG_RESOURCE_USAGE", "true"),
+        ],
+    );
+    let line = tokio::task::block_in_place(|| d.wait_for("resource status", LIMIT));
+    let line = line.unwrap_or_else(|| panic!("no status line:\n{}", d.output()));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let f = &v["fields"];
+    assert_eq!(f["pool_max"], 30, "{line}");
+    assert!(f["resident_memory_bytes"].as_u64().unwrap() > 0, "{line}");
+    assert!(
+        f.get("sessions_open").is_some() && f.get("pool_in_use").is_some(),
+        "{line}"
+    );
+    d.signal(Signal::SIGTERM);
+    assert!(tokio::task::block_in_place(|| d.wait_exit(LIMIT)).success());
+}
+
 #[test]
 fn missing_server_binaries_give_one_clear_error() {
     let dir = tempfile::tempdir().unwrap();
