@@ -14,6 +14,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::agents::EventHub;
 use crate::alerts::Alerts;
 use crate::config::{Config, ConfigError};
 use crate::db::embedded::{Cluster, ClusterOptions, EMBEDDED_DB};
@@ -22,6 +23,7 @@ use crate::db::{Db, DbError};
 use crate::logging::LogHandle;
 use crate::metrics::{self, Metrics};
 use crate::orchestrator::registry::RunningTasks;
+use crate::orchestrator::{Orchestrator, OrchestratorParts};
 use crate::store::{Store, StoreError};
 use crate::supervisor::{Heartbeat, Supervisor};
 
@@ -124,6 +126,7 @@ pub struct Daemon {
     pub running: Arc<RunningTasks>,
     pub alerts: Alerts,
     pub heartbeat: Arc<Heartbeat>,
+    pub orchestrator: Orchestrator,
     pub instance_id: String,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
@@ -196,6 +199,21 @@ async fn serve(
     );
     let heartbeat = supervisor.heartbeat();
     tasks.spawn(supervisor.run(shutdown.clone()));
+    let instance_id = instance_id();
+    let orchestrator = Orchestrator::new(OrchestratorParts {
+        config: Arc::clone(&config),
+        pg: database.pg.clone(),
+        db: db.clone(),
+        store: store.clone(),
+        running: Arc::clone(&running),
+        hub: EventHub::default(),
+        metrics: metrics.clone(),
+        instance_id: instance_id.clone(),
+        shutdown: shutdown.clone(),
+        tasks: tasks.clone(),
+        extra_agents: Default::default(),
+    });
+    orchestrator.start();
 
     let daemon = Daemon {
         config,
@@ -206,7 +224,8 @@ async fn serve(
         running,
         alerts,
         heartbeat,
-        instance_id: instance_id(),
+        orchestrator,
+        instance_id,
         shutdown,
         tasks,
     };
@@ -306,6 +325,9 @@ fn reload(d: &Daemon, log: &LogHandle) {
         d.db.resize(&new.database);
     }
     d.config.store(Arc::new(new));
+    if live.iter().any(|k| k.starts_with("agents.")) {
+        d.orchestrator.reload_agents();
+    }
     tracing::info!(changed = ?live, needs_restart = ?restart, "config reloaded");
 }
 

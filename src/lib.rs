@@ -2,6 +2,7 @@
 //! PostgreSQL, and watches its own database sessions, pool, tasks and memory so that
 //! leaks, pool exhaustion and hung tasks are seen and cleaned up. See ARCHITECTURE.md.
 
+pub mod agents;
 pub mod alerts;
 pub mod config;
 pub mod daemon;

@@ -63,7 +63,7 @@ metrics_table! {
     TASKS_TIMED_OUT_TOTAL = "tasks_timed_out_total", Counter, Count, [], "Running tasks stopped for exceeding max_task_duration.";
     TASK_RUNNING_OLDEST_SECONDS = "task_running_oldest_seconds", Gauge, Seconds, [], "Run time so far of the oldest running task (0 when none).";
     LLM_TOKENS_TOTAL = "llm_tokens_total", Counter, Count, ["agent", "kind"], "LLM tokens reported by agents, kind = prompt or completion.";
-    LLM_COST_USD_TOTAL = "llm_cost_usd_total", Counter, Count, ["agent"], "LLM cost reported by agents, in US dollars.";
+    LLM_COST_USD_TOTAL = "llm_cost_usd_total", Gauge, Count, ["agent"], "LLM cost reported by agents since start, in US dollars (only increases; a float, hence a gauge).";
     ALERTS_FIRING = "alerts_firing", Gauge, Count, ["alert"], "1 while the alert is firing, else 0.";
     ALERTS_TOTAL = "alerts_total", Counter, Count, ["alert"], "Times the alert fired.";
     SUPERVISOR_TICK_SECONDS = "supervisor_tick_seconds", Histogram, Seconds, [], "Duration of one supervisor tick.";

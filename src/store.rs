@@ -15,7 +15,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Row;
 
-use crate::db::{Db, DbError};
+use crate::db::{Db, DbError, Session};
+use crate::tracker::Owner;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -115,6 +116,8 @@ pub enum StoreError {
         from: TaskStatus,
         to: TaskStatus,
     },
+    #[error("task {id}: lease no longer ours (held by {holder:?})")]
+    LeaseLost { id: i64, holder: Option<String> },
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
     #[error("stored task row is malformed: {0}")]
@@ -158,15 +161,17 @@ pub struct Task {
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub cost_usd: f64,
+    /// The agent's final reply, once it succeeded.
+    pub result: Option<serde_json::Value>,
 }
 
 /// Columns read back for a [`Task`]; `cost_usd` leaves numeric as float8 for the client.
-const TASK_COLUMNS: &str = "id, objective_id, step_key, depends_on, agent, payload, session_id, status, \
+pub(crate) const TASK_COLUMNS: &str = "id, objective_id, step_key, depends_on, agent, payload, session_id, status, \
      priority, attempts, max_attempts, run_after, lease_owner, lease_expires_at, created_at, \
-     updated_at, started_at, finished_at, error, prompt_tokens, completion_tokens, cost_usd::float8 AS cost_usd";
+     updated_at, started_at, finished_at, error, prompt_tokens, completion_tokens, cost_usd::float8 AS cost_usd, result";
 
 impl Task {
-    fn from_row(r: &Row) -> Result<Task, StoreError> {
+    pub(crate) fn from_row(r: &Row) -> Result<Task, StoreError> {
         let status: String = r.try_get("status")?;
         Ok(Task {
             id: r.try_get("id")?,
@@ -191,6 +196,7 @@ impl Task {
             prompt_tokens: r.try_get("prompt_tokens")?,
             completion_tokens: r.try_get("completion_tokens")?,
             cost_usd: r.try_get("cost_usd")?,
+            result: r.try_get("result")?,
         })
     }
 }
@@ -263,10 +269,43 @@ pub struct NewObjective {
     pub steps: Vec<NewStep>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectiveStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl ObjectiveStatus {
+    /// Derived from the steps: any failure or timeout fails it; all succeeded succeeds;
+    /// otherwise any step started means running; all ended otherwise means cancelled.
+    pub fn derive(tasks: &[Task]) -> ObjectiveStatus {
+        use TaskStatus as T;
+        if tasks
+            .iter()
+            .any(|t| matches!(t.status, T::Failed | T::TimedOut))
+        {
+            ObjectiveStatus::Failed
+        } else if !tasks.is_empty() && tasks.iter().all(|t| t.status == T::Succeeded) {
+            ObjectiveStatus::Succeeded
+        } else if tasks.iter().all(|t| t.status.is_terminal()) {
+            ObjectiveStatus::Cancelled
+        } else if tasks.iter().any(|t| t.status != T::Queued) {
+            ObjectiveStatus::Running
+        } else {
+            ObjectiveStatus::Queued
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Objective {
     pub id: i64,
     pub title: String,
+    pub status: ObjectiveStatus,
     pub created_at: DateTime<Utc>,
     pub tasks: Vec<Task>,
 }
@@ -375,6 +414,10 @@ pub struct TransitionArgs {
     pub error: Option<String>,
     /// For → queued: when it may run again (retry backoff).
     pub run_after: Option<DateTime<Utc>>,
+    /// Only if this instance still holds the lease (a worker finishing its own task).
+    pub expected_owner: Option<String>,
+    /// For → succeeded: the agent's reply.
+    pub result: Option<serde_json::Value>,
 }
 
 /// Token usage reported by an agent, added to the task's totals.
@@ -399,11 +442,39 @@ pub struct TaskFilter {
 /// Most rows one list call returns.
 pub const MAX_LIST_LIMIT: i64 = 1000;
 
+/// Most events stored per task; later ones are dropped (and the drop is logged).
+pub const MAX_EVENTS_PER_TASK: i64 = 1000;
+
+/// One stored task event.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskEvent {
+    pub id: i64,
+    pub task_id: i64,
+    pub kind: String,
+    pub data: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+}
+
+impl TaskEvent {
+    fn from_row(r: &Row) -> Result<TaskEvent, StoreError> {
+        Ok(TaskEvent {
+            id: r.try_get("id")?,
+            task_id: r.try_get("task_id")?,
+            kind: r.try_get("kind")?,
+            data: r.try_get("data")?,
+            created_at: r.try_get("created_at")?,
+        })
+    }
+}
+
 /// Persistent tasks and objectives. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
     db: Db,
     default_max_attempts: i32,
+    /// Set for a store used on behalf of one task: its sessions carry the task's id and
+    /// cancel token, so the supervisor can cancel the task through them.
+    owner: Option<Owner>,
 }
 
 impl Store {
@@ -411,6 +482,15 @@ impl Store {
         Store {
             db,
             default_max_attempts: default_max_attempts.clamp(1, 1000) as i32,
+            owner: None,
+        }
+    }
+
+    /// This store, with every session it opens owned by `owner`.
+    pub fn for_task(&self, owner: Owner) -> Store {
+        Store {
+            owner: Some(owner),
+            ..self.clone()
         }
     }
 
@@ -418,9 +498,80 @@ impl Store {
         &self.db
     }
 
+    #[track_caller]
+    fn session(
+        &self,
+        label: &'static str,
+    ) -> impl Future<Output = Result<Session, DbError>> + Send + 'static {
+        match &self.owner {
+            Some(o) => {
+                let f = self.db.session_for_task(label, o.clone());
+                futures_util::future::Either::Left(f)
+            }
+            None => futures_util::future::Either::Right(self.db.session(label)),
+        }
+    }
+
+    /// Stores an event for a task, unless it already has [`MAX_EVENTS_PER_TASK`].
+    /// Returns the event, or `None` when the bound dropped it.
+    pub async fn add_event(
+        &self,
+        task_id: i64,
+        kind: &str,
+        data: &serde_json::Value,
+    ) -> Result<Option<TaskEvent>, StoreError> {
+        let s = self.session("store.add_event").await?;
+        let row = s
+            .query_opt(
+                "INSERT INTO task_events (task_id, kind, data) \
+                 SELECT $1, $2, $3 WHERE (SELECT count(*) FROM task_events WHERE task_id = $1) < $4 \
+                 RETURNING id, task_id, kind, data, created_at",
+                &[&task_id, &kind, data, &MAX_EVENTS_PER_TASK],
+            )
+            .await?;
+        row.as_ref().map(TaskEvent::from_row).transpose()
+    }
+
+    /// Events of one task after `after_id`, oldest first (at most `limit`).
+    pub async fn task_events(
+        &self,
+        task_id: i64,
+        after_id: i64,
+        limit: i64,
+    ) -> Result<Vec<TaskEvent>, StoreError> {
+        let s = self.session("store.task_events").await?;
+        let rows = s
+            .query(
+                "SELECT id, task_id, kind, data, created_at FROM task_events \
+                 WHERE task_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+                &[&task_id, &after_id, &limit.clamp(1, MAX_LIST_LIMIT)],
+            )
+            .await?;
+        rows.iter().map(TaskEvent::from_row).collect()
+    }
+
+    /// Events of every task of a session after `after_id` (resuming an event stream).
+    pub async fn session_events(
+        &self,
+        session_id: &str,
+        after_id: i64,
+        limit: i64,
+    ) -> Result<Vec<TaskEvent>, StoreError> {
+        let s = self.session("store.session_events").await?;
+        let rows = s
+            .query(
+                "SELECT e.id, e.task_id, e.kind, e.data, e.created_at FROM task_events e \
+                 JOIN tasks t ON t.id = e.task_id \
+                 WHERE t.session_id = $1 AND e.id > $2 ORDER BY e.id LIMIT $3",
+                &[&session_id, &after_id, &limit.clamp(1, MAX_LIST_LIMIT)],
+            )
+            .await?;
+        rows.iter().map(TaskEvent::from_row).collect()
+    }
+
     pub async fn create_task(&self, t: &NewTask) -> Result<Task, StoreError> {
         t.validate("")?;
-        let s = self.db.session("store.create_task").await?;
+        let s = self.session("store.create_task").await?;
         let row = s
             .query_one(
                 &format!(
@@ -442,6 +593,78 @@ impl Store {
         Ok(task)
     }
 
+    /// Creates a task already running under `lease_owner` (a session run that starts at
+    /// once). Insert and queued → running happen in one transaction, so no worker can
+    /// claim the row in between.
+    pub async fn create_running(
+        &self,
+        t: &NewTask,
+        lease_owner: &str,
+        lease: Duration,
+    ) -> Result<Task, StoreError> {
+        t.validate("")?;
+        let allowed = TaskStatus::allowed_from(TaskStatus::Running);
+        let lease_ms = lease.as_millis().min(i64::MAX as u128) as i64;
+        let mut s = self.session("store.create_running").await?;
+        let tx = s.transaction().await?;
+        let row = tx
+            .query_one(
+                "INSERT INTO tasks (agent, payload, session_id, priority, max_attempts, run_after) \
+                 VALUES ($1, $2, $3, $4, $5, now()) RETURNING id",
+                &[
+                    &t.agent,
+                    &t.payload,
+                    &t.session_id,
+                    &t.priority,
+                    &t.max_attempts.unwrap_or(self.default_max_attempts),
+                ],
+            )
+            .await?;
+        let id: i64 = row.try_get(0)?;
+        let row = tx
+            .query_one(
+                &format!(
+                    "UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = now(), \
+                       updated_at = now(), lease_owner = $2, \
+                       lease_expires_at = now() + make_interval(secs => $3::bigint / 1000.0) \
+                     WHERE id = $1 AND status = ANY($4) RETURNING {TASK_COLUMNS}"
+                ),
+                &[&id, &lease_owner, &lease_ms, &allowed],
+            )
+            .await?;
+        tx.commit().await?;
+        Task::from_row(&row)
+    }
+
+    /// Cancels queued tasks whose dependency ended without succeeding, level by level
+    /// until none is left; returns the cancelled ids.
+    pub async fn cancel_blocked_dependants(&self) -> Result<Vec<i64>, StoreError> {
+        let allowed = TaskStatus::allowed_from(TaskStatus::Cancelled);
+        let s = self.session("store.cancel_blocked_dependants").await?;
+        let mut all = Vec::new();
+        for _ in 0..MAX_STEPS {
+            let rows = s
+                .query(
+                    "UPDATE tasks t SET status = 'cancelled', finished_at = now(), updated_at = now(), \
+                       error = 'dependency ' || d.step_key || ' ended ' || d.status \
+                     FROM tasks d \
+                     WHERE t.status = 'queued' AND t.status = ANY($1) AND t.objective_id IS NOT NULL \
+                       AND d.objective_id = t.objective_id AND d.step_key = ANY(t.depends_on) \
+                       AND d.status IN ('failed', 'cancelled', 'timed_out') \
+                     RETURNING t.id",
+                    &[&allowed],
+                )
+                .await?;
+            if rows.is_empty() {
+                break;
+            }
+            for r in rows {
+                all.push(r.try_get(0)?);
+            }
+        }
+        Ok(all)
+    }
+
     /// Creates an objective and all its steps in one transaction: all or nothing.
     pub async fn create_objective(
         &self,
@@ -449,7 +672,7 @@ impl Store {
         known_agents: Option<&BTreeSet<String>>,
     ) -> Result<Objective, StoreError> {
         validate_objective(o, known_agents)?;
-        let mut s = self.db.session("store.create_objective").await?;
+        let mut s = self.session("store.create_objective").await?;
         let tx = s.transaction().await?;
         let row = tx
             .query_one(
@@ -487,13 +710,14 @@ impl Store {
         Ok(Objective {
             id,
             title: row.try_get("title")?,
+            status: ObjectiveStatus::derive(&tasks),
             created_at: row.try_get("created_at")?,
             tasks,
         })
     }
 
     pub async fn get_objective(&self, id: i64) -> Result<Objective, StoreError> {
-        let s = self.db.session("store.get_objective").await?;
+        let s = self.session("store.get_objective").await?;
         let row = s
             .query_opt(
                 "SELECT id, title, created_at FROM objectives WHERE id = $1",
@@ -507,16 +731,18 @@ impl Store {
                 &[&id],
             )
             .await?;
+        let tasks: Vec<Task> = rows.iter().map(Task::from_row).collect::<Result<_, _>>()?;
         Ok(Objective {
             id,
             title: row.try_get("title")?,
+            status: ObjectiveStatus::derive(&tasks),
             created_at: row.try_get("created_at")?,
-            tasks: rows.iter().map(Task::from_row).collect::<Result<_, _>>()?,
+            tasks,
         })
     }
 
     pub async fn get_task(&self, id: i64) -> Result<Task, StoreError> {
-        let s = self.db.session("store.get_task").await?;
+        let s = self.session("store.get_task").await?;
         let row = s
             .query_opt(
                 &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"),
@@ -533,7 +759,7 @@ impl Store {
             return Err(invalid("limit", format!("must be in 1..={MAX_LIST_LIMIT}")));
         }
         let status = f.status.map(|s| s.as_str());
-        let s = self.db.session("store.list_tasks").await?;
+        let s = self.session("store.list_tasks").await?;
         let rows = s
             .query(
                 &format!(
@@ -561,7 +787,7 @@ impl Store {
         let lease_ms = args
             .lease
             .map(|d| d.as_millis().min(i64::MAX as u128) as i64);
-        let s = self.db.session("store.transition").await?;
+        let s = self.session("store.transition").await?;
         let row = s
             .query_opt(
                 &format!(
@@ -572,10 +798,22 @@ impl Store {
                        lease_owner = CASE WHEN $2 = 'running' THEN $4 END, \
                        lease_expires_at = CASE WHEN $2 = 'running' THEN now() + make_interval(secs => $5::bigint / 1000.0) END, \
                        error = COALESCE($6, error), \
-                       run_after = COALESCE($7, run_after) \
-                     WHERE id = $1 AND status = ANY($3) RETURNING {TASK_COLUMNS}"
+                       run_after = COALESCE($7, run_after), \
+                       result = COALESCE($9, result) \
+                     WHERE id = $1 AND status = ANY($3) \
+                       AND ($8::text IS NULL OR lease_owner = $8) RETURNING {TASK_COLUMNS}"
                 ),
-                &[&id, &to.as_str(), &allowed, &args.lease_owner, &lease_ms.unwrap_or(0), &args.error, &args.run_after],
+                &[
+                    &id,
+                    &to.as_str(),
+                    &allowed,
+                    &args.lease_owner,
+                    &lease_ms.unwrap_or(0),
+                    &args.error,
+                    &args.run_after,
+                    &args.expected_owner,
+                    &args.result,
+                ],
             )
             .await?;
         if let Some(row) = row {
@@ -584,15 +822,24 @@ impl Store {
             return Ok(t);
         }
         let cur = s
-            .query_opt("SELECT status FROM tasks WHERE id = $1", &[&id])
+            .query_opt(
+                "SELECT status, lease_owner FROM tasks WHERE id = $1",
+                &[&id],
+            )
             .await?
             .ok_or(StoreError::TaskNotFound(id))?;
-        let from: String = cur.try_get(0)?;
-        Err(StoreError::IllegalTransition {
-            id,
-            from: from.parse().map_err(StoreError::Corrupt)?,
-            to,
-        })
+        let from: TaskStatus = cur
+            .try_get::<_, String>(0)?
+            .parse()
+            .map_err(StoreError::Corrupt)?;
+        let holder: Option<String> = cur.try_get(1)?;
+        if from.can_transition_to(to)
+            && args.expected_owner.is_some()
+            && holder != args.expected_owner
+        {
+            return Err(StoreError::LeaseLost { id, holder });
+        }
+        Err(StoreError::IllegalTransition { id, from, to })
     }
 
     /// Adds reported LLM usage to the task's totals; returns the new totals.
@@ -609,7 +856,7 @@ impl Store {
                 "must be a finite, non-negative number",
             ));
         }
-        let s = self.db.session("store.record_usage").await?;
+        let s = self.session("store.record_usage").await?;
         let row = s
             .query_opt(
                 "UPDATE tasks SET prompt_tokens = prompt_tokens + $2, \
@@ -631,7 +878,7 @@ impl Store {
     /// shutdown). The interrupted attempt is not counted against the task.
     pub async fn requeue_running_owned_by(&self, lease_owner: &str) -> Result<u64, StoreError> {
         debug_assert!(TaskStatus::Running.can_transition_to(TaskStatus::Queued));
-        let s = self.db.session("store.requeue_running").await?;
+        let s = self.session("store.requeue_running").await?;
         let n = s
             .execute(
                 "UPDATE tasks SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL, \
@@ -645,7 +892,7 @@ impl Store {
 
     /// Task counts by status (every status present, zero when none).
     pub async fn count_by_status(&self) -> Result<Vec<(TaskStatus, i64)>, StoreError> {
-        let s = self.db.session("store.count_by_status").await?;
+        let s = self.session("store.count_by_status").await?;
         let rows = s
             .query("SELECT status, count(*) FROM tasks GROUP BY status", &[])
             .await?;

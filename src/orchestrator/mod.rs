@@ -3,3 +3,6 @@
 //! cancel them; the workers and agents that fill it are the orchestrator issue's work.
 
 pub mod registry;
+pub mod worker;
+
+pub use worker::{Orchestrator, OrchestratorError, OrchestratorParts};

@@ -1,0 +1,155 @@
+//! A local program as an agent. The payload JSON goes to its stdin (one line, then EOF);
+//! each stdout line that is a JSON object is a task event, `{"usage": {...}}` is token
+//! usage, and an object's `result` field (the last one seen) is the task's result. Exit 0
+//! is success; anything else fails the attempt with the tail of stderr.
+//!
+//! The program runs in its own process group. When the attempt ends — finished, cancelled,
+//! timed out, or the future dropped — the whole group is killed, so no grandchild outlives
+//! its task. If the daemon itself dies, the kernel kills the program (PR_SET_PDEATHSIG).
+
+use std::collections::VecDeque;
+use std::process::Stdio;
+
+use futures_util::StreamExt;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::codec::{FramedRead, LinesCodec};
+
+use super::{Agent, AgentError, AgentOutput, BoxFuture, TaskContext};
+
+/// Longest stdout line accepted; a longer one fails the attempt.
+pub const MAX_LINE_BYTES: usize = 1024 * 1024;
+/// How much of stderr is kept for the error message.
+pub const STDERR_TAIL_BYTES: usize = 4096;
+
+pub struct CommandAgent {
+    argv: Vec<String>,
+}
+
+impl CommandAgent {
+    pub fn new(argv: Vec<String>) -> Self {
+        CommandAgent { argv }
+    }
+}
+
+/// Kills the process group when dropped.
+struct GroupKill(Pid);
+
+impl Drop for GroupKill {
+    fn drop(&mut self) {
+        // ESRCH (already gone) is fine.
+        let _ = killpg(self.0, Signal::SIGKILL);
+    }
+}
+
+impl Agent for CommandAgent {
+    fn run(&self, ctx: TaskContext) -> BoxFuture<Result<AgentOutput, AgentError>> {
+        let argv = self.argv.clone();
+        Box::pin(async move { run(argv, ctx).await })
+    }
+}
+
+async fn run(argv: Vec<String>, ctx: TaskContext) -> Result<AgentOutput, AgentError> {
+    let Some((prog, args)) = argv.split_first() else {
+        return Err(AgentError::fatal("command agent has an empty argv"));
+    };
+    let mut cmd = tokio::process::Command::new(prog);
+    cmd.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("TASKWARDEN_TASK_ID", ctx.task_id.to_string())
+        .env("TASKWARDEN_ATTEMPT", ctx.attempt.to_string())
+        .env(
+            "TASKWARDEN_SESSION_ID",
+            ctx.session_id.clone().unwrap_or_default(),
+        )
+        .process_group(0)
+        .kill_on_drop(true);
+    // SAFETY: prctl is async-signal-safe and only affects the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| AgentError::fatal(format!("cannot start {prog:?}: {e}")))?;
+    let Some(pid) = child.id() else {
+        return Err(AgentError::retryable(
+            "command exited before it could be tracked",
+        ));
+    };
+    let _group = GroupKill(Pid::from_raw(pid as i32));
+    tracing::debug!(task_id = ctx.task_id, pid, program = %prog, "command agent started");
+
+    let mut stdin = child.stdin.take();
+    let stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let payload = serde_json::to_vec(&ctx.payload).map_err(|e| AgentError::fatal(e.to_string()))?;
+    let feed = async move {
+        if let Some(mut w) = stdin.take() {
+            // A program that does not read its stdin is not an error.
+            let _ = w.write_all(&payload).await;
+            let _ = w.write_all(b"\n").await;
+            let _ = w.shutdown().await;
+        }
+    };
+    let tail = async move {
+        let mut tail: VecDeque<u8> = VecDeque::with_capacity(STDERR_TAIL_BYTES);
+        if let Some(e) = stderr.as_mut() {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = e.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                tail.extend(&buf[..n]);
+                while tail.len() > STDERR_TAIL_BYTES {
+                    tail.pop_front();
+                }
+            }
+        }
+        String::from_utf8_lossy(tail.make_contiguous())
+            .trim()
+            .to_string()
+    };
+    let read = async {
+        let mut result = None;
+        if let Some(out) = stdout {
+            let mut lines = FramedRead::new(out, LinesCodec::new_with_max_length(MAX_LINE_BYTES));
+            while let Some(line) = lines.next().await {
+                let line = line.map_err(|e| AgentError::fatal(format!("reading stdout: {e}")))?;
+                let line = line.trim();
+                if !line.starts_with('{') {
+                    continue;
+                }
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(line)
+                    && let Some(r) = ctx.emit_json(v).await?
+                {
+                    result = Some(r);
+                }
+            }
+        }
+        Ok::<_, AgentError>(result)
+    };
+    let ((), stderr_tail, result) = tokio::join!(feed, tail, read);
+    let result = result?;
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| AgentError::retryable(format!("waiting for the command: {e}")))?;
+    if status.success() {
+        Ok(AgentOutput { result })
+    } else {
+        let mut msg = format!("command {prog:?} exited with {status}");
+        if !stderr_tail.is_empty() {
+            msg.push_str(": ");
+            msg.push_str(&stderr_tail);
+        }
+        Err(AgentError::retryable(msg))
+    }
+}

@@ -1,0 +1,278 @@
+//! Agents: what actually does a task's work. An [`Agent`] gets a [`TaskContext`] (the
+//! payload, a cancellation token, and a sink for events and LLM usage) and returns the
+//! task's result or an error.
+//!
+//! Two kinds come from config: [`command::CommandAgent`] (a local program) and
+//! [`http::HttpAgent`] (an HTTP agent service). A program embedding taskwarden as a library
+//! registers its own by implementing the trait. Agents never touch the database directly:
+//! events and usage go through the context, whose sessions carry the task's id.
+
+pub mod command;
+pub mod http;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AgentConfig, AgentKind, Config};
+use crate::metrics::{self, Metrics};
+use crate::store::{Store, StoreError, TaskEvent, Usage};
+
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Why an attempt failed. `retryable = false` fails the task without further attempts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct AgentError {
+    pub message: String,
+    pub retryable: bool,
+}
+
+impl AgentError {
+    pub fn retryable(message: impl Into<String>) -> Self {
+        AgentError {
+            message: message.into(),
+            retryable: true,
+        }
+    }
+    pub fn fatal(message: impl Into<String>) -> Self {
+        AgentError {
+            message: message.into(),
+            retryable: false,
+        }
+    }
+}
+
+impl From<StoreError> for AgentError {
+    fn from(e: StoreError) -> Self {
+        AgentError::retryable(format!("recording task output failed: {e}"))
+    }
+}
+
+/// What a successful attempt returns.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AgentOutput {
+    pub result: Option<Value>,
+}
+
+/// A task's work. Implementations must be cancel-safe: the orchestrator drops the future
+/// on cancellation or timeout, so resources must be released in `Drop`.
+pub trait Agent: Send + Sync + 'static {
+    fn run(&self, ctx: TaskContext) -> BoxFuture<Result<AgentOutput, AgentError>>;
+}
+
+/// A stored task event, as broadcast to live subscribers.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LiveEvent {
+    pub session_id: Option<String>,
+    #[serde(flatten)]
+    pub event: TaskEvent,
+}
+
+/// Fan-out of stored events to live subscribers (SSE). Bounded: a subscriber that falls
+/// more than [`EVENT_BUFFER`] behind loses the oldest and must resume from the database.
+#[derive(Debug, Clone)]
+pub struct EventHub {
+    tx: broadcast::Sender<LiveEvent>,
+}
+
+pub const EVENT_BUFFER: usize = 1024;
+
+impl Default for EventHub {
+    fn default() -> Self {
+        let (tx, _) = broadcast::channel(EVENT_BUFFER);
+        EventHub { tx }
+    }
+}
+
+impl EventHub {
+    pub fn subscribe(&self) -> broadcast::Receiver<LiveEvent> {
+        self.tx.subscribe()
+    }
+    pub fn publish(&self, e: LiveEvent) {
+        // No subscriber is not an error.
+        let _ = self.tx.send(e);
+    }
+}
+
+/// Everything an agent gets for one attempt.
+pub struct TaskContext {
+    pub task_id: i64,
+    pub agent: String,
+    pub payload: Value,
+    pub attempt: i32,
+    pub session_id: Option<String>,
+    /// Cancelled when the task is cancelled, replaced or timed out. Agents that do work
+    /// between awaits should check it; the orchestrator also drops the future.
+    pub cancel: CancellationToken,
+    store: Store,
+    hub: EventHub,
+    metrics: Metrics,
+    truncated: AtomicBool,
+}
+
+impl TaskContext {
+    pub fn new(
+        task: &crate::store::Task,
+        cancel: CancellationToken,
+        store: Store,
+        hub: EventHub,
+        metrics: Metrics,
+    ) -> TaskContext {
+        TaskContext {
+            task_id: task.id,
+            agent: task.agent.clone(),
+            payload: task.payload.clone(),
+            attempt: task.attempts,
+            session_id: task.session_id.clone(),
+            cancel,
+            store,
+            hub,
+            metrics,
+            truncated: AtomicBool::new(false),
+        }
+    }
+
+    /// Stores and broadcasts one event of this task.
+    pub async fn event(&self, kind: &str, data: Value) -> Result<(), AgentError> {
+        match self.store.add_event(self.task_id, kind, &data).await? {
+            Some(event) => self.hub.publish(LiveEvent {
+                session_id: self.session_id.clone(),
+                event,
+            }),
+            None => {
+                if !self.truncated.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        task_id = self.task_id,
+                        limit = crate::store::MAX_EVENTS_PER_TASK,
+                        "task event limit reached; further events are dropped"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds reported LLM usage to the task and the metrics.
+    pub async fn usage(&self, u: Usage) -> Result<(), AgentError> {
+        self.store
+            .record_usage(self.task_id, u)
+            .await
+            .map_err(|e| match e {
+                StoreError::Invalid { field, message } => {
+                    AgentError::fatal(format!("{field}: {message}"))
+                }
+                other => AgentError::from(other),
+            })?;
+        let a = self.agent.as_str();
+        self.metrics
+            .counter(
+                metrics::LLM_TOKENS_TOTAL,
+                &[("agent", a), ("kind", "prompt")],
+            )
+            .increment(u.prompt_tokens.max(0) as u64);
+        self.metrics
+            .counter(
+                metrics::LLM_TOKENS_TOTAL,
+                &[("agent", a), ("kind", "completion")],
+            )
+            .increment(u.completion_tokens.max(0) as u64);
+        // The metrics crate's counters are integers; dollars need a float, so this is a
+        // gauge that only ever increases (see metrics::LLM_COST_USD_TOTAL).
+        self.metrics
+            .gauge(metrics::LLM_COST_USD_TOTAL, &[("agent", a)])
+            .increment(u.cost_usd.max(0.0));
+        Ok(())
+    }
+
+    /// Handles one JSON value an agent emitted: `{"usage": {...}}` is usage, any other
+    /// object is an event. Returns the object's `result` field, if any.
+    pub async fn emit_json(&self, v: Value) -> Result<Option<Value>, AgentError> {
+        let Value::Object(mut obj) = v else {
+            return Ok(None);
+        };
+        if let Some(u) = obj.remove("usage") {
+            let usage: Usage = serde_json::from_value(u)
+                .map_err(|e| AgentError::fatal(format!("malformed usage object: {e}")))?;
+            self.usage(usage).await?;
+            if obj.is_empty() {
+                return Ok(None);
+            }
+        }
+        let result = obj.get("result").cloned();
+        self.event("output", Value::Object(obj)).await?;
+        Ok(result)
+    }
+}
+
+/// A configured agent with its limits.
+#[derive(Clone)]
+pub struct AgentEntry {
+    pub agent: Arc<dyn Agent>,
+    pub concurrency: usize,
+    pub timeout: Duration,
+    pub planner: bool,
+}
+
+/// The agents this daemon can run, by name.
+#[derive(Clone, Default)]
+pub struct Agents {
+    map: BTreeMap<String, AgentEntry>,
+}
+
+impl Agents {
+    /// Builds the configured agents, plus `extra` ones supplied by an embedding program
+    /// (an extra agent wins over a configured one of the same name).
+    pub fn from_config(cfg: &Config, extra: &BTreeMap<String, AgentEntry>) -> Agents {
+        let mut map = BTreeMap::new();
+        for (name, a) in &cfg.agents {
+            if let Some(agent) = build(name, a) {
+                map.insert(
+                    name.clone(),
+                    AgentEntry {
+                        agent,
+                        concurrency: a.concurrency as usize,
+                        timeout: a.timeout.get(),
+                        planner: a.planner,
+                    },
+                );
+            }
+        }
+        for (name, e) in extra {
+            map.insert(name.clone(), e.clone());
+        }
+        Agents { map }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&AgentEntry> {
+        self.map.get(name)
+    }
+
+    pub fn names(&self) -> BTreeSet<String> {
+        self.map.keys().cloned().collect()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &AgentEntry)> {
+        self.map.iter()
+    }
+}
+
+fn build(name: &str, a: &AgentConfig) -> Option<Arc<dyn Agent>> {
+    match a.kind? {
+        AgentKind::Command => Some(Arc::new(command::CommandAgent::new(a.command.clone()))),
+        AgentKind::Http => match http::HttpAgent::new(&a.url, a.timeout.get()) {
+            Ok(h) => Some(Arc::new(h)),
+            Err(e) => {
+                tracing::error!(agent = name, error = %e, "cannot build http agent");
+                None
+            }
+        },
+    }
+}

@@ -1,0 +1,897 @@
+//! The orchestrator proper: claims runnable tasks, runs them on their agents, records the
+//! outcome, and coordinates with other instances through PostgreSQL only.
+//!
+//! Loops (each takes the shutdown token and runs on the daemon's task tracker):
+//! - **claimer**: wakes on `LISTEN taskwarden_tasks`, on a finished task, or every
+//!   `poll_interval`; claims with `FOR UPDATE SKIP LOCKED` in batches up to the free
+//!   capacity (global `workers.concurrency` and each agent's `concurrency`), priority then
+//!   age, honouring `run_after` and objective dependencies.
+//! - **heartbeat**: every lease/3 extends the leases of tasks running here; a task whose row
+//!   is no longer running under our lease (cancelled elsewhere, timed out, re-queued) is
+//!   cancelled here. It also refreshes this instance's row in `instances`.
+//! - **leader**: the instance holding a session advisory lock re-queues tasks whose lease
+//!   expired (a dead instance's), reaps dead instances and cancels dependants of failed
+//!   steps. The lock dies with its connection, so another instance takes over.
+//!
+//! A task runs as one future raced against its cancellation token and its time limit; on
+//! cancellation the future — and every session guard and child process it holds — is
+//! dropped at once. Session runs replace the session's running task: the new one is
+//! registered and started first, the old one is cancelled, and awaiting its end happens
+//! after every lock is released (the third seed's deadlock, done right).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use futures_util::StreamExt;
+use rand::Rng;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::agents::{AgentEntry, AgentError, AgentOutput, Agents, EventHub, TaskContext};
+use crate::config::Config;
+use crate::db::{Db, DbError, connect_direct};
+use crate::metrics::{self as m, Metrics};
+use crate::orchestrator::registry::RunningTasks;
+use crate::store::{
+    NewObjective, NewTask, Objective, Store, StoreError, TASK_COLUMNS, Task, TaskStatus,
+    TransitionArgs,
+};
+use crate::tracker::Owner;
+
+/// Advisory-lock key of the leader: "twleader".
+const LEADER_LOCK_KEY: i64 = 0x7477_6c65_6164_6572;
+/// The NOTIFY channel new tasks are announced on.
+pub const NOTIFY_CHANNEL: &str = "taskwarden_tasks";
+/// How long a session run waits for the task it replaced to end before answering.
+pub const REPLACE_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum OrchestratorError {
+    #[error("agent: unknown agent {0:?}")]
+    UnknownAgent(String),
+    #[error("no run slot free: {0} session runs already running (workers.concurrency)")]
+    NoRunSlot(usize),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// How one attempt ended.
+enum Outcome {
+    Succeeded(AgentOutput),
+    Failed(AgentError),
+    TimedOut(Duration),
+    Cancelled,
+}
+
+struct SlotEntry {
+    task_id: i64,
+    cancel: CancellationToken,
+    done: CancellationToken,
+}
+
+struct Inner {
+    config: Arc<ArcSwap<Config>>,
+    pg: tokio_postgres::Config,
+    db: Db,
+    store: Store,
+    agents: ArcSwap<Agents>,
+    extra_agents: BTreeMap<String, AgentEntry>,
+    running: Arc<RunningTasks>,
+    hub: EventHub,
+    metrics: Metrics,
+    instance_id: String,
+    wake: Notify,
+    /// Tasks this instance runs, by agent (claimed or session runs).
+    per_agent: Mutex<HashMap<String, usize>>,
+    total: AtomicUsize,
+    session_runs: Arc<Semaphore>,
+    session_run_limit: usize,
+    slots: Mutex<HashMap<String, SlotEntry>>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// The orchestrator of one daemon. Cheap to clone.
+#[derive(Clone)]
+pub struct Orchestrator {
+    inner: Arc<Inner>,
+}
+
+/// Decrements the per-agent and total counts when a run ends.
+struct RunCount {
+    inner: Arc<Inner>,
+    agent: String,
+}
+
+impl Drop for RunCount {
+    fn drop(&mut self) {
+        self.inner.total.fetch_sub(1, Ordering::Relaxed);
+        if let Some(n) = self.inner.counts().get_mut(&self.agent) {
+            *n = n.saturating_sub(1);
+        }
+        // Capacity freed: look for more work.
+        self.inner.wake.notify_one();
+    }
+}
+
+pub struct OrchestratorParts {
+    pub config: Arc<ArcSwap<Config>>,
+    pub pg: tokio_postgres::Config,
+    pub db: Db,
+    pub store: Store,
+    pub running: Arc<RunningTasks>,
+    pub hub: EventHub,
+    pub metrics: Metrics,
+    pub instance_id: String,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+    /// Agents supplied by an embedding program, beside the configured ones.
+    pub extra_agents: BTreeMap<String, AgentEntry>,
+}
+
+impl Inner {
+    fn counts(&self) -> MutexGuard<'_, HashMap<String, usize>> {
+        self.per_agent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn slots(&self) -> MutexGuard<'_, HashMap<String, SlotEntry>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Orchestrator {
+    pub fn new(p: OrchestratorParts) -> Orchestrator {
+        let cfg = p.config.load();
+        let agents = Agents::from_config(&cfg, &p.extra_agents);
+        let limit = cfg.workers.concurrency as usize;
+        Orchestrator {
+            inner: Arc::new(Inner {
+                config: Arc::clone(&p.config),
+                pg: p.pg,
+                db: p.db,
+                store: p.store,
+                agents: ArcSwap::from_pointee(agents),
+                extra_agents: p.extra_agents,
+                running: p.running,
+                hub: p.hub,
+                metrics: p.metrics,
+                instance_id: p.instance_id,
+                wake: Notify::new(),
+                per_agent: Mutex::new(HashMap::new()),
+                total: AtomicUsize::new(0),
+                session_runs: Arc::new(Semaphore::new(limit)),
+                session_run_limit: limit,
+                slots: Mutex::new(HashMap::new()),
+                shutdown: p.shutdown,
+                tasks: p.tasks,
+            }),
+        }
+    }
+
+    /// Starts the claimer, listener, heartbeat and leader loops.
+    pub fn start(&self) {
+        let i = &self.inner;
+        i.tasks.spawn(self.clone().claimer());
+        i.tasks.spawn(self.clone().listener());
+        i.tasks.spawn(self.clone().heartbeat());
+        i.tasks.spawn(self.clone().leader());
+    }
+
+    /// Rebuilds the agents after a config reload (running tasks keep the agent they had).
+    pub fn reload_agents(&self) {
+        let cfg = self.inner.config.load();
+        self.inner.agents.store(Arc::new(Agents::from_config(
+            &cfg,
+            &self.inner.extra_agents,
+        )));
+        self.inner.wake.notify_one();
+    }
+
+    pub fn agents(&self) -> Arc<Agents> {
+        self.inner.agents.load_full()
+    }
+
+    pub fn hub(&self) -> &EventHub {
+        &self.inner.hub
+    }
+
+    pub fn instance_id(&self) -> &str {
+        &self.inner.instance_id
+    }
+
+    /// Queues a task (agent must be known). Workers anywhere may run it.
+    pub async fn submit(&self, t: &NewTask) -> Result<Task, OrchestratorError> {
+        if self.inner.agents.load().get(&t.agent).is_none() {
+            return Err(OrchestratorError::UnknownAgent(t.agent.clone()));
+        }
+        let task = self.inner.store.create_task(t).await?;
+        self.inner.wake.notify_one();
+        Ok(task)
+    }
+
+    /// Creates an objective whose steps all name known agents.
+    pub async fn create_objective(&self, o: &NewObjective) -> Result<Objective, OrchestratorError> {
+        let known = self.inner.agents.load().names();
+        let obj = self.inner.store.create_objective(o, Some(&known)).await?;
+        self.inner.wake.notify_one();
+        Ok(obj)
+    }
+
+    /// Cancels a queued or running task, wherever it runs (another instance notices at
+    /// its next heartbeat).
+    pub async fn cancel(&self, id: i64, reason: &str) -> Result<Task, OrchestratorError> {
+        let t = self
+            .inner
+            .store
+            .transition(
+                id,
+                TaskStatus::Cancelled,
+                &TransitionArgs {
+                    error: Some(reason.to_string()),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        self.inner.running.cancel(id);
+        self.cascade().await;
+        Ok(t)
+    }
+
+    /// Runs a task for `session_id` now, replacing the session's running task.
+    pub async fn run_for_session(
+        &self,
+        session_id: &str,
+        mut t: NewTask,
+    ) -> Result<Task, OrchestratorError> {
+        let i = &self.inner;
+        t.session_id = Some(session_id.to_string());
+        let Some(entry) = i.agents.load().get(&t.agent).cloned() else {
+            return Err(OrchestratorError::UnknownAgent(t.agent.clone()));
+        };
+        let permit = Arc::clone(&i.session_runs)
+            .try_acquire_owned()
+            .map_err(|_| OrchestratorError::NoRunSlot(i.session_run_limit))?;
+        let lease = i.config.load().workers.lease.get();
+        let task = i.store.create_running(&t, &i.instance_id, lease).await?;
+
+        // Register, swapping the slot under a plain mutex: no await in here. The slot keeps
+        // the newest task (highest id); a call that lost a race cancels its own task.
+        let cancel = CancellationToken::new();
+        let done = CancellationToken::new();
+        let old = {
+            let mut slots = i.slots();
+            match slots.get(session_id) {
+                Some(cur) if cur.task_id > task.id => {
+                    cancel.cancel();
+                    None
+                }
+                _ => slots.insert(
+                    session_id.to_string(),
+                    SlotEntry {
+                        task_id: task.id,
+                        cancel: cancel.clone(),
+                        done: done.clone(),
+                    },
+                ),
+            }
+        };
+        // Start the new task at once.
+        self.spawn_run(
+            task.clone(),
+            entry,
+            cancel,
+            Some((session_id.to_string(), done, permit)),
+        );
+
+        // Replaced tasks end as cancelled in the database, with the reason; local ones
+        // are cancelled here, ones running elsewhere at their instance's next heartbeat.
+        let replaced = self.cancel_older_session_runs(session_id, task.id).await;
+        if let Err(e) = &replaced {
+            tracing::warn!(session_id, task_id = task.id, error = %e, "could not record replaced session tasks");
+        }
+        if let Some(o) = &old {
+            o.cancel.cancel();
+        }
+        // Wait for the local old task to end — outside every lock, bounded.
+        if let Some(o) = old
+            && tokio::time::timeout(REPLACE_WAIT, o.done.cancelled())
+                .await
+                .is_err()
+        {
+            tracing::warn!(
+                session_id,
+                old_task_id = o.task_id,
+                "replaced task still ending after the wait"
+            );
+        }
+        Ok(task)
+    }
+
+    async fn cancel_older_session_runs(
+        &self,
+        session_id: &str,
+        newest: i64,
+    ) -> Result<Vec<i64>, StoreError> {
+        let allowed = TaskStatus::allowed_from(TaskStatus::Cancelled);
+        let reason = format!("replaced by task {newest}");
+        let s = self
+            .inner
+            .db
+            .session("orchestrator.replace_session_run")
+            .await?;
+        let rows = s
+            .query(
+                "UPDATE tasks SET status = 'cancelled', finished_at = now(), updated_at = now(), \
+                   lease_owner = NULL, lease_expires_at = NULL, error = $3 \
+                 WHERE session_id = $1 AND status = 'running' AND status = ANY($4) AND id < $2 RETURNING id",
+                &[&session_id, &newest, &reason, &allowed],
+            )
+            .await?;
+        let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        for id in &ids {
+            self.inner.running.cancel(*id);
+        }
+        Ok(ids)
+    }
+
+    /// Runs one attempt of `task` (already running under our lease) on its own task.
+    fn spawn_run(
+        &self,
+        task: Task,
+        entry: AgentEntry,
+        cancel: CancellationToken,
+        slot: Option<(String, CancellationToken, tokio::sync::OwnedSemaphorePermit)>,
+    ) {
+        let i = Arc::clone(&self.inner);
+        i.total.fetch_add(1, Ordering::Relaxed);
+        *i.counts().entry(task.agent.clone()).or_insert(0) += 1;
+        let count = RunCount {
+            inner: Arc::clone(&i),
+            agent: task.agent.clone(),
+        };
+        let registration = i.running.register(task.id, &task.agent, cancel.clone());
+        let this = self.clone();
+        i.tasks.spawn(async move {
+            let _count = count;
+            let _registration = registration;
+            // Whatever happens, the slot's waiters learn that this run ended.
+            let _done = slot.as_ref().map(|(_, done, _)| done.clone().drop_guard());
+            let outcome = this.attempt(&task, &entry, &cancel).await;
+            this.finish(&task, outcome).await;
+            if let Some((session, _, _permit)) = &slot {
+                let mut slots = this.inner.slots();
+                if slots.get(session).is_some_and(|e| e.task_id == task.id) {
+                    slots.remove(session);
+                }
+            }
+        });
+    }
+
+    async fn attempt(
+        &self,
+        task: &Task,
+        entry: &AgentEntry,
+        cancel: &CancellationToken,
+    ) -> Outcome {
+        let i = &self.inner;
+        let limit = entry
+            .timeout
+            .min(i.config.load().supervisor.max_task_duration.get());
+        if let Some(started) = task.started_at {
+            let wait = (started - task.run_after.max(task.created_at))
+                .to_std()
+                .unwrap_or_default();
+            i.metrics
+                .histogram(m::TASK_QUEUE_WAIT_SECONDS, &[])
+                .record(wait.as_secs_f64());
+        }
+        let owner = Owner {
+            task_id: task.id,
+            cancel: cancel.clone(),
+        };
+        let ctx = TaskContext::new(
+            task,
+            cancel.clone(),
+            i.store.for_task(owner),
+            i.hub.clone(),
+            i.metrics.clone(),
+        );
+        tracing::debug!(task_id = task.id, agent = %task.agent, attempt = task.attempts, "task started");
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => Outcome::Cancelled,
+            r = tokio::time::timeout(limit, entry.agent.run(ctx)) => match r {
+                Ok(Ok(out)) => Outcome::Succeeded(out),
+                Ok(Err(e)) => Outcome::Failed(e),
+                Err(_) => Outcome::TimedOut(limit),
+            },
+        }
+    }
+
+    async fn finish(&self, task: &Task, outcome: Outcome) {
+        let i = &self.inner;
+        let ran = task
+            .started_at
+            .map(|s| (chrono::Utc::now() - s).to_std().unwrap_or_default())
+            .unwrap_or_default();
+        let me = Some(i.instance_id.clone());
+        let (to, args, label) = match outcome {
+            Outcome::Succeeded(out) => (
+                TaskStatus::Succeeded,
+                TransitionArgs {
+                    expected_owner: me,
+                    result: out.result,
+                    ..Default::default()
+                },
+                "succeeded",
+            ),
+            Outcome::Failed(e) if e.retryable && task.attempts < task.max_attempts => {
+                let delay = self.backoff(task.attempts);
+                let _ = i
+                    .store
+                    .add_event(
+                        task.id,
+                        "attempt_failed",
+                        &serde_json::json!({ "attempt": task.attempts, "error": e.message }),
+                    )
+                    .await;
+                (
+                    TaskStatus::Queued,
+                    TransitionArgs {
+                        expected_owner: me,
+                        error: Some(format!("attempt {}: {}", task.attempts, e.message)),
+                        run_after: Some(
+                            chrono::Utc::now()
+                                + chrono::Duration::from_std(delay).unwrap_or_default(),
+                        ),
+                        ..Default::default()
+                    },
+                    "retried",
+                )
+            }
+            Outcome::Failed(e) => {
+                let _ = i
+                    .store
+                    .add_event(
+                        task.id,
+                        "attempt_failed",
+                        &serde_json::json!({ "attempt": task.attempts, "error": e.message }),
+                    )
+                    .await;
+                (
+                    TaskStatus::Failed,
+                    TransitionArgs {
+                        expected_owner: me,
+                        error: Some(format!("attempt {}: {}", task.attempts, e.message)),
+                        ..Default::default()
+                    },
+                    "failed",
+                )
+            }
+            Outcome::TimedOut(limit) => (
+                TaskStatus::TimedOut,
+                TransitionArgs {
+                    expected_owner: me,
+                    error: Some(format!("exceeded its time limit ({}s)", limit.as_secs())),
+                    ..Default::default()
+                },
+                "timed_out",
+            ),
+            Outcome::Cancelled if i.shutdown.is_cancelled() => {
+                // Shutdown puts it back in the queue (daemon::stop); nothing to write here.
+                tracing::debug!(task_id = task.id, "task interrupted by shutdown");
+                return;
+            }
+            Outcome::Cancelled => (
+                TaskStatus::Cancelled,
+                TransitionArgs {
+                    expected_owner: me,
+                    error: Some("cancelled".into()),
+                    ..Default::default()
+                },
+                "cancelled",
+            ),
+        };
+        let mut written = false;
+        for attempt in 0..3u32 {
+            match i.store.transition(task.id, to, &args).await {
+                Ok(_) => {
+                    written = true;
+                    break;
+                }
+                Err(StoreError::IllegalTransition { from, .. }) => {
+                    // Someone else decided first (cancel, supervisor timeout, lease expiry).
+                    tracing::info!(task_id = task.id, outcome = label, now = %from, "task outcome not recorded: status already changed");
+                    break;
+                }
+                Err(StoreError::LeaseLost { holder, .. }) => {
+                    tracing::warn!(
+                        task_id = task.id,
+                        outcome = label,
+                        ?holder,
+                        "task outcome not recorded: lease lost"
+                    );
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(task_id = task.id, outcome = label, attempt, error = %e, "recording task outcome failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                }
+            }
+        }
+        if !written {
+            return;
+        }
+        let outcome = if label == "retried" { "failed" } else { label };
+        i.metrics
+            .counter(
+                m::TASKS_FINISHED_TOTAL,
+                &[("agent", &task.agent), ("outcome", outcome)],
+            )
+            .increment(1);
+        i.metrics
+            .histogram(m::TASK_DURATION_SECONDS, &[("agent", &task.agent)])
+            .record(ran.as_secs_f64());
+        tracing::debug!(task_id = task.id, agent = %task.agent, outcome = label, ran_ms = ran.as_millis() as u64, "task finished");
+        if task.objective_id.is_some() {
+            if to != TaskStatus::Succeeded && to != TaskStatus::Queued {
+                self.cascade().await;
+            }
+            // Dependants may be runnable now, here or elsewhere.
+            i.wake.notify_one();
+            if let Ok(s) = i.db.session("orchestrator.notify").await {
+                let _ = s
+                    .execute("SELECT pg_notify($1, '')", &[&NOTIFY_CHANNEL])
+                    .await;
+            }
+        }
+    }
+
+    async fn cascade(&self) {
+        match self.inner.store.cancel_blocked_dependants().await {
+            Ok(ids) if !ids.is_empty() => {
+                tracing::info!(cancelled = ?ids, "dependants of a failed step cancelled")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cancelling dependants failed; the leader retries")
+            }
+        }
+    }
+
+    /// Exponential backoff with jitter: base·2^(attempt-1), capped, then a random 50–100 %.
+    fn backoff(&self, attempt: i32) -> Duration {
+        let w = &self.inner.config.load().workers;
+        let exp = w
+            .retry_backoff
+            .get()
+            .saturating_mul(1u32 << (attempt.clamp(1, 20) - 1) as u32);
+        let capped = exp.min(w.retry_backoff_max.get());
+        capped.mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
+    }
+
+    async fn claimer(self) {
+        let i = Arc::clone(&self.inner);
+        loop {
+            let poll = i.config.load().workers.poll_interval.get();
+            tokio::select! {
+                _ = i.shutdown.cancelled() => return,
+                _ = i.wake.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+            }
+            // Keep claiming while there is both capacity and work.
+            loop {
+                if i.shutdown.is_cancelled() {
+                    return;
+                }
+                match self.claim_once().await {
+                    Ok(0) => break,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claiming tasks failed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One claim round over every agent with free capacity; returns how many started.
+    pub async fn claim_once(&self) -> Result<usize, StoreError> {
+        let i = &self.inner;
+        let cfg = i.config.load();
+        let agents = i.agents.load_full();
+        let mut started = 0;
+        for (name, entry) in agents.iter() {
+            let total_free =
+                (cfg.workers.concurrency as usize).saturating_sub(i.total.load(Ordering::Relaxed));
+            if total_free == 0 {
+                break;
+            }
+            let running_here = i.counts().get(name).copied().unwrap_or(0);
+            let want = entry
+                .concurrency
+                .saturating_sub(running_here)
+                .min(total_free);
+            if want == 0 {
+                continue;
+            }
+            let claimed = self
+                .claim(name, want as i64, cfg.workers.lease.get())
+                .await?;
+            for t in claimed {
+                started += 1;
+                self.spawn_run(t, entry.clone(), CancellationToken::new(), None);
+            }
+        }
+        Ok(started)
+    }
+
+    async fn claim(
+        &self,
+        agent: &str,
+        limit: i64,
+        lease: Duration,
+    ) -> Result<Vec<Task>, StoreError> {
+        let allowed = TaskStatus::allowed_from(TaskStatus::Running);
+        let lease_s = lease.as_secs_f64();
+        let s = self.inner.db.session("orchestrator.claim").await?;
+        let rows = s
+            .query(
+                &format!(
+                    "WITH c AS ( \
+                       SELECT t.id AS claim_id FROM tasks t \
+                       WHERE t.status = 'queued' AND t.agent = $1 AND t.run_after <= now() \
+                         AND (cardinality(t.depends_on) = 0 OR NOT EXISTS ( \
+                           SELECT 1 FROM tasks d WHERE d.objective_id = t.objective_id \
+                             AND d.step_key = ANY(t.depends_on) AND d.status <> 'succeeded')) \
+                       ORDER BY t.priority DESC, t.run_after, t.id \
+                       LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                     UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = now(), \
+                       updated_at = now(), lease_owner = $3, \
+                       lease_expires_at = now() + make_interval(secs => $4) \
+                     FROM c WHERE tasks.id = c.claim_id AND tasks.status = ANY($5) \
+                     RETURNING {TASK_COLUMNS}"
+                ),
+                &[&agent, &limit, &self.inner.instance_id, &lease_s, &allowed],
+            )
+            .await?;
+        rows.iter().map(Task::from_row).collect()
+    }
+
+    async fn listener(self) {
+        let i = Arc::clone(&self.inner);
+        while !i.shutdown.is_cancelled() {
+            if let Err(e) = self.listen_once().await {
+                tracing::warn!(error = %e, "task notification listener lost its connection; polling meanwhile");
+            }
+            let poll = i.config.load().workers.poll_interval.get();
+            tokio::select! {
+                _ = i.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(poll) => {}
+            }
+        }
+    }
+
+    async fn listen_once(&self) -> Result<(), DbError> {
+        let i = &self.inner;
+        let cfg = i.config.load_full();
+        let mut pg = i.pg.clone();
+        crate::db::session_settings(&mut pg, &cfg.database);
+        pg.application_name(format!("{}:listener", cfg.database.application_name));
+        let (client, mut conn) = pg
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(DbError::Connect)?;
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        let sql = format!("LISTEN {NOTIFY_CHANNEL}");
+        let listen = client.batch_execute(&sql);
+        // The connection must be driven while LISTEN runs.
+        tokio::pin!(listen);
+        loop {
+            tokio::select! {
+                r = &mut listen => { r?; break; }
+                m = messages.next() => match m {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(DbError::Connect(e)),
+                    None => return Ok(()),
+                },
+            }
+        }
+        loop {
+            tokio::select! {
+                _ = i.shutdown.cancelled() => return Ok(()),
+                m = messages.next() => match m {
+                    Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => i.wake.notify_one(),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(DbError::Connect(e)),
+                    None => return Ok(()),
+                },
+            }
+        }
+    }
+
+    async fn heartbeat(self) {
+        let i = Arc::clone(&self.inner);
+        loop {
+            let lease = i.config.load().workers.lease.get();
+            if let Err(e) = self.beat(lease).await {
+                tracing::warn!(error = %e, "lease heartbeat failed");
+            }
+            tokio::select! {
+                _ = i.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(lease / 3) => {}
+            }
+        }
+    }
+
+    /// Extends our leases; cancels local runs whose row says they are no longer ours.
+    pub async fn beat(&self, lease: Duration) -> Result<(), StoreError> {
+        let i = &self.inner;
+        let ids: Vec<i64> = i.running.snapshot().iter().map(|t| t.task_id).collect();
+        let s = i.db.session("orchestrator.heartbeat").await?;
+        s.execute(
+            "INSERT INTO instances (id, hostname, pid, version) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()",
+            &[
+                &i.instance_id,
+                &hostname(),
+                &(std::process::id() as i32),
+                &env!("CARGO_PKG_VERSION"),
+            ],
+        )
+        .await?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let rows = s
+            .query(
+                "UPDATE tasks SET lease_expires_at = now() + make_interval(secs => $3) \
+                 WHERE id = ANY($1) AND lease_owner = $2 AND status = 'running' RETURNING id",
+                &[&ids, &i.instance_id, &lease.as_secs_f64()],
+            )
+            .await?;
+        drop(s);
+        let still: HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+        for id in ids.into_iter().filter(|id| !still.contains(id)) {
+            if i.running.cancel(id) {
+                tracing::info!(
+                    task_id = id,
+                    "task no longer running under our lease; cancelled here"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    async fn leader(self) {
+        let i = Arc::clone(&self.inner);
+        let mut conn: Option<tokio_postgres::Client> = None;
+        let mut leading = false;
+        loop {
+            let cfg = i.config.load_full();
+            let period = (cfg.workers.lease.get() / 2).max(Duration::from_millis(100));
+            if let Err(e) = self.lead_once(&mut conn, &mut leading, &cfg).await {
+                if leading {
+                    tracing::warn!(error = %e, "leader connection lost; stepping down");
+                }
+                leading = false;
+                conn = None;
+            }
+            tokio::select! {
+                _ = i.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+        }
+    }
+
+    async fn lead_once(
+        &self,
+        conn: &mut Option<tokio_postgres::Client>,
+        leading: &mut bool,
+        cfg: &Config,
+    ) -> Result<(), tokio_postgres::Error> {
+        let i = &self.inner;
+        if conn.as_ref().is_none_or(|c| c.is_closed()) {
+            *leading = false;
+            *conn = connect_direct(&i.pg, &cfg.database, "leader").await.ok();
+        }
+        let Some(c) = conn.as_ref() else {
+            return Ok(());
+        };
+        if !*leading {
+            let got: bool = c
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK_KEY])
+                .await?
+                .get(0);
+            if !got {
+                return Ok(());
+            }
+            *leading = true;
+            tracing::info!(instance = %i.instance_id, "became leader");
+        }
+        let requeued = c
+            .query(
+                "UPDATE tasks SET \
+                   status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END, \
+                   finished_at = CASE WHEN attempts >= max_attempts THEN now() END, \
+                   error = 'lease expired (held by ' || COALESCE(lease_owner, '?') || ')', \
+                   lease_owner = NULL, lease_expires_at = NULL, run_after = now(), updated_at = now() \
+                 WHERE status = 'running' AND lease_expires_at < now() RETURNING id, status",
+                &[],
+            )
+            .await?;
+        if !requeued.is_empty() {
+            let ids: Vec<i64> = requeued.iter().map(|r| r.get(0)).collect();
+            tracing::warn!(tasks = ?ids, "re-queued tasks whose lease expired");
+            i.wake.notify_one();
+            c.execute("SELECT pg_notify($1, '')", &[&NOTIFY_CHANNEL])
+                .await?;
+        }
+        let dead_after = cfg.workers.lease.get().as_secs_f64() * 3.0;
+        let reaped = c
+            .query(
+                "DELETE FROM instances WHERE heartbeat_at < now() - make_interval(secs => $1) RETURNING id",
+                &[&dead_after],
+            )
+            .await?;
+        for r in &reaped {
+            let id: String = r.get(0);
+            tracing::warn!(instance = %id, "reaped a dead instance");
+        }
+        drop(requeued);
+        self.cascade().await;
+        Ok(())
+    }
+
+    /// Tasks running here right now.
+    pub fn running_here(&self) -> usize {
+        self.inner.total.load(Ordering::Relaxed)
+    }
+
+    /// Instances that heartbeat recently.
+    pub async fn instances(&self) -> Result<Vec<serde_json::Value>, StoreError> {
+        let s = self.inner.db.session("orchestrator.instances").await?;
+        let rows = s
+            .query(
+                "SELECT id, hostname, pid, version, started_at, heartbeat_at FROM instances ORDER BY started_at",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "id": r.get::<_, String>(0), "hostname": r.get::<_, String>(1), "pid": r.get::<_, i32>(2),
+                    "version": r.get::<_, String>(3),
+                    "started_at": r.get::<_, chrono::DateTime<chrono::Utc>>(4),
+                    "heartbeat_at": r.get::<_, chrono::DateTime<chrono::Utc>>(5),
+                })
+            })
+            .collect())
+    }
+
+    /// Waits until no run started here is still going (for shutdown), up to `limit`.
+    pub async fn drain(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.running_here() > 0 {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown".into())
+}
