@@ -404,12 +404,14 @@ async fn cancelling_a_running_task_kills_its_program() {
         .unwrap();
     r.wait_status(t.id, TaskStatus::Running).await;
     let pidfile = r.dir.path().join("pid");
-    assert!(eventually(Duration::from_secs(10), || async { pidfile.exists() }).await);
-    let pid: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let read_pid = || {
+        std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+    };
+    // The shell creates the file before it writes the number.
+    assert!(eventually(Duration::from_secs(10), || async { read_pid().is_some() }).await);
+    let pid = read_pid().unwrap();
     let c = r.orch.cancel(t.id, "user asked").await.unwrap();
     assert_eq!(c.status, TaskStatus::Cancelled);
     assert!(eventually(Duration::from_secs(10), || async { !alive(pid) }).await);

@@ -9,6 +9,8 @@
 //! `application_name`, so tests that terminate "our" backends only ever touch their own.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
