@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use futures_util::StreamExt;
 use rand::Rng;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -93,9 +93,23 @@ struct Inner {
     session_runs: Arc<Semaphore>,
     session_run_limit: usize,
     slots: Mutex<HashMap<String, SlotEntry>>,
+    /// Successful outcomes waiting to be written in one batch.
+    completions: mpsc::Sender<Completion>,
+    completions_rx: Mutex<Option<mpsc::Receiver<Completion>>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
+
+/// A succeeded attempt waiting for the batch writer.
+struct Completion {
+    task: Task,
+    result: Option<serde_json::Value>,
+    ran: Duration,
+}
+
+/// Most completions written in one statement; also the queue's bound (a runner waits when
+/// it is full, which holds its concurrency slot: backpressure, not loss).
+pub const COMPLETION_BATCH: usize = 512;
 
 /// The orchestrator of one daemon. Cheap to clone.
 #[derive(Clone)]
@@ -149,6 +163,7 @@ impl Orchestrator {
         let cfg = p.config.load();
         let agents = Agents::from_config(&cfg, &p.extra_agents);
         let limit = cfg.workers.concurrency as usize;
+        let (ctx, crx) = mpsc::channel(COMPLETION_BATCH);
         Orchestrator {
             inner: Arc::new(Inner {
                 config: Arc::clone(&p.config),
@@ -167,6 +182,8 @@ impl Orchestrator {
                 session_runs: Arc::new(Semaphore::new(limit)),
                 session_run_limit: limit,
                 slots: Mutex::new(HashMap::new()),
+                completions: ctx,
+                completions_rx: Mutex::new(Some(crx)),
                 shutdown: p.shutdown,
                 tasks: p.tasks,
             }),
@@ -176,6 +193,14 @@ impl Orchestrator {
     /// Starts the claimer, listener, heartbeat and leader loops.
     pub fn start(&self) {
         let i = &self.inner;
+        let rx = i
+            .completions_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(rx) = rx {
+            i.tasks.spawn(self.clone().completion_writer(rx));
+        }
         i.tasks.spawn(self.clone().claimer());
         i.tasks.spawn(self.clone().listener());
         i.tasks.spawn(self.clone().heartbeat());
@@ -421,15 +446,20 @@ impl Orchestrator {
             .unwrap_or_default();
         let me = Some(i.instance_id.clone());
         let (to, args, label) = match outcome {
-            Outcome::Succeeded(out) => (
-                TaskStatus::Succeeded,
-                TransitionArgs {
-                    expected_owner: me,
+            Outcome::Succeeded(out) => {
+                let c = Completion {
+                    task: task.clone(),
                     result: out.result,
-                    ..Default::default()
-                },
-                "succeeded",
-            ),
+                    ran,
+                };
+                if i.completions.send(c).await.is_err() {
+                    tracing::warn!(
+                        task_id = task.id,
+                        "completion writer gone (shutting down); the lease will re-queue the task"
+                    );
+                }
+                return;
+            }
             Outcome::Failed(e) if e.retryable && task.attempts < task.max_attempts => {
                 let delay = self.backoff(task.attempts);
                 let _ = i
@@ -524,9 +554,14 @@ impl Orchestrator {
                 }
             }
         }
-        if !written {
-            return;
+        if written {
+            self.finished(task, to, label, ran).await;
         }
+    }
+
+    /// Bookkeeping after an outcome was written: metrics, log, objective follow-ups.
+    async fn finished(&self, task: &Task, to: TaskStatus, label: &str, ran: Duration) {
+        let i = &self.inner;
         let outcome = if label == "retried" { "failed" } else { label };
         i.metrics
             .counter(
@@ -548,6 +583,81 @@ impl Orchestrator {
                 let _ = s
                     .execute("SELECT pg_notify($1, '')", &[&NOTIFY_CHANNEL])
                     .await;
+            }
+        }
+    }
+
+    /// Writes succeeded outcomes in batches: one statement for everything queued, so a
+    /// busy instance pays one commit per batch instead of one per task. On shutdown it
+    /// drains what is queued before it stops.
+    async fn completion_writer(self, mut rx: mpsc::Receiver<Completion>) {
+        let i = Arc::clone(&self.inner);
+        let mut batch: Vec<Completion> = Vec::with_capacity(COMPLETION_BATCH);
+        loop {
+            tokio::select! {
+                biased;
+                n = rx.recv_many(&mut batch, COMPLETION_BATCH) => {
+                    if n == 0 {
+                        return;
+                    }
+                }
+                _ = i.shutdown.cancelled() => {
+                    while let Ok(c) = rx.try_recv() {
+                        batch.push(c);
+                    }
+                    if batch.is_empty() {
+                        return;
+                    }
+                }
+            }
+            self.write_completions(&mut batch).await;
+            if i.shutdown.is_cancelled() && rx.is_empty() {
+                return;
+            }
+        }
+    }
+
+    async fn write_completions(&self, batch: &mut Vec<Completion>) {
+        let i = &self.inner;
+        let ids: Vec<i64> = batch.iter().map(|c| c.task.id).collect();
+        let results: Vec<Option<serde_json::Value>> =
+            batch.iter().map(|c| c.result.clone()).collect();
+        let allowed = TaskStatus::allowed_from(TaskStatus::Succeeded);
+        let mut written: Option<HashSet<i64>> = None;
+        for attempt in 0..3u32 {
+            let r = async {
+                let s = i.db.session("orchestrator.complete_batch").await?;
+                s.query(
+                    "UPDATE tasks t SET status = 'succeeded', finished_at = now(), updated_at = now(), \
+                       lease_owner = NULL, lease_expires_at = NULL, result = v.result \
+                     FROM unnest($1::bigint[], $2::jsonb[]) AS v(id, result) \
+                     WHERE t.id = v.id AND t.status = ANY($3) AND t.lease_owner = $4 RETURNING t.id",
+                    &[&ids, &results, &allowed, &i.instance_id],
+                )
+                .await
+            }
+            .await;
+            match r {
+                Ok(rows) => {
+                    written = Some(rows.iter().map(|r| r.get(0)).collect());
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(tasks = ids.len(), attempt, error = %e, "writing task completions failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                }
+            }
+        }
+        let written = written.unwrap_or_default();
+        for c in batch.drain(..) {
+            if written.contains(&c.task.id) {
+                self.finished(&c.task, TaskStatus::Succeeded, "succeeded", c.ran)
+                    .await;
+            } else {
+                tracing::info!(
+                    task_id = c.task.id,
+                    "task success not recorded: status or lease changed meanwhile"
+                );
             }
         }
     }
