@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::agents::EventHub;
 use crate::alerts::Alerts;
+use crate::api::{self, ApiState, ConfigMeta, resolve_token};
 use crate::config::{Config, ConfigError};
 use crate::db::embedded::{Cluster, ClusterOptions, EMBEDDED_DB};
 use crate::db::migrate::{self, MigrateError};
@@ -26,6 +27,7 @@ use crate::orchestrator::registry::RunningTasks;
 use crate::orchestrator::{Orchestrator, OrchestratorParts};
 use crate::store::{Store, StoreError};
 use crate::supervisor::{Heartbeat, Supervisor};
+use crate::systemd;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -41,6 +43,10 @@ pub enum DaemonError {
     Db(#[from] DbError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("http.api_token_file: {0}")]
+    Token(String),
+    #[error("cannot listen on http.listen {0}: {1}")]
+    Listen(String, #[source] std::io::Error),
     #[error("cannot install signal handler: {0}")]
     Signal(#[source] std::io::Error),
 }
@@ -119,6 +125,8 @@ pub fn instance_id() -> String {
 /// What the running daemon shares between its parts.
 pub struct Daemon {
     pub config: Arc<ArcSwap<Config>>,
+    pub config_meta: Arc<ArcSwap<ConfigMeta>>,
+    pub token: Arc<ArcSwap<Option<String>>>,
     pub config_path: PathBuf,
     pub db: Db,
     pub store: Store,
@@ -173,12 +181,18 @@ async fn serve(
         "schema up to date"
     );
 
+    let token = resolve_token(&config).map_err(|e| DaemonError::Token(e.to_string()))?;
+    let listener = tokio::net::TcpListener::bind(&config.http.listen)
+        .await
+        .map_err(|e| DaemonError::Listen(config.http.listen.clone(), e))?;
+
     let metrics = Metrics::new();
     let db = Db::new(database.pg.clone(), &config.database, &metrics)?;
     let store = Store::new(db.clone(), config.workers.max_attempts);
     // Prove the pool works before saying we are ready.
     drop(db.session("daemon.startup_check").await?);
 
+    let config_meta = Arc::new(ArcSwap::from_pointee(ConfigMeta::of(&config, config_path)));
     let config = Arc::new(ArcSwap::from_pointee(config));
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -215,8 +229,47 @@ async fn serve(
     });
     orchestrator.start();
 
+    let token = Arc::new(ArcSwap::from_pointee(token));
+    let api = api::router(ApiState {
+        config: Arc::clone(&config),
+        config_meta: Arc::clone(&config_meta),
+        token: Arc::clone(&token),
+        db: db.clone(),
+        store: store.clone(),
+        orchestrator: orchestrator.clone(),
+        metrics: metrics.clone(),
+        alerts: alerts.clone(),
+        heartbeat: Arc::clone(&heartbeat),
+        running: Arc::clone(&running),
+        shutdown: shutdown.clone(),
+    });
+    let local = listener
+        .local_addr()
+        .map_err(|e| DaemonError::Listen(config.load().http.listen.clone(), e))?;
+    {
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            let served = axum::serve(listener, api)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+    }
+    if let Some(period) = systemd::watchdog_interval() {
+        tasks.spawn(systemd::watchdog(
+            period,
+            Arc::clone(&heartbeat),
+            Arc::clone(&config),
+            shutdown.clone(),
+        ));
+    }
+
     let daemon = Daemon {
         config,
+        config_meta,
+        token,
         config_path: config_path.to_path_buf(),
         db,
         store,
@@ -233,33 +286,51 @@ async fn serve(
     tracing::info!(
         instance = %daemon.instance_id,
         database = %describe(&database.pg),
+        listen = %local,
         pool_max = cfg.database.max_connections(),
         "taskwarden ready"
     );
+    systemd::notify(&format!("READY=1\nSTATUS=ready; listening on {local}"));
 
     loop {
         tokio::select! {
             _ = sigterm.recv() => { tracing::info!(signal = "SIGTERM", "shutting down"); break; }
             _ = sigint.recv() => { tracing::info!(signal = "SIGINT", "shutting down"); break; }
-            _ = sighup.recv() => reload(&daemon, &log),
+            _ = sighup.recv() => {
+                systemd::notify_reloading();
+                reload(&daemon, &log);
+                systemd::notify("READY=1");
+            }
         }
     }
+    systemd::notify("STOPPING=1");
     stop(&daemon).await
 }
 
+/// Stop claiming; let running tasks finish within `workers.shutdown_grace`; cancel what is
+/// left and put it back in the queue; stop every loop; close the pool.
 async fn stop(d: &Daemon) -> Result<(), DaemonError> {
     let grace = d.config.load().workers.shutdown_grace.get();
+    d.orchestrator.stop_claiming();
+    if !d.orchestrator.drain(grace).await {
+        tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            running = d.orchestrator.running_here(),
+            "tasks still running after the grace; cancelling them"
+        );
+    }
+    // Shutdown first, so cancelled runs know not to record "cancelled".
     d.shutdown.cancel();
     let cancelled = d.running.cancel_all();
     if cancelled > 0 {
         tracing::info!(cancelled, "cancelled running tasks for shutdown");
     }
     d.tasks.close();
-    if tokio::time::timeout(grace, d.tasks.wait()).await.is_err() {
-        tracing::warn!(
-            grace_ms = grace.as_millis() as u64,
-            "background work did not stop within the grace; abandoning it"
-        );
+    if tokio::time::timeout(Duration::from_secs(5), d.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("background loops did not stop within 5s; abandoning them");
     }
     let requeued = d.store.requeue_running_owned_by(&d.instance_id).await?;
     if requeued > 0 {
@@ -324,6 +395,14 @@ fn reload(d: &Daemon, log: &LogHandle) {
     {
         d.db.resize(&new.database);
     }
+    match resolve_token(&new) {
+        Ok(t) => d.token.store(Arc::new(t)),
+        Err(e) => {
+            tracing::error!(error = %e, "http.api_token_file unreadable; keeping the previous token")
+        }
+    }
+    d.config_meta
+        .store(Arc::new(ConfigMeta::of(&new, &d.config_path)));
     d.config.store(Arc::new(new));
     if live.iter().any(|k| k.starts_with("agents.")) {
         d.orchestrator.reload_agents();

@@ -4,6 +4,7 @@
 
 pub mod agents;
 pub mod alerts;
+pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod db;
@@ -12,4 +13,5 @@ pub mod metrics;
 pub mod orchestrator;
 pub mod store;
 pub mod supervisor;
+pub mod systemd;
 pub mod tracker;

@@ -60,9 +60,20 @@ pub struct TickReport {
 pub struct Heartbeat {
     last_tick_unix_ms: AtomicU64,
     ticks: AtomicU64,
+    /// Why the last tick could not reach the database, if it could not.
+    db_error: std::sync::Mutex<Option<String>>,
 }
 
 impl Heartbeat {
+    pub fn database_error(&self) -> Option<String> {
+        self.db_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+    fn set_database_error(&self, e: Option<String>) {
+        *self.db_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
     pub fn ticks(&self) -> u64 {
         self.ticks.load(Ordering::Relaxed)
     }
@@ -227,6 +238,11 @@ impl Supervisor {
         self.metrics
             .gauge(m::SUPERVISOR_LAST_TICK_TIMESTAMP_SECONDS, &[])
             .set(unix_ms() as f64 / 1000.0);
+        let db_error = admin_err
+            .as_ref()
+            .map(|e| e.to_string())
+            .or_else(|| db_result.as_ref().err().map(|e| e.to_string()));
+        self.heartbeat.set_database_error(db_error);
         self.heartbeat.beat();
         if let Some(e) = admin_err {
             return Err(e);

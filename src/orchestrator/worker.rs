@@ -55,6 +55,8 @@ pub enum OrchestratorError {
     UnknownAgent(String),
     #[error("no run slot free: {0} session runs already running (workers.concurrency)")]
     NoRunSlot(usize),
+    #[error("shutting down: not starting new work")]
+    ShuttingDown,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -97,6 +99,8 @@ struct Inner {
     completions: mpsc::Sender<Completion>,
     completions_rx: Mutex<Option<mpsc::Receiver<Completion>>>,
     shutdown: CancellationToken,
+    /// Cancelled first at shutdown: no new claims or session runs, running ones finish.
+    claiming: CancellationToken,
     tasks: TaskTracker,
 }
 
@@ -184,6 +188,7 @@ impl Orchestrator {
                 slots: Mutex::new(HashMap::new()),
                 completions: ctx,
                 completions_rx: Mutex::new(Some(crx)),
+                claiming: p.shutdown.child_token(),
                 shutdown: p.shutdown,
                 tasks: p.tasks,
             }),
@@ -205,6 +210,11 @@ impl Orchestrator {
         i.tasks.spawn(self.clone().listener());
         i.tasks.spawn(self.clone().heartbeat());
         i.tasks.spawn(self.clone().leader());
+    }
+
+    /// Stops taking new work (claims and session runs); running tasks go on.
+    pub fn stop_claiming(&self) {
+        self.inner.claiming.cancel();
     }
 
     /// Rebuilds the agents after a config reload (running tasks keep the agent they had).
@@ -278,6 +288,9 @@ impl Orchestrator {
         let Some(entry) = i.agents.load().get(&t.agent).cloned() else {
             return Err(OrchestratorError::UnknownAgent(t.agent.clone()));
         };
+        if i.claiming.is_cancelled() {
+            return Err(OrchestratorError::ShuttingDown);
+        }
         let permit = Arc::clone(&i.session_runs)
             .try_acquire_owned()
             .map_err(|_| OrchestratorError::NoRunSlot(i.session_run_limit))?;
@@ -690,13 +703,13 @@ impl Orchestrator {
         loop {
             let poll = i.config.load().workers.poll_interval.get();
             tokio::select! {
-                _ = i.shutdown.cancelled() => return,
+                _ = i.claiming.cancelled() => return,
                 _ = i.wake.notified() => {}
                 _ = tokio::time::sleep(poll) => {}
             }
             // Keep claiming while there is both capacity and work.
             loop {
-                if i.shutdown.is_cancelled() {
+                if i.claiming.is_cancelled() {
                     return;
                 }
                 match self.claim_once().await {

@@ -22,6 +22,12 @@ pub struct Daemon {
 impl Daemon {
     pub fn start(dir: &Path, config: &str, env: &[(&str, &str)]) -> Daemon {
         let cfg = dir.join("config.toml");
+        // Tests run side by side: each daemon gets its own port unless the test chose one.
+        let config = if config.contains("[http]") {
+            config.to_string()
+        } else {
+            format!("{config}\n[http]\nlisten = \"127.0.0.1:0\"\n")
+        };
         std::fs::write(&cfg, config).unwrap();
         let mut cmd = Command::new(bin());
         cmd.arg("run")
@@ -73,6 +79,19 @@ impl Daemon {
             }
         }
         None
+    }
+
+    /// The address the daemon listens on, from its ready line (pretty or JSON logs).
+    pub fn addr(&mut self) -> Option<String> {
+        let line = self.wait_for("taskwarden ready", Duration::from_secs(120))?;
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+            return v["fields"]["listen"].as_str().map(str::to_string);
+        }
+        line.split("listen=")
+            .nth(1)?
+            .split_whitespace()
+            .next()
+            .map(str::to_string)
     }
 
     pub fn signal(&self, sig: Signal) {

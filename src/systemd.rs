@@ -1,0 +1,93 @@
+//! systemd integration without libsystemd: `sd_notify` datagrams to `$NOTIFY_SOCKET`
+//! (READY, RELOADING, STOPPING, STATUS) and the watchdog keep-alive, sent only while the
+//! supervisor ticks on time — so a wedged daemon stops petting the watchdog and systemd
+//! restarts it.
+
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::supervisor::Heartbeat;
+
+/// Sends one notification; a no-op outside systemd. Errors are logged, never fatal.
+pub fn notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.to_string_lossy().to_string();
+    let addr = if let Some(abstract_name) = path.strip_prefix('@') {
+        SocketAddr::from_abstract_name(abstract_name.as_bytes())
+    } else {
+        SocketAddr::from_pathname(&path)
+    };
+    let result = addr.and_then(|addr| {
+        let sock = UnixDatagram::unbound()?;
+        sock.send_to_addr(state.as_bytes(), &addr).map(|_| ())
+    });
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "sd_notify failed");
+    }
+}
+
+/// `RELOADING=1` must carry the monotonic time (systemd ≥ 253 checks it for notify-reload).
+pub fn notify_reloading() {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+    }
+    let usec = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000;
+    notify(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
+}
+
+/// The watchdog period systemd asked for, if any (and if it is meant for this process).
+pub fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.parse::<u32>().ok() != Some(std::process::id())
+    {
+        return None;
+    }
+    (usec > 0).then(|| Duration::from_micros(usec))
+}
+
+/// Pets the watchdog every half period while the supervisor's last tick is recent
+/// (within two intervals plus a second). Stops at shutdown.
+pub async fn watchdog(
+    period: Duration,
+    heartbeat: Arc<Heartbeat>,
+    config: Arc<ArcSwap<Config>>,
+    shutdown: CancellationToken,
+) {
+    let mut stalled_logged = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(period / 2) => {}
+        }
+        let allowed = config.load().supervisor.interval.get() * 2 + Duration::from_secs(1);
+        match heartbeat.since_last_tick() {
+            Some(d) if d <= allowed => {
+                notify("WATCHDOG=1");
+                stalled_logged = false;
+            }
+            other => {
+                if !stalled_logged {
+                    tracing::error!(
+                        since_last_tick_s = other.map(|d| d.as_secs_f64()),
+                        "supervisor stalled; withholding the systemd watchdog keep-alive"
+                    );
+                    stalled_logged = true;
+                }
+            }
+        }
+    }
+}
