@@ -259,6 +259,7 @@ async fn serve(
     }
     if let Some(period) = systemd::watchdog_interval() {
         tasks.spawn(systemd::watchdog(
+            systemd::Notifier::from_env(),
             period,
             Arc::clone(&heartbeat),
             Arc::clone(&config),

@@ -5,6 +5,7 @@
 pub mod agents;
 pub mod alerts;
 pub mod api;
+pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod db;

@@ -33,6 +33,42 @@ enum Command {
     CheckConfig(ConfigArg),
     /// Apply schema migrations and exit.
     Migrate(ConfigArg),
+    /// Show pool, sessions, tasks, alerts and instances of a running daemon.
+    Status {
+        #[command(flatten)]
+        conn: ClientArgs,
+    },
+    /// Queue a task, or with --session run it now in that session's run slot.
+    Submit {
+        #[command(flatten)]
+        conn: ClientArgs,
+        #[arg(long)]
+        agent: String,
+        /// JSON payload given to the agent.
+        #[arg(long, default_value = "{}")]
+        payload: String,
+        /// Run in this session's slot, replacing its running task.
+        #[arg(long)]
+        session: Option<String>,
+    },
+    /// Create an objective from a JSON file: {"title": ..., "steps": [{"key", "agent", "payload", "depends_on"}]}.
+    Objective {
+        #[command(flatten)]
+        conn: ClientArgs,
+        file: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct ClientArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The daemon's base URL; default from http.listen in the config.
+    #[arg(long, env = "TASKWARDEN_URL")]
+    url: Option<String>,
+    /// Print the API's JSON instead of tables.
+    #[arg(long)]
+    json: bool,
 }
 
 fn load(arg: &ConfigArg) -> Result<(PathBuf, Config), ConfigError> {
@@ -64,6 +100,67 @@ fn main() -> ExitCode {
         },
         Command::Run(arg) => report(run(&arg)),
         Command::Migrate(arg) => report(migrate(&arg)),
+        Command::Status { conn } => client_report(client(&conn, |c| async move {
+            let v = c.status().await?;
+            Ok((v.clone(), taskwarden::client::render_status(&v)))
+        })),
+        Command::Submit {
+            conn,
+            agent,
+            payload,
+            session,
+        } => client_report(client(&conn, |c| async move {
+            let payload: serde_json::Value = serde_json::from_str(&payload).map_err(|e| {
+                taskwarden::client::ClientError::Input(format!("--payload is not JSON: {e}"))
+            })?;
+            let v = c.submit(&agent, payload, session.as_deref()).await?;
+            Ok((v.clone(), taskwarden::client::render_task(&v)))
+        })),
+        Command::Objective { conn, file } => client_report(client(&conn, |c| async move {
+            let text = std::fs::read_to_string(&file).map_err(|e| {
+                taskwarden::client::ClientError::Input(format!("{}: {e}", file.display()))
+            })?;
+            let body: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                taskwarden::client::ClientError::Input(format!(
+                    "{} is not JSON: {e}",
+                    file.display()
+                ))
+            })?;
+            let v = c.objective(&body).await?;
+            Ok((v.clone(), taskwarden::client::render_objective(&v)))
+        })),
+    }
+}
+
+/// Runs a client call; prints JSON or the rendered text.
+fn client<F, Fut>(args: &ClientArgs, call: F) -> anyhow::Result<()>
+where
+    F: FnOnce(taskwarden::client::Client) -> Fut,
+    Fut: std::future::Future<
+            Output = Result<(serde_json::Value, String), taskwarden::client::ClientError>,
+        >,
+{
+    let (_, config) = load(&args.config)?;
+    let c = taskwarden::client::Client::new(args.url.clone(), &config)?;
+    let (json, text) = runtime()?.block_on(call(c))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        print!("{text}");
+        if !text.ends_with('\n') {
+            println!();
+        }
+    }
+    Ok(())
+}
+
+fn client_report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("taskwarden: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

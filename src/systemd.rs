@@ -14,24 +14,47 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::supervisor::Heartbeat;
 
-/// Sends one notification; a no-op outside systemd. Errors are logged, never fatal.
-pub fn notify(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let path = path.to_string_lossy().to_string();
-    let addr = if let Some(abstract_name) = path.strip_prefix('@') {
-        SocketAddr::from_abstract_name(abstract_name.as_bytes())
-    } else {
-        SocketAddr::from_pathname(&path)
-    };
-    let result = addr.and_then(|addr| {
-        let sock = UnixDatagram::unbound()?;
-        sock.send_to_addr(state.as_bytes(), &addr).map(|_| ())
-    });
-    if let Err(e) = result {
-        tracing::warn!(error = %e, "sd_notify failed");
+/// Where notifications go: systemd's socket, or nowhere.
+#[derive(Debug, Clone, Default)]
+pub struct Notifier {
+    socket: Option<String>,
+}
+
+impl Notifier {
+    /// `$NOTIFY_SOCKET`, as systemd sets it (a path, or `@name` for the abstract namespace).
+    pub fn from_env() -> Notifier {
+        Notifier {
+            socket: std::env::var_os("NOTIFY_SOCKET").map(|p| p.to_string_lossy().to_string()),
+        }
     }
+
+    pub fn to_socket(path: impl Into<String>) -> Notifier {
+        Notifier {
+            socket: Some(path.into()),
+        }
+    }
+
+    /// Sends one notification; a no-op without a socket. Errors are logged, never fatal.
+    pub fn send(&self, state: &str) {
+        let Some(path) = &self.socket else { return };
+        let addr = if let Some(abstract_name) = path.strip_prefix('@') {
+            SocketAddr::from_abstract_name(abstract_name.as_bytes())
+        } else {
+            SocketAddr::from_pathname(path)
+        };
+        let result = addr.and_then(|addr| {
+            let sock = UnixDatagram::unbound()?;
+            sock.send_to_addr(state.as_bytes(), &addr).map(|_| ())
+        });
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "sd_notify failed");
+        }
+    }
+}
+
+/// Sends one notification to `$NOTIFY_SOCKET`; a no-op outside systemd.
+pub fn notify(state: &str) {
+    Notifier::from_env().send(state);
 }
 
 /// `RELOADING=1` must carry the monotonic time (systemd ≥ 253 checks it for notify-reload).
@@ -62,6 +85,7 @@ pub fn watchdog_interval() -> Option<Duration> {
 /// Pets the watchdog every half period while the supervisor's last tick is recent
 /// (within two intervals plus a second). Stops at shutdown.
 pub async fn watchdog(
+    notifier: Notifier,
     period: Duration,
     heartbeat: Arc<Heartbeat>,
     config: Arc<ArcSwap<Config>>,
@@ -76,7 +100,7 @@ pub async fn watchdog(
         let allowed = config.load().supervisor.interval.get() * 2 + Duration::from_secs(1);
         match heartbeat.since_last_tick() {
             Some(d) if d <= allowed => {
-                notify("WATCHDOG=1");
+                notifier.send("WATCHDOG=1");
                 stalled_logged = false;
             }
             other => {

@@ -1,0 +1,398 @@
+//! The HTTP API and the CLI clients, driven against the built daemon on loopback.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::daemon::Daemon;
+use common::{TestDb, bin, eventually};
+use futures_util::StreamExt;
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+const LIMIT: Duration = Duration::from_secs(120);
+const TOKEN: &str = "s3cret-token-for-tests";
+
+struct Api {
+    d: Daemon,
+    base: String,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+    t: TestDb,
+}
+
+const AGENTS: &str = "[agents.talk]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"cat > /dev/null; echo '{\\\"n\\\": 1}'; echo '{\\\"n\\\": 2}'; echo '{\\\"n\\\": 3, \\\"result\\\": \\\"ok\\\"}'\"]\n\
+     [agents.sleepy]\nkind = \"command\"\ncommand = [\"sleep\", \"30\"]\n";
+
+async fn start(extra: &str) -> Api {
+    let t = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[database]\napplication_name = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\napi_token = {TOKEN:?}\nmax_body_bytes = 2048\n\
+         [supervisor]\ninterval = \"200ms\"\n[workers]\nshutdown_grace = \"1s\"\n{AGENTS}{extra}",
+        t.application_name
+    );
+    let url = t.url();
+    let mut d = Daemon::start(dir.path(), &config, &[("TASKWARDEN_DATABASE_URL", &url)]);
+    let addr = tokio::task::block_in_place(|| d.addr())
+        .unwrap_or_else(|| panic!("not ready:\n{}", d.output()));
+    Api {
+        d,
+        base: format!("http://{addr}"),
+        http: reqwest::Client::new(),
+        _dir: dir,
+        t,
+    }
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        token: Option<&str>,
+    ) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+    async fn get(&self, path: &str) -> (u16, Value) {
+        self.call(reqwest::Method::GET, path, None, Some(TOKEN))
+            .await
+    }
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.call(reqwest::Method::POST, path, Some(body), Some(TOKEN))
+            .await
+    }
+    fn stop(mut self) {
+        self.d.signal(Signal::SIGTERM);
+        let st = tokio::task::block_in_place(|| self.d.wait_exit(LIMIT));
+        assert!(st.success(), "{}", self.d.output());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_json_with_the_right_status_and_field() {
+    let a = start("").await;
+    // 401 without or with a wrong token; health and metrics need none.
+    let (st, v) = a.call(reqwest::Method::GET, "/v1/status", None, None).await;
+    assert_eq!(st, 401, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("Bearer"));
+    assert_eq!(
+        a.call(reqwest::Method::GET, "/v1/status", None, Some("nope"))
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        a.call(reqwest::Method::GET, "/healthz", None, None).await.0,
+        200
+    );
+    assert_eq!(
+        a.call(reqwest::Method::GET, "/metrics", None, None).await.0,
+        200
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            a.call(reqwest::Method::GET, "/readyz", None, None).await.0 == 200
+        })
+        .await
+    );
+
+    // 400 naming the field.
+    let (st, v) = a.post("/v1/tasks", json!({"agent": 5})).await;
+    assert_eq!((st, v["field"].as_str()), (400, Some("agent")), "{v}");
+    let (st, v) = a.post("/v1/tasks", json!({"agent": "ghost"})).await;
+    assert_eq!((st, v["field"].as_str()), (400, Some("agent")), "{v}");
+    let (st, v) = a
+        .post("/v1/tasks", json!({"agent": "talk", "priority": "high"}))
+        .await;
+    assert_eq!((st, v["field"].as_str()), (400, Some("priority")), "{v}");
+    let (st, v) = a
+        .post("/v1/tasks", json!({"agent": "talk", "colour": 1}))
+        .await;
+    assert_eq!(st, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("colour"), "{v}");
+    let resp = a
+        .http
+        .post(format!("{}/v1/tasks", a.base))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let (st, v) = a
+        .post("/v1/objectives", json!({"title": "c", "steps": [{"key": "a", "agent": "talk", "depends_on": ["b"]}, {"key": "b", "agent": "talk", "depends_on": ["a"]}]}))
+        .await;
+    assert_eq!((st, v["field"].as_str()), (400, Some("steps")), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("cycle"));
+    let (st, v) = a.get("/v1/tasks?status=bogus").await;
+    assert_eq!((st, v["field"].as_str()), (400, Some("status")), "{v}");
+
+    // 413 over http.max_body_bytes (2048).
+    let (st, v) = a
+        .post(
+            "/v1/tasks",
+            json!({"agent": "talk", "payload": {"blob": "x".repeat(4000)}}),
+        )
+        .await;
+    assert_eq!(st, 413, "{v}");
+    assert!(v["error"].is_string());
+
+    // 404 and 409.
+    assert_eq!(a.get("/v1/tasks/99999").await.0, 404);
+    assert_eq!(a.get("/v1/nowhere").await.0, 404);
+    let (st, t) = a.post("/v1/tasks", json!({"agent": "sleepy"})).await;
+    assert_eq!(st, 201, "{t}");
+    let id = t["id"].as_i64().unwrap();
+    let (st, c) = a
+        .post(&format!("/v1/tasks/{id}/cancel"), json!({"reason": "test"}))
+        .await;
+    assert_eq!((st, c["status"].as_str()), (200, Some("cancelled")), "{c}");
+    let (st, v) = a.post(&format!("/v1/tasks/{id}/cancel"), json!({})).await;
+    assert_eq!(st, 409, "{v}");
+    // Nothing half-written: only the one task exists.
+    let (_, list) = a.get("/v1/tasks").await;
+    assert_eq!(list["tasks"].as_array().unwrap().len(), 1);
+    a.stop();
+}
+
+/// Reads SSE events from a response until `n` arrived; returns (id, data) pairs.
+async fn read_events(resp: reqwest::Response, n: usize) -> Vec<(i64, Value)> {
+    let mut out = Vec::new();
+    let mut buf = String::new();
+    let mut stream = resp.bytes_stream();
+    let mut id = 0;
+    while out.len() < n {
+        let chunk = tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .expect("event stream stalled")
+            .expect("stream ended")
+            .unwrap();
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(pos) = buf.find('\n') {
+            let line: String = buf.drain(..=pos).collect();
+            let line = line.trim_end();
+            if let Some(v) = line.strip_prefix("id:") {
+                id = v.trim().parse().unwrap();
+            } else if let Some(d) = line.strip_prefix("data:") {
+                out.push((id, serde_json::from_str(d.trim()).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_runs_stream_events_and_resume_with_last_event_id() {
+    let a = start("").await;
+    let (st, t) = a
+        .post(
+            "/v1/sessions/chat-1/run",
+            json!({"agent": "talk", "payload": {"q": "hi"}}),
+        )
+        .await;
+    assert_eq!((st, t["status"].as_str()), (201, Some("running")), "{t}");
+    let id = t["id"].as_i64().unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            a.get(&format!("/v1/tasks/{id}")).await.1["status"] == "succeeded"
+        })
+        .await
+    );
+    let url = format!("{}/v1/sessions/chat-1/events", a.base);
+    let resp = a.http.get(&url).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let all = read_events(resp, 3).await;
+    assert_eq!(
+        all.iter()
+            .map(|(_, d)| d["data"]["n"].clone())
+            .collect::<Vec<_>>(),
+        vec![json!(1), json!(2), json!(3)]
+    );
+    assert!(all.iter().all(|(_, d)| d["task_id"] == id));
+    // Resume after the first: the two missed ones come, then a new run's events live.
+    let resp = a
+        .http
+        .get(&url)
+        .bearer_auth(TOKEN)
+        .header("Last-Event-ID", all[0].0.to_string())
+        .send()
+        .await
+        .unwrap();
+    let reader = tokio::spawn(read_events(resp, 5));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (st, _) = a
+        .post("/v1/sessions/chat-1/run", json!({"agent": "talk"}))
+        .await;
+    assert_eq!(st, 201);
+    let resumed = reader.await.unwrap();
+    assert_eq!(resumed[0].0, all[1].0);
+    assert_eq!(resumed[1].0, all[2].0);
+    assert!(resumed[2].0 > all[2].0);
+    let ids: Vec<i64> = resumed.iter().map(|(i, _)| *i).collect();
+    let mut sorted = ids.clone();
+    sorted.dedup();
+    assert_eq!(ids, sorted, "duplicate or out-of-order events");
+    a.stop();
+}
+
+fn cli(args: &[&str], base: &str, dir: &Path) -> std::process::Output {
+    Command::new(bin())
+        .args(args)
+        .current_dir(dir)
+        .env("TASKWARDEN_URL", base)
+        .env("TASKWARDEN_API_TOKEN", TOKEN)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_status_submit_and_objective() {
+    let a = start("").await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = cli(
+        &["submit", "--agent", "sleepy", "--session", "s-9"],
+        &a.base,
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        line.contains("running") && line.contains("session s-9"),
+        "{line}"
+    );
+
+    let out = cli(&["status"], &a.base, dir.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    for needle in [
+        "POOL",
+        "SESSIONS",
+        "TASKS",
+        "running 1",
+        "sleepy",
+        "ALERTS",
+        "INSTANCES",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+    println!("taskwarden status:\n{text}");
+
+    let file = dir.path().join("obj.json");
+    std::fs::write(&file, r#"{"title": "two steps", "steps": [{"key": "a", "agent": "talk"}, {"key": "b", "agent": "talk", "depends_on": ["a"]}]}"#).unwrap();
+    let out = cli(
+        &["objective", file.to_str().unwrap(), "--json"],
+        &a.base,
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tasks"].as_array().unwrap().len(), 2);
+
+    let out = cli(&["submit", "--agent", "ghost"], &a.base, dir.path());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("agent: unknown agent"));
+    let out = Command::new(bin())
+        .args(["status"])
+        .current_dir(dir.path())
+        .env("TASKWARDEN_URL", &a.base)
+        .env_remove("TASKWARDEN_API_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    a.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_live_keys_and_keeps_the_old_config_when_broken() {
+    let mut a = start("").await;
+    let cfg_path = a._dir.path().join("config.toml");
+    let (_, before) = a.get("/v1/status").await;
+    assert_eq!(before["pool"]["alert_ratio"], 0.8);
+    assert_eq!(before["logging"]["level"], "info");
+    // Nothing at debug level yet.
+    assert!(!a.d.output().contains("DEBUG"));
+
+    let text = std::fs::read_to_string(&cfg_path).unwrap();
+    let changed = format!("{text}\n[logging]\nlevel = \"debug\"\n").replace(
+        "[supervisor]\ninterval = \"200ms\"\n",
+        "[supervisor]\ninterval = \"200ms\"\npool_alert_ratio = 0.5\npool_clear_ratio = 0.4\n",
+    );
+    std::fs::write(&cfg_path, &changed).unwrap();
+    a.d.signal(Signal::SIGHUP);
+    let reloaded = tokio::task::block_in_place(|| a.d.wait_for("config reloaded", LIMIT)).unwrap();
+    assert!(
+        reloaded.contains("pool_alert_ratio") && reloaded.contains("logging.level"),
+        "{reloaded}"
+    );
+    let (_, after) = a.get("/v1/status").await;
+    assert_eq!(after["pool"]["alert_ratio"], 0.5);
+    assert_eq!(after["logging"]["level"], "debug");
+    assert_ne!(after["config"]["version"], before["config"]["version"]);
+    // Behaviour follows: debug events are now logged.
+    a.post("/v1/tasks", json!({"agent": "talk"})).await;
+    assert!(tokio::task::block_in_place(|| a.d.wait_for("DEBUG", LIMIT)).is_some());
+
+    // A broken file: the daemon keeps running with the values it had, and counts it.
+    std::fs::write(
+        &cfg_path,
+        format!("{changed}\n[supervisor]\ninterval = \"-1s\"\n"),
+    )
+    .unwrap();
+    a.d.signal(Signal::SIGHUP);
+    assert!(tokio::task::block_in_place(|| a.d.wait_for("config reload failed", LIMIT)).is_some());
+    let (st, still) = a.get("/v1/status").await;
+    assert_eq!(st, 200);
+    assert_eq!(still["pool"]["alert_ratio"], 0.5);
+    assert_eq!(still["config"]["version"], after["config"]["version"]);
+    let metrics = a.call(reqwest::Method::GET, "/metrics", None, None).await.1;
+    let m = metrics.as_str().unwrap();
+    assert_eq!(
+        taskwarden::metrics::parse_value(
+            m,
+            "taskwarden_config_reloads_total",
+            &[("result", "error")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        taskwarden::metrics::parse_value(m, "taskwarden_config_reloads_total", &[("result", "ok")]),
+        Some(1.0)
+    );
+    // No secret in logs, status or metrics.
+    assert!(!a.d.output().contains(TOKEN));
+    assert!(!still.to_string().contains(TOKEN));
+    assert!(!m.contains(TOKEN));
+    let _ = &a.t;
+    a.stop();
+}
