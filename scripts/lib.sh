@@ -13,6 +13,18 @@ ensure_postgres() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q postgresql
 }
 
+# Installs Prometheus (with promtool) for the operations tests when missing.
+ensure_prometheus() {
+  if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
+    return 0
+  fi
+  echo "prometheus/promtool not found; installing the Debian package 'prometheus'" >&2
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends prometheus
+}
+
 # Prints the newest PostgreSQL bin directory.
 pg_bindir() {
   if [ -n "${TASKWARDEN_PG_BINDIR:-}" ]; then echo "$TASKWARDEN_PG_BINDIR"; return; fi

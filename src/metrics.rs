@@ -145,6 +145,14 @@ impl Metrics {
         ] {
             m.counter(name, &[]).absolute(0);
         }
+        // The state alerts, at 0 until they fire, so dashboards and rules see them.
+        for alert in [
+            crate::alerts::POOL_UTILIZATION_HIGH,
+            crate::alerts::MEMORY_HIGH,
+        ] {
+            m.gauge(ALERTS_FIRING, &[("alert", alert)]).set(0.0);
+            m.counter(ALERTS_TOTAL, &[("alert", alert)]).absolute(0);
+        }
         for result in ["ok", "error"] {
             m.counter(CONFIG_RELOADS_TOTAL, &[("result", result)])
                 .absolute(0);

@@ -1,0 +1,451 @@
+//! What operators install and watch: the Prometheus rules and Grafana dashboard (checked
+//! against a real Prometheus scraping a running daemon), the systemd unit, and sd_notify.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use common::daemon::Daemon;
+use common::{TestDb, bin, eventually};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use taskwarden::config::{Config, Dur};
+use taskwarden::metrics::{DEFS, Kind};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn dashboard() -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(root().join("dashboards/taskwarden.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+/// Every PromQL expression in the dashboard.
+fn dashboard_exprs(d: &Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for p in d["panels"].as_array().unwrap() {
+        if p["type"] == "row" {
+            continue;
+        }
+        for t in p["targets"].as_array().unwrap() {
+            out.push((
+                p["title"].as_str().unwrap().to_string(),
+                t["expr"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn promtool_accepts_the_alert_rules() {
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(root().join("dashboards/alerts.yml"))
+        .output()
+        .expect("promtool (Debian package prometheus; scripts/test.sh installs it)");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("SUCCESS: 8 rules found"), "{text}");
+}
+
+#[test]
+fn the_dashboard_is_complete_and_names_only_exported_metrics() {
+    let d = dashboard();
+    let vars: Vec<&str> = d["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(vars, vec!["datasource", "instance"]);
+    let mut exported: BTreeSet<String> = BTreeSet::new();
+    for def in DEFS {
+        exported.insert(def.name.to_string());
+        if def.kind == Kind::Histogram {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                exported.insert(format!("{}{suffix}", def.name));
+            }
+        }
+    }
+    let rows: Vec<&str> = d["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["type"] == "row")
+        .map(|p| p["title"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        rows,
+        vec!["Pool", "Sessions", "Tasks", "LLM usage", "Daemon"]
+    );
+    for p in d["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["type"] != "row")
+    {
+        let title = p["title"].as_str().unwrap_or("");
+        assert!(!title.is_empty(), "panel without a title: {p}");
+        let targets = p["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{title}: no query");
+        for t in targets {
+            let expr = t["expr"].as_str().unwrap();
+            assert!(!expr.is_empty(), "{title}: empty query");
+            for name in metric_names(expr) {
+                assert!(
+                    exported.contains(&name),
+                    "{title}: {name} is not exported by the daemon"
+                );
+            }
+        }
+    }
+}
+
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("taskwarden_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        out.push(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
+#[test]
+fn systemd_analyze_verifies_the_unit() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("systemd-analyze not installed; skipping");
+        return;
+    }
+    let unit = std::fs::read_to_string(root().join("systemd/taskwarden.service")).unwrap();
+    for must in [
+        "Type=notify",
+        "WatchdogSec=",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "DynamicUser=yes",
+        "StateDirectory=taskwarden",
+        "ExecReload=",
+    ] {
+        assert!(unit.contains(must), "unit lacks {must}");
+    }
+    // verify checks that ExecStart exists: point it at the binary under test.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("taskwarden.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/taskwarden", bin().to_str().unwrap()),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        !text.contains("taskwarden.service"),
+        "warnings about the unit:\n{text}"
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Prometheus(Child);
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An instant query; `Null` while Prometheus is not up yet.
+async fn prom_query(http: &reqwest::Client, base: &str, q: &str) -> Value {
+    match http
+        .get(format!("{base}/api/v1/query"))
+        .query(&[("query", q)])
+        .send()
+        .await
+    {
+        Ok(r) => r.json().await.unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() {
+    let t = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = r#"cat >/dev/null; echo '{"step": 1}'; echo '{"usage": {"prompt_tokens": 12, "completion_tokens": 3, "cost_usd": 0.002}}'"#;
+    let config = format!(
+        "[database]\napplication_name = {:?}\n[supervisor]\ninterval = \"500ms\"\n\
+         [agents.llm]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", {script:?}]\n",
+        t.application_name
+    );
+    let url = t.url();
+    let mut d = Daemon::start(dir.path(), &config, &[("TASKWARDEN_DATABASE_URL", &url)]);
+    let addr = tokio::task::block_in_place(|| d.addr())
+        .unwrap_or_else(|| panic!("not ready:\n{}", d.output()));
+
+    let port = free_port();
+    let prom_dir = dir.path().join("prom");
+    std::fs::create_dir_all(&prom_dir).unwrap();
+    std::fs::copy(
+        root().join("dashboards/alerts.yml"),
+        prom_dir.join("alerts.yml"),
+    )
+    .unwrap();
+    std::fs::write(
+        prom_dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [alerts.yml]\n\
+             scrape_configs:\n  - job_name: taskwarden\n    static_configs:\n      - targets: ['{addr}']\n"
+        ),
+    )
+    .unwrap();
+    let prom = Prometheus(
+        Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                prom_dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                prom_dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus (Debian package prometheus; scripts/test.sh installs it)"),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+
+    // Some work for the task and LLM panels.
+    let api = format!("http://{addr}");
+    for _ in 0..5 {
+        let r = http
+            .post(format!("{api}/v1/tasks"))
+            .json(&serde_json::json!({"agent": "llm"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
+    }
+    let up = eventually(Duration::from_secs(60), || async {
+        let v = prom_query(&http, &base, "up{job=\"taskwarden\"}").await;
+        v["data"]["result"][0]["value"][1] == "1"
+    })
+    .await;
+    assert!(up, "Prometheus never scraped the daemon");
+    // More work after the first scrapes, so rates see it change.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for _ in 0..5 {
+        http.post(format!("{api}/v1/tasks"))
+            .json(&serde_json::json!({"agent": "llm"}))
+            .send()
+            .await
+            .unwrap();
+    }
+    let exprs = dashboard_exprs(&dashboard());
+    let mut missing = Vec::new();
+    let all_have_data = eventually(Duration::from_secs(60), || {
+        let exprs = exprs.clone();
+        let http = http.clone();
+        let base = base.clone();
+        async move {
+            for (title, e) in &exprs {
+                let q = e
+                    .replace("$instance", ".*")
+                    .replace("$__rate_interval", "1m");
+                let v = prom_query(&http, &base, &q).await;
+                if v["status"] != "success"
+                    || v["data"]["result"].as_array().is_none_or(|r| r.is_empty())
+                {
+                    return false;
+                }
+                let _ = title;
+            }
+            true
+        }
+    })
+    .await;
+    if !all_have_data {
+        for (title, e) in &exprs {
+            let q = e
+                .replace("$instance", ".*")
+                .replace("$__rate_interval", "1m");
+            let v = prom_query(&http, &base, &q).await;
+            if v["data"]["result"].as_array().is_none_or(|r| r.is_empty()) {
+                missing.push(format!("{title}: {q} -> {v}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "queries without data:\n{}",
+        missing.join("\n")
+    );
+    // The alert rules load in the same Prometheus.
+    let rules: Value = http
+        .get(format!("{base}/api/v1/rules"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let n: usize = rules["data"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["rules"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(n, 8);
+    drop(prom);
+    d.signal(Signal::SIGTERM);
+    assert!(tokio::task::block_in_place(|| d.wait_exit(Duration::from_secs(120))).success());
+}
+
+fn recv_all(sock: &UnixDatagram, within: Duration) -> Vec<String> {
+    let deadline = std::time::Instant::now() + within;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match sock.recv(&mut buf) {
+            Ok(n) => out.push(String::from_utf8_lossy(&buf[..n]).to_string()),
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_notifies_systemd_ready_watchdog_and_stopping() {
+    let t = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    let config = format!(
+        "[database]\napplication_name = {:?}\n[supervisor]\ninterval = \"200ms\"\n",
+        t.application_name
+    );
+    let url = t.url();
+    let mut d = Daemon::start(
+        dir.path(),
+        &config,
+        &[
+            ("TASKWARDEN_DATABASE_URL", &url),
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    let first = tokio::task::block_in_place(|| {
+        sock.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        sock.recv(&mut buf)
+            .ok()
+            .map(|n| String::from_utf8_lossy(&buf[..n]).to_string())
+    });
+    let first = first.unwrap_or_else(|| panic!("no notification:\n{}", d.output()));
+    assert!(first.starts_with("READY=1"), "{first}");
+    // READY came after the daemon was ready.
+    assert!(
+        tokio::task::block_in_place(|| d.wait_for("taskwarden ready", Duration::from_secs(5)))
+            .is_some()
+    );
+    let later = tokio::task::block_in_place(|| recv_all(&sock, Duration::from_secs(2)));
+    assert!(
+        later.iter().filter(|m| *m == "WATCHDOG=1").count() >= 2,
+        "{later:?}"
+    );
+    d.signal(Signal::SIGTERM);
+    let rest = tokio::task::block_in_place(|| recv_all(&sock, Duration::from_secs(3)));
+    assert!(rest.iter().any(|m| m == "STOPPING=1"), "{rest:?}");
+    assert!(tokio::task::block_in_place(|| d.wait_exit(Duration::from_secs(120))).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchdog_keepalives_stop_when_the_supervisor_stalls() {
+    let t = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("wd.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    let mut cfg = Config {
+        database: t.config(2, 0, Duration::from_secs(5)),
+        ..Config::default()
+    };
+    cfg.supervisor.interval = Dur::millis(100);
+    let config = Arc::new(ArcSwap::from_pointee(cfg));
+    let metrics = taskwarden::metrics::Metrics::new();
+    let db = taskwarden::db::Db::new(t.pg.clone(), &config.load().database, &metrics).unwrap();
+    let tasks = tokio_util::task::TaskTracker::new();
+    let all = tokio_util::sync::CancellationToken::new();
+    let alerts =
+        taskwarden::alerts::Alerts::new(metrics.clone(), Arc::clone(&config), &tasks, all.clone());
+    let sup = taskwarden::supervisor::Supervisor::new(
+        Arc::clone(&config),
+        t.pg.clone(),
+        db,
+        taskwarden::orchestrator::registry::RunningTasks::new(),
+        alerts,
+        metrics,
+    );
+    let hb = sup.heartbeat();
+    tokio::spawn(taskwarden::systemd::watchdog(
+        taskwarden::systemd::Notifier::to_socket(sock_path.to_str().unwrap()),
+        Duration::from_millis(200),
+        Arc::clone(&hb),
+        Arc::clone(&config),
+        all.clone(),
+    ));
+    // Never ticked: nothing.
+    assert!(tokio::task::block_in_place(|| recv_all(&sock, Duration::from_millis(800))).is_empty());
+    // Ticking: keep-alives.
+    let sup_stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(sup.run(sup_stop.clone()));
+    let got = tokio::task::block_in_place(|| recv_all(&sock, Duration::from_millis(1500)));
+    assert!(
+        got.iter().filter(|m| *m == "WATCHDOG=1").count() >= 3,
+        "{got:?}"
+    );
+    // Stalled (the loop is gone): they stop once the last tick is older than the allowance
+    // (2 intervals + 1 s).
+    sup_stop.cancel();
+    running.await.unwrap();
+    let _ = tokio::task::block_in_place(|| recv_all(&sock, Duration::from_millis(1600)));
+    let after = tokio::task::block_in_place(|| recv_all(&sock, Duration::from_millis(1000)));
+    assert!(after.is_empty(), "keep-alives while stalled: {after:?}");
+    all.cancel();
+}
