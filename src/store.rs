@@ -267,6 +267,10 @@ pub struct NewStep {
 pub struct NewObjective {
     pub title: String,
     pub steps: Vec<NewStep>,
+    /// A planner agent that returns the steps, instead of `steps`.
+    pub planner: Option<String>,
+    /// Given to the planner, with the title.
+    pub input: serde_json::Value,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -665,6 +669,71 @@ impl Store {
         Ok(all)
     }
 
+    /// Adds planned steps to an objective, all or nothing. They may depend on each other;
+    /// their keys must be new in the objective.
+    pub async fn add_steps(
+        &self,
+        objective_id: i64,
+        steps: &[NewStep],
+        known_agents: Option<&BTreeSet<String>>,
+    ) -> Result<Vec<Task>, StoreError> {
+        validate_objective(
+            &NewObjective {
+                steps: steps.to_vec(),
+                ..Default::default()
+            },
+            known_agents,
+        )?;
+        let mut s = self.session("store.add_steps").await?;
+        let tx = s.transaction().await?;
+        let existing: Vec<String> = tx
+            .query(
+                "SELECT step_key FROM tasks WHERE objective_id = $1 AND step_key IS NOT NULL",
+                &[&objective_id],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if let Some((i, st)) = steps
+            .iter()
+            .enumerate()
+            .find(|(_, st)| existing.contains(&st.key))
+        {
+            return Err(invalid(
+                format!("steps[{i}].key"),
+                format!("step key {:?} already exists in the objective", st.key),
+            ));
+        }
+        let mut tasks = Vec::with_capacity(steps.len());
+        for step in steps {
+            let t = &step.task;
+            let row = tx
+                .query_one(
+                    &format!(
+                        "INSERT INTO tasks (objective_id, step_key, depends_on, agent, payload, session_id, \
+                         priority, max_attempts, run_after) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, COALESCE($9, now())) RETURNING {TASK_COLUMNS}"
+                    ),
+                    &[
+                        &objective_id,
+                        &step.key,
+                        &step.depends_on,
+                        &t.agent,
+                        &t.payload,
+                        &t.session_id,
+                        &t.priority,
+                        &t.max_attempts.unwrap_or(self.default_max_attempts),
+                        &t.run_after,
+                    ],
+                )
+                .await?;
+            tasks.push(Task::from_row(&row)?);
+        }
+        tx.commit().await?;
+        Ok(tasks)
+    }
+
     /// Creates an objective and all its steps in one transaction: all or nothing.
     pub async fn create_objective(
         &self,
@@ -955,6 +1024,7 @@ mod tests {
         let ok = NewObjective {
             title: "t".into(),
             steps: vec![step("a", &[]), step("b", &["a"]), step("c", &["a", "b"])],
+            ..Default::default()
         };
         validate_objective(&ok, None).unwrap();
 
@@ -966,6 +1036,7 @@ mod tests {
                 step("c", &["b"]),
                 step("d", &[]),
             ],
+            ..Default::default()
         };
         let msg = field_of(validate_objective(&cyc, None));
         assert!(
@@ -976,16 +1047,35 @@ mod tests {
         let unknown = NewObjective {
             title: "t".into(),
             steps: vec![step("a", &["zzz"])],
+            ..Default::default()
         };
         assert!(field_of(validate_objective(&unknown, None)).starts_with("steps[0].depends_on"));
 
         let dup = NewObjective {
             title: "t".into(),
             steps: vec![step("a", &[]), step("a", &[])],
+            ..Default::default()
         };
         assert!(field_of(validate_objective(&dup, None)).starts_with("steps[1].key"));
 
         let agents: BTreeSet<String> = ["other".to_string()].into();
         assert!(field_of(validate_objective(&ok, Some(&agents))).starts_with("steps[0].agent"));
+    }
+}
+
+#[cfg(test)]
+mod json_tests {
+    use super::*;
+
+    #[test]
+    fn steps_parse_flat_and_refuse_unknown_fields() {
+        let s: NewStep = serde_json::from_str(
+            r#"{"key": "a", "agent": "x", "depends_on": ["b"], "payload": {"q": 1}}"#,
+        )
+        .unwrap();
+        assert_eq!((s.key.as_str(), s.task.agent.as_str()), ("a", "x"));
+        assert_eq!(s.task.payload, serde_json::json!({"q": 1}));
+        let bad = serde_json::from_str::<NewStep>(r#"{"key": "a", "agent": "x", "bogus": 1}"#);
+        assert!(bad.is_err(), "{bad:?}");
     }
 }

@@ -396,3 +396,30 @@ async fn sighup_applies_live_keys_and_keeps_the_old_config_when_broken() {
     let _ = &a.t;
     a.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_do_not_hold_up_others() {
+    let a = start("").await;
+    let addr = a.base.trim_start_matches("http://").to_string();
+    // 50 clients that send half the headers and then nothing (slowloris).
+    let mut stalled = Vec::new();
+    for _ in 0..50 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        use tokio::io::AsyncWriteExt;
+        s.write_all(b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Le")
+            .await
+            .unwrap();
+        stalled.push(s);
+    }
+    // Everyone else is still served.
+    for _ in 0..5 {
+        let (st, _) = a.get("/v1/status").await;
+        assert_eq!(st, 200);
+    }
+    assert_eq!(
+        a.call(reqwest::Method::GET, "/healthz", None, None).await.0,
+        200
+    );
+    drop(stalled);
+    a.stop();
+}

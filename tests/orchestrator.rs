@@ -545,6 +545,7 @@ async fn objective_steps_run_in_dependency_order_and_failures_propagate() {
                 step("b", "log", &["a"]),
                 step("a", "log", &[]),
             ],
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -577,6 +578,7 @@ async fn objective_steps_run_in_dependency_order_and_failures_propagate() {
                 step("c", "log", &["b"]),
                 step("z", "log", &[]),
             ],
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -622,6 +624,7 @@ async fn invalid_objectives_write_nothing() {
         .create_objective(&NewObjective {
             title: "cycle".into(),
             steps: vec![step("a", "log", &["b"]), step("b", "log", &["a"])],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -634,6 +637,7 @@ async fn invalid_objectives_write_nothing() {
         .create_objective(&NewObjective {
             title: "who".into(),
             steps: vec![step("a", "ghost", &[])],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -648,4 +652,73 @@ async fn invalid_objectives_write_nothing() {
             .unwrap()
             .get(0);
     assert_eq!(n, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planner_agent_supplies_the_steps() {
+    let plan = r#"read p; echo '{"result": {"steps": [{"key": "a", "agent": "log"}, {"key": "b", "agent": "log", "depends_on": ["a"]}]}}'"#;
+    let bad = r#"read p; echo '{"result": [{"key": "x", "agent": "log", "depends_on": ["y"]}, {"key": "y", "agent": "log", "depends_on": ["x"]}]}'"#;
+    let r = rig(
+        &format!(
+            "[agents.log]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"cat >> {{dir}}/order; echo >> {{dir}}/order\"]\n\
+             [agents.planner]\nkind = \"command\"\nplanner = true\ncommand = [\"sh\", \"-c\", {plan:?}]\n\
+             [agents.badplanner]\nkind = \"command\"\nplanner = true\ncommand = [\"sh\", \"-c\", {bad:?}]\n"
+        ),
+        "",
+    )
+    .await;
+    let o = r
+        .orch
+        .create_objective(&NewObjective {
+            title: "planned".into(),
+            planner: Some("planner".into()),
+            input: serde_json::json!({"goal": "g"}),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(o.tasks.len(), 1);
+    assert_eq!(
+        o.tasks[0].payload,
+        serde_json::json!({"title": "planned", "input": {"goal": "g"}})
+    );
+    let done = eventually(Duration::from_secs(60), || async {
+        r.store.get_objective(o.id).await.unwrap().status == ObjectiveStatus::Succeeded
+    })
+    .await;
+    assert!(done);
+    let o = r.store.get_objective(o.id).await.unwrap();
+    let keys: Vec<_> = o
+        .tasks
+        .iter()
+        .map(|t| t.step_key.clone().unwrap())
+        .collect();
+    assert_eq!(keys, vec!["plan", "a", "b"]);
+
+    // A plan with a cycle fails the plan step and adds nothing.
+    let o = r
+        .orch
+        .create_objective(&NewObjective {
+            title: "cyclic".into(),
+            planner: Some("badplanner".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let t = r.wait_status(o.tasks[0].id, TaskStatus::Failed).await;
+    assert!(t.error.unwrap().contains("planner reply"), "bad plan error");
+    assert_eq!(r.store.get_objective(o.id).await.unwrap().tasks.len(), 1);
+    // Only planner agents plan.
+    let err = r
+        .orch
+        .create_objective(&NewObjective {
+            title: "no".into(),
+            planner: Some("log".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, OrchestratorError::Store(StoreError::Invalid { ref field, .. }) if field == "planner")
+    );
 }

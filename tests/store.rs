@@ -197,6 +197,7 @@ async fn objectives_are_written_whole_or_not_at_all() {
                     step("search", &["plan"]),
                     step("write", &["search"]),
                 ],
+                ..Default::default()
             },
             None,
         )
@@ -212,6 +213,7 @@ async fn objectives_are_written_whole_or_not_at_all() {
             &NewObjective {
                 title: "loop".into(),
                 steps: vec![step("a", &["b"]), step("b", &["a"])],
+                ..Default::default()
             },
             None,
         )
@@ -243,6 +245,7 @@ async fn objectives_are_written_whole_or_not_at_all() {
             &NewObjective {
                 title: "partial".into(),
                 steps: vec![step("first", &[]), step("second", &[]), step("third", &[])],
+                ..Default::default()
             },
             None,
         )

@@ -37,10 +37,20 @@ use crate::db::{Db, DbError, connect_direct};
 use crate::metrics::{self as m, Metrics};
 use crate::orchestrator::registry::RunningTasks;
 use crate::store::{
-    NewObjective, NewTask, Objective, Store, StoreError, TASK_COLUMNS, Task, TaskStatus,
+    NewObjective, NewStep, NewTask, Objective, Store, StoreError, TASK_COLUMNS, Task, TaskStatus,
     TransitionArgs,
 };
 use crate::tracker::Owner;
+
+/// The step a planner objective starts with.
+pub const PLAN_STEP: &str = "plan";
+
+fn invalid(field: &str, message: impl Into<String>) -> OrchestratorError {
+    OrchestratorError::Store(StoreError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    })
+}
 
 /// Advisory-lock key of the leader: "twleader".
 const LEADER_LOCK_KEY: i64 = 0x7477_6c65_6164_6572;
@@ -251,7 +261,36 @@ impl Orchestrator {
 
     /// Creates an objective whose steps all name known agents.
     pub async fn create_objective(&self, o: &NewObjective) -> Result<Objective, OrchestratorError> {
-        let known = self.inner.agents.load().names();
+        let agents = self.inner.agents.load_full();
+        let known = agents.names();
+        let planned;
+        let o = match &o.planner {
+            None => o,
+            Some(p) => {
+                if !o.steps.is_empty() {
+                    return Err(invalid("steps", "give steps or a planner, not both"));
+                }
+                if !agents.get(p).is_some_and(|e| e.planner) {
+                    return Err(invalid(
+                        "planner",
+                        format!("{p:?} is not an agent with planner = true"),
+                    ));
+                }
+                planned = NewObjective {
+                    title: o.title.clone(),
+                    steps: vec![NewStep {
+                        key: PLAN_STEP.into(),
+                        depends_on: vec![],
+                        task: NewTask::new(
+                            p.clone(),
+                            serde_json::json!({ "title": o.title, "input": o.input }),
+                        ),
+                    }],
+                    ..Default::default()
+                };
+                &planned
+            }
+        };
         let obj = self.inner.store.create_objective(o, Some(&known)).await?;
         self.inner.wake.notify_one();
         Ok(obj)
@@ -399,7 +438,13 @@ impl Orchestrator {
             let _registration = registration;
             // Whatever happens, the slot's waiters learn that this run ended.
             let _done = slot.as_ref().map(|(_, done, _)| done.clone().drop_guard());
-            let outcome = this.attempt(&task, &entry, &cancel).await;
+            let mut outcome = this.attempt(&task, &entry, &cancel).await;
+            if entry.planner
+                && let Outcome::Succeeded(out) = &outcome
+                && let Err(e) = this.apply_plan(&task, &out.result).await
+            {
+                outcome = Outcome::Failed(e);
+            }
             this.finish(&task, outcome).await;
             if let Some((session, _, _permit)) = &slot {
                 let mut slots = this.inner.slots();
@@ -408,6 +453,47 @@ impl Orchestrator {
                 }
             }
         });
+    }
+
+    /// A planner's reply is the objective's next steps: `[...]` or `{"steps": [...]}`.
+    /// They are added before the plan step counts as succeeded; a bad plan fails it.
+    async fn apply_plan(
+        &self,
+        task: &Task,
+        result: &Option<serde_json::Value>,
+    ) -> Result<(), AgentError> {
+        let Some(objective_id) = task.objective_id else {
+            return Ok(());
+        };
+        let steps = match result {
+            Some(serde_json::Value::Array(a)) => serde_json::Value::Array(a.clone()),
+            Some(serde_json::Value::Object(o)) if o.contains_key("steps") => o["steps"].clone(),
+            _ => {
+                return Err(AgentError::fatal(
+                    "planner reply: expected a list of steps or {\"steps\": [...]}",
+                ));
+            }
+        };
+        let steps: Vec<NewStep> = serde_json::from_value(steps)
+            .map_err(|e| AgentError::fatal(format!("planner reply: {e}")))?;
+        let known = self.inner.agents.load().names();
+        let added = self
+            .inner
+            .store
+            .add_steps(objective_id, &steps, Some(&known))
+            .await
+            .map_err(|e| match e {
+                StoreError::Invalid { .. } => AgentError::fatal(format!("planner reply: {e}")),
+                other => AgentError::retryable(format!("planner reply: {other}")),
+            })?;
+        tracing::info!(
+            task_id = task.id,
+            objective_id,
+            steps = added.len(),
+            "planner added steps"
+        );
+        self.inner.wake.notify_one();
+        Ok(())
     }
 
     async fn attempt(
