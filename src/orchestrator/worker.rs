@@ -35,7 +35,7 @@ use crate::agents::{AgentEntry, AgentError, AgentOutput, Agents, EventHub, TaskC
 use crate::config::Config;
 use crate::db::{Db, DbError, connect_direct};
 use crate::metrics::{self as m, Metrics};
-use crate::orchestrator::registry::RunningTasks;
+use crate::orchestrator::registry::{Registration, RunningTasks};
 use crate::store::{
     NewObjective, NewStep, NewTask, Objective, Store, StoreError, TASK_COLUMNS, Task, TaskStatus,
     TransitionArgs,
@@ -119,6 +119,9 @@ struct Completion {
     task: Task,
     result: Option<serde_json::Value>,
     ran: Duration,
+    /// Kept until the outcome is written, so the heartbeat keeps the lease alive (and the
+    /// leader does not re-queue it) while the database is unreachable.
+    _registration: Registration,
 }
 
 /// Most completions written in one statement; also the queue's bound (a runner waits when
@@ -435,7 +438,6 @@ impl Orchestrator {
         let this = self.clone();
         i.tasks.spawn(async move {
             let _count = count;
-            let _registration = registration;
             // Whatever happens, the slot's waiters learn that this run ended.
             let _done = slot.as_ref().map(|(_, done, _)| done.clone().drop_guard());
             let mut outcome = this.attempt(&task, &entry, &cancel).await;
@@ -445,7 +447,7 @@ impl Orchestrator {
             {
                 outcome = Outcome::Failed(e);
             }
-            this.finish(&task, outcome).await;
+            this.finish(&task, outcome, registration).await;
             if let Some((session, _, _permit)) = &slot {
                 let mut slots = this.inner.slots();
                 if slots.get(session).is_some_and(|e| e.task_id == task.id) {
@@ -537,7 +539,8 @@ impl Orchestrator {
         }
     }
 
-    async fn finish(&self, task: &Task, outcome: Outcome) {
+    /// Records an attempt's outcome. `registration` lives until the write is done.
+    async fn finish(&self, task: &Task, outcome: Outcome, registration: Registration) {
         let i = &self.inner;
         let ran = task
             .started_at
@@ -550,6 +553,7 @@ impl Orchestrator {
                     task: task.clone(),
                     result: out.result,
                     ran,
+                    _registration: registration,
                 };
                 if i.completions.send(c).await.is_err() {
                     tracing::warn!(
@@ -627,7 +631,8 @@ impl Orchestrator {
             ),
         };
         let mut written = false;
-        for attempt in 0..3u32 {
+        let mut attempt = 0u32;
+        loop {
             match i.store.transition(task.id, to, &args).await {
                 Ok(_) => {
                     written = true;
@@ -648,11 +653,16 @@ impl Orchestrator {
                     break;
                 }
                 Err(e) => {
+                    // The database may be restarting: keep the outcome (and the lease,
+                    // through the registration) until it can be written, or until shutdown.
                     tracing::error!(task_id = task.id, outcome = label, attempt, error = %e, "recording task outcome failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                    if !self.retry_pause(&mut attempt).await {
+                        break;
+                    }
                 }
             }
         }
+        drop(registration);
         if written {
             self.finished(task, to, label, ran).await;
         }
@@ -723,7 +733,8 @@ impl Orchestrator {
             batch.iter().map(|c| c.result.clone()).collect();
         let allowed = TaskStatus::allowed_from(TaskStatus::Succeeded);
         let mut written: Option<HashSet<i64>> = None;
-        for attempt in 0..3u32 {
+        let mut attempt = 0u32;
+        loop {
             let r = async {
                 let s = i.db.session("orchestrator.complete_batch").await?;
                 s.query(
@@ -743,7 +754,9 @@ impl Orchestrator {
                 }
                 Err(e) => {
                     tracing::error!(tasks = ids.len(), attempt, error = %e, "writing task completions failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                    if !self.retry_pause(&mut attempt).await {
+                        break;
+                    }
                 }
             }
         }
@@ -758,6 +771,17 @@ impl Orchestrator {
                     "task success not recorded: status or lease changed meanwhile"
                 );
             }
+        }
+    }
+
+    /// Backoff between attempts to write an outcome: 200 ms doubling to 5 s. False when
+    /// the daemon is shutting down (the outcome is then left to lease expiry).
+    async fn retry_pause(&self, attempt: &mut u32) -> bool {
+        let pause = Duration::from_millis(200u64 << (*attempt).min(5)).min(Duration::from_secs(5));
+        *attempt += 1;
+        tokio::select! {
+            _ = self.inner.shutdown.cancelled() => false,
+            _ = tokio::time::sleep(pause) => true,
         }
     }
 
@@ -1024,6 +1048,9 @@ impl Orchestrator {
             *leading = true;
             tracing::info!(instance = %i.instance_id, "became leader");
         }
+        // Our own runs (including outcomes still waiting to be written) are not expired,
+        // whatever the lease column says after an outage.
+        let local: Vec<i64> = i.running.snapshot().iter().map(|t| t.task_id).collect();
         let requeued = c
             .query(
                 "UPDATE tasks SET \
@@ -1031,8 +1058,9 @@ impl Orchestrator {
                    finished_at = CASE WHEN attempts >= max_attempts THEN now() END, \
                    error = 'lease expired (held by ' || COALESCE(lease_owner, '?') || ')', \
                    lease_owner = NULL, lease_expires_at = NULL, run_after = now(), updated_at = now() \
-                 WHERE status = 'running' AND lease_expires_at < now() RETURNING id, status",
-                &[],
+                 WHERE status = 'running' AND lease_expires_at < now() \
+                   AND NOT (lease_owner = $1 AND id = ANY($2)) RETURNING id, status",
+                &[&i.instance_id, &local],
             )
             .await?;
         if !requeued.is_empty() {
