@@ -405,7 +405,7 @@ async fn fifty_reloads_while_tasks_run_lose_nothing_and_end_consistent() {
     )
     .unwrap();
     // Signals that arrive together are delivered once; none may fail.
-    assert!(ok >= 1.0 && ok <= 50.0, "{ok}");
+    assert!((1.0..=50.0).contains(&ok), "{ok}");
     assert_eq!(err, 0.0);
     d.signal(Signal::SIGTERM);
     assert!(tokio::task::block_in_place(|| d.wait_exit(LIMIT)).success());
