@@ -5,30 +5,12 @@
 //! Run: `cargo bench --bench throughput` (starts its own throwaway PostgreSQL).
 //! `TASKWARDEN_BENCH_TASKS` sets N (default 20,000).
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+#[path = "common/mod.rs"]
+mod common;
+
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
-use taskwarden::agents::{
-    Agent, AgentEntry, AgentError, AgentOutput, BoxFuture, EventHub, TaskContext,
-};
-use taskwarden::config::{Config, DatabaseConfig};
-use taskwarden::db::Db;
-use taskwarden::db::embedded::{Cluster, ClusterOptions};
-use taskwarden::metrics::Metrics;
-use taskwarden::orchestrator::registry::RunningTasks;
-use taskwarden::orchestrator::{Orchestrator, OrchestratorParts};
-use taskwarden::store::Store;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-
-struct Noop;
-impl Agent for Noop {
-    fn run(&self, _ctx: TaskContext) -> BoxFuture<Result<AgentOutput, AgentError>> {
-        Box::pin(async { Ok(AgentOutput::default()) })
-    }
-}
+use common::{count, database, orchestrator};
 
 async fn enqueue(c: &tokio_postgres::Client, n: i64) -> Duration {
     let t = Instant::now();
@@ -47,10 +29,7 @@ async fn enqueue(c: &tokio_postgres::Client, n: i64) -> Duration {
 }
 
 async fn succeeded(c: &tokio_postgres::Client) -> i64 {
-    c.query_one("SELECT count(*) FROM tasks WHERE status = 'succeeded'", &[])
-        .await
-        .expect("count")
-        .get(0)
+    count(c, "SELECT count(*) FROM tasks WHERE status = 'succeeded'").await
 }
 
 async fn baseline(c: &tokio_postgres::Client, n: i64) -> Duration {
@@ -90,52 +69,14 @@ async fn orchestrated(
     n: i64,
     concurrency: u32,
 ) -> Duration {
-    let mut cfg = Config::default();
-    cfg.workers.concurrency = concurrency;
-    cfg.database = DatabaseConfig {
-        pool_size: 10,
-        ..DatabaseConfig::default()
-    };
-    let metrics = Metrics::new();
-    let db = Db::new(pg.clone(), &cfg.database, &metrics).expect("pool");
-    let store = Store::new(db.clone(), 3);
-    let shutdown = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    let running = RunningTasks::new();
-    let mut extra = BTreeMap::new();
-    extra.insert(
-        "noop".to_string(),
-        AgentEntry {
-            agent: Arc::new(Noop),
-            concurrency: concurrency as usize,
-            timeout: Duration::from_secs(60),
-            planner: false,
-        },
-    );
-    let orch = Orchestrator::new(OrchestratorParts {
-        config: Arc::new(ArcSwap::from_pointee(cfg)),
-        pg: pg.clone(),
-        db: db.clone(),
-        store,
-        running: Arc::clone(&running),
-        hub: EventHub::default(),
-        metrics,
-        instance_id: "bench".into(),
-        shutdown: shutdown.clone(),
-        tasks: tasks.clone(),
-        extra_agents: extra,
-    });
     let before = succeeded(c).await;
     let t = Instant::now();
-    orch.start();
+    let run = orchestrator(pg, concurrency, "noop", Duration::ZERO);
     while succeeded(c).await - before < n {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let took = t.elapsed();
-    shutdown.cancel();
-    tasks.close();
-    tasks.wait().await;
-    db.close();
+    run.stop().await;
     took
 }
 
@@ -148,47 +89,79 @@ async fn main() {
     let n: i64 = std::env::var("TASKWARDEN_BENCH_TASKS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let cluster = Cluster::start(
-        dir.path(),
-        ClusterOptions {
-            unsafe_fast: false,
-            max_connections: Some(100),
-        },
-    )
-    .await
-    .expect("start PostgreSQL");
-    let pg = cluster.pg_config("taskwarden");
-    taskwarden::db::migrate::run(&pg, &DatabaseConfig::default())
-        .await
-        .expect("migrate");
-    let (c, conn) = pg.connect(tokio_postgres::NoTls).await.expect("connect");
-    tokio::spawn(conn);
+        .unwrap_or(100_000);
+    let b = database().await;
+    let (pg, c) = (&b.pg, &b.admin);
 
-    println!("== {n} no-op tasks, same database, same run");
-    let e1 = enqueue(&c, n).await;
-    let base = baseline(&c, n).await;
+    println!("== throughput: {n} no-op tasks, same database, same run");
+    let e1 = enqueue(c, n).await;
+    let base = baseline(c, n).await;
     println!(
-        "enqueue (batches of 1000)           {:>10.0} tasks/s",
+        "enqueue (batches of 1000)            {:>10.0} tasks/s",
         rate(n, e1)
     );
     println!(
         "plain SQL claim 100 + complete       {:>10.0} tasks/s  (baseline)",
         rate(n, base)
     );
-    for conc in [10u32, 50, 100] {
+    for conc in [10u32, 100] {
         c.batch_execute("TRUNCATE tasks CASCADE")
             .await
             .expect("truncate");
-        enqueue(&c, n).await;
-        let orch = orchestrated(&pg, &c, n, conc).await;
+        enqueue(c, n).await;
+        let orch = orchestrated(pg, c, n, conc).await;
         println!(
-            "taskwarden, concurrency {conc:<3}         {:>10.0} tasks/s  ({:.2} of baseline)",
+            "taskwarden, concurrency {conc:<3}          {:>10.0} tasks/s  ({:.2} of baseline)",
             rate(n, orch),
             base.as_secs_f64() / orch.as_secs_f64()
         );
     }
-    drop(c);
-    cluster.stop().await;
+
+    println!("\n== enqueue-to-start latency (started_at - created_at)");
+    c.batch_execute("TRUNCATE tasks CASCADE")
+        .await
+        .expect("truncate");
+    let run = orchestrator(pg, 10, "noop", Duration::ZERO);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..300 {
+        c.execute("INSERT INTO tasks (agent) VALUES ('noop')", &[])
+            .await
+            .expect("insert");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    while succeeded(c).await < 300 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    print_latency(c, "idle workers (LISTEN/NOTIFY), 300 tasks").await;
+    run.stop().await;
+    c.batch_execute("TRUNCATE tasks CASCADE")
+        .await
+        .expect("truncate");
+    enqueue(c, 10_000).await;
+    let run = orchestrator(pg, 10, "noop", Duration::ZERO);
+    while succeeded(c).await < 10_000 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    print_latency(c, "10,000-task backlog, concurrency 10").await;
+    run.stop().await;
+    drop(b.admin);
+    b.cluster.stop().await;
+}
+
+async fn print_latency(c: &tokio_postgres::Client, label: &str) {
+    let r = c
+        .query_one(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - created_at)), \
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - created_at)) \
+             FROM tasks WHERE status = 'succeeded'",
+            &[],
+        )
+        .await
+        .expect("latency");
+    let (p50, p99): (f64, f64) = (r.get(0), r.get(1));
+    println!(
+        "{label:<44} p50 {:>9.2} ms   p99 {:>9.2} ms",
+        p50 * 1e3,
+        p99 * 1e3
+    );
 }

@@ -10,6 +10,9 @@
 //! TASKWARDEN_BENCH_CHECKOUTS to change the checkout count). Figures are medians of
 //! interleaved rounds; compare ratios, not absolute numbers, on a shared machine.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::panic::Location;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +21,6 @@ use arc_swap::ArcSwap;
 use deadpool_postgres::{ManagerConfig, RecyclingMethod};
 use taskwarden::alerts::Alerts;
 use taskwarden::config::{Config, DatabaseConfig};
-use taskwarden::db::embedded::{Cluster, ClusterOptions};
 use taskwarden::db::{Db, session_settings};
 use taskwarden::metrics::Metrics;
 use taskwarden::orchestrator::registry::RunningTasks;
@@ -120,20 +122,8 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let cluster = Cluster::start(
-        dir.path(),
-        ClusterOptions {
-            unsafe_fast: true,
-            max_connections: Some(100),
-        },
-    )
-    .await
-    .expect("start PostgreSQL");
-    let pg = cluster.pg_config("taskwarden");
-    taskwarden::db::migrate::run(&pg, &DatabaseConfig::default())
-        .await
-        .expect("migrate");
+    let bench = common::database().await;
+    let pg = bench.pg.clone();
 
     println!(
         "== session checkout: taskwarden guard vs plain deadpool-postgres ({n} checkouts x {ROUNDS} rounds, median per checkout)"
@@ -196,9 +186,8 @@ async fn main() {
         .collect();
     let with_sessions = tick_time(&mut sup, 21).await;
 
-    let (admin, conn) = pg.connect(tokio_postgres::NoTls).await.expect("connect");
-    tokio::spawn(conn);
-    admin
+    bench
+        .admin
         .batch_execute(
             "INSERT INTO tasks (agent, status, attempts, started_at, lease_owner, lease_expires_at) \
              SELECT 'bench', 'running', 1, now(), 'bench', now() + interval '1 hour' FROM generate_series(1, 10000); \
@@ -233,5 +222,6 @@ async fn main() {
     );
     shutdown.cancel();
     drop(db);
-    cluster.stop().await;
+    drop(bench.admin);
+    bench.cluster.stop().await;
 }
