@@ -137,6 +137,7 @@ impl From<DbError> for ApiError {
         match e {
             DbError::CheckoutTimeout { .. }
             | DbError::ConnectTimeout(_)
+            | DbError::Deadline(_)
             | DbError::Connect(_)
             | DbError::PoolClosed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
             other => {
@@ -294,6 +295,10 @@ async fn auth(
 }
 
 async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
+    // Pool and session gauges come from live state at every scrape, so a stalled loop
+    // cannot leave them stale; task gauges are the supervisor's last reading, dated by
+    // supervisor_last_tick_timestamp_seconds.
+    crate::supervisor::record_live_gauges(&s.metrics, &s.db);
     (
         [(
             header::CONTENT_TYPE,
@@ -307,26 +312,13 @@ async fn healthz() -> impl IntoResponse {
     axum::Json(json!({ "status": "ok" }))
 }
 
-/// Ready when the supervisor's last tick reached the database and it ticks on time.
+/// Ready when the supervisor completes ticks on time and its last tick reached the
+/// database; otherwise 503 with the reason. Reads only memory: it answers whatever the
+/// database or the pool is doing.
 async fn readyz(State(s): State<ApiState>) -> Response {
-    let interval = s.config.load().supervisor.interval.get();
-    let stalled = s
-        .heartbeat
-        .since_last_tick()
-        .is_none_or(|d| d > interval * 3 + Duration::from_secs(1));
-    if stalled {
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "supervisor has not ticked recently",
-        )
-        .into_response();
-    }
-    match s.heartbeat.database_error() {
-        Some(e) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("database unreachable: {e}"),
-        )
-        .into_response(),
+    let cfg = s.config.load();
+    match crate::supervisor::not_ready_reason(&s.heartbeat, &cfg) {
+        Some(reason) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
         None => axum::Json(json!({ "status": "ready" })).into_response(),
     }
 }
@@ -573,25 +565,29 @@ where
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// The most `/v1/status` spends trying a live read before it answers from the supervisor's
+/// last one.
+const STATUS_LIVE_LIMIT: Duration = Duration::from_millis(400);
+
 /// What an operator reads first in an incident.
 async fn status(State(s): State<ApiState>) -> Result<Response, ApiError> {
     let cfg = s.config.load();
     let pool = s.db.status();
     let sessions = s.db.tracker().snapshot();
     let counts = s.db.tracker().counts();
-    // Counting needs a connection; with the pool exhausted, say so instead of failing.
-    let tasks_by_status = match s.store.count_by_status().await {
-        Ok(c) => json!(
-            c.into_iter()
-                .map(|(st, n)| (st.as_str().to_string(), n))
-                .collect::<std::collections::BTreeMap<_, _>>()
-        ),
-        Err(e) => json!({ "error": e.to_string() }),
-    };
-    let instances = match s.orchestrator.instances().await {
-        Ok(i) => json!(i),
-        Err(e) => json!({ "error": e.to_string() }),
-    };
+    // This is the page an operator opens when the pool is exhausted or the link is down:
+    // task counts and instances are read live only if that takes under STATUS_LIVE_LIMIT,
+    // else they are the supervisor's last reading, dated.
+    let live = tokio::time::timeout(STATUS_LIVE_LIMIT, s.store.read_view(STATUS_LIVE_LIMIT / 2))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .map(Arc::new);
+    let view = live.or_else(|| s.heartbeat.view());
+    let tasks_by_status = view.as_ref().map(|v| json!(v.tasks_by_status));
+    let instances = view.as_ref().map(|v| json!(v.instances));
+    let as_of = view.as_ref().map(|v| v.as_of);
+    let not_ready = crate::supervisor::not_ready_reason(&s.heartbeat, &cfg);
     Ok(axum::Json(json!({
         "instance": s.orchestrator.instance_id(),
         "version": env!("CARGO_PKG_VERSION"),
@@ -608,6 +604,9 @@ async fn status(State(s): State<ApiState>) -> Result<Response, ApiError> {
             "max_age_seconds": cfg.supervisor.session_max_age.get().as_secs_f64(),
             "live": sessions,
         },
+        "ready": not_ready.is_none(),
+        "not_ready_reason": not_ready,
+        "database_view_as_of": as_of,
         "tasks": {
             "by_status": tasks_by_status,
             "running_here": s.running.snapshot(),

@@ -278,13 +278,24 @@ pub fn render_status(v: &Value) -> String {
         .as_array()
         .map(|a| {
             a.iter()
-                .map(|x| vec![s(&x["id"]), s(&x["version"]), s(&x["heartbeat_at"])])
+                .map(|x| {
+                    vec![
+                        s(&x["id"]),
+                        s(&x["version"]),
+                        s(&x["heartbeat_at"]),
+                        if x["leader"] == Value::Bool(true) {
+                            "leader".into()
+                        } else {
+                            String::new()
+                        },
+                    ]
+                })
                 .collect()
         })
         .unwrap_or_default();
     if !inst.is_empty() {
         out.push_str("\nINSTANCES\n");
-        out.push_str(&table(&["ID", "VERSION", "HEARTBEAT"], &inst));
+        out.push_str(&table(&["ID", "VERSION", "HEARTBEAT", "ROLE"], &inst));
     }
     out
 }

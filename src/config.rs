@@ -124,6 +124,13 @@ pub struct DatabaseConfig {
     pub application_name: String,
     pub statement_timeout: Dur,
     pub idle_in_transaction_timeout: Dur,
+    /// Client-side deadline of every round trip; a connection that misses it is discarded.
+    pub query_timeout: Dur,
+    /// TCP keepalive idle time on database connections (0 = off); probes follow every
+    /// third of it, three of them.
+    pub tcp_keepalive: Dur,
+    /// TCP_USER_TIMEOUT on database connections (0 = the kernel's default).
+    pub tcp_user_timeout: Dur,
     pub capture_backtraces: bool,
 }
 
@@ -138,8 +145,11 @@ impl Default for DatabaseConfig {
             connect_timeout: Dur::secs(10),
             pre_ping: true,
             application_name: "taskwarden".into(),
-            statement_timeout: Dur::secs(60),
+            statement_timeout: Dur::secs(10),
             idle_in_transaction_timeout: Dur::secs(60),
+            query_timeout: Dur::secs(15),
+            tcp_keepalive: Dur::secs(15),
+            tcp_user_timeout: Dur::secs(30),
             capture_backtraces: false,
         }
     }
@@ -389,10 +399,22 @@ impl Config {
         for (key, d) in [
             ("database.checkout_timeout", db.checkout_timeout),
             ("database.connect_timeout", db.connect_timeout),
+            ("database.query_timeout", db.query_timeout),
         ] {
             if d.get().is_zero() {
                 bad(key, "must be greater than zero".into());
             }
+        }
+        if !db.statement_timeout.get().is_zero() && db.query_timeout <= db.statement_timeout {
+            bad(
+                "database.query_timeout",
+                format!(
+                    "{} must be longer than database.statement_timeout ({}), so the server's own \
+                     cancel comes first and only a dead link hits the client-side deadline",
+                    humantime::format_duration(db.query_timeout.get()),
+                    humantime::format_duration(db.statement_timeout.get())
+                ),
+            );
         }
         if db.application_name.is_empty() {
             bad("database.application_name", "must not be empty".into());

@@ -75,6 +75,8 @@ metrics_table! {
     PROCESS_MEMORY_LIMIT_BYTES = "process_memory_limit_bytes", Gauge, Bytes, [], "Memory the alert ratio is measured against (cgroup limit or machine total).";
     PROCESS_CPU_RATIO = "process_cpu_ratio", Gauge, Percent, [], "CPU used by the daemon over the last tick, in cores (1.0 = one core).";
     EMERGENCY_CLEANUPS_TOTAL = "emergency_cleanups_total", Counter, Count, [], "Emergency cleanups run on memory pressure.";
+    LEADER = "leader", Gauge, Count, [], "1 while this instance holds cluster leadership (re-queueing expired leases, reaping dead instances), else 0.";
+    EMBEDDED_POSTGRES_RESTARTS_TOTAL = "embedded_postgres_restarts_total", Counter, Count, [], "Times the embedded PostgreSQL exited unexpectedly and was started again.";
     CONFIG_RELOADS_TOTAL = "config_reloads_total", Counter, Count, ["result"], "SIGHUP reloads, result = ok or error.";
     ALERT_WEBHOOK_FAILURES_TOTAL = "alert_webhook_failures_total", Counter, Count, [], "Alert webhook deliveries given up after retries, or dropped because the queue was full.";
     BUILD_INFO = "build_info", Gauge, Count, ["version"], "Always 1; the version label says which build runs.";

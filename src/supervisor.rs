@@ -17,7 +17,7 @@
 //! guards, but it never holds a pooled connection and never waits on a task it cancelled.
 //! A failing tick is logged and counted; the loop itself never stops until shutdown.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -28,17 +28,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::alerts::{self, Alerts, Severity};
 use crate::config::Config;
-use crate::db::{Db, DbError, PoolStatus, connect_direct};
+use crate::db::{Db, DbError, DirectClient, PoolStatus, connect_direct};
 use crate::metrics::{self as m, Metrics};
 use crate::orchestrator::registry::RunningTasks;
-use crate::store::TaskStatus;
+use crate::store::{DbView, TaskStatus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
     #[error("admin connection: {0}")]
-    Connect(#[from] DbError),
-    #[error("admin query failed: {0}")]
-    Query(#[from] tokio_postgres::Error),
+    Db(#[from] DbError),
 }
 
 /// What one tick saw and did (returned for tests and benchmarks; also logged).
@@ -55,16 +53,92 @@ pub struct TickReport {
     pub emergency_cleanup: bool,
 }
 
-/// Shared view of the loop's liveness, for the systemd watchdog and status output.
+/// Shared view of the loop's liveness, for readiness, the systemd watchdog and status.
 #[derive(Debug, Default)]
 pub struct Heartbeat {
     last_tick_unix_ms: AtomicU64,
     ticks: AtomicU64,
     /// Why the last tick could not reach the database, if it could not.
     db_error: std::sync::Mutex<Option<String>>,
+    view: std::sync::Mutex<Option<Arc<DbView>>>,
+}
+
+/// Why the daemon is not ready, if it is not: the supervisor has not completed a tick
+/// within `bound`, or its last tick could not reach the database. `/readyz` and the systemd
+/// watchdog both ask this, so they tell the same truth.
+pub fn not_ready_reason(heartbeat: &Heartbeat, cfg: &Config) -> Option<String> {
+    let bound = stall_bound(cfg);
+    match heartbeat.since_last_tick() {
+        None => {
+            return Some("the supervisor has not completed its first tick yet".into());
+        }
+        Some(d) if d > bound => {
+            return Some(format!(
+                "the supervisor has not completed a tick for {:.1}s (bound {:.1}s)",
+                d.as_secs_f64(),
+                bound.as_secs_f64()
+            ));
+        }
+        Some(_) => {}
+    }
+    heartbeat
+        .database_error()
+        .map(|e| format!("database unreachable: {e}"))
+}
+
+/// Longest a healthy supervisor goes between completed ticks: two intervals, plus the
+/// worst a dead link can cost one tick (one connect and one round trip, each bounded).
+pub fn stall_bound(cfg: &Config) -> Duration {
+    let d = &cfg.database;
+    cfg.supervisor
+        .interval
+        .get()
+        .saturating_mul(2)
+        .saturating_add(d.connect_timeout.get())
+        .saturating_add(d.query_timeout.get())
+}
+
+/// Writes the pool and session gauges from live in-memory state. The supervisor calls it
+/// each tick and `/metrics` at every scrape, so these gauges are never stale.
+pub fn record_live_gauges(metrics: &Metrics, db: &Db) -> PoolStatus {
+    let p = db.status();
+    metrics
+        .gauge(m::DB_POOL_MAX_CONNECTIONS, &[])
+        .set(p.max as f64);
+    metrics
+        .gauge(m::DB_POOL_CONNECTIONS, &[])
+        .set(p.size as f64);
+    metrics.gauge(m::DB_POOL_IN_USE, &[]).set(p.in_use as f64);
+    metrics.gauge(m::DB_POOL_IDLE, &[]).set(p.idle as f64);
+    metrics.gauge(m::DB_POOL_WAITING, &[]).set(p.waiting as f64);
+    metrics
+        .gauge(m::DB_POOL_UTILIZATION_RATIO, &[])
+        .set(p.utilization());
+    let tracker = db.tracker();
+    let counts = tracker.counts();
+    metrics
+        .gauge(m::DB_SESSIONS_OPEN, &[])
+        .set(counts.open as f64);
+    metrics
+        .counter(m::DB_SESSIONS_OPENED_TOTAL, &[])
+        .absolute(counts.opened);
+    metrics
+        .counter(m::DB_SESSIONS_FORCE_CLOSED_TOTAL, &[])
+        .absolute(counts.force_closed);
+    metrics
+        .gauge(m::DB_SESSION_OLDEST_AGE_SECONDS, &[])
+        .set(tracker.oldest_age().map(|a| a.as_secs_f64()).unwrap_or(0.0));
+    p
 }
 
 impl Heartbeat {
+    /// The last database view, if a tick has read one.
+    pub fn view(&self) -> Option<Arc<DbView>> {
+        self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    fn set_view(&self, v: DbView) {
+        *self.view.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(v));
+    }
     pub fn database_error(&self) -> Option<String> {
         self.db_error
             .lock()
@@ -107,7 +181,7 @@ pub struct Supervisor {
     alerts: Alerts,
     metrics: Metrics,
     heartbeat: Arc<Heartbeat>,
-    admin: Option<tokio_postgres::Client>,
+    admin: Option<DirectClient>,
     sys: sysinfo::System,
     pid: sysinfo::Pid,
     last_cpu_sample: Option<Instant>,
@@ -198,8 +272,8 @@ impl Supervisor {
         tracing::debug!("supervisor stopped");
     }
 
-    async fn admin(&mut self) -> Result<&tokio_postgres::Client, SupervisorError> {
-        if self.admin.as_ref().is_some_and(|c| c.is_closed()) {
+    async fn admin(&mut self) -> Result<&DirectClient, SupervisorError> {
+        if self.admin.as_ref().is_some_and(|c| c.is_broken()) {
             self.admin = None;
         }
         if self.admin.is_none() {
@@ -208,7 +282,7 @@ impl Supervisor {
         }
         match self.admin.as_ref() {
             Some(c) => Ok(c),
-            None => Err(SupervisorError::Connect(DbError::PoolClosed)),
+            None => Err(SupervisorError::Db(DbError::PoolClosed)),
         }
     }
 
@@ -251,24 +325,8 @@ impl Supervisor {
     }
 
     fn check_pool(&mut self, cfg: &Config, report: &mut TickReport) {
-        let p = self.db.status();
+        let p = record_live_gauges(&self.metrics, &self.db);
         let util = p.utilization();
-        self.metrics
-            .gauge(m::DB_POOL_MAX_CONNECTIONS, &[])
-            .set(p.max as f64);
-        self.metrics
-            .gauge(m::DB_POOL_CONNECTIONS, &[])
-            .set(p.size as f64);
-        self.metrics
-            .gauge(m::DB_POOL_IN_USE, &[])
-            .set(p.in_use as f64);
-        self.metrics.gauge(m::DB_POOL_IDLE, &[]).set(p.idle as f64);
-        self.metrics
-            .gauge(m::DB_POOL_WAITING, &[])
-            .set(p.waiting as f64);
-        self.metrics
-            .gauge(m::DB_POOL_UTILIZATION_RATIO, &[])
-            .set(util);
         let s = &cfg.supervisor;
         if util >= s.pool_alert_ratio && !self.alerts.is_firing(alerts::POOL_UTILIZATION_HIGH) {
             let top = self.top_callers(5);
@@ -318,22 +376,7 @@ impl Supervisor {
     ) -> Result<(), SupervisorError> {
         let tracker = Arc::clone(self.db.tracker());
         let live = tracker.live_sessions();
-        let counts = tracker.counts();
         report.sessions_open = live.len();
-        self.metrics
-            .gauge(m::DB_SESSIONS_OPEN, &[])
-            .set(live.len() as f64);
-        self.metrics
-            .counter(m::DB_SESSIONS_OPENED_TOTAL, &[])
-            .absolute(counts.opened);
-        self.metrics
-            .counter(m::DB_SESSIONS_FORCE_CLOSED_TOTAL, &[])
-            .absolute(counts.force_closed);
-        let oldest = live.first().map(|s| s.age().as_secs_f64()).unwrap_or(0.0);
-        self.metrics
-            .gauge(m::DB_SESSION_OLDEST_AGE_SECONDS, &[])
-            .set(oldest);
-
         let s = &cfg.supervisor;
         let mut to_force_close = Vec::new();
         for info in &live {
@@ -441,13 +484,8 @@ impl Supervisor {
                 &[&limit_s, &allowed, &message],
             )
             .await?;
-        let counts = admin
-            .query(
-                "SELECT status, count(*), extract(epoch FROM now() - min(started_at))::float8 \
-                 FROM tasks GROUP BY status",
-                &[],
-            )
-            .await?;
+        let counts = admin.query(DbView::COUNTS_SQL, &[]).await?;
+        let instances = admin.query(DbView::INSTANCES_SQL, &[]).await?;
         for row in &rows {
             let id: i64 = row.get(0);
             let agent: String = row.get(1);
@@ -470,29 +508,16 @@ impl Supervisor {
                 json!({ "task_id": id, "agent": agent, "running_seconds": ran, "cancelled_here": here }),
             );
         }
-        let mut oldest_running = 0.0;
-        let mut seen = HashSet::new();
-        for r in &counts {
-            let status: String = r.get(0);
-            let n: i64 = r.get(1);
-            if status == "running" {
-                oldest_running = r.get::<_, Option<f64>>(2).unwrap_or(0.0);
-            }
+        let view = DbView::from_rows(&counts, &instances);
+        for (status, n) in &view.tasks_by_status {
             self.metrics
-                .gauge(m::TASKS, &[("status", &status)])
-                .set(n as f64);
-            seen.insert(status);
-        }
-        for s in TaskStatus::ALL {
-            if !seen.contains(s.as_str()) {
-                self.metrics
-                    .gauge(m::TASKS, &[("status", s.as_str())])
-                    .set(0.0);
-            }
+                .gauge(m::TASKS, &[("status", status)])
+                .set(*n as f64);
         }
         self.metrics
             .gauge(m::TASK_RUNNING_OLDEST_SECONDS, &[])
-            .set(oldest_running);
+            .set(view.oldest_running_seconds);
+        self.heartbeat.set_view(view);
         Ok(())
     }
 

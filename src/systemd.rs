@@ -82,8 +82,11 @@ pub fn watchdog_interval() -> Option<Duration> {
     (usec > 0).then(|| Duration::from_micros(usec))
 }
 
-/// Pets the watchdog every half period while the supervisor's last tick is recent
-/// (within two intervals plus a second). Stops at shutdown.
+/// Pets the watchdog every half period while the supervisor completes ticks within
+/// [`crate::supervisor::stall_bound`] — the same bound `/readyz` uses. A database that is
+/// merely unreachable makes `/readyz` 503 but does not stop the keep-alive: a restart
+/// cannot mend a remote database and would kill the work running here; a wedged loop can.
+/// Stops at shutdown.
 pub async fn watchdog(
     notifier: Notifier,
     period: Duration,
@@ -97,7 +100,7 @@ pub async fn watchdog(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(period / 2) => {}
         }
-        let allowed = config.load().supervisor.interval.get() * 2 + Duration::from_secs(1);
+        let allowed = crate::supervisor::stall_bound(&config.load());
         match heartbeat.since_last_tick() {
             Some(d) if d <= allowed => {
                 notifier.send("WATCHDOG=1");

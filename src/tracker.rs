@@ -174,6 +174,15 @@ impl Tracker {
         }
     }
 
+    /// Age of the oldest live session, if any (one pass, no allocation of a snapshot).
+    pub fn oldest_age(&self) -> Option<std::time::Duration> {
+        self.live()
+            .values()
+            .map(|s| s.checked_out_at)
+            .min()
+            .map(|t| t.elapsed())
+    }
+
     pub fn open_count(&self) -> usize {
         self.live().len()
     }

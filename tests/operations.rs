@@ -407,6 +407,9 @@ async fn watchdog_keepalives_stop_when_the_supervisor_stalls() {
         ..Config::default()
     };
     cfg.supervisor.interval = Dur::millis(100);
+    // The stall bound is 2 intervals + connect_timeout + query_timeout (0.9 s here).
+    cfg.database.connect_timeout = Dur::millis(300);
+    cfg.database.query_timeout = Dur::millis(400);
     let config = Arc::new(ArcSwap::from_pointee(cfg));
     let metrics = taskwarden::metrics::Metrics::new();
     let db = taskwarden::db::Db::new(t.pg.clone(), &config.load().database, &metrics).unwrap();
@@ -440,8 +443,7 @@ async fn watchdog_keepalives_stop_when_the_supervisor_stalls() {
         got.iter().filter(|m| *m == "WATCHDOG=1").count() >= 3,
         "{got:?}"
     );
-    // Stalled (the loop is gone): they stop once the last tick is older than the allowance
-    // (2 intervals + 1 s).
+    // Stalled (the loop is gone): they stop once the last tick is older than the bound.
     sup_stop.cancel();
     running.await.unwrap();
     let _ = tokio::task::block_in_place(|| recv_all(&sock, Duration::from_millis(1600)));

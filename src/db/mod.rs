@@ -32,6 +32,9 @@ use crate::config::DatabaseConfig;
 use crate::metrics::Metrics;
 use crate::tracker::{NewSession, Owner, SessionInfo, Tracker};
 
+/// How long a cancel request for an abandoned statement may take before we give up on it.
+const CANCEL_REQUEST_LIMIT: Duration = Duration::from_secs(10);
+
 /// Parameters of a query, as tokio-postgres takes them.
 pub type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
@@ -81,14 +84,45 @@ pub enum DbError {
     },
     #[error("could not open a database connection within {0:?} (connect_timeout)")]
     ConnectTimeout(Duration),
-    #[error("could not connect to the database: {0}")]
+    #[error("could not connect to the database: {}", describe_pg_error(.0))]
     Connect(#[source] tokio_postgres::Error),
     #[error("the connection pool is closed (shutting down)")]
     PoolClosed,
-    #[error("database error: {0}")]
+    #[error("{}", describe_pg_error(.0))]
     Query(#[from] tokio_postgres::Error),
+    #[error(
+        "no answer from the database within {0:?} (query_timeout); the connection was discarded"
+    )]
+    Deadline(Duration),
     #[error("invalid database configuration: {0}")]
     Config(String),
+}
+
+/// A PostgreSQL error as an operator wants it in a log line: SQLSTATE and message for a
+/// server error, the cause chain for a client-side one (tokio-postgres' own Display says
+/// only "db error").
+pub fn describe_pg_error(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("database error {}: {}", db.code().code(), db.message());
+    }
+    let mut s = format!("database error: {e}");
+    let mut src = std::error::Error::source(e);
+    while let Some(cause) = src {
+        s.push_str(&format!(": {cause}"));
+        src = cause.source();
+    }
+    s
+}
+
+/// Runs one round trip under the client-side deadline.
+pub(crate) async fn with_deadline<T>(
+    limit: Duration,
+    fut: impl Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, DbError> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(DbError::Deadline(limit)),
+    }
 }
 
 impl DbError {
@@ -151,6 +185,7 @@ struct DbInner {
     checkout_timeouts: metrics::Counter,
     checkout_timeout: Duration,
     connect_timeout: Duration,
+    query_timeout: Duration,
     capture_backtraces: bool,
 }
 
@@ -168,6 +203,16 @@ impl fmt::Debug for Db {
 
 /// Applies the per-connection settings every pooled connection carries.
 pub fn session_settings(pg: &mut tokio_postgres::Config, cfg: &DatabaseConfig) {
+    let keepalive = cfg.tcp_keepalive.get();
+    pg.keepalives(!keepalive.is_zero());
+    if !keepalive.is_zero() {
+        pg.keepalives_idle(keepalive)
+            .keepalives_interval((keepalive / 3).max(Duration::from_secs(1)))
+            .keepalives_retries(3);
+    }
+    if !cfg.tcp_user_timeout.get().is_zero() {
+        pg.tcp_user_timeout(cfg.tcp_user_timeout.get());
+    }
     pg.application_name(&cfg.application_name)
         .connect_timeout(cfg.connect_timeout.get())
         .options(format!(
@@ -203,7 +248,9 @@ impl Db {
             .timeouts(Timeouts {
                 wait: Some(cfg.checkout_timeout.get()),
                 create: Some(cfg.connect_timeout.get()),
-                recycle: Some(cfg.checkout_timeout.get()),
+                // A ping on a dead link must not eat the whole checkout wait: the
+                // connection is dropped and the next one tried.
+                recycle: Some(cfg.checkout_timeout.get().min(cfg.query_timeout.get())),
             })
             .build()
             .map_err(|e| DbError::Config(e.to_string()))?;
@@ -218,6 +265,7 @@ impl Db {
                 checkout_timeouts: metrics.counter(crate::metrics::DB_CHECKOUT_TIMEOUTS_TOTAL, &[]),
                 checkout_timeout: cfg.checkout_timeout.get(),
                 connect_timeout: cfg.connect_timeout.get(),
+                query_timeout: cfg.query_timeout.get(),
                 capture_backtraces: cfg.capture_backtraces,
             }),
         })
@@ -247,7 +295,20 @@ impl Db {
     ) -> impl Future<Output = Result<Session, DbError>> + Send + 'static {
         let caller = Location::caller();
         let db = self.clone();
-        async move { db.checkout(label, caller, None).await }
+        async move { db.checkout(label, caller, None, None).await }
+    }
+
+    /// Like [`Db::session`], but waits at most `wait` for a free connection (for readers
+    /// that have a cheaper answer when the pool is busy, such as `/v1/status`).
+    #[track_caller]
+    pub fn session_within(
+        &self,
+        label: &'static str,
+        wait: Duration,
+    ) -> impl Future<Output = Result<Session, DbError>> + Send + 'static {
+        let caller = Location::caller();
+        let db = self.clone();
+        async move { db.checkout(label, caller, None, Some(wait)).await }
     }
 
     /// Checks out a session that works for a task; the supervisor can cancel the task
@@ -260,7 +321,7 @@ impl Db {
     ) -> impl Future<Output = Result<Session, DbError>> + Send + 'static {
         let caller = Location::caller();
         let db = self.clone();
-        async move { db.checkout(label, caller, Some(owner)).await }
+        async move { db.checkout(label, caller, Some(owner), None).await }
     }
 
     async fn checkout(
@@ -268,9 +329,18 @@ impl Db {
         label: &'static str,
         caller: &'static Location<'static>,
         owner: Option<Owner>,
+        wait: Option<Duration>,
     ) -> Result<Session, DbError> {
         let started = Instant::now();
-        let obj = match self.inner.pool.get().await {
+        let got = match wait {
+            None => self.inner.pool.get().await,
+            Some(w) => {
+                let mut t = self.inner.pool.timeouts();
+                t.wait = Some(w.min(self.inner.checkout_timeout));
+                self.inner.pool.timeout_get(&t).await
+            }
+        };
+        let obj = match got {
             Ok(obj) => obj,
             Err(PoolError::Timeout(TimeoutType::Create)) => {
                 return Err(DbError::ConnectTimeout(self.inner.connect_timeout));
@@ -280,7 +350,7 @@ impl Db {
                 let pool = self.status();
                 tracing::warn!(caller = %caller, label, waited_ms = started.elapsed().as_millis() as u64, %pool, "database checkout timed out");
                 return Err(DbError::CheckoutTimeout {
-                    waited: self.inner.checkout_timeout,
+                    waited: wait.unwrap_or(self.inner.checkout_timeout),
                     label,
                     caller,
                     pool,
@@ -305,6 +375,7 @@ impl Db {
         Ok(Session {
             obj: Some(obj),
             info,
+            timeout: self.inner.query_timeout,
             db: self.clone(),
         })
     }
@@ -375,6 +446,7 @@ pub struct Session {
     obj: Option<Object<PgManager>>,
     info: Arc<SessionInfo>,
     db: Db,
+    timeout: Duration,
 }
 
 impl fmt::Debug for Session {
@@ -389,27 +461,30 @@ impl fmt::Debug for Session {
 }
 
 // Each statement is bracketed by begin/end_statement (see SessionInfo): the end is not in
-// a Drop guard on purpose, so a future dropped mid-statement leaves the mark set.
+// a Drop guard on purpose, so a future dropped mid-statement — or one that missed its
+// deadline — leaves the mark set, and the guard's drop discards the connection.
 macro_rules! query_methods {
     () => {
         pub async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, DbError> {
             self.info.begin_statement();
-            let r = match self.client().prepare_cached(sql).await {
-                Ok(stmt) => self.client().query(&stmt, params).await,
-                Err(e) => Err(e),
-            };
-            self.info.end_statement();
-            Ok(r?)
+            let c = self.client();
+            let r = with_deadline(self.timeout, async {
+                let stmt = c.prepare_cached(sql).await?;
+                c.query(&stmt, params).await
+            })
+            .await;
+            self.settle(r)
         }
 
         pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, DbError> {
             self.info.begin_statement();
-            let r = match self.client().prepare_cached(sql).await {
-                Ok(stmt) => self.client().query_one(&stmt, params).await,
-                Err(e) => Err(e),
-            };
-            self.info.end_statement();
-            Ok(r?)
+            let c = self.client();
+            let r = with_deadline(self.timeout, async {
+                let stmt = c.prepare_cached(sql).await?;
+                c.query_one(&stmt, params).await
+            })
+            .await;
+            self.settle(r)
         }
 
         pub async fn query_opt(
@@ -418,30 +493,40 @@ macro_rules! query_methods {
             params: Params<'_>,
         ) -> Result<Option<Row>, DbError> {
             self.info.begin_statement();
-            let r = match self.client().prepare_cached(sql).await {
-                Ok(stmt) => self.client().query_opt(&stmt, params).await,
-                Err(e) => Err(e),
-            };
-            self.info.end_statement();
-            Ok(r?)
+            let c = self.client();
+            let r = with_deadline(self.timeout, async {
+                let stmt = c.prepare_cached(sql).await?;
+                c.query_opt(&stmt, params).await
+            })
+            .await;
+            self.settle(r)
         }
 
         pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, DbError> {
             self.info.begin_statement();
-            let r = match self.client().prepare_cached(sql).await {
-                Ok(stmt) => self.client().execute(&stmt, params).await,
-                Err(e) => Err(e),
-            };
-            self.info.end_statement();
-            Ok(r?)
+            let c = self.client();
+            let r = with_deadline(self.timeout, async {
+                let stmt = c.prepare_cached(sql).await?;
+                c.execute(&stmt, params).await
+            })
+            .await;
+            self.settle(r)
         }
 
         /// Runs several statements without parameters (simple query protocol).
         pub async fn batch_execute(&self, sql: &str) -> Result<(), DbError> {
             self.info.begin_statement();
-            let r = self.client().batch_execute(sql).await;
-            self.info.end_statement();
-            Ok(r?)
+            let r = with_deadline(self.timeout, self.client().batch_execute(sql)).await;
+            self.settle(r)
+        }
+
+        /// Ends the statement bracket unless the deadline passed: then the statement is
+        /// still in flight as far as we know, and the connection must not be reused.
+        fn settle<T>(&self, r: Result<T, DbError>) -> Result<T, DbError> {
+            if !matches!(r, Err(DbError::Deadline(_))) {
+                self.info.end_statement();
+            }
+            r
         }
     };
 }
@@ -470,11 +555,12 @@ impl Session {
     pub async fn transaction(&mut self) -> Result<Tx<'_>, DbError> {
         let obj = self.obj.as_mut().ok_or(DbError::PoolClosed)?;
         self.info.begin_statement();
-        let tx = obj.client.transaction().await?;
+        let tx = with_deadline(self.timeout, obj.client.transaction()).await?;
         self.info.end_statement();
         Ok(Tx {
             tx,
             info: Arc::clone(&self.info),
+            timeout: self.timeout,
         })
     }
 }
@@ -489,8 +575,10 @@ impl Drop for Session {
             // and do not hand this connection to anyone else.
             let token = obj.client.cancel_token();
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                // Bounded: on a dead link the cancel request may get no answer either.
                 rt.spawn(async move {
-                    let _ = token.cancel_query(NoTls).await;
+                    let _ =
+                        tokio::time::timeout(CANCEL_REQUEST_LIMIT, token.cancel_query(NoTls)).await;
                 });
             }
             tracing::debug!(session_id = self.info.id, caller = %self.info.caller, label = self.info.label, "session dropped mid-statement; cancelling it and discarding the connection");
@@ -520,6 +608,7 @@ impl Drop for Session {
 pub struct Tx<'a> {
     tx: deadpool_postgres::Transaction<'a>,
     info: Arc<SessionInfo>,
+    timeout: Duration,
 }
 
 impl Tx<'_> {
@@ -532,28 +621,93 @@ impl Tx<'_> {
     pub async fn commit(self) -> Result<(), DbError> {
         let info = Arc::clone(&self.info);
         info.begin_statement();
-        let r = self.tx.commit().await;
-        info.end_statement();
-        Ok(r?)
+        let r = with_deadline(self.timeout, self.tx.commit()).await;
+        if !matches!(r, Err(DbError::Deadline(_))) {
+            info.end_statement();
+        }
+        r
     }
 
     pub async fn rollback(self) -> Result<(), DbError> {
         let info = Arc::clone(&self.info);
         info.begin_statement();
-        let r = self.tx.rollback().await;
-        info.end_statement();
-        Ok(r?)
+        let r = with_deadline(self.timeout, self.tx.rollback()).await;
+        if !matches!(r, Err(DbError::Deadline(_))) {
+            info.end_statement();
+        }
+        r
     }
 }
 
-/// Opens a connection outside the pool, for the few jobs that must not depend on the pool
-/// (migrations under an advisory lock, the supervisor's admin connection). The connection
-/// task ends when the returned client is dropped.
+/// A connection outside the pool, for the few jobs that must not depend on it (migrations
+/// under an advisory lock, the supervisor's admin connection, the LISTEN connection). Like
+/// a [`Session`], every round trip has the `query_timeout` deadline; unlike one, it is
+/// not tracked, and its owner rebuilds it when it breaks. Dropping it closes the socket at
+/// once, even with a statement in flight on a dead link.
+pub struct DirectClient {
+    client: tokio_postgres::Client,
+    conn: tokio::task::JoinHandle<()>,
+    timeout: Duration,
+    /// Set when a round trip missed its deadline: the link is presumed dead.
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl DirectClient {
+    async fn run<T>(
+        &self,
+        fut: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, DbError> {
+        let r = with_deadline(self.timeout, fut).await;
+        if matches!(r, Err(DbError::Deadline(_))) {
+            self.broken.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+
+    pub async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, DbError> {
+        self.run(self.client.query(sql, params)).await
+    }
+
+    pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, DbError> {
+        self.run(self.client.query_one(sql, params)).await
+    }
+
+    pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, DbError> {
+        self.run(self.client.execute(sql, params)).await
+    }
+
+    pub async fn batch_execute(&self, sql: &str) -> Result<(), DbError> {
+        self.run(self.client.batch_execute(sql)).await
+    }
+
+    /// Closed by the server, or presumed dead after a missed deadline: build a new one.
+    pub fn is_broken(&self) -> bool {
+        self.client.is_closed() || self.broken.load(Ordering::Relaxed)
+    }
+
+    /// The raw client, for a caller that bounds the whole exchange itself (refinery).
+    pub(crate) fn raw_mut(&mut self) -> &mut tokio_postgres::Client {
+        &mut self.client
+    }
+
+    pub fn deadline(&self) -> Duration {
+        self.timeout
+    }
+}
+
+impl Drop for DirectClient {
+    fn drop(&mut self) {
+        self.conn.abort();
+    }
+}
+
+/// Opens a [`DirectClient`]; the whole connect (socket, startup, auth) is bounded by
+/// `connect_timeout`.
 pub async fn connect_direct(
     pg: &tokio_postgres::Config,
     cfg: &DatabaseConfig,
     purpose: &str,
-) -> Result<tokio_postgres::Client, DbError> {
+) -> Result<DirectClient, DbError> {
     let mut pg = pg.clone();
     session_settings(&mut pg, cfg);
     pg.application_name(format!("{}:{purpose}", cfg.application_name));
@@ -563,10 +717,15 @@ pub async fn connect_direct(
             Err(_) => return Err(DbError::ConnectTimeout(cfg.connect_timeout.get())),
         };
     let purpose = purpose.to_string();
-    tokio::spawn(async move {
+    let conn = tokio::spawn(async move {
         if let Err(e) = conn.await {
-            tracing::warn!(purpose, error = %e, "direct database connection ended with an error");
+            tracing::warn!(purpose, error = %describe_pg_error(&e), "direct database connection ended with an error");
         }
     });
-    Ok(client)
+    Ok(DirectClient {
+        client,
+        conn,
+        timeout: cfg.query_timeout.get(),
+        broken: std::sync::atomic::AtomicBool::new(false),
+    })
 }

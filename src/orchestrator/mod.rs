@@ -2,6 +2,7 @@
 //! running here ([`registry::RunningTasks`]), through which the supervisor and shutdown
 //! cancel them; the workers and agents that fill it are the orchestrator issue's work.
 
+pub mod elector;
 pub mod registry;
 pub mod worker;
 

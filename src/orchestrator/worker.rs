@@ -9,9 +9,10 @@
 //! - **heartbeat**: every lease/3 extends the leases of tasks running here; a task whose row
 //!   is no longer running under our lease (cancelled elsewhere, timed out, re-queued) is
 //!   cancelled here. It also refreshes this instance's row in `instances`.
-//! - **leader**: the instance holding a session advisory lock re-queues tasks whose lease
-//!   expired (a dead instance's), reaps dead instances and cancels dependants of failed
-//!   steps. The lock dies with its connection, so another instance takes over.
+//! - **leader**: the instance holding the `leader` row (see [`super::elector`]) re-queues
+//!   tasks whose lease expired (a dead instance's), reaps dead instances and cancels
+//!   dependants of failed steps. A leader that cannot renew the row steps down at once,
+//!   and another instance takes over when the row expires.
 //!
 //! A task runs as one future raced against its cancellation token and its time limit; on
 //! cancellation the future — and every session guard and child process it holds — is
@@ -25,7 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use rand::Rng;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -33,8 +34,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::agents::{AgentEntry, AgentError, AgentOutput, Agents, EventHub, TaskContext};
 use crate::config::Config;
-use crate::db::{Db, DbError, connect_direct};
+use crate::db::{Db, DbError};
 use crate::metrics::{self as m, Metrics};
+use crate::orchestrator::elector::Elector;
 use crate::orchestrator::registry::{Registration, RunningTasks};
 use crate::store::{
     NewObjective, NewStep, NewTask, Objective, Store, StoreError, TASK_COLUMNS, Task, TaskStatus,
@@ -52,8 +54,6 @@ fn invalid(field: &str, message: impl Into<String>) -> OrchestratorError {
     })
 }
 
-/// Advisory-lock key of the leader: "twleader".
-const LEADER_LOCK_KEY: i64 = 0x7477_6c65_6164_6572;
 /// The NOTIFY channel new tasks are announced on.
 pub const NOTIFY_CHANNEL: &str = "taskwarden_tasks";
 /// How long a session run waits for the task it replaced to end before answering.
@@ -911,40 +911,62 @@ impl Orchestrator {
         }
     }
 
+    /// One LISTEN connection's life. Connect and LISTEN are bounded; while idle, a probe
+    /// round trip every `query_timeout` proves the link alive, so a frozen connection is
+    /// replaced within two deadlines instead of silently delivering nothing.
     async fn listen_once(&self) -> Result<(), DbError> {
         let i = &self.inner;
         let cfg = i.config.load_full();
+        let deadline = cfg.database.query_timeout.get();
         let mut pg = i.pg.clone();
         crate::db::session_settings(&mut pg, &cfg.database);
         pg.application_name(format!("{}:listener", cfg.database.application_name));
-        let (client, mut conn) = pg
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(DbError::Connect)?;
+        let connect_limit = cfg.database.connect_timeout.get();
+        let (client, mut conn) =
+            match tokio::time::timeout(connect_limit, pg.connect(tokio_postgres::NoTls)).await {
+                Ok(r) => r.map_err(DbError::Connect)?,
+                Err(_) => return Err(DbError::ConnectTimeout(connect_limit)),
+            };
         let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        let on_message =
+            |m: Option<Result<tokio_postgres::AsyncMessage, tokio_postgres::Error>>| match m {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                    i.wake.notify_one();
+                    Ok(true)
+                }
+                Some(Ok(_)) => Ok(true),
+                Some(Err(e)) => Err(DbError::Connect(e)),
+                None => Ok(false),
+            };
+        // The connection is driven (messages polled) while each round trip runs.
         let sql = format!("LISTEN {NOTIFY_CHANNEL}");
-        let listen = client.batch_execute(&sql);
-        // The connection must be driven while LISTEN runs.
-        tokio::pin!(listen);
+        let mut round_trip = Some(client.batch_execute(&sql).boxed());
+        let mut next_probe = tokio::time::Instant::now() + deadline;
         loop {
-            tokio::select! {
-                r = &mut listen => { r?; break; }
-                m = messages.next() => match m {
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(DbError::Connect(e)),
-                    None => return Ok(()),
-                },
-            }
-        }
-        loop {
-            tokio::select! {
-                _ = i.shutdown.cancelled() => return Ok(()),
-                m = messages.next() => match m {
-                    Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => i.wake.notify_one(),
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(DbError::Connect(e)),
-                    None => return Ok(()),
-                },
+            match round_trip.as_mut() {
+                Some(rt) => {
+                    let expires = tokio::time::sleep(deadline);
+                    tokio::pin!(expires);
+                    loop {
+                        tokio::select! {
+                            _ = i.shutdown.cancelled() => return Ok(()),
+                            r = &mut *rt => { r?; break; }
+                            m = messages.next() => if !on_message(m)? { return Ok(()) },
+                            _ = &mut expires => return Err(DbError::Deadline(deadline)),
+                        }
+                    }
+                    round_trip = None;
+                    next_probe = tokio::time::Instant::now() + deadline;
+                }
+                None => {
+                    tokio::select! {
+                        _ = i.shutdown.cancelled() => return Ok(()),
+                        m = messages.next() => if !on_message(m)? { return Ok(()) },
+                        _ = tokio::time::sleep_until(next_probe) => {
+                            round_trip = Some(client.batch_execute("SELECT 1").boxed());
+                        }
+                    }
+                }
             }
         }
     }
@@ -1002,56 +1024,41 @@ impl Orchestrator {
         Ok(())
     }
 
+    /// Holds or seeks leadership every third of its time to live (`workers.lease`), and
+    /// while leading does the cluster-wide duties. Resigns at shutdown.
     async fn leader(self) {
         let i = Arc::clone(&self.inner);
-        let mut conn: Option<tokio_postgres::Client> = None;
-        let mut leading = false;
+        let mut elector = Elector::new(i.instance_id.clone(), i.db.clone(), i.metrics.clone());
         loop {
             let cfg = i.config.load_full();
-            let period = (cfg.workers.lease.get() / 2).max(Duration::from_millis(100));
-            if let Err(e) = self.lead_once(&mut conn, &mut leading, &cfg).await {
-                if leading {
-                    tracing::warn!(error = %e, "leader connection lost; stepping down");
-                }
-                leading = false;
-                conn = None;
+            let ttl = cfg.workers.lease.get();
+            let period = (ttl / 3).max(Duration::from_millis(100));
+            if elector.run_once(ttl).await
+                && let Err(e) = self.lead_once(&elector, &cfg).await
+            {
+                tracing::warn!(error = %e, sqlstate = ?e.sqlstate().map(|c| c.code()), "leader duties failed; retrying next round");
             }
             tokio::select! {
-                _ = i.shutdown.cancelled() => return,
+                _ = i.shutdown.cancelled() => {
+                    elector.resign().await;
+                    return;
+                }
                 _ = tokio::time::sleep(period) => {}
             }
         }
     }
 
-    async fn lead_once(
-        &self,
-        conn: &mut Option<tokio_postgres::Client>,
-        leading: &mut bool,
-        cfg: &Config,
-    ) -> Result<(), tokio_postgres::Error> {
+    /// The leader's duties; each step starts only while leadership is still ours.
+    async fn lead_once(&self, elector: &Elector, cfg: &Config) -> Result<(), DbError> {
         let i = &self.inner;
-        if conn.as_ref().is_none_or(|c| c.is_closed()) {
-            *leading = false;
-            *conn = connect_direct(&i.pg, &cfg.database, "leader").await.ok();
-        }
-        let Some(c) = conn.as_ref() else {
-            return Ok(());
-        };
-        if !*leading {
-            let got: bool = c
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK_KEY])
-                .await?
-                .get(0);
-            if !got {
-                return Ok(());
-            }
-            *leading = true;
-            tracing::info!(instance = %i.instance_id, "became leader");
-        }
         // Our own runs (including outcomes still waiting to be written) are not expired,
         // whatever the lease column says after an outage.
         let local: Vec<i64> = i.running.snapshot().iter().map(|t| t.task_id).collect();
-        let requeued = c
+        let s = i.db.session("orchestrator.leader").await?;
+        if !elector.is_leading() {
+            return Ok(());
+        }
+        let requeued = s
             .query(
                 "UPDATE tasks SET \
                    status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END, \
@@ -1067,50 +1074,33 @@ impl Orchestrator {
             let ids: Vec<i64> = requeued.iter().map(|r| r.get(0)).collect();
             tracing::warn!(tasks = ?ids, "re-queued tasks whose lease expired");
             i.wake.notify_one();
-            c.execute("SELECT pg_notify($1, '')", &[&NOTIFY_CHANNEL])
+            s.execute("SELECT pg_notify($1, '')", &[&NOTIFY_CHANNEL])
                 .await?;
         }
+        if !elector.is_leading() {
+            return Ok(());
+        }
         let dead_after = cfg.workers.lease.get().as_secs_f64() * 3.0;
-        let reaped = c
+        let reaped = s
             .query(
                 "DELETE FROM instances WHERE heartbeat_at < now() - make_interval(secs => $1) RETURNING id",
                 &[&dead_after],
             )
             .await?;
+        drop(s);
         for r in &reaped {
             let id: String = r.get(0);
             tracing::warn!(instance = %id, "reaped a dead instance");
         }
-        drop(requeued);
-        self.cascade().await;
+        if elector.is_leading() {
+            self.cascade().await;
+        }
         Ok(())
     }
 
     /// Tasks running here right now.
     pub fn running_here(&self) -> usize {
         self.inner.total.load(Ordering::Relaxed)
-    }
-
-    /// Instances that heartbeat recently.
-    pub async fn instances(&self) -> Result<Vec<serde_json::Value>, StoreError> {
-        let s = self.inner.db.session("orchestrator.instances").await?;
-        let rows = s
-            .query(
-                "SELECT id, hostname, pid, version, started_at, heartbeat_at FROM instances ORDER BY started_at",
-                &[],
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                serde_json::json!({
-                    "id": r.get::<_, String>(0), "hostname": r.get::<_, String>(1), "pid": r.get::<_, i32>(2),
-                    "version": r.get::<_, String>(3),
-                    "started_at": r.get::<_, chrono::DateTime<chrono::Utc>>(4),
-                    "heartbeat_at": r.get::<_, chrono::DateTime<chrono::Utc>>(5),
-                })
-            })
-            .collect())
     }
 
     /// Waits until no run started here is still going (for shutdown), up to `limit`.
