@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::signal::unix::{SignalKind, signal};
+use futures_util::StreamExt;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook_tokio::Signals;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -18,7 +20,7 @@ use crate::agents::EventHub;
 use crate::alerts::Alerts;
 use crate::api::{self, ApiState, ConfigMeta, resolve_token};
 use crate::config::{Config, ConfigError};
-use crate::db::embedded::{Cluster, ClusterOptions, EMBEDDED_DB};
+use crate::db::embedded::{Cluster, ClusterOptions, EMBEDDED_DB, EmbeddedError};
 use crate::db::migrate::{self, MigrateError};
 use crate::db::{Db, DbError};
 use crate::logging::LogHandle;
@@ -49,7 +51,21 @@ pub enum DaemonError {
     Listen(String, #[source] std::io::Error),
     #[error("cannot install signal handler: {0}")]
     Signal(#[source] std::io::Error),
+    #[error(
+        "the embedded PostgreSQL exited {restarts} times within {window:?} and could not be \
+         kept running (last: {last}); exiting so the service manager restarts us"
+    )]
+    EmbeddedDied {
+        restarts: usize,
+        window: Duration,
+        last: String,
+    },
 }
+
+/// Restarts of the embedded PostgreSQL allowed within [`EMBEDDED_RESTART_WINDOW`]; one
+/// more exit and the daemon exits non-zero instead of staying up unready.
+pub const EMBEDDED_RESTARTS: usize = 3;
+pub const EMBEDDED_RESTART_WINDOW: Duration = Duration::from_secs(600);
 
 /// The database a daemon talks to: a server it was pointed at, or its own.
 pub struct Database {
@@ -58,6 +74,23 @@ pub struct Database {
 }
 
 impl Database {
+    /// For `taskwarden migrate`: like [`Database::open`], but when a running daemon owns
+    /// the embedded cluster, connects to it through its socket instead of failing (and
+    /// never stops it).
+    pub async fn open_shared(cfg: &Config) -> Result<Database, DaemonError> {
+        match Self::open(cfg).await {
+            Err(DaemonError::Embedded(EmbeddedError::InUse { data_dir, pid })) => {
+                let data_dir = std::fs::canonicalize(&data_dir).unwrap_or(data_dir);
+                tracing::info!(data_dir = %data_dir.display(), owner_pid = ?pid, "data_dir in use by a running taskwarden; using its PostgreSQL");
+                Ok(Database {
+                    pg: crate::db::embedded::socket_config(&data_dir.join("pgdata"), EMBEDDED_DB),
+                    cluster: None,
+                })
+            }
+            other => other,
+        }
+    }
+
     /// Uses `database.url` (or its env override); with none, starts the embedded cluster.
     pub async fn open(cfg: &Config) -> Result<Database, DaemonError> {
         let url = cfg.database.effective_url();
@@ -143,21 +176,10 @@ pub struct Daemon {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config_path: &Path, config: Config, log: LogHandle) -> Result<(), DaemonError> {
     // Install handlers first: a signal during start-up must not kill us half-way.
-    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
-    let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(DaemonError::Signal)?;
 
-    let database = Database::open(&config).await?;
-    let result = serve(
-        config_path,
-        config,
-        log,
-        &database,
-        &mut sigterm,
-        &mut sigint,
-        &mut sighup,
-    )
-    .await;
+    let mut database = Database::open(&config).await?;
+    let result = serve(config_path, config, log, &mut database, &mut signals).await;
     database.close().await;
     if result.is_ok() {
         tracing::info!("taskwarden stopped");
@@ -169,10 +191,8 @@ async fn serve(
     config_path: &Path,
     config: Config,
     log: LogHandle,
-    database: &Database,
-    sigterm: &mut tokio::signal::unix::Signal,
-    sigint: &mut tokio::signal::unix::Signal,
-    sighup: &mut tokio::signal::unix::Signal,
+    database: &mut Database,
+    signals: &mut Signals,
 ) -> Result<(), DaemonError> {
     let report = migrate::run(&database.pg, &config.database).await?;
     tracing::info!(
@@ -293,19 +313,90 @@ async fn serve(
     );
     systemd::notify(&format!("READY=1\nSTATUS=ready; listening on {local}"));
 
+    let mut restarts: Vec<tokio::time::Instant> = Vec::new();
+    let mut died: Option<DaemonError> = None;
     loop {
+        let postmaster = database.cluster.as_ref().map(|c| c.exited());
+        let postmaster_exit = async {
+            match &postmaster {
+                Some(t) => t.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = sigterm.recv() => { tracing::info!(signal = "SIGTERM", "shutting down"); break; }
-            _ = sigint.recv() => { tracing::info!(signal = "SIGINT", "shutting down"); break; }
-            _ = sighup.recv() => {
-                systemd::notify_reloading();
-                reload(&daemon, &log);
-                systemd::notify("READY=1");
+            sig = signals.next() => match sig {
+                Some(SIGHUP) => {
+                    systemd::notify_reloading();
+                    reload(&daemon, &log);
+                    systemd::notify("READY=1");
+                }
+                Some(s) => {
+                    let name = if s == SIGINT { "SIGINT" } else { "SIGTERM" };
+                    tracing::info!(signal = name, "shutting down");
+                    break;
+                }
+                None => break,
+            },
+            _ = postmaster_exit => {
+                if let Err(e) = restart_embedded(database, &daemon.metrics, &mut restarts).await {
+                    tracing::error!(error = %e, "embedded PostgreSQL cannot be kept running; shutting down");
+                    died = Some(e);
+                    break;
+                }
             }
         }
     }
     systemd::notify("STOPPING=1");
-    stop(&daemon).await
+    let stopped = stop(&daemon).await;
+    match died {
+        Some(e) => Err(e),
+        None => stopped,
+    }
+}
+
+/// The embedded postmaster exited while we run (killed, crashed, OOM): start it again,
+/// at most [`EMBEDDED_RESTARTS`] times within [`EMBEDDED_RESTART_WINDOW`]. The pool and
+/// every loop reconnect by themselves once the socket is back.
+async fn restart_embedded(
+    database: &mut Database,
+    metrics: &Metrics,
+    restarts: &mut Vec<tokio::time::Instant>,
+) -> Result<(), DaemonError> {
+    let now = tokio::time::Instant::now();
+    restarts.retain(|t| now.saturating_duration_since(*t) < EMBEDDED_RESTART_WINDOW);
+    let Some(cluster) = database.cluster.take() else {
+        return Ok(());
+    };
+    let old_pid = cluster.pid();
+    if restarts.len() >= EMBEDDED_RESTARTS {
+        return Err(DaemonError::EmbeddedDied {
+            restarts: restarts.len(),
+            window: EMBEDDED_RESTART_WINDOW,
+            last: format!("pid {old_pid} exited"),
+        });
+    }
+    restarts.push(now);
+    tracing::error!(
+        pid = old_pid,
+        attempt = restarts.len(),
+        limit = EMBEDDED_RESTARTS,
+        "embedded PostgreSQL exited unexpectedly; restarting it"
+    );
+    match cluster.restart().await {
+        Ok(c) => {
+            metrics
+                .counter(metrics::EMBEDDED_POSTGRES_RESTARTS_TOTAL, &[])
+                .increment(1);
+            tracing::warn!(pid = c.pid(), old_pid, "embedded PostgreSQL restarted");
+            database.cluster = Some(c);
+            Ok(())
+        }
+        Err(e) => Err(DaemonError::EmbeddedDied {
+            restarts: restarts.len(),
+            window: EMBEDDED_RESTART_WINDOW,
+            last: e.to_string(),
+        }),
+    }
 }
 
 /// Stop claiming; let running tasks finish within `workers.shutdown_grace`; cancel what is

@@ -168,11 +168,28 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "taskwarden failed");
-            eprintln!("taskwarden: {e:#}");
+            let text = chain(&e);
+            tracing::error!(error = %text, "taskwarden failed");
+            eprintln!("taskwarden: {text}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, leaving out a cause whose text its parent already shows.
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let t = cause.to_string();
+        if out.contains(&t) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&t);
+    }
+    out
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -194,7 +211,8 @@ fn migrate(arg: &ConfigArg) -> anyhow::Result<()> {
     let (_, config) = load(arg)?;
     taskwarden::logging::init(&config.logging)?;
     runtime()?.block_on(async {
-        let db = taskwarden::daemon::Database::open(&config).await?;
+        // A daemon running on the same data_dir keeps its cluster: migrate through it.
+        let db = taskwarden::daemon::Database::open_shared(&config).await?;
         let r = taskwarden::db::migrate::run(&db.pg, &config.database).await;
         db.close().await;
         let r = r?;

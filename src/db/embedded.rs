@@ -9,7 +9,15 @@
 //! The postmaster is spawned from a dedicated thread that lives exactly as long as the
 //! server and asks the kernel (PR_SET_PDEATHSIG) to send the server SIGINT (fast shutdown)
 //! if that thread dies. So even a SIGKILLed daemon or a test process that exits without
-//! running destructors does not leave a server behind.
+//! running destructors does not leave a server behind. It runs in a session of its own, so
+//! a terminal's Ctrl-C reaches only the daemon, which then stops it in order.
+//!
+//! The cluster is owned exclusively: [`Cluster::start`] takes an `flock` on
+//! `data_dir/taskwarden.lock` (holding our pid) for the cluster's whole life. A second
+//! process on the same `data_dir` gets [`EmbeddedError::InUse`] naming the owner's pid; it
+//! never stops the live server. Only the lock's holder ever stops a postmaster it finds
+//! left in the directory (one whose daemon died). If the postmaster exits on its own, the
+//! owner learns it through [`Cluster::exited`] and may [`Cluster::restart`] it.
 
 use std::fs;
 use std::io::Read;
@@ -34,6 +42,12 @@ pub const PG_BINDIR_ENV: &str = "TASKWARDEN_PG_BINDIR";
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmbeddedError {
+    #[error(
+        "data_dir {} is in use by a running taskwarden (pid {}); stop it first, or give \
+         this one another database.data_dir",
+        .data_dir.display(), .pid.map(|p| p.to_string()).unwrap_or_else(|| "unknown".into())
+    )]
+    InUse { data_dir: PathBuf, pid: Option<i32> },
     #[error(
         "PostgreSQL server binaries (initdb, postgres) were not found ($TASKWARDEN_PG_BINDIR, \
          PATH, /usr/lib/postgresql/*/bin); install them with `apt-get install postgresql` \
@@ -116,15 +130,77 @@ pub struct ClusterOptions {
     pub max_connections: Option<u32>,
 }
 
+/// The exclusive claim on a `data_dir`: an `flock` held as long as this value lives (the
+/// kernel drops it when the process dies, however it dies).
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: fs::File,
+}
+
+/// Start attempts after an unexpected exit before a restart counts as failed.
+const RESTART_TRIES: u32 = 10;
+
+/// The lock file inside `data_dir`.
+pub const LOCK_FILE: &str = "taskwarden.lock";
+
+impl DataDirLock {
+    /// Takes the lock, or says who holds it.
+    pub fn acquire(data_dir: &Path) -> Result<DataDirLock, EmbeddedError> {
+        use std::io::{Seek, Write};
+        use std::os::fd::AsRawFd;
+        let path = data_dir.join(LOCK_FILE);
+        let dd_err = |source| EmbeddedError::DataDir {
+            path: path.clone(),
+            source,
+        };
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(dd_err)?;
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(EmbeddedError::InUse {
+                    data_dir: data_dir.to_path_buf(),
+                    pid: Self::holder(data_dir),
+                });
+            }
+            return Err(dd_err(err));
+        }
+        file.set_len(0).map_err(dd_err)?;
+        file.seek(std::io::SeekFrom::Start(0)).map_err(dd_err)?;
+        writeln!(file, "{}", std::process::id()).map_err(dd_err)?;
+        Ok(DataDirLock { _file: file })
+    }
+
+    /// The pid written by the lock's holder, if one can be read.
+    pub fn holder(data_dir: &Path) -> Option<i32> {
+        fs::read_to_string(data_dir.join(LOCK_FILE))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
 /// A running embedded cluster. Call [`Cluster::stop`] to shut it down cleanly; dropping it
 /// also stops it (blocking briefly), so no path leaves a server running.
 #[derive(Debug)]
 pub struct Cluster {
+    data_dir: PathBuf,
     pgdata: PathBuf,
+    opts: ClusterOptions,
     pid: Pid,
     // In a Mutex only to make Cluster Sync; one owner ever waits on it.
     exited: Mutex<mpsc::Receiver<()>>,
+    /// Cancelled by the spawning thread when the postmaster exits, for async watchers.
+    exit_token: tokio_util::sync::CancellationToken,
     stopped: bool,
+    lock: Option<DataDirLock>,
 }
 
 fn run_as_user() -> Result<Option<User>, EmbeddedError> {
@@ -151,14 +227,56 @@ impl Cluster {
     /// accepts connections and make sure the `taskwarden` database exists.
     pub async fn start(data_dir: &Path, opts: ClusterOptions) -> Result<Cluster, EmbeddedError> {
         let data_dir = data_dir.to_path_buf();
-        let cluster = tokio::task::spawn_blocking(move || Self::start_blocking(&data_dir, &opts))
-            .await
-            .map_err(|e| EmbeddedError::Spawn(std::io::Error::other(e)))??;
+        let cluster =
+            tokio::task::spawn_blocking(move || Self::start_blocking(&data_dir, &opts, &mut None))
+                .await
+                .map_err(|e| EmbeddedError::Spawn(std::io::Error::other(e)))??;
         cluster.ensure_database().await?;
         Ok(cluster)
     }
 
-    fn start_blocking(data_dir: &Path, opts: &ClusterOptions) -> Result<Cluster, EmbeddedError> {
+    /// A token cancelled when the postmaster exits, whoever made it exit.
+    pub fn exited(&self) -> tokio_util::sync::CancellationToken {
+        self.exit_token.clone()
+    }
+
+    /// Starts the server again after it exited on its own, keeping the `data_dir` lock
+    /// throughout, so no other process can slip in between.
+    pub async fn restart(mut self) -> Result<Cluster, EmbeddedError> {
+        // It is gone already: nothing to stop, and its pid may be reused by now.
+        self.stopped = true;
+        let mut lock = self.lock.take();
+        let data_dir = self.data_dir.clone();
+        let opts = self.opts.clone();
+        let cluster = tokio::task::spawn_blocking(move || {
+            // The dead postmaster's backends may still hold its shared memory for a moment;
+            // PostgreSQL refuses to start until they are gone.
+            let mut tries = 0;
+            loop {
+                match Self::start_blocking(&data_dir, &opts, &mut lock) {
+                    Err(EmbeddedError::StartFailed { .. } | EmbeddedError::StartTimeout(..))
+                        if tries < RESTART_TRIES =>
+                    {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .map_err(|e| EmbeddedError::Spawn(std::io::Error::other(e)))??;
+        cluster.ensure_database().await?;
+        Ok(cluster)
+    }
+
+    /// `lock` is taken (or acquired, when empty) only by a successful start, so a failed
+    /// restart keeps it for the next try.
+    fn start_blocking(
+        data_dir: &Path,
+        opts: &ClusterOptions,
+        lock: &mut Option<DataDirLock>,
+    ) -> Result<Cluster, EmbeddedError> {
         let bins = PgBinaries::find()?;
         let user = run_as_user()?;
         let dd_err = |path: &Path| {
@@ -167,6 +285,10 @@ impl Cluster {
         };
         fs::create_dir_all(data_dir).map_err(dd_err(data_dir))?;
         let data_dir = fs::canonicalize(data_dir).map_err(dd_err(data_dir))?;
+        // Ownership before anything that could touch a live server.
+        if lock.is_none() {
+            *lock = Some(DataDirLock::acquire(&data_dir)?);
+        }
         let pgdata = data_dir.join("pgdata");
         if !pgdata.join("PG_VERSION").is_file() {
             fs::create_dir_all(&pgdata).map_err(dd_err(&pgdata))?;
@@ -239,10 +361,15 @@ impl Cluster {
             ]);
         }
         as_user(&mut cmd, &user);
-        // SAFETY: prctl is async-signal-safe; it runs in the child after setuid (so the
-        // credential change cannot clear it) and before exec.
+        // SAFETY: setsid and prctl are async-signal-safe; they run in the child after
+        // setuid (so the credential change cannot clear the death signal) and before exec.
         unsafe {
             cmd.pre_exec(|| {
+                // Its own session: a terminal's Ctrl-C (sent to our process group) does
+                // not reach it; the daemon stops it in order.
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -252,6 +379,8 @@ impl Cluster {
 
         let (pid_tx, pid_rx) = mpsc::channel::<Result<u32, std::io::Error>>();
         let (exit_tx, exit_rx) = mpsc::channel::<()>();
+        let exit_token = tokio_util::sync::CancellationToken::new();
+        let exit_signal = exit_token.clone();
         std::thread::Builder::new()
             .name("embedded-postgres".into())
             .spawn(move || match cmd.spawn() {
@@ -259,6 +388,7 @@ impl Cluster {
                     let _ = pid_tx.send(Ok(child.id()));
                     let _ = child.wait();
                     let _ = exit_tx.send(());
+                    exit_signal.cancel();
                 }
                 Err(e) => {
                     let _ = pid_tx.send(Err(e));
@@ -270,10 +400,14 @@ impl Cluster {
             .map_err(|e| EmbeddedError::Spawn(std::io::Error::other(e)))?
             .map_err(EmbeddedError::Spawn)?;
         let mut cluster = Cluster {
+            data_dir: data_dir.clone(),
             pgdata,
+            opts: opts.clone(),
             pid: Pid::from_raw(pid as i32),
             exited: Mutex::new(exit_rx),
+            exit_token,
             stopped: false,
+            lock: None,
         };
 
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -287,11 +421,16 @@ impl Cluster {
                     log: log_path,
                 });
             }
-            // postmaster.pid's 8th line reads "ready" once connections are accepted.
+            // postmaster.pid's 8th line reads "ready" once connections are accepted; its
+            // first line must be our server's pid (a dead one's file may still say ready).
             let ready = fs::read_to_string(&pid_file)
-                .map(|s| s.lines().nth(7).is_some_and(|l| l.trim() == "ready"))
+                .map(|s| {
+                    s.lines().next().map(str::trim) == Some(pid.to_string().as_str())
+                        && s.lines().nth(7).is_some_and(|l| l.trim() == "ready")
+                })
                 .unwrap_or(false);
             if ready && socket.exists() {
+                cluster.lock = lock.take();
                 return Ok(cluster);
             }
             if Instant::now() > deadline {
@@ -307,12 +446,7 @@ impl Cluster {
 
     /// Connection settings for this cluster's socket; `dbname` picks the database.
     pub fn pg_config(&self, dbname: &str) -> tokio_postgres::Config {
-        let mut c = tokio_postgres::Config::new();
-        c.host_path(&self.pgdata)
-            .port(EMBEDDED_PORT)
-            .user(EMBEDDED_USER)
-            .dbname(dbname);
-        c
+        socket_config(&self.pgdata, dbname)
     }
 
     /// A libpq-style URL for this cluster, for tools and child processes.
@@ -372,7 +506,9 @@ impl Cluster {
     }
 
     fn stop_blocking(&mut self) {
-        if self.stopped {
+        if self.stopped || self.exit_token.is_cancelled() {
+            // Already gone: signalling its pid could hit an unrelated process.
+            self.stopped = true;
             return;
         }
         self.stopped = true;
@@ -389,6 +525,17 @@ impl Cluster {
     }
 }
 
+/// Connection settings for the embedded cluster whose `pgdata` this is (the socket lives
+/// there); used to reach a cluster another process owns.
+pub fn socket_config(pgdata: &Path, dbname: &str) -> tokio_postgres::Config {
+    let mut c = tokio_postgres::Config::new();
+    c.host_path(pgdata)
+        .port(EMBEDDED_PORT)
+        .user(EMBEDDED_USER)
+        .dbname(dbname);
+    c
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop_blocking();
@@ -396,7 +543,8 @@ impl Drop for Cluster {
 }
 
 /// A postmaster left by a daemon that was SIGKILLed before its server noticed: stop it so
-/// ours can start. PostgreSQL itself cleans a pid file whose process is gone.
+/// ours can start. PostgreSQL itself cleans a pid file whose process is gone. Called only
+/// with the `data_dir` lock held, so the server found here has no live daemon.
 fn stop_stale_postmaster(pgdata: &Path) {
     let Ok(text) = fs::read_to_string(pgdata.join("postmaster.pid")) else {
         return;
