@@ -32,6 +32,9 @@ use crate::config::DatabaseConfig;
 use crate::metrics::Metrics;
 use crate::tracker::{NewSession, Owner, SessionInfo, Tracker};
 
+/// A pre-ping (`database.pre_ping`) slower than this discards the idle connection.
+pub const PING_LIMIT: Duration = Duration::from_secs(1);
+
 /// How long a cancel request for an abandoned statement may take before we give up on it.
 const CANCEL_REQUEST_LIMIT: Duration = Duration::from_secs(10);
 
@@ -248,9 +251,9 @@ impl Db {
             .timeouts(Timeouts {
                 wait: Some(cfg.checkout_timeout.get()),
                 create: Some(cfg.connect_timeout.get()),
-                // A ping on a dead link must not eat the whole checkout wait: the
-                // connection is dropped and the next one tried.
-                recycle: Some(cfg.checkout_timeout.get().min(cfg.query_timeout.get())),
+                // A ping on a dead link must not eat the checkout: the connection is
+                // dropped and the next one tried.
+                recycle: Some(PING_LIMIT.min(cfg.checkout_timeout.get() / 2)),
             })
             .build()
             .map_err(|e| DbError::Config(e.to_string()))?;
@@ -332,14 +335,19 @@ impl Db {
         wait: Option<Duration>,
     ) -> Result<Session, DbError> {
         let started = Instant::now();
-        let got = match wait {
-            None => self.inner.pool.get().await,
-            Some(w) => {
-                let mut t = self.inner.pool.timeouts();
-                t.wait = Some(w.min(self.inner.checkout_timeout));
-                self.inner.pool.timeout_get(&t).await
-            }
-        };
+        let mut timeouts = self.inner.pool.timeouts();
+        if let Some(w) = wait {
+            timeouts.wait = Some(w.min(self.inner.checkout_timeout));
+        }
+        // deadpool bounds the wait for a slot, each ping and each connect separately; this
+        // bounds their sum, so several dead idle connections cannot add up.
+        let hard_limit = timeouts
+            .wait
+            .unwrap_or(self.inner.checkout_timeout)
+            .saturating_add(self.inner.connect_timeout);
+        let got = tokio::time::timeout(hard_limit, self.inner.pool.timeout_get(&timeouts))
+            .await
+            .unwrap_or(Err(PoolError::Timeout(TimeoutType::Wait)));
         let obj = match got {
             Ok(obj) => obj,
             Err(PoolError::Timeout(TimeoutType::Create)) => {
@@ -640,7 +648,7 @@ impl Tx<'_> {
 }
 
 /// A connection outside the pool, for the few jobs that must not depend on it (migrations
-/// under an advisory lock, the supervisor's admin connection, the LISTEN connection). Like
+/// under an advisory lock, the supervisor's admin connection). Like
 /// a [`Session`], every round trip has the `query_timeout` deadline; unlike one, it is
 /// not tracked, and its owner rebuilds it when it breaks. Dropping it closes the socket at
 /// once, even with a statement in flight on a dead link.
