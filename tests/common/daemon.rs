@@ -21,6 +21,17 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(dir: &Path, config: &str, env: &[(&str, &str)]) -> Daemon {
+        Self::start_with(dir, config, env, false)
+    }
+
+    /// Like [`Daemon::start`], with the daemon leading a process group of its own (pgid =
+    /// its pid), as a shell starts a foreground job: a terminal's Ctrl-C then reaches the
+    /// daemon and every child it did not move to another group.
+    pub fn start_in_own_group(dir: &Path, config: &str, env: &[(&str, &str)]) -> Daemon {
+        Self::start_with(dir, config, env, true)
+    }
+
+    fn start_with(dir: &Path, config: &str, env: &[(&str, &str)], own_group: bool) -> Daemon {
         let cfg = dir.join("config.toml");
         // Tests run side by side: each daemon gets its own port unless the test chose one.
         let config = if config.contains("[http]") {
@@ -40,6 +51,10 @@ impl Daemon {
             .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
+        }
+        if own_group {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
         }
         let mut child = cmd.spawn().unwrap();
         let (tx, rx) = mpsc::channel();
@@ -118,6 +133,14 @@ impl Daemon {
 
     pub fn output(&self) -> String {
         self.seen.join("\n")
+    }
+
+    /// Collects the lines printed so far without waiting, and returns the whole output.
+    pub fn drain(&mut self) -> String {
+        while let Ok(l) = self.lines.try_recv() {
+            self.seen.push(l);
+        }
+        self.output()
     }
 }
 
