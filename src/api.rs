@@ -140,6 +140,11 @@ impl From<DbError> for ApiError {
             | DbError::Deadline(_)
             | DbError::Connect(_)
             | DbError::PoolClosed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            // A data exception is the input's fault, whatever validation missed.
+            DbError::Query(ref q) if q.code().is_some_and(|c| c.code().starts_with("22")) => {
+                tracing::warn!(error = %e, "input refused by the database");
+                ApiError::new(StatusCode::BAD_REQUEST, format!("invalid input: {e}"))
+            }
             other => {
                 tracing::error!(error = %other, "database error in API handler");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "database error")
@@ -214,8 +219,16 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                     ApiError::new(status, e.body_text())
                 }
             })?;
-        let de = &mut serde_json::Deserializer::from_slice(&bytes);
-        serde_path_to_error::deserialize(de)
+        let value: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")))?;
+        if let Some(path) = nul_in(&value, String::new()) {
+            return Err(ApiError::field(
+                StatusCode::BAD_REQUEST,
+                if path.is_empty() { "body".into() } else { path },
+                "contains a NUL character (\\u0000), which PostgreSQL cannot store",
+            ));
+        }
+        serde_path_to_error::deserialize(value)
             .map(JsonBody)
             .map_err(|e| {
                 let path = e.path().to_string();
@@ -227,6 +240,69 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 }
             })
     }
+}
+
+/// The dotted path of the first string or key in `v` that holds a NUL character.
+fn nul_in(v: &serde_json::Value, here: String) -> Option<String> {
+    use serde_json::Value;
+    let join = |k: &str| {
+        if here.is_empty() {
+            k.to_string()
+        } else {
+            format!("{here}.{k}")
+        }
+    };
+    match v {
+        Value::String(s) if s.contains('\0') => Some(here),
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| nul_in(x, format!("{here}[{i}]"))),
+        Value::Object(o) => o.iter().find_map(|(k, x)| {
+            if k.contains('\0') {
+                Some(join(&k.replace('\0', "\\u0000")))
+            } else {
+                nul_in(x, join(k))
+            }
+        }),
+        _ => None,
+    }
+}
+
+/// Refuses a NUL character (`%00`) in the path or a query parameter before any handler
+/// sees it: PostgreSQL cannot store one, and the answer must name where it was.
+async fn reject_nul(req: Request, next: Next) -> Result<Response, ApiError> {
+    let uri = req.uri();
+    let has_nul = |s: &str| s.to_ascii_lowercase().contains("%00");
+    if has_nul(uri.path()) {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "path",
+            "contains a NUL character (%00)",
+        ));
+    }
+    if let Some(q) = uri.query()
+        && has_nul(q)
+    {
+        let name = q
+            .split('&')
+            .find(|kv| has_nul(kv))
+            .map(|kv| kv.split('=').next().unwrap_or(kv).to_string())
+            .unwrap_or_else(|| "query".into());
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            name,
+            "contains a NUL character (%00)",
+        ));
+    }
+    Ok(next.run(req).await)
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this route",
+    )
 }
 
 /// Builds the router.
@@ -241,6 +317,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/sessions/{id}/run", post(run_session))
         .route("/sessions/{id}/events", get(session_events))
         .route("/status", get(status))
+        .method_not_allowed_fallback(method_not_allowed)
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/metrics", get(metrics))
@@ -248,6 +325,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/readyz", get(readyz))
         .nest("/v1", v1)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(reject_nul))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -256,11 +335,14 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// Compares a presented token with the secret in time that depends only on the secret's
+/// length, never on the presented one's length or content.
+fn constant_time_eq(presented: &[u8], secret: &[u8]) -> bool {
+    let mut acc = u8::from(presented.len() != secret.len());
+    for (i, s) in secret.iter().enumerate() {
+        acc |= s ^ presented.get(i).copied().unwrap_or(!*s);
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    acc == 0
 }
 
 async fn auth(
@@ -274,7 +356,11 @@ async fn auth(
         let got = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(|v| {
+                // The scheme is case-insensitive (RFC 7235).
+                let (scheme, token) = v.trim_start().split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            });
         match got {
             Some(g) if constant_time_eq(g.as_bytes(), want.as_bytes()) => {}
             Some(_) => {

@@ -83,13 +83,23 @@ impl<'de> Deserialize<'de> for Dur {
                 "duration {s:?} is negative; write a positive duration such as \"5s\""
             )));
         }
-        humantime::parse_duration(t).map(Dur).map_err(|e| {
+        let d = humantime::parse_duration(t).map_err(|e| {
             serde::de::Error::custom(format!(
                 "invalid duration {s:?} ({e}); write e.g. \"500ms\", \"5s\", \"30m\""
             ))
-        })
+        })?;
+        if d > MAX_DURATION {
+            return Err(serde::de::Error::custom(format!(
+                "duration {s:?} is longer than any setting accepts (365 days)"
+            )));
+        }
+        Ok(Dur(d))
     }
 }
+
+/// No duration in the config may exceed this (a year): far beyond any sane setting, and
+/// small enough that adding it to any clock reading cannot overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 impl Serialize for Dur {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {

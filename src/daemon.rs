@@ -202,7 +202,7 @@ async fn serve(
     );
 
     let token = resolve_token(&config).map_err(|e| DaemonError::Token(e.to_string()))?;
-    let listener = tokio::net::TcpListener::bind(&config.http.listen)
+    let listener = listen(&config.http.listen)
         .await
         .map_err(|e| DaemonError::Listen(config.http.listen.clone(), e))?;
 
@@ -397,6 +397,28 @@ async fn restart_embedded(
             last: e.to_string(),
         }),
     }
+}
+
+/// Pending connections the kernel queues for the listener before it refuses more (the
+/// default 128 reset about a tenth of 1,000 simultaneous connections).
+pub const LISTEN_BACKLOG: u32 = 1024;
+
+/// Binds the HTTP listener with [`LISTEN_BACKLOG`].
+async fn listen(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a).and_then(|()| socket.listen(LISTEN_BACKLOG)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("the address resolved to nothing")))
 }
 
 /// Stop claiming; let running tasks finish within `workers.shutdown_grace`; cancel what is

@@ -124,6 +124,13 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl StoreError {
+    /// See [`DbError::is_transient`].
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Db(e) if e.is_transient())
+    }
+}
+
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
         StoreError::Db(DbError::Query(e))
@@ -249,6 +256,15 @@ impl NewTask {
         {
             return Err(invalid(f("max_attempts"), "must be in 1..=1000"));
         }
+        if let Some(t) = self.run_after {
+            use chrono::Datelike;
+            if !(1970..=9999).contains(&t.year()) {
+                return Err(invalid(
+                    f("run_after"),
+                    "must be a time between the years 1970 and 9999",
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -364,6 +380,13 @@ pub fn validate_objective(
                     "a step cannot depend on itself",
                 ));
             }
+        }
+        let mut seen = HashSet::new();
+        if let Some(d) = s.depends_on.iter().find(|d| !seen.insert(d.as_str())) {
+            return Err(invalid(
+                format!("steps[{i}].depends_on"),
+                format!("duplicate dependency {d:?}"),
+            ));
         }
     }
     // Kahn's algorithm: whatever cannot be ordered is on a cycle.

@@ -262,7 +262,7 @@ impl Supervisor {
                     "supervisor tick overran its interval"
                 );
             }
-            next += interval;
+            next = next.checked_add(interval).unwrap_or(next);
             // After a long stall, do not fire a burst of catch-up ticks.
             let now = tokio::time::Instant::now();
             if next < now {

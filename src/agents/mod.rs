@@ -102,6 +102,49 @@ impl EventHub {
     }
 }
 
+/// Most events an attempt keeps while the database cannot take them; beyond it the oldest
+/// are dropped (logged and counted in the task's `events_dropped` event once written).
+pub const MAX_PENDING_EVENTS: usize = 1000;
+
+/// What an attempt produced but could not store yet because the database was unreachable
+/// (restarting, link down): events in order and summed usage. The orchestrator writes it
+/// before the attempt's outcome, keeping the lease meanwhile, so a database outage never
+/// turns a finished program into a failed attempt that runs again.
+#[derive(Debug, Default)]
+pub struct PendingOutput {
+    events: std::collections::VecDeque<(String, Value)>,
+    usage: Option<Usage>,
+    dropped: u64,
+}
+
+impl PendingOutput {
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.usage.is_none() && self.dropped == 0
+    }
+
+    fn push_event(&mut self, kind: &str, data: Value) {
+        if self.events.len() >= MAX_PENDING_EVENTS {
+            self.events.pop_front();
+            self.dropped += 1;
+        }
+        self.events.push_back((kind.to_string(), data));
+    }
+
+    fn add_usage(&mut self, u: Usage) {
+        let sum = self.usage.get_or_insert_with(Usage::default);
+        sum.prompt_tokens = sum.prompt_tokens.saturating_add(u.prompt_tokens);
+        sum.completion_tokens = sum.completion_tokens.saturating_add(u.completion_tokens);
+        sum.cost_usd += u.cost_usd;
+    }
+}
+
+/// Shared between an attempt's context and the orchestrator, which flushes it at the end.
+pub type Pending = Arc<std::sync::Mutex<PendingOutput>>;
+
+fn lock(p: &Pending) -> std::sync::MutexGuard<'_, PendingOutput> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Everything an agent gets for one attempt.
 pub struct TaskContext {
     pub task_id: i64,
@@ -112,10 +155,21 @@ pub struct TaskContext {
     /// Cancelled when the task is cancelled, replaced or timed out. Agents that do work
     /// between awaits should check it; the orchestrator also drops the future.
     pub cancel: CancellationToken,
+    metrics: Metrics,
+    out: OutputWriter,
+}
+
+/// Writes an attempt's events and usage, keeping them in [`PendingOutput`] while the
+/// database is unreachable. Cheap to clone: the orchestrator keeps one to flush what is
+/// left after the agent returned.
+#[derive(Clone)]
+pub struct OutputWriter {
+    task_id: i64,
+    session_id: Option<String>,
     store: Store,
     hub: EventHub,
-    metrics: Metrics,
-    truncated: AtomicBool,
+    truncated: Arc<AtomicBool>,
+    pending: Pending,
 }
 
 impl TaskContext {
@@ -133,16 +187,55 @@ impl TaskContext {
             attempt: task.attempts,
             session_id: task.session_id.clone(),
             cancel,
-            store,
-            hub,
             metrics,
-            truncated: AtomicBool::new(false),
+            out: OutputWriter {
+                task_id: task.id,
+                session_id: task.session_id.clone(),
+                store,
+                hub,
+                truncated: Arc::new(AtomicBool::new(false)),
+                pending: Arc::default(),
+            },
         }
     }
 
-    /// Stores and broadcasts one event of this task.
+    /// A handle on this attempt's output writer, for flushing after the agent returned.
+    pub fn output(&self) -> OutputWriter {
+        self.out.clone()
+    }
+
+    /// Stores and broadcasts one event of this task. With the database unreachable the
+    /// event is kept (see [`PendingOutput`]) and the agent goes on.
     pub async fn event(&self, kind: &str, data: Value) -> Result<(), AgentError> {
-        match self.store.add_event(self.task_id, kind, &data).await? {
+        self.out.event(kind, data).await
+    }
+}
+
+impl OutputWriter {
+    /// Whether nothing waits to be written.
+    pub fn is_flushed(&self) -> bool {
+        lock(&self.pending).is_empty()
+    }
+
+    async fn event(&self, kind: &str, data: Value) -> Result<(), AgentError> {
+        // Order is kept: nothing new is written while older events wait.
+        if !lock(&self.pending).is_empty() && self.flush().await.is_err() {
+            lock(&self.pending).push_event(kind, data);
+            return Ok(());
+        }
+        match self.store.add_event(self.task_id, kind, &data).await {
+            Ok(stored) => self.published(stored),
+            Err(e) if e.is_transient() => {
+                tracing::warn!(task_id = self.task_id, error = %e, "task event kept until the database is back");
+                lock(&self.pending).push_event(kind, data);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+
+    fn published(&self, stored: Option<crate::store::TaskEvent>) {
+        match stored {
             Some(event) => self.hub.publish(LiveEvent {
                 session_id: self.session_id.clone(),
                 event,
@@ -157,20 +250,71 @@ impl TaskContext {
                 }
             }
         }
-        Ok(())
     }
 
-    /// Adds reported LLM usage to the task and the metrics.
+    /// Writes what was kept during an outage, oldest first; on failure what is left stays
+    /// kept. The orchestrator calls it (retrying) before it records the outcome.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let mut taken = std::mem::take(&mut *lock(&self.pending));
+        let r = async {
+            if taken.dropped > 0 {
+                let n = taken.dropped;
+                let stored = self
+                    .store
+                    .add_event(self.task_id, "events_dropped", &serde_json::json!({ "dropped": n, "reason": "database unreachable; oldest kept events dropped" }))
+                    .await?;
+                self.published(stored);
+                taken.dropped = 0;
+            }
+            if let Some(u) = taken.usage {
+                self.store.record_usage(self.task_id, u).await?;
+                taken.usage = None;
+            }
+            while let Some((kind, data)) = taken.events.front() {
+                let stored = self.store.add_event(self.task_id, kind, data).await?;
+                self.published(stored);
+                taken.events.pop_front();
+            }
+            Ok(())
+        }
+        .await;
+        if r.is_err() {
+            // Put back what is left, before anything kept meanwhile.
+            let mut p = lock(&self.pending);
+            let newer = std::mem::take(&mut *p);
+            *p = taken;
+            p.dropped += newer.dropped;
+            if let Some(u) = newer.usage {
+                p.add_usage(u);
+            }
+            for (k, d) in newer.events {
+                p.push_event(&k, d);
+            }
+        }
+        r
+    }
+
+    async fn usage(&self, u: Usage) -> Result<(), AgentError> {
+        match self.store.record_usage(self.task_id, u).await {
+            Ok(_) => Ok(()),
+            Err(StoreError::Invalid { field, message }) => {
+                Err(AgentError::fatal(format!("{field}: {message}")))
+            }
+            Err(e) if e.is_transient() => {
+                tracing::warn!(task_id = self.task_id, error = %e, "task usage kept until the database is back");
+                lock(&self.pending).add_usage(u);
+                Ok(())
+            }
+            Err(e) => Err(AgentError::from(e)),
+        }
+    }
+}
+
+impl TaskContext {
+    /// Adds reported LLM usage to the task and the metrics. With the database unreachable
+    /// it is kept and written before the outcome.
     pub async fn usage(&self, u: Usage) -> Result<(), AgentError> {
-        self.store
-            .record_usage(self.task_id, u)
-            .await
-            .map_err(|e| match e {
-                StoreError::Invalid { field, message } => {
-                    AgentError::fatal(format!("{field}: {message}"))
-                }
-                other => AgentError::from(other),
-            })?;
+        self.out.usage(u).await?;
         let a = self.agent.as_str();
         self.metrics
             .counter(

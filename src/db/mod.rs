@@ -129,6 +129,33 @@ pub(crate) async fn with_deadline<T>(
 }
 
 impl DbError {
+    /// Whether this error says the database could not be reached or answered (link down,
+    /// server restarting, pool busy) rather than that the statement itself was refused:
+    /// the same write may succeed later.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DbError::CheckoutTimeout { .. }
+            | DbError::ConnectTimeout(_)
+            | DbError::Connect(_)
+            | DbError::Deadline(_) => true,
+            DbError::PoolClosed | DbError::Config(_) => false,
+            DbError::Query(e) => match e.code() {
+                // No server error at all: the connection broke (I/O, closed).
+                None => true,
+                Some(code) => {
+                    let c = code.code();
+                    // 08: connection exception, 57P: operator intervention (shutdown,
+                    // terminated), 53: insufficient resources, 40001/40P01: retryable.
+                    c.starts_with("08")
+                        || c.starts_with("57P")
+                        || c.starts_with("53")
+                        || c == "40001"
+                        || c == "40P01"
+                }
+            },
+        }
+    }
+
     /// The SQLSTATE of a server-side error, if this is one.
     pub fn sqlstate(&self) -> Option<&tokio_postgres::error::SqlState> {
         match self {

@@ -32,7 +32,9 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::agents::{AgentEntry, AgentError, AgentOutput, Agents, EventHub, TaskContext};
+use crate::agents::{
+    AgentEntry, AgentError, AgentOutput, Agents, EventHub, OutputWriter, TaskContext,
+};
 use crate::config::Config;
 use crate::db::{Db, DbError};
 use crate::metrics::{self as m, Metrics};
@@ -528,7 +530,8 @@ impl Orchestrator {
             i.metrics.clone(),
         );
         tracing::debug!(task_id = task.id, agent = %task.agent, attempt = task.attempts, "task started");
-        tokio::select! {
+        let output = ctx.output();
+        let outcome = tokio::select! {
             biased;
             _ = cancel.cancelled() => Outcome::Cancelled,
             r = tokio::time::timeout(limit, entry.agent.run(ctx)) => match r {
@@ -536,6 +539,34 @@ impl Orchestrator {
                 Ok(Err(e)) => Outcome::Failed(e),
                 Err(_) => Outcome::TimedOut(limit),
             },
+        };
+        if !matches!(outcome, Outcome::Cancelled) {
+            self.flush_output(task, &output, cancel).await;
+        }
+        outcome
+    }
+
+    /// Writes the events and usage the attempt kept during a database outage, before its
+    /// outcome; retried with backoff while the database is unreachable (the lease is kept
+    /// meanwhile), given up on shutdown, cancellation or a refusal by the database.
+    async fn flush_output(&self, task: &Task, output: &OutputWriter, cancel: &CancellationToken) {
+        let mut attempt = 0u32;
+        while !output.is_flushed() {
+            match output.flush().await {
+                Ok(()) => {
+                    tracing::info!(task_id = task.id, agent = %task.agent, "kept task output written after a database outage");
+                }
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(task_id = task.id, agent = %task.agent, attempt, error = %e, "writing kept task output failed; retrying");
+                    if cancel.is_cancelled() || !self.retry_pause(&mut attempt).await {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(task_id = task.id, agent = %task.agent, error = %e, "kept task output refused by the database; dropped");
+                    return;
+                }
+            }
         }
     }
 
@@ -578,10 +609,10 @@ impl Orchestrator {
                     TransitionArgs {
                         expected_owner: me,
                         error: Some(format!("attempt {}: {}", task.attempts, e.message)),
-                        run_after: Some(
-                            chrono::Utc::now()
-                                + chrono::Duration::from_std(delay).unwrap_or_default(),
-                        ),
+                        run_after: chrono::Duration::from_std(delay)
+                            .ok()
+                            .and_then(|d| chrono::Utc::now().checked_add_signed(d))
+                            .or_else(|| Some(chrono::Utc::now())),
                         ..Default::default()
                     },
                     "retried",
