@@ -454,17 +454,28 @@ async fn list_tasks(
                 .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, "status", e))?,
         ),
     };
-    let tasks = s
+    let limit = q.limit.unwrap_or(100);
+    let (tasks, truncated) = s
         .store
-        .list_tasks(&TaskFilter {
-            status,
-            session_id: q.session.filter(|v| !v.is_empty()),
-            objective_id: q.objective,
-            after_id: q.after,
-            limit: q.limit,
-        })
+        .list_tasks(
+            &TaskFilter {
+                status,
+                session_id: q.session.filter(|v| !v.is_empty()),
+                objective_id: q.objective,
+                after_id: q.after,
+                limit: Some(limit),
+            },
+            s.config.load().http.max_response_bytes,
+        )
         .await?;
-    Ok(axum::Json(json!({ "tasks": tasks })).into_response())
+    // Where the next page starts, when there may be one.
+    let next_after = (truncated || tasks.len() as i64 == limit)
+        .then(|| tasks.last().map(|t| t.id))
+        .flatten();
+    Ok(
+        axum::Json(json!({ "tasks": tasks, "truncated": truncated, "next_after": next_after }))
+            .into_response(),
+    )
 }
 
 #[derive(Debug, Default, Deserialize)]

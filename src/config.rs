@@ -300,6 +300,9 @@ pub struct HttpConfig {
     pub api_token: String,
     pub api_token_file: String,
     pub max_body_bytes: u64,
+    /// A list answer stops adding rows once their payloads and results pass this many bytes
+    /// (it says so with `truncated` and where to go on with `next_after`).
+    pub max_response_bytes: u64,
 }
 
 impl Default for HttpConfig {
@@ -309,6 +312,7 @@ impl Default for HttpConfig {
             api_token: String::new(),
             api_token_file: String::new(),
             max_body_bytes: 1024 * 1024,
+            max_response_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -550,6 +554,12 @@ impl Config {
         }
         if self.http.max_body_bytes == 0 {
             bad("http.max_body_bytes", "must be greater than zero".into());
+        }
+        if !(1024..=1024 * 1024 * 1024).contains(&self.http.max_response_bytes) {
+            bad(
+                "http.max_response_bytes",
+                "must be between 1 KiB and 1 GiB".into(),
+            );
         }
         let hook = &self.alerts.webhook_url;
         if !(hook.is_empty() || hook.starts_with("http://") || hook.starts_with("https://")) {

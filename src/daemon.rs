@@ -475,6 +475,7 @@ const RESTART_ONLY: &[&str] = &[
     "database.tcp_user_timeout",
     "database.capture_backtraces",
     "http.listen",
+    "http.max_body_bytes",
     "logging.format",
 ];
 

@@ -845,27 +845,53 @@ impl Store {
         Task::from_row(&row)
     }
 
-    pub async fn list_tasks(&self, f: &TaskFilter) -> Result<Vec<Task>, StoreError> {
+    /// A page of tasks in id order: at most `limit` rows and, past the first row, at most
+    /// `max_bytes` of payload and result JSON (measured by the server, so large rows are
+    /// never all loaded here). Returns the page and whether it was cut by the byte budget.
+    pub async fn list_tasks(
+        &self,
+        f: &TaskFilter,
+        max_bytes: u64,
+    ) -> Result<(Vec<Task>, bool), StoreError> {
         let limit = f.limit.unwrap_or(100);
         if !(1..=MAX_LIST_LIMIT).contains(&limit) {
             return Err(invalid("limit", format!("must be in 1..={MAX_LIST_LIMIT}")));
         }
         let status = f.status.map(|s| s.as_str());
+        let budget = i64::try_from(max_bytes).unwrap_or(i64::MAX);
         let s = self.session("store.list_tasks").await?;
         let rows = s
             .query(
                 &format!(
-                    "SELECT {TASK_COLUMNS} FROM tasks \
-                     WHERE ($1::text IS NULL OR status = $1) \
-                       AND ($2::text IS NULL OR session_id = $2) \
-                       AND ($3::bigint IS NULL OR objective_id = $3) \
-                       AND id > COALESCE($4::bigint, 0) \
-                     ORDER BY id LIMIT $5"
+                    "WITH page AS ( \
+                       SELECT id, octet_length(payload::text) \
+                              + COALESCE(octet_length(result::text), 0) AS bytes \
+                       FROM tasks \
+                       WHERE ($1::text IS NULL OR status = $1) \
+                         AND ($2::text IS NULL OR session_id = $2) \
+                         AND ($3::bigint IS NULL OR objective_id = $3) \
+                         AND id > COALESCE($4::bigint, 0) \
+                       ORDER BY id LIMIT $5), \
+                     sized AS (SELECT id, sum(bytes) OVER (ORDER BY id) - bytes AS before, \
+                                      count(*) OVER () AS n FROM page) \
+                     SELECT {TASK_COLUMNS}, sized.n FROM sized JOIN tasks USING (id) \
+                     WHERE sized.before < $6 OR sized.before = 0 ORDER BY id"
                 ),
-                &[&status, &f.session_id, &f.objective_id, &f.after_id, &limit],
+                &[
+                    &status,
+                    &f.session_id,
+                    &f.objective_id,
+                    &f.after_id,
+                    &limit,
+                    &budget,
+                ],
             )
             .await?;
-        rows.iter().map(Task::from_row).collect()
+        let cut = rows
+            .first()
+            .is_some_and(|r| r.get::<_, i64>("n") > rows.len() as i64);
+        let tasks = rows.iter().map(Task::from_row).collect::<Result<_, _>>()?;
+        Ok((tasks, cut))
     }
 
     /// Moves a task to `to` if the state machine allows it from its current status.

@@ -182,6 +182,7 @@ pub struct Supervisor {
     metrics: Metrics,
     heartbeat: Arc<Heartbeat>,
     admin: Option<DirectClient>,
+    application_name: String,
     sys: sysinfo::System,
     pid: sysinfo::Pid,
     last_cpu_sample: Option<Instant>,
@@ -198,6 +199,7 @@ impl Supervisor {
         metrics: Metrics,
     ) -> Supervisor {
         Supervisor {
+            application_name: config.load().database.application_name.clone(),
             config,
             pg,
             db,
@@ -532,7 +534,9 @@ impl Supervisor {
         ours.extend(self.db.idle_backends());
         let grace_s = cfg.supervisor.interval.get().as_secs_f64();
         let max_age_s = cfg.supervisor.session_max_age.get().as_secs_f64();
-        let app = cfg.database.application_name.clone();
+        // The name our connections were opened with: application_name only changes at a
+        // restart, and a reloaded value must not make foreign sessions look like ours.
+        let app = self.application_name.clone();
         let admin = self.admin().await?;
         let rows = admin
             .query(

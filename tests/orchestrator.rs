@@ -214,12 +214,16 @@ async fn ten_rapid_registrations_leave_exactly_one_running() {
     let settled = eventually(Duration::from_secs(30), || async {
         let ts = r
             .store
-            .list_tasks(&taskwarden::store::TaskFilter {
-                session_id: Some("rapid".into()),
-                ..Default::default()
-            })
+            .list_tasks(
+                &taskwarden::store::TaskFilter {
+                    session_id: Some("rapid".into()),
+                    ..Default::default()
+                },
+                u64::MAX,
+            )
             .await
-            .unwrap();
+            .unwrap()
+            .0;
         ts.iter()
             .filter(|t| t.status == TaskStatus::Running)
             .count()

@@ -275,7 +275,11 @@ async fn list_filters_by_status_and_session() {
         n.session_id = Some(if i % 2 == 0 { "even" } else { "odd" }.into());
         s.create_task(&n).await.unwrap();
     }
-    let first = s.list_tasks(&TaskFilter::default()).await.unwrap();
+    let first = s
+        .list_tasks(&TaskFilter::default(), u64::MAX)
+        .await
+        .unwrap()
+        .0;
     s.transition(
         first[0].id,
         TaskStatus::Cancelled,
@@ -285,39 +289,54 @@ async fn list_filters_by_status_and_session() {
     .unwrap();
 
     let even = s
-        .list_tasks(&TaskFilter {
-            session_id: Some("even".into()),
-            ..Default::default()
-        })
+        .list_tasks(
+            &TaskFilter {
+                session_id: Some("even".into()),
+                ..Default::default()
+            },
+            u64::MAX,
+        )
         .await
-        .unwrap();
+        .unwrap()
+        .0;
     assert_eq!(even.len(), 3);
     let queued_even = s
-        .list_tasks(&TaskFilter {
-            session_id: Some("even".into()),
-            status: Some(TaskStatus::Queued),
-            ..Default::default()
-        })
+        .list_tasks(
+            &TaskFilter {
+                session_id: Some("even".into()),
+                status: Some(TaskStatus::Queued),
+                ..Default::default()
+            },
+            u64::MAX,
+        )
         .await
-        .unwrap();
+        .unwrap()
+        .0;
     assert_eq!(queued_even.len(), 2);
     let page = s
-        .list_tasks(&TaskFilter {
-            after_id: Some(first[1].id),
-            limit: Some(2),
-            ..Default::default()
-        })
+        .list_tasks(
+            &TaskFilter {
+                after_id: Some(first[1].id),
+                limit: Some(2),
+                ..Default::default()
+            },
+            u64::MAX,
+        )
         .await
-        .unwrap();
+        .unwrap()
+        .0;
     assert_eq!(
         page.iter().map(|t| t.id).collect::<Vec<_>>(),
         vec![first[2].id, first[3].id]
     );
     assert!(matches!(
-        s.list_tasks(&TaskFilter {
-            limit: Some(0),
-            ..Default::default()
-        })
+        s.list_tasks(
+            &TaskFilter {
+                limit: Some(0),
+                ..Default::default()
+            },
+            u64::MAX
+        )
         .await,
         Err(StoreError::Invalid { .. })
     ));
@@ -402,4 +421,35 @@ async fn migrations_on_a_fresh_database_race_safely() {
         applied += r.await.unwrap().unwrap().applied.len();
     }
     assert_eq!(applied, taskwarden::db::migrate::latest_version() as usize);
+}
+
+#[tokio::test]
+async fn a_task_list_stops_at_its_byte_budget_and_says_where_to_go_on() {
+    let t = TestDb::new().await;
+    let s = store(&t);
+    let big = "x".repeat(1000);
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(
+            s.create_task(&NewTask::new(
+                "echo",
+                serde_json::json!({ "n": n, "big": big }),
+            ))
+            .await
+            .unwrap()
+            .id,
+        );
+    }
+    // Each payload is a little over 1,000 bytes: a budget of 1,500 takes the second row
+    // (it starts below the budget) but not the third.
+    let (page, cut) = s.list_tasks(&TaskFilter::default(), 1500).await.unwrap();
+    assert_eq!(page.iter().map(|t| t.id).collect::<Vec<_>>(), ids[..2]);
+    assert!(cut);
+    // A budget below one row still returns that row, so paging always advances.
+    let (page, cut) = s.list_tasks(&TaskFilter::default(), 10).await.unwrap();
+    assert_eq!(page.len(), 1);
+    assert!(cut);
+    let (page, cut) = s.list_tasks(&TaskFilter::default(), 1 << 20).await.unwrap();
+    assert_eq!(page.len(), 3);
+    assert!(!cut);
 }
