@@ -219,27 +219,31 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                     ApiError::new(status, e.body_text())
                 }
             })?;
-        let value: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")))?;
-        if let Some(path) = nul_in(&value, String::new()) {
-            return Err(ApiError::field(
-                StatusCode::BAD_REQUEST,
-                if path.is_empty() { "body".into() } else { path },
-                "contains a NUL character (\\u0000), which PostgreSQL cannot store",
-            ));
-        }
-        serde_path_to_error::deserialize(value)
-            .map(JsonBody)
-            .map_err(|e| {
-                let path = e.path().to_string();
-                let inner = e.into_inner();
-                if path == "." || path.is_empty() {
-                    ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON: {inner}"))
-                } else {
-                    ApiError::field(StatusCode::BAD_REQUEST, path, inner.to_string())
-                }
-            })
+        parse_json(&bytes).map(JsonBody)
     }
+}
+
+/// Parses a JSON body into `T`: a syntax error, a NUL character anywhere, or a field of
+/// the wrong shape is a 400 that names where it was.
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")))?;
+    if let Some(path) = nul_in(&value, String::new()) {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            if path.is_empty() { "body".into() } else { path },
+            "contains a NUL character (\\u0000), which PostgreSQL cannot store",
+        ));
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." || path.is_empty() {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON: {inner}"))
+        } else {
+            ApiError::field(StatusCode::BAD_REQUEST, path, inner.to_string())
+        }
+    })
 }
 
 /// The dotted path of the first string or key in `v` that holds a NUL character.
@@ -269,18 +273,12 @@ fn nul_in(v: &serde_json::Value, here: String) -> Option<String> {
     }
 }
 
-/// Refuses a NUL character (`%00`) in the path or a query parameter before any handler
-/// sees it: PostgreSQL cannot store one, and the answer must name where it was.
+/// Refuses a NUL character (`%00`) in a query parameter before any handler sees it:
+/// PostgreSQL cannot store one, and the answer must name where it was. (Path parameters
+/// are checked by the handlers, which know their names.)
 async fn reject_nul(req: Request, next: Next) -> Result<Response, ApiError> {
     let uri = req.uri();
     let has_nul = |s: &str| s.to_ascii_lowercase().contains("%00");
-    if has_nul(uri.path()) {
-        return Err(ApiError::field(
-            StatusCode::BAD_REQUEST,
-            "path",
-            "contains a NUL character (%00)",
-        ));
-    }
     if let Some(q) = uri.query()
         && has_nul(q)
     {
@@ -296,6 +294,25 @@ async fn reject_nul(req: Request, next: Next) -> Result<Response, ApiError> {
         ));
     }
     Ok(next.run(req).await)
+}
+
+/// A session id taken from the path: what the store would accept in `session_id`.
+fn check_session_param(session: &str) -> Result<(), ApiError> {
+    if session.is_empty() || session.len() > crate::store::MAX_NAME_LEN {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "session",
+            format!("must be 1..={} characters", crate::store::MAX_NAME_LEN),
+        ));
+    }
+    if session.contains('\0') {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "session",
+            "contains a NUL character (%00)",
+        ));
+    }
+    Ok(())
 }
 
 async fn method_not_allowed() -> ApiError {
@@ -493,14 +510,7 @@ async fn cancel_task(
     let reason = if body.is_empty() {
         None
     } else {
-        let de = &mut serde_json::Deserializer::from_slice(&body);
-        let b: CancelBody = serde_path_to_error::deserialize(de).map_err(|e| {
-            ApiError::field(
-                StatusCode::BAD_REQUEST,
-                e.path().to_string(),
-                e.into_inner().to_string(),
-            )
-        })?;
+        let b: CancelBody = parse_json(&body)?;
         b.reason
     };
     let reason = reason.unwrap_or_else(|| "cancelled through the API".into());
@@ -540,13 +550,7 @@ async fn run_session(
     Path(session): Path<String>,
     JsonBody(b): JsonBody<RunBody>,
 ) -> Result<Response, ApiError> {
-    if session.is_empty() || session.len() > crate::store::MAX_NAME_LEN {
-        return Err(ApiError::field(
-            StatusCode::BAD_REQUEST,
-            "session",
-            "must be 1..=200 characters",
-        ));
-    }
+    check_session_param(&session)?;
     let t = NewTask {
         agent: b.agent,
         payload: b.payload,
@@ -568,6 +572,7 @@ async fn session_events(
     headers: HeaderMap,
     Query(q): Query<std::collections::HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
+    check_session_param(&session)?;
     let after = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
