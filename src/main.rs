@@ -51,6 +51,12 @@ enum Command {
         #[arg(long)]
         session: Option<String>,
     },
+    /// Internal: run a command agent's program under the subreaper shim.
+    #[command(name = "agent-shim", hide = true)]
+    AgentShim {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        argv: Vec<String>,
+    },
     /// Create an objective from a JSON file: {"title": ..., "steps": [{"key", "agent", "payload", "depends_on"}]}.
     Objective {
         #[command(flatten)]
@@ -99,6 +105,10 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(arg) => report(run(&arg)),
+        Command::AgentShim { argv } => {
+            let code = taskwarden::agents::shim::run(&argv);
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
         Command::Migrate(arg) => report(migrate(&arg)),
         Command::Status { conn } => client_report(client(&conn, |c| async move {
             let v = c.status().await?;

@@ -848,3 +848,130 @@ fn the_sqlstate_matcher_knows_one_when_it_sees_one() {
         "2026-08-04T10:11:12.5Z ERROR x: database error: timed out"
     ));
 }
+
+/// Live processes whose command line holds `marker`.
+fn marked(marker: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if !common::daemon::alive(pid) {
+            continue;
+        }
+        // An argv element of its own: the shell script that mentions it does not count.
+        if cmd
+            .split(|b| *b == 0)
+            .any(|a| String::from_utf8_lossy(a).starts_with(marker))
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// An agent that leaves a `setsid` grandchild behind (left alone by a process-group kill)
+/// and runs a plain grandchild in the foreground; each carries a marker in its argv.
+fn leaky_agent(name: &str, marker: &str, foreground: bool) -> String {
+    let py = "python3 -c 'import time; time.sleep(300)'";
+    let fg = if foreground {
+        format!("{py} {marker}_fg; ")
+    } else {
+        String::new()
+    };
+    let script = format!("setsid {py} {marker}_bg & sleep 0.2; {fg}echo '{{}}'");
+    format!(
+        "[agents.{name}]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", {script:?}]\nconcurrency = 4\n"
+    )
+}
+
+async fn task_status(http: &reqwest::Client, base: &str, id: i64) -> Option<String> {
+    let (code, v) = answer(http.get(format!("{base}/v1/tasks/{id}"))).await;
+    (code == 200).then(|| v["status"].as_str().map(str::to_string))?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_agent_process_outlives_its_task_or_the_daemon() {
+    bounded(async {
+        let t = TestDb::new().await;
+        let dir = tempfile::tempdir().unwrap();
+        let marker = format!("TWMARK{:08x}", rand::random::<u32>());
+        let config = format!(
+            "[database]\napplication_name = {:?}\n{}{}[workers]\nlease = \"3s\"\n",
+            t.application_name,
+            leaky_agent("hang", &format!("{marker}_cancel"), true),
+            leaky_agent("quick", &format!("{marker}_done"), false),
+        );
+        let url = t.url();
+        let mut d = Daemon::start(dir.path(), &config, &[("TASKWARDEN_DATABASE_URL", &url)]);
+        let base = ready(&mut d);
+        let http = client();
+        let submit = |agent: &'static str| {
+            let http = http.clone();
+            let base = base.clone();
+            async move {
+                let (code, v) = answer(
+                    http.post(format!("{base}/v1/tasks"))
+                        .json(&json!({ "agent": agent, "payload": {} })),
+                )
+                .await;
+                assert_eq!(code, 201, "{v}");
+                v["id"].as_i64().unwrap()
+            }
+        };
+        let gone = |m: String| async move {
+            eventually(Duration::from_secs(20), || {
+                let m = m.clone();
+                async move { marked(&m).is_empty() }
+            })
+            .await
+        };
+
+        // 1. A finished task: its setsid grandchild does not outlive it.
+        let done = submit("quick").await;
+        assert!(
+            eventually(PATIENCE, || async {
+                task_status(&http, &base, done).await.as_deref() == Some("succeeded")
+            })
+            .await
+        );
+        assert!(
+            gone(format!("{marker}_done")).await,
+            "processes of a finished task still run: {:?}",
+            marked(&format!("{marker}_done"))
+        );
+
+        // 2. A cancelled task: both its grandchildren go.
+        let cancel = submit("hang").await;
+        let m = format!("{marker}_cancel");
+        assert!(
+            eventually(PATIENCE, || async { marked(&m).len() >= 2 }).await,
+            "the agent's grandchildren never started"
+        );
+        let (code, v) = answer(http.post(format!("{base}/v1/tasks/{cancel}/cancel"))).await;
+        assert_eq!(code, 200, "{v}");
+        assert!(
+            gone(m.clone()).await,
+            "processes of a cancelled task still run: {:?}",
+            marked(&m)
+        );
+
+        // 3. The daemon SIGKILLed: nothing it started survives it for long.
+        let _killed = submit("hang").await;
+        assert!(
+            eventually(PATIENCE, || async { marked(&m).len() >= 2 }).await,
+            "the second task's grandchildren never started"
+        );
+        d.signal(Signal::SIGKILL);
+        let _ = tokio::task::block_in_place(|| d.wait_exit(EXIT_LIMIT));
+        assert!(
+            gone(m.clone()).await,
+            "processes outlived the SIGKILLed daemon: {:?}",
+            marked(&m)
+        );
+    })
+    .await
+}

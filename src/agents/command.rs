@@ -3,15 +3,18 @@
 //! usage, and an object's `result` field (the last one seen) is the task's result. Exit 0
 //! is success; anything else fails the attempt with the tail of stderr.
 //!
-//! The program runs in its own process group. When the attempt ends — finished, cancelled,
-//! timed out, or the future dropped — the whole group is killed, so no grandchild outlives
-//! its task. If the daemon itself dies, the kernel kills the program (PR_SET_PDEATHSIG).
+//! The program runs under the agent shim ([`super::shim`], `taskwarden agent-shim`), a
+//! subreaper in its own process group: when the attempt ends — finished, cancelled, timed
+//! out, or the future dropped — the shim gets SIGTERM and kills the program's whole tree,
+//! including what called `setsid` or double-forked; when the daemon dies, however it died,
+//! the shim notices and does the same. Without a shim binary (an embedding program), the
+//! program's process group is killed instead, which a `setsid` escapes.
 
 use std::collections::VecDeque;
 use std::process::Stdio;
 
 use futures_util::StreamExt;
-use nix::sys::signal::{Signal, killpg};
+use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::codec::{FramedRead, LinesCodec};
@@ -33,14 +36,66 @@ impl CommandAgent {
     }
 }
 
-/// Kills the process group when dropped.
-struct GroupKill(Pid);
+/// Ends the program's whole tree when dropped.
+struct TreeKill {
+    pid: Pid,
+    shim: bool,
+}
 
-impl Drop for GroupKill {
+/// How long the shim gets to clean up after SIGTERM before its group is SIGKILLed.
+const SHIM_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Drop for TreeKill {
     fn drop(&mut self) {
-        // ESRCH (already gone) is fine.
-        let _ = killpg(self.0, Signal::SIGKILL);
+        if !self.shim {
+            // ESRCH (already gone) is fine.
+            let _ = killpg(self.pid, Signal::SIGKILL);
+            return;
+        }
+        // The shim kills the tree and exits; SIGKILL would orphan what it must kill.
+        if kill(self.pid, Signal::SIGTERM).is_err() {
+            return;
+        }
+        let pid = self.pid;
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                tokio::time::sleep(SHIM_GRACE).await;
+                // Still our shim (not a reused pid)? Its group goes, as a last resort.
+                if is_our_shim(pid) {
+                    tracing::warn!(
+                        pid = pid.as_raw(),
+                        "agent shim did not exit after SIGTERM; killing its group"
+                    );
+                    let _ = killpg(pid, Signal::SIGKILL);
+                }
+            });
+        }
     }
+}
+
+fn is_our_shim(pid: Pid) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw())).unwrap_or_default();
+    let ppid = stat
+        .rsplit_once(')')
+        .and_then(|(_, r)| r.split_whitespace().nth(1))
+        .and_then(|p| p.parse::<u32>().ok());
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.as_raw())).unwrap_or_default();
+    ppid == Some(std::process::id())
+        && cmdline
+            .split(|b| *b == 0)
+            .any(|a| a == super::shim::SUBCOMMAND.as_bytes())
+}
+
+fn shim_path() -> Option<&'static std::path::Path> {
+    static SHIM: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    SHIM.get_or_init(|| {
+        let p = super::shim::locate();
+        if p.is_none() {
+            tracing::warn!("taskwarden binary not found for the agent shim (set TASKWARDEN_SHIM); command agents run without it, and a process that calls setsid can outlive its task");
+        }
+        p
+    })
+    .as_deref()
 }
 
 impl Agent for CommandAgent {
@@ -54,9 +109,23 @@ async fn run(argv: Vec<String>, ctx: TaskContext) -> Result<AgentOutput, AgentEr
     let Some((prog, args)) = argv.split_first() else {
         return Err(AgentError::fatal("command agent has an empty argv"));
     };
-    let mut cmd = tokio::process::Command::new(prog);
-    cmd.args(args)
-        .stdin(Stdio::piped())
+    let shim = shim_path();
+    let mut cmd = match shim {
+        Some(path) => {
+            let mut c = tokio::process::Command::new(path);
+            c.arg(super::shim::SUBCOMMAND)
+                .arg("--")
+                .arg(prog)
+                .args(args);
+            c
+        }
+        None => {
+            let mut c = tokio::process::Command::new(prog);
+            c.args(args);
+            c
+        }
+    };
+    cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .env("TASKWARDEN_TASK_ID", ctx.task_id.to_string())
@@ -66,11 +135,18 @@ async fn run(argv: Vec<String>, ctx: TaskContext) -> Result<AgentOutput, AgentEr
             ctx.session_id.clone().unwrap_or_default(),
         )
         .process_group(0)
-        .kill_on_drop(true);
+        // Dropping the future must not SIGKILL the shim: TreeKill asks it to clean up.
+        .kill_on_drop(shim.is_none());
+    // The shim is told by SIGTERM to kill its tree; a program without one is killed.
+    let death_signal = if shim.is_some() {
+        libc::SIGTERM
+    } else {
+        libc::SIGKILL
+    };
     // SAFETY: prctl is async-signal-safe and only affects the child.
     unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, death_signal) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -84,7 +160,10 @@ async fn run(argv: Vec<String>, ctx: TaskContext) -> Result<AgentOutput, AgentEr
             "command exited before it could be tracked",
         ));
     };
-    let _group = GroupKill(Pid::from_raw(pid as i32));
+    let _tree = TreeKill {
+        pid: Pid::from_raw(pid as i32),
+        shim: shim.is_some(),
+    };
     tracing::debug!(task_id = ctx.task_id, pid, program = %prog, "command agent started");
 
     let mut stdin = child.stdin.take();

@@ -9,6 +9,7 @@
 
 pub mod command;
 pub mod http;
+pub mod shim;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
