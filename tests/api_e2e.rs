@@ -423,3 +423,47 @@ async fn slow_clients_do_not_hold_up_others() {
     drop(stalled);
     a.stop();
 }
+
+/// A reload that changes keys which only take effect at start says so, and does not apply
+/// them: not the body limit, and not the application_name the orphan sweep matches (a
+/// foreign session that now carries the new name is left alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reports_restart_only_keys_and_does_not_apply_them() {
+    let mut a = start("").await;
+    let cfg_path = a._dir.path().join("config.toml");
+    let foreign_name = format!("{}_foreign", a.t.application_name);
+    let mut pg = a.t.pg.clone();
+    pg.application_name(&foreign_name);
+    let foreign = common::connect(&pg).await;
+    foreign.batch_execute("BEGIN; SELECT 1").await.unwrap();
+
+    let text = std::fs::read_to_string(&cfg_path).unwrap();
+    let changed = text
+        .replace(
+            &format!("application_name = {:?}", a.t.application_name),
+            &format!("application_name = {foreign_name:?}"),
+        )
+        .replace("max_body_bytes = 2048", "max_body_bytes = 1048576");
+    assert_ne!(changed, text);
+    std::fs::write(&cfg_path, &changed).unwrap();
+    a.d.signal(Signal::SIGHUP);
+    let line = tokio::task::block_in_place(|| a.d.wait_for("config reloaded", LIMIT)).unwrap();
+    let restart_part = line.split("needs_restart").nth(1).unwrap_or("");
+    assert!(
+        restart_part.contains("database.application_name")
+            && restart_part.contains("http.max_body_bytes"),
+        "restart-only keys not reported as such: {line}"
+    );
+
+    // The old body limit is still the one in force.
+    let big = json!({ "agent": "talk", "payload": { "pad": "x".repeat(4000) } });
+    assert_eq!(a.post("/v1/tasks", big).await.0, 413);
+    // Many supervisor ticks (200 ms) later, the foreign session idle in its transaction
+    // is still there: the sweep still matches the name our connections were opened with.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    foreign
+        .batch_execute("SELECT 1; COMMIT")
+        .await
+        .expect("the supervisor terminated a foreign session after the reload");
+    a.stop();
+}
