@@ -1,9 +1,288 @@
-//! The orchestrator: what runs tasks in this process. So far it owns the registry of tasks
-//! running here ([`registry::RunningTasks`]), through which the supervisor and shutdown
-//! cancel them; the workers and agents that fill it are the orchestrator issue's work.
+//! The orchestrator: claims runnable tasks, runs them on their agents, records the
+//! outcome, and coordinates with other instances through PostgreSQL only. One file per
+//! role, each an `impl Orchestrator` block over the shared state defined here:
+//!
+//! - [`submit`]: tasks, objectives and cancels coming in from the API;
+//! - [`slots`]: session run slots (`/v1/sessions/{id}/run`), replace-then-await;
+//! - [`claimer`]: claims runnable tasks up to the free capacity, woken by [`notifications`],
+//!   freed capacity, or `poll_interval`;
+//! - [`runner`]: one attempt — agent, time limit, cancel, outcome — and [`planner`] for a
+//!   planner agent's reply; successes go to [`completions`], written in batches;
+//! - [`leases`]: keeps this instance's leases and `instances` row fresh;
+//! - [`elector`] and [`leader`]: leadership as a row with an expiry, and the leader's duties;
+//! - [`registry`]: the tasks running here and their cancel tokens.
+//!
+//! A task runs as one future raced against its cancellation token and its time limit; on
+//! cancellation the future — and every DB guard and child process it holds — is dropped at
+//! once. No lock is held across an await anywhere here.
 
+mod claimer;
+mod completions;
 pub mod elector;
+mod leader;
+mod leases;
+mod notifications;
+mod planner;
 pub mod registry;
-pub mod worker;
+mod runner;
+mod slots;
+mod submit;
 
-pub use worker::{Orchestrator, OrchestratorError, OrchestratorParts};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use futures_util::{FutureExt, StreamExt};
+use rand::Rng;
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::agents::{
+    AgentEntry, AgentError, AgentOutput, Agents, EventHub, OutputWriter, TaskContext,
+};
+use crate::config::Config;
+use crate::db::{Db, DbError};
+use crate::metrics::{self as m, Metrics};
+use crate::orchestrator::elector::Elector;
+use crate::orchestrator::registry::{Registration, RunningTasks};
+use crate::store::{
+    NewObjective, NewStep, NewTask, Objective, Store, StoreError, TASK_COLUMNS, Task, TaskStatus,
+    TransitionArgs,
+};
+use crate::tracker::Owner;
+
+/// The step a planner objective starts with.
+pub const PLAN_STEP: &str = "plan";
+
+fn invalid(field: &str, message: impl Into<String>) -> OrchestratorError {
+    OrchestratorError::Store(StoreError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    })
+}
+
+/// The NOTIFY channel new tasks are announced on.
+pub const NOTIFY_CHANNEL: &str = "taskwarden_tasks";
+/// How long a session run waits for the task it replaced to end before answering.
+pub const REPLACE_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum OrchestratorError {
+    #[error("agent: unknown agent {0:?}")]
+    UnknownAgent(String),
+    #[error("no run slot free: {0} session runs already running (workers.concurrency)")]
+    NoRunSlot(usize),
+    #[error("shutting down: not starting new work")]
+    ShuttingDown,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// How one attempt ended.
+enum Outcome {
+    Succeeded(AgentOutput),
+    Failed(AgentError),
+    TimedOut(Duration),
+    Cancelled,
+}
+
+struct SlotEntry {
+    task_id: i64,
+    cancel: CancellationToken,
+    done: CancellationToken,
+}
+
+struct Inner {
+    config: Arc<ArcSwap<Config>>,
+    pg: tokio_postgres::Config,
+    db: Db,
+    store: Store,
+    agents: ArcSwap<Agents>,
+    extra_agents: BTreeMap<String, AgentEntry>,
+    running: Arc<RunningTasks>,
+    hub: EventHub,
+    metrics: Metrics,
+    instance_id: String,
+    wake: Notify,
+    /// Tasks this instance runs, by agent (claimed or session runs).
+    per_agent: Mutex<HashMap<String, usize>>,
+    total: AtomicUsize,
+    session_runs: Arc<Semaphore>,
+    session_run_limit: usize,
+    slots: Mutex<HashMap<String, SlotEntry>>,
+    /// Successful outcomes waiting to be written in one batch.
+    completions: mpsc::Sender<Completion>,
+    completions_rx: Mutex<Option<mpsc::Receiver<Completion>>>,
+    shutdown: CancellationToken,
+    /// Cancelled first at shutdown: no new claims or session runs, running ones finish.
+    claiming: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// A succeeded attempt waiting for the batch writer.
+struct Completion {
+    task: Task,
+    result: Option<serde_json::Value>,
+    ran: Duration,
+    /// Kept until the outcome is written, so the heartbeat keeps the lease alive (and the
+    /// leader does not re-queue it) while the database is unreachable.
+    _registration: Registration,
+}
+
+/// Most completions written in one statement; also the queue's bound (a runner waits when
+/// it is full, which holds its concurrency slot: backpressure, not loss).
+pub const COMPLETION_BATCH: usize = 512;
+
+/// The orchestrator of one daemon. Cheap to clone.
+#[derive(Clone)]
+pub struct Orchestrator {
+    inner: Arc<Inner>,
+}
+
+/// Decrements the per-agent and total counts when a run ends.
+struct RunCount {
+    inner: Arc<Inner>,
+    agent: String,
+}
+
+impl Drop for RunCount {
+    fn drop(&mut self) {
+        self.inner.total.fetch_sub(1, Ordering::Relaxed);
+        if let Some(n) = self.inner.counts().get_mut(&self.agent) {
+            *n = n.saturating_sub(1);
+        }
+        // Capacity freed: look for more work.
+        self.inner.wake.notify_one();
+    }
+}
+
+pub struct OrchestratorParts {
+    pub config: Arc<ArcSwap<Config>>,
+    pub pg: tokio_postgres::Config,
+    pub db: Db,
+    pub store: Store,
+    pub running: Arc<RunningTasks>,
+    pub hub: EventHub,
+    pub metrics: Metrics,
+    pub instance_id: String,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+    /// Agents supplied by an embedding program, beside the configured ones.
+    pub extra_agents: BTreeMap<String, AgentEntry>,
+}
+
+impl Inner {
+    fn counts(&self) -> MutexGuard<'_, HashMap<String, usize>> {
+        self.per_agent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn slots(&self) -> MutexGuard<'_, HashMap<String, SlotEntry>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Orchestrator {
+    pub fn new(p: OrchestratorParts) -> Orchestrator {
+        let cfg = p.config.load();
+        let agents = Agents::from_config(&cfg, &p.extra_agents);
+        let limit = cfg.workers.concurrency as usize;
+        let (ctx, crx) = mpsc::channel(COMPLETION_BATCH);
+        Orchestrator {
+            inner: Arc::new(Inner {
+                config: Arc::clone(&p.config),
+                pg: p.pg,
+                db: p.db,
+                store: p.store,
+                agents: ArcSwap::from_pointee(agents),
+                extra_agents: p.extra_agents,
+                running: p.running,
+                hub: p.hub,
+                metrics: p.metrics,
+                instance_id: p.instance_id,
+                wake: Notify::new(),
+                per_agent: Mutex::new(HashMap::new()),
+                total: AtomicUsize::new(0),
+                session_runs: Arc::new(Semaphore::new(limit)),
+                session_run_limit: limit,
+                slots: Mutex::new(HashMap::new()),
+                completions: ctx,
+                completions_rx: Mutex::new(Some(crx)),
+                claiming: p.shutdown.child_token(),
+                shutdown: p.shutdown,
+                tasks: p.tasks,
+            }),
+        }
+    }
+
+    /// Starts the claimer, listener, heartbeat and leader loops.
+    pub fn start(&self) {
+        let i = &self.inner;
+        let rx = i
+            .completions_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(rx) = rx {
+            i.tasks.spawn(self.clone().completion_writer(rx));
+        }
+        i.tasks.spawn(self.clone().claimer());
+        i.tasks.spawn(self.clone().listener());
+        i.tasks.spawn(self.clone().heartbeat());
+        i.tasks.spawn(self.clone().leader());
+    }
+
+    /// Stops taking new work (claims and session runs); running tasks go on.
+    pub fn stop_claiming(&self) {
+        self.inner.claiming.cancel();
+    }
+
+    /// Rebuilds the agents after a config reload (running tasks keep the agent they had).
+    pub fn reload_agents(&self) {
+        let cfg = self.inner.config.load();
+        self.inner.agents.store(Arc::new(Agents::from_config(
+            &cfg,
+            &self.inner.extra_agents,
+        )));
+        self.inner.wake.notify_one();
+    }
+
+    pub fn agents(&self) -> Arc<Agents> {
+        self.inner.agents.load_full()
+    }
+
+    pub fn hub(&self) -> &EventHub {
+        &self.inner.hub
+    }
+
+    pub fn instance_id(&self) -> &str {
+        &self.inner.instance_id
+    }
+
+    /// Tasks running here right now.
+    pub fn running_here(&self) -> usize {
+        self.inner.total.load(Ordering::Relaxed)
+    }
+
+    /// Waits until no run started here is still going (for shutdown), up to `limit`.
+    pub async fn drain(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.running_here() > 0 {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown".into())
+}

@@ -1,0 +1,85 @@
+//! The completion writer: succeeded outcomes written in batches, one statement each,
+//! retried with backoff while the database is unreachable; drained at shutdown.
+
+#[allow(unused_imports)]
+use super::*;
+
+impl Orchestrator {
+    /// Writes succeeded outcomes in batches: one statement for everything queued, so a
+    /// busy instance pays one commit per batch instead of one per task. On shutdown it
+    /// drains what is queued before it stops.
+    pub(super) async fn completion_writer(self, mut rx: mpsc::Receiver<Completion>) {
+        let i = Arc::clone(&self.inner);
+        let mut batch: Vec<Completion> = Vec::with_capacity(COMPLETION_BATCH);
+        loop {
+            tokio::select! {
+                biased;
+                n = rx.recv_many(&mut batch, COMPLETION_BATCH) => {
+                    if n == 0 {
+                        return;
+                    }
+                }
+                _ = i.shutdown.cancelled() => {
+                    while let Ok(c) = rx.try_recv() {
+                        batch.push(c);
+                    }
+                    if batch.is_empty() {
+                        return;
+                    }
+                }
+            }
+            self.write_completions(&mut batch).await;
+            if i.shutdown.is_cancelled() && rx.is_empty() {
+                return;
+            }
+        }
+    }
+
+    pub(super) async fn write_completions(&self, batch: &mut Vec<Completion>) {
+        let i = &self.inner;
+        let ids: Vec<i64> = batch.iter().map(|c| c.task.id).collect();
+        let results: Vec<Option<serde_json::Value>> =
+            batch.iter().map(|c| c.result.clone()).collect();
+        let allowed = TaskStatus::allowed_from(TaskStatus::Succeeded);
+        let mut written: Option<HashSet<i64>> = None;
+        let mut attempt = 0u32;
+        loop {
+            let r = async {
+                let s = i.db.session("orchestrator.complete_batch").await?;
+                s.query(
+                    "UPDATE tasks t SET status = 'succeeded', finished_at = now(), updated_at = now(), \
+                       lease_owner = NULL, lease_expires_at = NULL, result = v.result \
+                     FROM unnest($1::bigint[], $2::jsonb[]) AS v(id, result) \
+                     WHERE t.id = v.id AND t.status = ANY($3) AND t.lease_owner = $4 RETURNING t.id",
+                    &[&ids, &results, &allowed, &i.instance_id],
+                )
+                .await
+            }
+            .await;
+            match r {
+                Ok(rows) => {
+                    written = Some(rows.iter().map(|r| r.get(0)).collect());
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(tasks = ids.len(), attempt, error = %e, "writing task completions failed; retrying");
+                    if !self.retry_pause(&mut attempt).await {
+                        break;
+                    }
+                }
+            }
+        }
+        let written = written.unwrap_or_default();
+        for c in batch.drain(..) {
+            if written.contains(&c.task.id) {
+                self.finished(&c.task, TaskStatus::Succeeded, "succeeded", c.ran)
+                    .await;
+            } else {
+                tracing::info!(
+                    task_id = c.task.id,
+                    "task success not recorded: status or lease changed meanwhile"
+                );
+            }
+        }
+    }
+}

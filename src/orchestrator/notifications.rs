@@ -1,0 +1,81 @@
+//! The notification listener: `LISTEN taskwarden_tasks` on a connection of its own,
+//! probed while idle so a frozen link is replaced; claims fall back to polling meanwhile.
+
+#[allow(unused_imports)]
+use super::*;
+
+impl Orchestrator {
+    pub(super) async fn listener(self) {
+        let i = Arc::clone(&self.inner);
+        while !i.shutdown.is_cancelled() {
+            if let Err(e) = self.listen_once().await {
+                tracing::warn!(error = %e, "task notification listener lost its connection; polling meanwhile");
+            }
+            let poll = i.config.load().workers.poll_interval.get();
+            tokio::select! {
+                _ = i.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(poll) => {}
+            }
+        }
+    }
+
+    /// One LISTEN connection's life. Connect and LISTEN are bounded; while idle, a probe
+    /// round trip every `query_timeout` proves the link alive, so a frozen connection is
+    /// replaced within two deadlines instead of silently delivering nothing.
+    pub(super) async fn listen_once(&self) -> Result<(), DbError> {
+        let i = &self.inner;
+        let cfg = i.config.load_full();
+        let deadline = cfg.database.query_timeout.get();
+        let mut pg = i.pg.clone();
+        crate::db::session_settings(&mut pg, &cfg.database);
+        pg.application_name(format!("{}:listener", cfg.database.application_name));
+        let connect_limit = cfg.database.connect_timeout.get();
+        let (client, mut conn) =
+            match tokio::time::timeout(connect_limit, pg.connect(tokio_postgres::NoTls)).await {
+                Ok(r) => r.map_err(DbError::Connect)?,
+                Err(_) => return Err(DbError::ConnectTimeout(connect_limit)),
+            };
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        let on_message =
+            |m: Option<Result<tokio_postgres::AsyncMessage, tokio_postgres::Error>>| match m {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                    i.wake.notify_one();
+                    Ok(true)
+                }
+                Some(Ok(_)) => Ok(true),
+                Some(Err(e)) => Err(DbError::Connect(e)),
+                None => Ok(false),
+            };
+        // The connection is driven (messages polled) while each round trip runs.
+        let sql = format!("LISTEN {NOTIFY_CHANNEL}");
+        let mut round_trip = Some(client.batch_execute(&sql).boxed());
+        let mut next_probe = tokio::time::Instant::now() + deadline;
+        loop {
+            match round_trip.as_mut() {
+                Some(rt) => {
+                    let expires = tokio::time::sleep(deadline);
+                    tokio::pin!(expires);
+                    loop {
+                        tokio::select! {
+                            _ = i.shutdown.cancelled() => return Ok(()),
+                            r = &mut *rt => { r?; break; }
+                            m = messages.next() => if !on_message(m)? { return Ok(()) },
+                            _ = &mut expires => return Err(DbError::Deadline(deadline)),
+                        }
+                    }
+                    round_trip = None;
+                    next_probe = tokio::time::Instant::now() + deadline;
+                }
+                None => {
+                    tokio::select! {
+                        _ = i.shutdown.cancelled() => return Ok(()),
+                        m = messages.next() => if !on_message(m)? { return Ok(()) },
+                        _ = tokio::time::sleep_until(next_probe) => {
+                            round_trip = Some(client.batch_execute("SELECT 1").boxed());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

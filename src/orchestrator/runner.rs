@@ -1,0 +1,301 @@
+//! One attempt of one task: run the agent under its cancel token and time limit, write
+//! the output it kept during an outage, then record the outcome (successes go to the
+//! batched completion writer; the rest through the state machine, retried while the
+//! database is unreachable, with the lease held).
+
+#[allow(unused_imports)]
+use super::*;
+
+impl Orchestrator {
+    /// Runs one attempt of `task` (already running under our lease) on its own task.
+    pub(super) fn spawn_run(
+        &self,
+        task: Task,
+        entry: AgentEntry,
+        cancel: CancellationToken,
+        slot: Option<(String, CancellationToken, tokio::sync::OwnedSemaphorePermit)>,
+    ) {
+        let i = Arc::clone(&self.inner);
+        i.total.fetch_add(1, Ordering::Relaxed);
+        *i.counts().entry(task.agent.clone()).or_insert(0) += 1;
+        let count = RunCount {
+            inner: Arc::clone(&i),
+            agent: task.agent.clone(),
+        };
+        let registration = i.running.register(task.id, &task.agent, cancel.clone());
+        let this = self.clone();
+        i.tasks.spawn(async move {
+            let _count = count;
+            // Whatever happens, the slot's waiters learn that this run ended.
+            let _done = slot.as_ref().map(|(_, done, _)| done.clone().drop_guard());
+            let mut outcome = this.attempt(&task, &entry, &cancel).await;
+            if entry.planner
+                && let Outcome::Succeeded(out) = &outcome
+                && let Err(e) = this.apply_plan(&task, &out.result).await
+            {
+                outcome = Outcome::Failed(e);
+            }
+            this.finish(&task, outcome, registration).await;
+            if let Some((session, _, _permit)) = &slot {
+                let mut slots = this.inner.slots();
+                if slots.get(session).is_some_and(|e| e.task_id == task.id) {
+                    slots.remove(session);
+                }
+            }
+        });
+    }
+
+    pub(super) async fn attempt(
+        &self,
+        task: &Task,
+        entry: &AgentEntry,
+        cancel: &CancellationToken,
+    ) -> Outcome {
+        let i = &self.inner;
+        let limit = entry
+            .timeout
+            .min(i.config.load().supervisor.max_task_duration.get());
+        if let Some(started) = task.started_at {
+            let wait = (started - task.run_after.max(task.created_at))
+                .to_std()
+                .unwrap_or_default();
+            i.metrics
+                .histogram(m::TASK_QUEUE_WAIT_SECONDS, &[])
+                .record(wait.as_secs_f64());
+        }
+        let owner = Owner {
+            task_id: task.id,
+            cancel: cancel.clone(),
+        };
+        let ctx = TaskContext::new(
+            task,
+            cancel.clone(),
+            i.store.for_task(owner),
+            i.hub.clone(),
+            i.metrics.clone(),
+        );
+        tracing::debug!(task_id = task.id, agent = %task.agent, attempt = task.attempts, "task started");
+        let output = ctx.output();
+        let outcome = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => Outcome::Cancelled,
+            r = tokio::time::timeout(limit, entry.agent.run(ctx)) => match r {
+                Ok(Ok(out)) => Outcome::Succeeded(out),
+                Ok(Err(e)) => Outcome::Failed(e),
+                Err(_) => Outcome::TimedOut(limit),
+            },
+        };
+        if !matches!(outcome, Outcome::Cancelled) {
+            self.flush_output(task, &output, cancel).await;
+        }
+        outcome
+    }
+
+    /// Writes the events and usage the attempt kept during a database outage, before its
+    /// outcome; retried with backoff while the database is unreachable (the lease is kept
+    /// meanwhile), given up on shutdown, cancellation or a refusal by the database.
+    pub(super) async fn flush_output(
+        &self,
+        task: &Task,
+        output: &OutputWriter,
+        cancel: &CancellationToken,
+    ) {
+        let mut attempt = 0u32;
+        while !output.is_flushed() {
+            match output.flush().await {
+                Ok(()) => {
+                    tracing::info!(task_id = task.id, agent = %task.agent, "kept task output written after a database outage");
+                }
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(task_id = task.id, agent = %task.agent, attempt, error = %e, "writing kept task output failed; retrying");
+                    if cancel.is_cancelled() || !self.retry_pause(&mut attempt).await {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(task_id = task.id, agent = %task.agent, error = %e, "kept task output refused by the database; dropped");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Records an attempt's outcome. `registration` lives until the write is done.
+    pub(super) async fn finish(&self, task: &Task, outcome: Outcome, registration: Registration) {
+        let i = &self.inner;
+        let ran = task
+            .started_at
+            .map(|s| (chrono::Utc::now() - s).to_std().unwrap_or_default())
+            .unwrap_or_default();
+        let me = Some(i.instance_id.clone());
+        let (to, args, label) = match outcome {
+            Outcome::Succeeded(out) => {
+                let c = Completion {
+                    task: task.clone(),
+                    result: out.result,
+                    ran,
+                    _registration: registration,
+                };
+                if i.completions.send(c).await.is_err() {
+                    tracing::warn!(
+                        task_id = task.id,
+                        "completion writer gone (shutting down); the lease will re-queue the task"
+                    );
+                }
+                return;
+            }
+            Outcome::Failed(e) if e.retryable && task.attempts < task.max_attempts => {
+                let delay = self.backoff(task.attempts);
+                let _ = i
+                    .store
+                    .add_event(
+                        task.id,
+                        "attempt_failed",
+                        &serde_json::json!({ "attempt": task.attempts, "error": e.message }),
+                    )
+                    .await;
+                (
+                    TaskStatus::Queued,
+                    TransitionArgs {
+                        expected_owner: me,
+                        error: Some(format!("attempt {}: {}", task.attempts, e.message)),
+                        run_after: chrono::Duration::from_std(delay)
+                            .ok()
+                            .and_then(|d| chrono::Utc::now().checked_add_signed(d))
+                            .or_else(|| Some(chrono::Utc::now())),
+                        ..Default::default()
+                    },
+                    "retried",
+                )
+            }
+            Outcome::Failed(e) => {
+                let _ = i
+                    .store
+                    .add_event(
+                        task.id,
+                        "attempt_failed",
+                        &serde_json::json!({ "attempt": task.attempts, "error": e.message }),
+                    )
+                    .await;
+                (
+                    TaskStatus::Failed,
+                    TransitionArgs {
+                        expected_owner: me,
+                        error: Some(format!("attempt {}: {}", task.attempts, e.message)),
+                        ..Default::default()
+                    },
+                    "failed",
+                )
+            }
+            Outcome::TimedOut(limit) => (
+                TaskStatus::TimedOut,
+                TransitionArgs {
+                    expected_owner: me,
+                    error: Some(format!("exceeded its time limit ({}s)", limit.as_secs())),
+                    ..Default::default()
+                },
+                "timed_out",
+            ),
+            Outcome::Cancelled if i.shutdown.is_cancelled() => {
+                // Shutdown puts it back in the queue (daemon::stop); nothing to write here.
+                tracing::debug!(task_id = task.id, "task interrupted by shutdown");
+                return;
+            }
+            Outcome::Cancelled => (
+                TaskStatus::Cancelled,
+                TransitionArgs {
+                    expected_owner: me,
+                    error: Some("cancelled".into()),
+                    ..Default::default()
+                },
+                "cancelled",
+            ),
+        };
+        let mut written = false;
+        let mut attempt = 0u32;
+        loop {
+            match i.store.transition(task.id, to, &args).await {
+                Ok(_) => {
+                    written = true;
+                    break;
+                }
+                Err(StoreError::IllegalTransition { from, .. }) => {
+                    // Someone else decided first (cancel, supervisor timeout, lease expiry).
+                    tracing::info!(task_id = task.id, outcome = label, now = %from, "task outcome not recorded: status already changed");
+                    break;
+                }
+                Err(StoreError::LeaseLost { holder, .. }) => {
+                    tracing::warn!(
+                        task_id = task.id,
+                        outcome = label,
+                        ?holder,
+                        "task outcome not recorded: lease lost"
+                    );
+                    break;
+                }
+                Err(e) => {
+                    // The database may be restarting: keep the outcome (and the lease,
+                    // through the registration) until it can be written, or until shutdown.
+                    tracing::error!(task_id = task.id, outcome = label, attempt, error = %e, "recording task outcome failed; retrying");
+                    if !self.retry_pause(&mut attempt).await {
+                        break;
+                    }
+                }
+            }
+        }
+        drop(registration);
+        if written {
+            self.finished(task, to, label, ran).await;
+        }
+    }
+
+    /// Bookkeeping after an outcome was written: metrics, log, objective follow-ups.
+    pub(super) async fn finished(&self, task: &Task, to: TaskStatus, label: &str, ran: Duration) {
+        let i = &self.inner;
+        let outcome = if label == "retried" { "failed" } else { label };
+        i.metrics
+            .counter(
+                m::TASKS_FINISHED_TOTAL,
+                &[("agent", &task.agent), ("outcome", outcome)],
+            )
+            .increment(1);
+        i.metrics
+            .histogram(m::TASK_DURATION_SECONDS, &[("agent", &task.agent)])
+            .record(ran.as_secs_f64());
+        tracing::debug!(task_id = task.id, agent = %task.agent, outcome = label, ran_ms = ran.as_millis() as u64, "task finished");
+        if task.objective_id.is_some() {
+            if to != TaskStatus::Succeeded && to != TaskStatus::Queued {
+                self.cascade().await;
+            }
+            // Dependants may be runnable now, here or elsewhere.
+            i.wake.notify_one();
+            if let Ok(s) = i.db.session("orchestrator.notify").await {
+                let _ = s
+                    .execute("SELECT pg_notify($1, '')", &[&NOTIFY_CHANNEL])
+                    .await;
+            }
+        }
+    }
+
+    /// Backoff between attempts to write an outcome: 200 ms doubling to 5 s. False when
+    /// the daemon is shutting down (the outcome is then left to lease expiry).
+    pub(super) async fn retry_pause(&self, attempt: &mut u32) -> bool {
+        let pause = Duration::from_millis(200u64 << (*attempt).min(5)).min(Duration::from_secs(5));
+        *attempt += 1;
+        tokio::select! {
+            _ = self.inner.shutdown.cancelled() => false,
+            _ = tokio::time::sleep(pause) => true,
+        }
+    }
+
+    /// Exponential backoff with jitter: base·2^(attempt-1), capped, then a random 50–100 %.
+    pub(super) fn backoff(&self, attempt: i32) -> Duration {
+        let w = &self.inner.config.load().workers;
+        let exp = w
+            .retry_backoff
+            .get()
+            .saturating_mul(1u32 << (attempt.clamp(1, 20) - 1) as u32);
+        let capped = exp.min(w.retry_backoff_max.get());
+        capped.mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
+    }
+}

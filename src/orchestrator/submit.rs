@@ -1,0 +1,74 @@
+//! Taking work in: submitting tasks, creating objectives (with a planner step when asked),
+//! and cancelling. Everything here answers an API call.
+
+#[allow(unused_imports)]
+use super::*;
+
+impl Orchestrator {
+    /// Queues a task (agent must be known). Workers anywhere may run it.
+    pub async fn submit(&self, t: &NewTask) -> Result<Task, OrchestratorError> {
+        if self.inner.agents.load().get(&t.agent).is_none() {
+            return Err(OrchestratorError::UnknownAgent(t.agent.clone()));
+        }
+        let task = self.inner.store.create_task(t).await?;
+        self.inner.wake.notify_one();
+        Ok(task)
+    }
+
+    /// Creates an objective whose steps all name known agents.
+    pub async fn create_objective(&self, o: &NewObjective) -> Result<Objective, OrchestratorError> {
+        let agents = self.inner.agents.load_full();
+        let known = agents.names();
+        let planned;
+        let o = match &o.planner {
+            None => o,
+            Some(p) => {
+                if !o.steps.is_empty() {
+                    return Err(invalid("steps", "give steps or a planner, not both"));
+                }
+                if !agents.get(p).is_some_and(|e| e.planner) {
+                    return Err(invalid(
+                        "planner",
+                        format!("{p:?} is not an agent with planner = true"),
+                    ));
+                }
+                planned = NewObjective {
+                    title: o.title.clone(),
+                    steps: vec![NewStep {
+                        key: PLAN_STEP.into(),
+                        depends_on: vec![],
+                        task: NewTask::new(
+                            p.clone(),
+                            serde_json::json!({ "title": o.title, "input": o.input }),
+                        ),
+                    }],
+                    ..Default::default()
+                };
+                &planned
+            }
+        };
+        let obj = self.inner.store.create_objective(o, Some(&known)).await?;
+        self.inner.wake.notify_one();
+        Ok(obj)
+    }
+
+    /// Cancels a queued or running task, wherever it runs (another instance notices at
+    /// its next heartbeat).
+    pub async fn cancel(&self, id: i64, reason: &str) -> Result<Task, OrchestratorError> {
+        let t = self
+            .inner
+            .store
+            .transition(
+                id,
+                TaskStatus::Cancelled,
+                &TransitionArgs {
+                    error: Some(reason.to_string()),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        self.inner.running.cancel(id);
+        self.cascade().await;
+        Ok(t)
+    }
+}
