@@ -478,11 +478,7 @@ impl Supervisor {
         let admin = self.admin().await?;
         let rows = admin
             .query(
-                "UPDATE tasks SET status = 'timed_out', finished_at = now(), updated_at = now(), \
-                   lease_owner = NULL, lease_expires_at = NULL, error = $3 \
-                 WHERE status = ANY($2) \
-                   AND started_at < now() - make_interval(secs => $1) \
-                 RETURNING id, agent, extract(epoch FROM now() - started_at)::float8",
+                crate::store::TIME_OUT_OVERDUE_SQL,
                 &[&limit_s, &allowed, &message],
             )
             .await?;

@@ -51,8 +51,9 @@ impl Orchestrator {
             if want == 0 {
                 continue;
             }
-            let claimed = self
-                .claim(name, want as i64, cfg.workers.lease.get())
+            let claimed = i
+                .store
+                .claim(name, want as i64, &i.instance_id, cfg.workers.lease.get())
                 .await?;
             for t in claimed {
                 started += 1;
@@ -60,37 +61,5 @@ impl Orchestrator {
             }
         }
         Ok(started)
-    }
-
-    pub(super) async fn claim(
-        &self,
-        agent: &str,
-        limit: i64,
-        lease: Duration,
-    ) -> Result<Vec<Task>, StoreError> {
-        let allowed = TaskStatus::allowed_from(TaskStatus::Running);
-        let lease_s = lease.as_secs_f64();
-        let s = self.inner.db.session("orchestrator.claim").await?;
-        let rows = s
-            .query(
-                &format!(
-                    "WITH c AS ( \
-                       SELECT t.id AS claim_id FROM tasks t \
-                       WHERE t.status = 'queued' AND t.agent = $1 AND t.run_after <= now() \
-                         AND (cardinality(t.depends_on) = 0 OR NOT EXISTS ( \
-                           SELECT 1 FROM tasks d WHERE d.objective_id = t.objective_id \
-                             AND d.step_key = ANY(t.depends_on) AND d.status <> 'succeeded')) \
-                       ORDER BY t.priority DESC, t.run_after, t.id \
-                       LIMIT $2 FOR UPDATE SKIP LOCKED) \
-                     UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = now(), \
-                       updated_at = now(), lease_owner = $3, \
-                       lease_expires_at = now() + make_interval(secs => $4) \
-                     FROM c WHERE tasks.id = c.claim_id AND tasks.status = ANY($5) \
-                     RETURNING {TASK_COLUMNS}"
-                ),
-                &[&agent, &limit, &self.inner.instance_id, &lease_s, &allowed],
-            )
-            .await?;
-        rows.iter().map(Task::from_row).collect()
     }
 }

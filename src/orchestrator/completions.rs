@@ -40,25 +40,13 @@ impl Orchestrator {
         let ids: Vec<i64> = batch.iter().map(|c| c.task.id).collect();
         let results: Vec<Option<serde_json::Value>> =
             batch.iter().map(|c| c.result.clone()).collect();
-        let allowed = TaskStatus::allowed_from(TaskStatus::Succeeded);
         let mut written: Option<HashSet<i64>> = None;
         let mut attempt = 0u32;
         loop {
-            let r = async {
-                let s = i.db.session("orchestrator.complete_batch").await?;
-                s.query(
-                    "UPDATE tasks t SET status = 'succeeded', finished_at = now(), updated_at = now(), \
-                       lease_owner = NULL, lease_expires_at = NULL, result = v.result \
-                     FROM unnest($1::bigint[], $2::jsonb[]) AS v(id, result) \
-                     WHERE t.id = v.id AND t.status = ANY($3) AND t.lease_owner = $4 RETURNING t.id",
-                    &[&ids, &results, &allowed, &i.instance_id],
-                )
-                .await
-            }
-            .await;
+            let r = i.store.complete_batch(&ids, &results, &i.instance_id).await;
             match r {
-                Ok(rows) => {
-                    written = Some(rows.iter().map(|r| r.get(0)).collect());
+                Ok(ids) => {
+                    written = Some(ids);
                     break;
                 }
                 Err(e) => {

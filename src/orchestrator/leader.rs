@@ -29,7 +29,7 @@ impl Orchestrator {
             if elector.run_once(ttl).await
                 && let Err(e) = self.lead_once(&elector, &cfg).await
             {
-                tracing::warn!(error = %e, sqlstate = ?e.sqlstate().map(|c| c.code()), "leader duties failed; retrying next round");
+                tracing::warn!(error = %e, "leader duties failed; retrying next round");
             }
             tokio::select! {
                 _ = i.shutdown.cancelled() => {
@@ -42,47 +42,28 @@ impl Orchestrator {
     }
 
     /// The leader's duties; each step starts only while leadership is still ours.
-    pub(super) async fn lead_once(&self, elector: &Elector, cfg: &Config) -> Result<(), DbError> {
+    pub(super) async fn lead_once(
+        &self,
+        elector: &Elector,
+        cfg: &Config,
+    ) -> Result<(), StoreError> {
         let i = &self.inner;
         // Our own runs (including outcomes still waiting to be written) are not expired,
         // whatever the lease column says after an outage.
         let local: Vec<i64> = i.running.snapshot().iter().map(|t| t.task_id).collect();
-        let s = i.db.session("orchestrator.leader").await?;
         if !elector.is_leading() {
             return Ok(());
         }
-        let requeued = s
-            .query(
-                "UPDATE tasks SET \
-                   status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END, \
-                   finished_at = CASE WHEN attempts >= max_attempts THEN now() END, \
-                   error = 'lease expired (held by ' || COALESCE(lease_owner, '?') || ')', \
-                   lease_owner = NULL, lease_expires_at = NULL, run_after = now(), updated_at = now() \
-                 WHERE status = 'running' AND lease_expires_at < now() \
-                   AND NOT (lease_owner = $1 AND id = ANY($2)) RETURNING id, status",
-                &[&i.instance_id, &local],
-            )
-            .await?;
+        let requeued = i.store.requeue_expired(&i.instance_id, &local).await?;
         if !requeued.is_empty() {
-            let ids: Vec<i64> = requeued.iter().map(|r| r.get(0)).collect();
-            tracing::warn!(tasks = ?ids, "re-queued tasks whose lease expired");
+            tracing::warn!(tasks = ?requeued, "re-queued tasks whose lease expired");
             i.wake.notify_one();
-            s.execute("SELECT pg_notify($1, '')", &[&NOTIFY_CHANNEL])
-                .await?;
         }
         if !elector.is_leading() {
             return Ok(());
         }
-        let dead_after = cfg.workers.lease.get().as_secs_f64() * 3.0;
-        let reaped = s
-            .query(
-                "DELETE FROM instances WHERE heartbeat_at < now() - make_interval(secs => $1) RETURNING id",
-                &[&dead_after],
-            )
-            .await?;
-        drop(s);
-        for r in &reaped {
-            let id: String = r.get(0);
+        let dead_after = cfg.workers.lease.get().saturating_mul(3);
+        for id in i.store.reap_instances(dead_after).await? {
             tracing::warn!(instance = %id, "reaped a dead instance");
         }
         if elector.is_leading() {

@@ -23,30 +23,11 @@ impl Orchestrator {
     pub async fn beat(&self, lease: Duration) -> Result<(), StoreError> {
         let i = &self.inner;
         let ids: Vec<i64> = i.running.snapshot().iter().map(|t| t.task_id).collect();
-        let s = i.db.session("orchestrator.heartbeat").await?;
-        s.execute(
-            "INSERT INTO instances (id, hostname, pid, version) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()",
-            &[
-                &i.instance_id,
-                &hostname(),
-                &(std::process::id() as i32),
-                &env!("CARGO_PKG_VERSION"),
-            ],
-        )
-        .await?;
+        i.store.touch_instance(&i.instance_id, &hostname()).await?;
         if ids.is_empty() {
             return Ok(());
         }
-        let rows = s
-            .query(
-                "UPDATE tasks SET lease_expires_at = now() + make_interval(secs => $3) \
-                 WHERE id = ANY($1) AND lease_owner = $2 AND status = 'running' RETURNING id",
-                &[&ids, &i.instance_id, &lease.as_secs_f64()],
-            )
-            .await?;
-        drop(s);
-        let still: HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+        let still = i.store.extend_leases(&ids, &i.instance_id, lease).await?;
         for id in ids.into_iter().filter(|id| !still.contains(id)) {
             if i.running.cancel(id) {
                 tracing::info!(

@@ -49,8 +49,7 @@ use crate::metrics::{self as m, Metrics};
 use crate::orchestrator::elector::Elector;
 use crate::orchestrator::registry::{Registration, RunningTasks};
 use crate::store::{
-    NewObjective, NewStep, NewTask, Objective, Store, StoreError, TASK_COLUMNS, Task, TaskStatus,
-    TransitionArgs,
+    NewObjective, NewStep, NewTask, Objective, Store, StoreError, Task, TaskStatus, TransitionArgs,
 };
 use crate::tracker::Owner;
 
@@ -64,8 +63,7 @@ fn invalid(field: &str, message: impl Into<String>) -> OrchestratorError {
     })
 }
 
-/// The NOTIFY channel new tasks are announced on.
-pub const NOTIFY_CHANNEL: &str = "taskwarden_tasks";
+pub use crate::store::NOTIFY_CHANNEL;
 /// How long a session run waits for the task it replaced to end before answering.
 pub const REPLACE_WAIT: Duration = Duration::from_secs(10);
 

@@ -269,11 +269,7 @@ impl Orchestrator {
             }
             // Dependants may be runnable now, here or elsewhere.
             i.wake.notify_one();
-            if let Ok(s) = i.db.session("orchestrator.notify").await {
-                let _ = s
-                    .execute("SELECT pg_notify($1, '')", &[&NOTIFY_CHANNEL])
-                    .await;
-            }
+            let _ = i.store.notify_runnable().await;
         }
     }
 

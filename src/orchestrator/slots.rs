@@ -84,22 +84,12 @@ impl Orchestrator {
         session_id: &str,
         newest: i64,
     ) -> Result<Vec<i64>, StoreError> {
-        let allowed = TaskStatus::allowed_from(TaskStatus::Cancelled);
         let reason = format!("replaced by task {newest}");
-        let s = self
+        let ids = self
             .inner
-            .db
-            .session("orchestrator.replace_session_run")
+            .store
+            .cancel_slot_runs_before(session_id, newest, &reason)
             .await?;
-        let rows = s
-            .query(
-                "UPDATE tasks SET status = 'cancelled', finished_at = now(), updated_at = now(), \
-                   lease_owner = NULL, lease_expires_at = NULL, error = $3 \
-                 WHERE session_id = $1 AND status = 'running' AND status = ANY($4) AND id < $2 RETURNING id",
-                &[&session_id, &newest, &reason, &allowed],
-            )
-            .await?;
-        let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
         for id in &ids {
             self.inner.running.cancel(*id);
         }

@@ -6,6 +6,10 @@
 //! a concurrent writer can never slip an illegal transition past a read-then-write race.
 //! When the update matches nothing, a follow-up read tells "no such task" from "illegal".
 
+mod leases;
+
+pub use leases::{END_LEASE, NOTIFY_CHANNEL, TIME_OUT_OVERDUE_SQL};
+
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;

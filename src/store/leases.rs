@@ -1,0 +1,199 @@
+//! The SQL of claiming, leasing and finishing tasks: what the orchestrator's claimer,
+//! lease keeper, leader, completion writer and session slots do to `tasks` and
+//! `instances`. Every status write names the state machine's allowed set for its target.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use super::{Store, StoreError, TASK_COLUMNS, Task, TaskStatus};
+
+/// Ends a task's lease; part of every write that takes a task out of `running`.
+pub const END_LEASE: &str = "lease_owner = NULL, lease_expires_at = NULL";
+
+/// The channel new runnable tasks are announced on.
+pub const NOTIFY_CHANNEL: &str = "taskwarden_tasks";
+
+/// Marks tasks running past `max_task_duration` as timed out. `$1` the limit in seconds,
+/// `$2` the allowed set into `timed_out`, `$3` the error text. Returns id, agent, seconds
+/// run. Shared by the supervisor's admin connection.
+pub const TIME_OUT_OVERDUE_SQL: &str = "UPDATE tasks SET status = 'timed_out', \
+     finished_at = now(), updated_at = now(), lease_owner = NULL, lease_expires_at = NULL, \
+     error = $3 \
+     WHERE status = ANY($2) AND started_at < now() - make_interval(secs => $1) \
+     RETURNING id, agent, extract(epoch FROM now() - started_at)::float8";
+
+impl Store {
+    /// Claims up to `limit` runnable tasks of `agent` for `owner` (priority, then age;
+    /// `run_after` due; dependencies succeeded), skipping rows other claimers hold.
+    pub async fn claim(
+        &self,
+        agent: &str,
+        limit: i64,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Vec<Task>, StoreError> {
+        let allowed = TaskStatus::allowed_from(TaskStatus::Running);
+        let s = self.session("store.claim").await?;
+        let rows = s
+            .query(
+                &format!(
+                    "WITH c AS ( \
+                       SELECT t.id AS claim_id FROM tasks t \
+                       WHERE t.status = 'queued' AND t.agent = $1 AND t.run_after <= now() \
+                         AND (cardinality(t.depends_on) = 0 OR NOT EXISTS ( \
+                           SELECT 1 FROM tasks d WHERE d.objective_id = t.objective_id \
+                             AND d.step_key = ANY(t.depends_on) AND d.status <> 'succeeded')) \
+                       ORDER BY t.priority DESC, t.run_after, t.id \
+                       LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                     UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = now(), \
+                       updated_at = now(), lease_owner = $3, \
+                       lease_expires_at = now() + make_interval(secs => $4) \
+                     FROM c WHERE tasks.id = c.claim_id AND tasks.status = ANY($5) \
+                     RETURNING {TASK_COLUMNS}"
+                ),
+                &[&agent, &limit, &owner, &lease.as_secs_f64(), &allowed],
+            )
+            .await?;
+        rows.iter().map(Task::from_row).collect()
+    }
+
+    /// Records that instance `id` is alive (inserting its row the first time).
+    pub async fn touch_instance(&self, id: &str, hostname: &str) -> Result<(), StoreError> {
+        let s = self.session("store.touch_instance").await?;
+        s.execute(
+            "INSERT INTO instances (id, hostname, pid, version) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()",
+            &[
+                &id,
+                &hostname,
+                &(std::process::id() as i32),
+                &env!("CARGO_PKG_VERSION"),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Extends `owner`'s leases on `ids`; returns the ids still running under its lease.
+    pub async fn extend_leases(
+        &self,
+        ids: &[i64],
+        owner: &str,
+        lease: Duration,
+    ) -> Result<HashSet<i64>, StoreError> {
+        let s = self.session("store.extend_leases").await?;
+        let rows = s
+            .query(
+                "UPDATE tasks SET lease_expires_at = now() + make_interval(secs => $3) \
+                 WHERE id = ANY($1) AND lease_owner = $2 AND status = 'running' RETURNING id",
+                &[&ids, &owner, &lease.as_secs_f64()],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Leader duty: tasks whose lease expired go back to the queue (or fail, with no
+    /// attempts left), except `owner`'s own runs in `local` (an outcome still waiting to
+    /// be written keeps its task, whatever the lease column says after an outage).
+    /// Returns the ids, and notifies the claimers when there are any.
+    pub async fn requeue_expired(
+        &self,
+        owner: &str,
+        local: &[i64],
+    ) -> Result<Vec<i64>, StoreError> {
+        let to_queued = TaskStatus::allowed_from(TaskStatus::Queued);
+        let to_failed = TaskStatus::allowed_from(TaskStatus::Failed);
+        let s = self.session("store.requeue_expired").await?;
+        let rows = s
+            .query(
+                &format!(
+                    "UPDATE tasks SET \
+                       status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END, \
+                       finished_at = CASE WHEN attempts >= max_attempts THEN now() END, \
+                       error = 'lease expired (held by ' || COALESCE(lease_owner, '?') || ')', \
+                       {END_LEASE}, run_after = now(), updated_at = now() \
+                     WHERE status = 'running' AND status = ANY($3) AND status = ANY($4) \
+                       AND lease_expires_at < now() \
+                       AND NOT (lease_owner = $1 AND id = ANY($2)) RETURNING id"
+                ),
+                &[&owner, &local, &to_queued, &to_failed],
+            )
+            .await?;
+        let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        if !ids.is_empty() {
+            s.execute("SELECT pg_notify($1, '')", &[&NOTIFY_CHANNEL])
+                .await?;
+        }
+        Ok(ids)
+    }
+
+    /// Leader duty: removes instances silent for `dead_after`; returns their ids.
+    pub async fn reap_instances(&self, dead_after: Duration) -> Result<Vec<String>, StoreError> {
+        let s = self.session("store.reap_instances").await?;
+        let rows = s
+            .query(
+                "DELETE FROM instances WHERE heartbeat_at < now() - make_interval(secs => $1) \
+                 RETURNING id",
+                &[&dead_after.as_secs_f64()],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Writes a batch of successes held under `owner`'s lease, in one statement; returns
+    /// the ids written (a task whose status or lease changed meanwhile is left alone).
+    pub async fn complete_batch(
+        &self,
+        ids: &[i64],
+        results: &[Option<serde_json::Value>],
+        owner: &str,
+    ) -> Result<HashSet<i64>, StoreError> {
+        let allowed = TaskStatus::allowed_from(TaskStatus::Succeeded);
+        let s = self.session("store.complete_batch").await?;
+        let rows = s
+            .query(
+                &format!(
+                    "UPDATE tasks t SET status = 'succeeded', finished_at = now(), \
+                       updated_at = now(), {END_LEASE}, result = v.result \
+                     FROM unnest($1::bigint[], $2::jsonb[]) AS v(id, result) \
+                     WHERE t.id = v.id AND t.status = ANY($3) AND t.lease_owner = $4 \
+                     RETURNING t.id"
+                ),
+                &[&ids, &results, &allowed, &owner],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Cancels the running tasks of run slot `session_id` older than `newest`, with
+    /// `reason`; returns their ids.
+    pub async fn cancel_slot_runs_before(
+        &self,
+        session_id: &str,
+        newest: i64,
+        reason: &str,
+    ) -> Result<Vec<i64>, StoreError> {
+        let allowed = TaskStatus::allowed_from(TaskStatus::Cancelled);
+        let s = self.session("store.cancel_slot_runs").await?;
+        let rows = s
+            .query(
+                &format!(
+                    "UPDATE tasks SET status = 'cancelled', finished_at = now(), \
+                       updated_at = now(), {END_LEASE}, error = $3 \
+                     WHERE session_id = $1 AND status = 'running' AND status = ANY($4) \
+                       AND id < $2 RETURNING id"
+                ),
+                &[&session_id, &newest, &reason, &allowed],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Wakes every instance's claimer (dependants may be runnable now).
+    pub async fn notify_runnable(&self) -> Result<(), StoreError> {
+        let s = self.session("store.notify").await?;
+        s.execute("SELECT pg_notify($1, '')", &[&NOTIFY_CHANNEL])
+            .await?;
+        Ok(())
+    }
+}
