@@ -12,6 +12,7 @@ pub mod db;
 pub mod logging;
 pub mod metrics;
 pub mod orchestrator;
+pub mod periodic;
 pub mod store;
 pub mod supervisor;
 pub mod systemd;

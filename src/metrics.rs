@@ -69,8 +69,10 @@ metrics_table! {
     SUPERVISOR_TICK_SECONDS = "supervisor_tick_seconds", Histogram, Seconds, [], "Duration of one supervisor tick.";
     SUPERVISOR_LAST_TICK_TIMESTAMP_SECONDS = "supervisor_last_tick_timestamp_seconds", Gauge, Seconds, [], "Unix time the last supervisor tick finished.";
     SUPERVISOR_TICKS_TOTAL = "supervisor_ticks_total", Counter, Count, ["result"], "Supervisor ticks, result = ok or error.";
-    SUPERVISOR_TICK_OVERRUNS_TOTAL = "supervisor_tick_overruns_total", Counter, Count, [], "Ticks that took longer than supervisor.interval.";
-    SUPERVISOR_LATENESS_SECONDS = "supervisor_lateness_seconds", Gauge, Seconds, [], "How late the last tick started against its schedule.";
+    LOOP_LATENESS_SECONDS = "loop_lateness_seconds", Gauge, Seconds, ["loop"], "How late the periodic loop's last pass started against its schedule (supervisor, lease_keeper, leader).";
+    LOOP_RUN_SECONDS = "loop_run_seconds", Histogram, Seconds, ["loop"], "Duration of one pass of a periodic loop.";
+    LOOP_OVERRUNS_TOTAL = "loop_overruns_total", Counter, Count, ["loop"], "Passes of a periodic loop that took longer than its period.";
+    LOOP_DEADLINE_MISSES_TOTAL = "loop_deadline_misses_total", Counter, Count, ["loop"], "Passes of a periodic loop dropped for missing their deadline.";
     PROCESS_RESIDENT_MEMORY_BYTES = "process_resident_memory_bytes", Gauge, Bytes, [], "Resident memory of the daemon process.";
     PROCESS_MEMORY_LIMIT_BYTES = "process_memory_limit_bytes", Gauge, Bytes, [], "Memory the alert ratio is measured against (cgroup limit or machine total).";
     PROCESS_CPU_RATIO = "process_cpu_ratio", Gauge, Percent, [], "CPU used by the daemon over the last tick, in cores (1.0 = one core).";
@@ -141,7 +143,6 @@ impl Metrics {
             DB_SESSIONS_FORCE_CLOSED_TOTAL,
             DB_BACKENDS_TERMINATED_TOTAL,
             TASKS_TIMED_OUT_TOTAL,
-            SUPERVISOR_TICK_OVERRUNS_TOTAL,
             EMERGENCY_CLEANUPS_TOTAL,
             ALERT_WEBHOOK_FAILURES_TOTAL,
         ] {
@@ -154,6 +155,12 @@ impl Metrics {
         ] {
             m.gauge(ALERTS_FIRING, &[("alert", alert)]).set(0.0);
             m.counter(ALERTS_TOTAL, &[("alert", alert)]).absolute(0);
+        }
+        for name in ["supervisor", "lease_keeper", "leader"] {
+            m.counter(LOOP_OVERRUNS_TOTAL, &[("loop", name)])
+                .absolute(0);
+            m.counter(LOOP_DEADLINE_MISSES_TOTAL, &[("loop", name)])
+                .absolute(0);
         }
         for result in ["ok", "error"] {
             m.counter(CONFIG_RELOADS_TOTAL, &[("result", result)])

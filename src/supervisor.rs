@@ -31,6 +31,7 @@ use crate::config::Config;
 use crate::db::{Db, DbError, DirectClient, PoolStatus, connect_direct};
 use crate::metrics::{self as m, Metrics};
 use crate::orchestrator::registry::RunningTasks;
+use crate::periodic::{Periodic, Ran};
 use crate::store::{DbView, TaskStatus};
 
 #[derive(Debug, thiserror::Error)]
@@ -222,24 +223,18 @@ impl Supervisor {
     /// Ticks every `supervisor.interval` (re-read each time, so a reload applies) until
     /// `shutdown`. Late ticks are measured; a failed tick is counted and the loop goes on.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut next = tokio::time::Instant::now();
+        let mut every = Periodic::new("supervisor", self.metrics.clone(), shutdown);
         loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep_until(next) => {}
+            let cfg = self.config.load_full();
+            if !every.wait(cfg.supervisor.interval.get()).await {
+                break;
             }
-            let interval = self.config.load().supervisor.interval.get();
-            let lateness = tokio::time::Instant::now().saturating_duration_since(next);
-            self.metrics
-                .gauge(m::SUPERVISOR_LATENESS_SECONDS, &[])
-                .set(lateness.as_secs_f64());
-            let started = Instant::now();
-            // The tick is raced against shutdown so a stuck admin query cannot hold it up.
-            let result = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                r = self.tick() => r,
+            // Each round trip is bounded already; the pass as a whole gets the stall bound.
+            let result = match every.run(stall_bound(&cfg), self.tick()).await {
+                Ran::Done(r) => r,
+                Ran::Missed => Err(SupervisorError::Db(DbError::Deadline(stall_bound(&cfg)))),
+                Ran::Shutdown => break,
             };
-            let took = started.elapsed();
             match result {
                 Ok(_) => self
                     .metrics
@@ -253,22 +248,6 @@ impl Supervisor {
                     // A broken admin connection is rebuilt next tick.
                     self.admin = None;
                 }
-            }
-            if took > interval {
-                self.metrics
-                    .counter(m::SUPERVISOR_TICK_OVERRUNS_TOTAL, &[])
-                    .increment(1);
-                tracing::warn!(
-                    took_ms = took.as_millis() as u64,
-                    interval_ms = interval.as_millis() as u64,
-                    "supervisor tick overran its interval"
-                );
-            }
-            next = next.checked_add(interval).unwrap_or(next);
-            // After a long stall, do not fire a burst of catch-up ticks.
-            let now = tokio::time::Instant::now();
-            if next < now {
-                next = now;
             }
         }
         tracing::debug!("supervisor stopped");

@@ -22,23 +22,30 @@ impl Orchestrator {
     pub(super) async fn leader(self) {
         let i = Arc::clone(&self.inner);
         let mut elector = Elector::new(i.instance_id.clone(), i.db.clone(), i.metrics.clone());
+        let mut every = Periodic::new("leader", i.metrics.clone(), i.shutdown.clone());
         loop {
             let cfg = i.config.load_full();
             let ttl = cfg.workers.lease.get();
-            let period = (ttl / 3).max(Duration::from_millis(100));
-            if elector.run_once(ttl).await
-                && let Err(e) = self.lead_once(&elector, &cfg).await
-            {
-                tracing::warn!(error = %e, "leader duties failed; retrying next round");
+            if !every.wait((ttl / 3).max(Duration::from_millis(100))).await {
+                break;
             }
-            tokio::select! {
-                _ = i.shutdown.cancelled() => {
-                    elector.resign().await;
-                    return;
+            let pass = async {
+                if elector.run_once(ttl).await {
+                    self.lead_once(&elector, &cfg).await
+                } else {
+                    Ok(())
                 }
-                _ = tokio::time::sleep(period) => {}
+            };
+            // A pass longer than the TTL is pointless: leadership has lapsed meanwhile.
+            match every.run(ttl, pass).await {
+                Ran::Done(Err(e)) => {
+                    tracing::warn!(error = %e, "leader duties failed; retrying next round")
+                }
+                Ran::Shutdown => break,
+                Ran::Done(Ok(())) | Ran::Missed => {}
             }
         }
+        elector.resign().await;
     }
 
     /// The leader's duties; each step starts only while leadership is still ours.

@@ -5,16 +5,20 @@
 use super::*;
 
 impl Orchestrator {
-    pub(super) async fn heartbeat(self) {
+    /// Every third of `workers.lease`; a pass may take at most one lease (later, the
+    /// leases it would extend have lapsed anyway).
+    pub(super) async fn keep_leases(self) {
         let i = Arc::clone(&self.inner);
+        let mut every = Periodic::new("lease_keeper", i.metrics.clone(), i.shutdown.clone());
         loop {
             let lease = i.config.load().workers.lease.get();
-            if let Err(e) = self.beat(lease).await {
-                tracing::warn!(error = %e, "lease heartbeat failed");
+            if !every.wait(lease / 3).await {
+                return;
             }
-            tokio::select! {
-                _ = i.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(lease / 3) => {}
+            match every.run(lease, self.beat(lease)).await {
+                Ran::Done(Err(e)) => tracing::warn!(error = %e, "extending leases failed"),
+                Ran::Shutdown => return,
+                Ran::Done(Ok(())) | Ran::Missed => {}
             }
         }
     }

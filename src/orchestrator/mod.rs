@@ -48,6 +48,7 @@ use crate::db::{Db, DbError};
 use crate::metrics::{self as m, Metrics};
 use crate::orchestrator::elector::Elector;
 use crate::orchestrator::registry::{Registration, RunningTasks};
+use crate::periodic::{Periodic, Ran};
 use crate::store::{
     NewObjective, NewStep, NewTask, Objective, Store, StoreError, Task, TaskStatus, TransitionArgs,
 };
@@ -229,7 +230,7 @@ impl Orchestrator {
         }
         i.tasks.spawn(self.clone().claimer());
         i.tasks.spawn(self.clone().listener());
-        i.tasks.spawn(self.clone().heartbeat());
+        i.tasks.spawn(self.clone().keep_leases());
         i.tasks.spawn(self.clone().leader());
     }
 
