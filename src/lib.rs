@@ -2,6 +2,9 @@
 //! PostgreSQL, and watches its own database sessions, pool, tasks and memory so that
 //! leaks, pool exhaustion and hung tasks are seen and cleaned up. See ARCHITECTURE.md.
 
+// The daemon's runtime paths never unwrap; unit tests may.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod agents;
 pub mod alerts;
 pub mod api;
