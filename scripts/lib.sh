@@ -25,6 +25,16 @@ ensure_prometheus() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends prometheus
 }
 
+# Installs systemd-analyze (the operations tests verify the unit with it) when missing.
+ensure_systemd_analyze() {
+  if command -v systemd-analyze >/dev/null 2>&1; then return 0; fi
+  echo "systemd-analyze not found; installing the Debian package 'systemd'" >&2
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends systemd
+}
+
 # Prints the newest PostgreSQL bin directory.
 pg_bindir() {
   if [ -n "${TASKWARDEN_PG_BINDIR:-}" ]; then echo "$TASKWARDEN_PG_BINDIR"; return; fi

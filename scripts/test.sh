@@ -2,13 +2,15 @@
 # Runs the whole test suite against real PostgreSQL: one throwaway cluster for the run
 # (initdb into a temp dir, unix socket only, durability off), each test in its own
 # database. Set TASKWARDEN_TEST_DATABASE_URL to use an existing server instead.
-# Installs PostgreSQL and Prometheus (the operations tests scrape with a real one) with
-# apt-get when they are missing. Extra arguments go to the test runner.
+# Installs PostgreSQL, Prometheus (the operations tests scrape with a real one) and
+# systemd-analyze (they verify the unit with it) with apt-get when they are missing.
+# Extra arguments go to the test runner.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 ensure_postgres
 ensure_prometheus
+ensure_systemd_analyze
 
 if [ -z "${TASKWARDEN_TEST_DATABASE_URL:-}" ]; then
   bindir=$(pg_bindir)

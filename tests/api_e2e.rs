@@ -13,6 +13,10 @@ use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
 const LIMIT: Duration = Duration::from_secs(120);
+/// Every HTTP call is bounded, so a regression fails instead of hanging the run: a
+/// request may take this long in total (event streams use [`READ_LIMIT`] per read).
+const CALL_LIMIT: Duration = Duration::from_secs(30);
+const READ_LIMIT: Duration = Duration::from_secs(30);
 const TOKEN: &str = "s3cret-token-for-tests";
 
 struct Api {
@@ -41,7 +45,12 @@ async fn start(extra: &str) -> Api {
     Api {
         d,
         base: format!("http://{addr}"),
-        http: reqwest::Client::new(),
+        // Per read, not per request: event streams stay open as long as events come.
+        http: reqwest::Client::builder()
+            .connect_timeout(CALL_LIMIT)
+            .read_timeout(READ_LIMIT)
+            .build()
+            .unwrap(),
         _dir: dir,
         t,
     }
@@ -55,7 +64,10 @@ impl Api {
         body: Option<Value>,
         token: Option<&str>,
     ) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .timeout(CALL_LIMIT);
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -133,6 +145,7 @@ async fn errors_are_json_with_the_right_status_and_field() {
         .bearer_auth(TOKEN)
         .header("content-type", "application/json")
         .body("{not json")
+        .timeout(CALL_LIMIT)
         .send()
         .await
         .unwrap();
@@ -173,30 +186,49 @@ async fn errors_are_json_with_the_right_status_and_field() {
     a.stop();
 }
 
-/// Reads SSE events from a response until `n` arrived; returns (id, data) pairs.
-async fn read_events(resp: reqwest::Response, n: usize) -> Vec<(i64, Value)> {
-    let mut out = Vec::new();
-    let mut buf = String::new();
-    let mut stream = resp.bytes_stream();
-    let mut id = 0;
-    while out.len() < n {
-        let chunk = tokio::time::timeout(Duration::from_secs(30), stream.next())
-            .await
-            .expect("event stream stalled")
-            .expect("stream ended")
-            .unwrap();
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(pos) = buf.find('\n') {
-            let line: String = buf.drain(..=pos).collect();
-            let line = line.trim_end();
-            if let Some(v) = line.strip_prefix("id:") {
-                id = v.trim().parse().unwrap();
-            } else if let Some(d) = line.strip_prefix("data:") {
-                out.push((id, serde_json::from_str(d.trim()).unwrap()));
-            }
+/// Reads an SSE response event by event, keeping what is left of the last chunk.
+struct Events {
+    stream: futures_util::stream::BoxStream<'static, reqwest::Result<String>>,
+    buf: String,
+    id: i64,
+}
+
+impl Events {
+    fn new(resp: reqwest::Response) -> Events {
+        Events {
+            stream: resp
+                .bytes_stream()
+                .map(|c| c.map(|b| String::from_utf8_lossy(&b).into_owned()))
+                .boxed(),
+            buf: String::new(),
+            id: 0,
         }
     }
-    out
+
+    /// The next `n` events as (id, data) pairs; the limit only guards against a hang.
+    async fn next(&mut self, n: usize) -> Vec<(i64, Value)> {
+        let mut out = Vec::new();
+        loop {
+            while let Some(pos) = self.buf.find('\n') {
+                let line: String = self.buf.drain(..=pos).collect();
+                let line = line.trim_end();
+                if let Some(v) = line.strip_prefix("id:") {
+                    self.id = v.trim().parse().unwrap();
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    out.push((self.id, serde_json::from_str(d.trim()).unwrap()));
+                    if out.len() == n {
+                        return out;
+                    }
+                }
+            }
+            let chunk = tokio::time::timeout(READ_LIMIT, self.stream.next())
+                .await
+                .expect("event stream stalled")
+                .expect("stream ended")
+                .unwrap();
+            self.buf.push_str(&chunk);
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,7 +251,7 @@ async fn session_runs_stream_events_and_resume_with_last_event_id() {
     let url = format!("{}/v1/sessions/chat-1/events", a.base);
     let resp = a.http.get(&url).bearer_auth(TOKEN).send().await.unwrap();
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
-    let all = read_events(resp, 3).await;
+    let all = Events::new(resp).next(3).await;
     assert_eq!(
         all.iter()
             .map(|(_, d)| d["data"]["n"].clone())
@@ -227,7 +259,7 @@ async fn session_runs_stream_events_and_resume_with_last_event_id() {
         vec![json!(1), json!(2), json!(3)]
     );
     assert!(all.iter().all(|(_, d)| d["task_id"] == id));
-    // Resume after the first: the two missed ones come, then a new run's events live.
+    // Resume after the first: the two missed ones come first...
     let resp = a
         .http
         .get(&url)
@@ -236,20 +268,37 @@ async fn session_runs_stream_events_and_resume_with_last_event_id() {
         .send()
         .await
         .unwrap();
-    let reader = tokio::spawn(read_events(resp, 5));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (st, _) = a
+    let mut resumed = Events::new(resp);
+    let mut got = resumed.next(2).await;
+    assert_eq!(
+        got.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        vec![all[1].0, all[2].0]
+    );
+    // ...then, on the same open stream, a new run's events as they happen.
+    let (st, t2) = a
         .post("/v1/sessions/chat-1/run", json!({"agent": "talk"}))
         .await;
-    assert_eq!(st, 201);
-    let resumed = reader.await.unwrap();
-    assert_eq!(resumed[0].0, all[1].0);
-    assert_eq!(resumed[1].0, all[2].0);
-    assert!(resumed[2].0 > all[2].0);
-    let ids: Vec<i64> = resumed.iter().map(|(i, _)| *i).collect();
-    let mut sorted = ids.clone();
-    sorted.dedup();
-    assert_eq!(ids, sorted, "duplicate or out-of-order events");
+    assert_eq!(st, 201, "{t2}");
+    let id2 = t2["id"].as_i64().unwrap();
+    let live = resumed.next(3).await;
+    assert_eq!(
+        live.iter()
+            .map(|(_, d)| (d["task_id"].clone(), d["data"]["n"].clone()))
+            .collect::<Vec<_>>(),
+        vec![
+            (json!(id2), json!(1)),
+            (json!(id2), json!(2)),
+            (json!(id2), json!(3))
+        ],
+        "{live:?}"
+    );
+    got.extend(live);
+    // Ids strictly increase: no event twice, none out of order.
+    let ids: Vec<i64> = got.iter().map(|(i, _)| *i).collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "duplicate or out-of-order events: {ids:?}"
+    );
     a.stop();
 }
 
@@ -333,6 +382,26 @@ async fn cli_status_submit_and_objective() {
     a.stop();
 }
 
+/// Posts a `talk` task, checks it was accepted, waits until it succeeded; returns its id.
+async fn post_task_and_wait(a: &Api) -> i64 {
+    let (st, t) = a.post("/v1/tasks", json!({"agent": "talk"})).await;
+    assert_eq!(st, 201, "{t}");
+    let id = t["id"].as_i64().unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            a.get(&format!("/v1/tasks/{id}")).await.1["status"] == "succeeded"
+        })
+        .await,
+        "task {id} did not succeed"
+    );
+    id
+}
+
+/// The start of the debug line the worker logs when it starts task `id` (pretty format).
+fn started_line(id: i64) -> String {
+    format!("task started task_id={id} ")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_live_keys_and_keeps_the_old_config_when_broken() {
     let mut a = start("").await;
@@ -340,8 +409,8 @@ async fn sighup_applies_live_keys_and_keeps_the_old_config_when_broken() {
     let (_, before) = a.get("/v1/status").await;
     assert_eq!(before["pool"]["alert_ratio"], 0.8);
     assert_eq!(before["logging"]["level"], "info");
-    // Nothing at debug level yet.
-    assert!(!a.d.output().contains("DEBUG"));
+    // At info level a task runs without its debug lines.
+    let quiet = post_task_and_wait(&a).await;
 
     let text = std::fs::read_to_string(&cfg_path).unwrap();
     let changed = format!("{text}\n[logging]\nlevel = \"debug\"\n").replace(
@@ -355,13 +424,22 @@ async fn sighup_applies_live_keys_and_keeps_the_old_config_when_broken() {
         reloaded.contains("pool_alert_ratio") && reloaded.contains("logging.level"),
         "{reloaded}"
     );
+    // Everything the first task logged was printed before the reload line, which
+    // wait_for has read: its debug line would be there if debug had been on.
+    assert!(
+        !a.d.output().contains(&started_line(quiet)),
+        "a debug line at info level:\n{}",
+        a.d.output()
+    );
     let (_, after) = a.get("/v1/status").await;
     assert_eq!(after["pool"]["alert_ratio"], 0.5);
     assert_eq!(after["logging"]["level"], "debug");
     assert_ne!(after["config"]["version"], before["config"]["version"]);
-    // Behaviour follows: debug events are now logged.
-    a.post("/v1/tasks", json!({"agent": "talk"})).await;
-    assert!(tokio::task::block_in_place(|| a.d.wait_for("DEBUG", LIMIT)).is_some());
+    // Behaviour follows: a task posted after the reload logs its debug line.
+    let loud = post_task_and_wait(&a).await;
+    let line = tokio::task::block_in_place(|| a.d.wait_for(&started_line(loud), LIMIT))
+        .unwrap_or_else(|| panic!("no debug line for task {loud}:\n{}", a.d.output()));
+    assert!(line.contains("DEBUG"), "{line}");
 
     // A broken file: the daemon keeps running with the values it had, and counts it.
     std::fs::write(
@@ -411,15 +489,61 @@ async fn slow_clients_do_not_hold_up_others() {
             .unwrap();
         stalled.push(s);
     }
-    // Everyone else is still served.
-    for _ in 0..5 {
-        let (st, _) = a.get("/v1/status").await;
-        assert_eq!(st, 200);
+    // Everyone else is still served, each call bounded so a held-up server fails the
+    // test instead of hanging it.
+    let fast = reqwest::Client::builder()
+        .timeout(CALL_LIMIT)
+        .build()
+        .unwrap();
+    for path in [
+        "/v1/status",
+        "/v1/tasks",
+        "/healthz",
+        "/v1/status",
+        "/healthz",
+    ] {
+        let resp = fast
+            .get(format!("{}{path}", a.base))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{path} not answered while slow clients wait: {e}"));
+        assert_eq!(resp.status().as_u16(), 200, "{path}");
+        resp.text()
+            .await
+            .unwrap_or_else(|e| panic!("{path} body not sent while slow clients wait: {e}"));
     }
-    assert_eq!(
-        a.call(reqwest::Method::GET, "/healthz", None, None).await.0,
-        200
-    );
+    // ...while every slow client is still connected and unanswered: the server neither
+    // replied to nor dropped them to make room.
+    // (Asked of the kernel, not of tokio's cached readiness.)
+    for (i, s) in stalled.iter().enumerate() {
+        use std::os::fd::AsRawFd;
+        let mut buf = [0u8; 256];
+        // SAFETY: `buf` is ours and its length is passed; MSG_PEEK leaves the data queued.
+        let n = unsafe {
+            libc::recv(
+                s.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        match n {
+            0 => panic!("slow client {i} was disconnected"),
+            n if n > 0 => panic!(
+                "slow client {i} got a reply: {}",
+                String::from_utf8_lossy(&buf[..n as usize])
+            ),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                assert_eq!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock,
+                    "slow client {i}: {e}"
+                );
+            }
+        }
+    }
     drop(stalled);
     a.stop();
 }

@@ -16,6 +16,7 @@ use common::{TestDb, bin, eventually};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use taskwarden::config::{Config, Dur};
+use taskwarden::db::migrate::{HISTORY_TABLE, latest_version};
 use taskwarden::metrics::{DEFS, Kind};
 
 fn root() -> PathBuf {
@@ -128,14 +129,12 @@ fn metric_names(expr: &str) -> Vec<String> {
 
 #[test]
 fn systemd_analyze_verifies_the_unit() {
-    if Command::new("systemd-analyze")
+    // Missing tool is a failure, not a skip: scripts/test.sh installs it.
+    let version = Command::new("systemd-analyze")
         .arg("--version")
         .output()
-        .is_err()
-    {
-        eprintln!("systemd-analyze not installed; skipping");
-        return;
-    }
+        .expect("systemd-analyze (Debian package systemd; scripts/test.sh installs it)");
+    assert!(version.status.success(), "{version:?}");
     let unit = std::fs::read_to_string(root().join("systemd/taskwarden.service")).unwrap();
     for must in [
         "Type=notify",
@@ -247,7 +246,11 @@ async fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() {
             .expect("prometheus (Debian package prometheus; scripts/test.sh installs it)"),
     );
     let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
+    // Every call bounded: a stuck daemon or Prometheus fails the test, not hangs it.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
 
     // Some work for the task and LLM panels.
     let api = format!("http://{addr}");
@@ -269,20 +272,21 @@ async fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() {
     // More work after the first scrapes, so rates see it change.
     tokio::time::sleep(Duration::from_secs(2)).await;
     for _ in 0..5 {
-        http.post(format!("{api}/v1/tasks"))
+        let r = http
+            .post(format!("{api}/v1/tasks"))
             .json(&serde_json::json!({"agent": "llm"}))
             .send()
             .await
             .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
     }
     let exprs = dashboard_exprs(&dashboard());
-    let mut missing = Vec::new();
     let all_have_data = eventually(Duration::from_secs(60), || {
         let exprs = exprs.clone();
         let http = http.clone();
         let base = base.clone();
         async move {
-            for (title, e) in &exprs {
+            for (_, e) in &exprs {
                 let q = e
                     .replace("$instance", ".*")
                     .replace("$__rate_interval", "1m");
@@ -292,26 +296,28 @@ async fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() {
                 {
                     return false;
                 }
-                let _ = title;
             }
             true
         }
     })
     .await;
+    let mut missing = Vec::new();
     if !all_have_data {
         for (title, e) in &exprs {
             let q = e
                 .replace("$instance", ".*")
                 .replace("$__rate_interval", "1m");
             let v = prom_query(&http, &base, &q).await;
-            if v["data"]["result"].as_array().is_none_or(|r| r.is_empty()) {
+            if v["status"] != "success"
+                || v["data"]["result"].as_array().is_none_or(|r| r.is_empty())
+            {
                 missing.push(format!("{title}: {q} -> {v}"));
             }
         }
     }
     assert!(
-        missing.is_empty(),
-        "queries without data:\n{}",
+        all_have_data,
+        "dashboard queries without data (or failing) within the limit:\n{}",
         missing.join("\n")
     );
     // The alert rules load in the same Prometheus.
@@ -335,24 +341,73 @@ async fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() {
     assert!(tokio::task::block_in_place(|| d.wait_exit(Duration::from_secs(120))).success());
 }
 
+/// Every notification that arrives within `within` (a window: it always lasts that long).
 fn recv_all(sock: &UnixDatagram, within: Duration) -> Vec<String> {
     let deadline = std::time::Instant::now() + within;
     let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
     while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-        sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
-            .unwrap();
-        match sock.recv(&mut buf) {
-            Ok(n) => out.push(String::from_utf8_lossy(&buf[..n]).to_string()),
-            Err(_) => break,
+        match recv_one(sock, left) {
+            Some(m) => out.push(m),
+            None => break,
         }
     }
     out
 }
 
+/// One notification, or `None` when none arrives within `within`.
+fn recv_one(sock: &UnixDatagram, within: Duration) -> Option<String> {
+    let mut buf = [0u8; 4096];
+    sock.set_read_timeout(Some(within.max(Duration::from_millis(1))))
+        .unwrap();
+    sock.recv(&mut buf)
+        .ok()
+        .map(|n| String::from_utf8_lossy(&buf[..n]).to_string())
+}
+
+/// Notifications until `done` holds for those received so far; panics when `limit` (a
+/// guard against hangs, not a timing bound) passes first.
+fn recv_until(
+    sock: &UnixDatagram,
+    limit: Duration,
+    done: impl Fn(&[String]) -> bool,
+) -> Vec<String> {
+    let deadline = std::time::Instant::now() + limit;
+    let mut out = Vec::new();
+    while !done(&out) {
+        let left = deadline
+            .checked_duration_since(std::time::Instant::now())
+            .unwrap_or_else(|| panic!("condition not reached within {limit:?}; got {out:?}"));
+        if let Some(m) = recv_one(sock, left) {
+            out.push(m);
+        }
+    }
+    out
+}
+
+fn keepalives(msgs: &[String]) -> usize {
+    msgs.iter().filter(|m| *m == "WATCHDOG=1").count()
+}
+
+/// READY=1 comes once the daemon's own migrations ran and its listener is up (README,
+/// "systemd"): at the moment it arrives, the schema of a database the daemon found empty
+/// is at the newest version and the address READY names answers HTTP. Then WATCHDOG=1
+/// while the supervisor ticks, and STOPPING=1 on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_daemon_notifies_systemd_ready_watchdog_and_stopping() {
+async fn sd_notify_ready_after_migrations_and_listener_then_watchdog_and_stopping() {
     let t = TestDb::new().await;
+    // TestDb's database is migrated already; the daemon gets an empty one.
+    let fresh = format!("{}_fresh", t.name);
+    t.admin()
+        .await
+        .batch_execute(&format!("CREATE DATABASE {fresh}"))
+        .await
+        .unwrap();
+    let mut fresh_pg = t.pg.clone();
+    fresh_pg.dbname(&fresh);
+    let url = t
+        .url()
+        .replace(&format!("/{}?", t.name), &format!("/{fresh}?"));
+    assert!(url.contains(&fresh), "{url}");
     let dir = tempfile::tempdir().unwrap();
     let sock_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
@@ -360,7 +415,6 @@ async fn the_daemon_notifies_systemd_ready_watchdog_and_stopping() {
         "[database]\napplication_name = {:?}\n[supervisor]\ninterval = \"200ms\"\n",
         t.application_name
     );
-    let url = t.url();
     let mut d = Daemon::start(
         dir.path(),
         &config,
@@ -370,29 +424,49 @@ async fn the_daemon_notifies_systemd_ready_watchdog_and_stopping() {
             ("WATCHDOG_USEC", "400000"),
         ],
     );
-    let first = tokio::task::block_in_place(|| {
-        sock.set_read_timeout(Some(Duration::from_secs(60)))
-            .unwrap();
-        let mut buf = [0u8; 4096];
-        sock.recv(&mut buf)
-            .ok()
-            .map(|n| String::from_utf8_lossy(&buf[..n]).to_string())
-    });
-    let first = first.unwrap_or_else(|| panic!("no notification:\n{}", d.output()));
+    let first = tokio::task::block_in_place(|| recv_one(&sock, Duration::from_secs(120)))
+        .unwrap_or_else(|| panic!("no notification:\n{}", d.drain()));
     assert!(first.starts_with("READY=1"), "{first}");
-    // READY came after the daemon was ready.
+    let addr = first
+        .split("listening on ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("READY without the address: {first:?}"))
+        .trim()
+        .to_string();
+    // Checked at once, each exactly once, side by side: no retry could hide an early READY.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let (health, schema) = tokio::join!(http.get(format!("http://{addr}/healthz")).send(), async {
+        let (c, conn) = fresh_pg.connect(tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        c.query_one(&format!("SELECT max(version) FROM {HISTORY_TABLE}"), &[])
+            .await
+            .map(|r| r.get::<_, Option<i32>>(0))
+    });
+    let health = health.unwrap_or_else(|e| panic!("listener not up when READY=1 came: {e}"));
+    assert_eq!(health.status().as_u16(), 200);
+    let schema = schema.unwrap_or_else(|e| panic!("no schema when READY=1 came: {e}"));
+    assert_eq!(
+        schema,
+        Some(latest_version()),
+        "schema not migrated when READY=1 came"
+    );
     assert!(
-        tokio::task::block_in_place(|| d.wait_for("taskwarden ready", Duration::from_secs(5)))
+        tokio::task::block_in_place(|| d.wait_for("taskwarden ready", Duration::from_secs(60)))
             .is_some()
     );
-    let later = tokio::task::block_in_place(|| recv_all(&sock, Duration::from_secs(2)));
-    assert!(
-        later.iter().filter(|m| *m == "WATCHDOG=1").count() >= 2,
-        "{later:?}"
-    );
+    // Keep-alives while the supervisor ticks.
+    tokio::task::block_in_place(|| {
+        recv_until(&sock, Duration::from_secs(60), |m| keepalives(m) >= 2)
+    });
     d.signal(Signal::SIGTERM);
-    let rest = tokio::task::block_in_place(|| recv_all(&sock, Duration::from_secs(3)));
-    assert!(rest.iter().any(|m| m == "STOPPING=1"), "{rest:?}");
+    tokio::task::block_in_place(|| {
+        recv_until(&sock, Duration::from_secs(60), |m| {
+            m.iter().any(|m| m == "STOPPING=1")
+        })
+    });
     assert!(tokio::task::block_in_place(|| d.wait_exit(Duration::from_secs(120))).success());
 }
 
@@ -426,28 +500,41 @@ async fn watchdog_keepalives_stop_when_the_supervisor_stalls() {
         metrics,
     );
     let hb = sup.heartbeat();
+    // Keep-alives every half period (100 ms) while the supervisor is on time.
+    const PERIOD: Duration = Duration::from_millis(200);
+    // Longer than the period, so a quiet window means keep-alives stopped.
+    const QUIET: Duration = Duration::from_millis(1000);
     tokio::spawn(taskwarden::systemd::watchdog(
         taskwarden::systemd::Notifier::to_socket(sock_path.to_str().unwrap()),
-        Duration::from_millis(200),
+        PERIOD,
         Arc::clone(&hb),
         Arc::clone(&config),
         all.clone(),
     ));
-    // Never ticked: nothing.
-    assert!(tokio::task::block_in_place(|| recv_all(&sock, Duration::from_millis(800))).is_empty());
-    // Ticking: keep-alives.
+    // Never ticked: nothing, for several periods.
+    let before = tokio::task::block_in_place(|| recv_all(&sock, QUIET));
+    assert!(before.is_empty(), "keep-alives before any tick: {before:?}");
+    // Ticking: keep-alives arrive.
     let sup_stop = tokio_util::sync::CancellationToken::new();
     let running = tokio::spawn(sup.run(sup_stop.clone()));
-    let got = tokio::task::block_in_place(|| recv_all(&sock, Duration::from_millis(1500)));
-    assert!(
-        got.iter().filter(|m| *m == "WATCHDOG=1").count() >= 3,
-        "{got:?}"
-    );
-    // Stalled (the loop is gone): they stop once the last tick is older than the bound.
+    tokio::task::block_in_place(|| {
+        recv_until(&sock, Duration::from_secs(60), |m| keepalives(m) >= 3)
+    });
+    // Stalled (the loop is gone): they stop once the last tick is older than the bound —
+    // wait for a quiet window, then check it stays quiet for several more periods.
     sup_stop.cancel();
     running.await.unwrap();
-    let _ = tokio::task::block_in_place(|| recv_all(&sock, Duration::from_millis(1600)));
-    let after = tokio::task::block_in_place(|| recv_all(&sock, Duration::from_millis(1000)));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut while_stopping = Vec::new();
+    while let Some(m) = tokio::task::block_in_place(|| recv_one(&sock, QUIET)) {
+        while_stopping.push(m);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "keep-alives never stopped after the supervisor stalled: {} so far",
+            while_stopping.len()
+        );
+    }
+    let after = tokio::task::block_in_place(|| recv_all(&sock, 2 * QUIET));
     assert!(after.is_empty(), "keep-alives while stalled: {after:?}");
     all.cancel();
 }

@@ -53,6 +53,11 @@ impl Drop for Rig {
 
 /// `agents` is TOML for `[agents.*]`; `{dir}` in it is replaced by a temp dir.
 async fn rig(agents: &str, extra: &str) -> Rig {
+    rig_with(agents, extra, |_| {}).await
+}
+
+/// [`rig`], with `tweak` applied to the parsed configuration.
+async fn rig_with(agents: &str, extra: &str, tweak: impl FnOnce(&mut Config)) -> Rig {
     let t = TestDb::new().await;
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
@@ -61,6 +66,7 @@ async fn rig(agents: &str, extra: &str) -> Rig {
     );
     let mut cfg = Config::parse(&text).unwrap_or_else(|e| panic!("{e:?}\n{text}"));
     cfg.database = t.config(10, 5, Duration::from_secs(5));
+    tweak(&mut cfg);
     let metrics = Metrics::new();
     let db = Db::new(t.pg.clone(), &cfg.database, &metrics).unwrap();
     let store = Store::new(db.clone(), cfg.workers.max_attempts);
@@ -175,23 +181,33 @@ async fn replacing_a_long_task_starts_the_new_one_at_once_and_cancels_the_old() 
         .run_for_session("s", task("sleepy", serde_json::json!({})))
         .await
         .unwrap();
-    let new = r
-        .orch
-        .run_for_session("s", task("sleepy", serde_json::json!({})))
-        .await
-        .unwrap();
+    // The old run would sleep 30 s: the call must not wait for it. The limit only guards
+    // against a hang.
+    let new = tokio::time::timeout(
+        Duration::from_secs(60),
+        r.orch
+            .run_for_session("s", task("sleepy", serde_json::json!({}))),
+    )
+    .await
+    .expect("the replacing call did not return")
+    .unwrap();
+    // When the call returns, the old run has ended here (the call cancels and awaits it
+    // before returning): only the new one still runs. Read first, before any other await.
+    let here: Vec<i64> = r.running.snapshot().iter().map(|t| t.task_id).collect();
+    assert_eq!(here, vec![new.id]);
+    // The new task runs (returned, and in the database)...
+    assert_eq!(new.status, TaskStatus::Running);
     assert_eq!(
         r.store.get_task(new.id).await.unwrap().status,
         TaskStatus::Running
     );
-    let old = r.wait_status(old.id, TaskStatus::Cancelled).await;
+    // ...and the old one is cancelled in the database, with the reason.
+    let old = r.store.get_task(old.id).await.unwrap();
+    assert_eq!(old.status, TaskStatus::Cancelled);
     assert_eq!(
         old.error.as_deref(),
         Some(&*format!("replaced by task {}", new.id))
     );
-    // Only the new one still runs here.
-    let here: Vec<i64> = r.running.snapshot().iter().map(|t| t.task_id).collect();
-    assert_eq!(here, vec![new.id]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,8 +261,11 @@ async fn ten_rapid_registrations_leave_exactly_one_running() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_keeps_running_after_the_request_that_created_it_returned() {
+    // The program says it started, then waits for the test's "go" (at most 60 s) before it
+    // does its work: what happens before and after the request returned is told apart by
+    // that file, not by a sleep.
     let r = rig(
-        "[agents.later]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"sleep 0.3; echo ran > {dir}/ran\"]\n",
+        "[agents.later]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"touch {dir}/started; i=0; while [ ! -e {dir}/go ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done; [ -e {dir}/go ] && echo ran > {dir}/ran\"]\n",
         "",
     )
     .await;
@@ -257,10 +276,21 @@ async fn a_task_keeps_running_after_the_request_that_created_it_returned() {
             .await
     });
     let t = handler.await.unwrap().unwrap();
+    assert_eq!(t.status, TaskStatus::Running);
+    // The program is running, waiting, after the handler finished.
     assert!(
-        !r.dir.path().join("ran").exists(),
-        "ran before the request returned?"
+        eventually(Duration::from_secs(30), || async {
+            r.dir.path().join("started").exists()
+        })
+        .await,
+        "the program never started"
     );
+    assert_eq!(
+        r.store.get_task(t.id).await.unwrap().status,
+        TaskStatus::Running
+    );
+    assert!(!r.dir.path().join("ran").exists(), "ran before the go");
+    std::fs::write(r.dir.path().join("go"), "").unwrap();
     r.wait_status(t.id, TaskStatus::Succeeded).await;
     assert!(r.dir.path().join("ran").exists());
 }
@@ -328,9 +358,16 @@ async fn command_agent_events_usage_and_result() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_keep_stderr_retry_with_backoff_then_fail() {
-    let r = rig(
+    // A base far above the claim loop's own latency (poll_interval 200 ms), so a retry
+    // without backoff cannot pass for one with it.
+    const BASE: Duration = Duration::from_secs(1);
+    let r = rig_with(
         "[agents.bad]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"echo boom-$TASKWARDEN_ATTEMPT >&2; exit 3\"]\n",
         "",
+        |cfg| {
+            cfg.workers.retry_backoff = taskwarden::config::Dur(BASE);
+            cfg.workers.retry_backoff_max = taskwarden::config::Dur(Duration::from_secs(60));
+        },
     )
     .await;
     let mut n = task("bad", serde_json::json!({}));
@@ -338,22 +375,66 @@ async fn failures_keep_stderr_retry_with_backoff_then_fail() {
     let t = r.orch.submit(&n).await.unwrap();
     let failed = r.wait_status(t.id, TaskStatus::Failed).await;
     assert_eq!(failed.attempts, 3);
-    let err = failed.error.unwrap();
+    let err = failed.error.clone().unwrap();
     assert!(
         err.contains("boom-3") && err.contains("exit status: 3"),
         "{err}"
     );
-    let attempts: Vec<String> = r
+    let attempts: Vec<taskwarden::store::TaskEvent> = r
         .events(t.id)
         .await
-        .iter()
+        .into_iter()
         .filter(|e| e.kind == "attempt_failed")
-        .map(|e| e.data["error"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(attempts.len(), 3);
+    assert_eq!(
+        attempts
+            .iter()
+            .map(|e| e.data["attempt"].clone())
+            .collect::<Vec<_>>(),
+        vec![
+            serde_json::json!(1),
+            serde_json::json!(2),
+            serde_json::json!(3)
+        ]
+    );
+    let errors: Vec<&str> = attempts
+        .iter()
+        .map(|e| e.data["error"].as_str().unwrap())
+        .collect();
     assert!(
-        attempts[0].contains("boom-1") && attempts[1].contains("boom-2"),
-        "{attempts:?}"
+        errors[0].contains("boom-1") && errors[1].contains("boom-2"),
+        "{errors:?}"
+    );
+    // Backoff after attempt n is base·2^(n-1), then 50–100 % of it: the task was not
+    // claimed again before its failure time + half that. Each attempt_failed event is
+    // written before run_after is computed, and the next one after the next claim, so
+    // consecutive events are at least that far apart.
+    let min_backoff = |n: u32| (BASE * 2u32.pow(n - 1)) / 2;
+    for (i, w) in attempts.windows(2).enumerate() {
+        let gap = (w[1].created_at - w[0].created_at)
+            .to_std()
+            .unwrap_or_default();
+        let least = min_backoff(i as u32 + 1);
+        assert!(
+            gap >= least,
+            "attempt {} was retried {gap:?} after attempt {} failed; backoff is at least {least:?}",
+            i + 2,
+            i + 1
+        );
+    }
+    // The last retry's run_after is still on the row: at least the minimum backoff after
+    // attempt 2 failed, and attempt 3 was not claimed before it.
+    let run_after = failed.run_after;
+    let least = chrono::Duration::from_std(min_backoff(2)).unwrap();
+    assert!(
+        run_after >= attempts[1].created_at + least,
+        "run_after {run_after} is less than {least} after attempt 2 failed at {}",
+        attempts[1].created_at
+    );
+    let started = failed.started_at.unwrap();
+    assert!(
+        started >= run_after,
+        "attempt 3 started at {started}, before its run_after {run_after}"
     );
 }
 
@@ -648,14 +729,16 @@ async fn invalid_objectives_write_nothing() {
     assert!(
         matches!(unknown, OrchestratorError::Store(StoreError::Invalid { ref field, .. }) if field == "steps[0].agent")
     );
-    let n: i64 =
-        r.t.admin()
-            .await
-            .query_one("SELECT count(*) FROM objectives", &[])
+    // Neither the objective nor any of its steps' tasks (or their events) was written.
+    let c = r.t.admin().await;
+    for table in ["objectives", "tasks", "task_events"] {
+        let n: i64 = c
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
             .await
             .unwrap()
             .get(0);
-    assert_eq!(n, 0);
+        assert_eq!(n, 0, "rows in {table} after invalid objectives");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
