@@ -40,31 +40,16 @@ const EXIT_LIMIT: Duration = Duration::from_secs(30);
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn bounded(body: impl std::future::Future<Output = ()>) {
-    if tokio::time::timeout(TEST_LIMIT, body).await.is_err() {
-        panic!("test did not finish within {TEST_LIMIT:?}");
-    }
+    common::daemon::bounded(TEST_LIMIT, body).await
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(HTTP_TIMEOUT)
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap()
+    common::daemon::http_client(HTTP_TIMEOUT)
 }
 
 /// Waits for the ready line; the base URL.
 fn ready(d: &mut Daemon) -> String {
-    match tokio::task::block_in_place(|| d.addr()) {
-        Some(a) => format!("http://{a}"),
-        None => {
-            let st = d.child.try_wait().ok().flatten();
-            panic!(
-                "daemon never became ready (exit status: {st:?}); output:\n{}",
-                d.drain()
-            )
-        }
-    }
+    d.base_url()
 }
 
 fn sigterm_and_expect_success(d: &mut Daemon) {

@@ -39,30 +39,15 @@ fn embedded_config(data: &Path, workers: &str, extra: &str) -> String {
 }
 
 async fn bounded(body: impl std::future::Future<Output = ()>) {
-    if tokio::time::timeout(TEST_LIMIT, body).await.is_err() {
-        panic!("test did not finish within {TEST_LIMIT:?}");
-    }
+    common::daemon::bounded(TEST_LIMIT, body).await
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(HTTP_TIMEOUT)
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap()
+    common::daemon::http_client(HTTP_TIMEOUT)
 }
 
 fn ready(d: &mut Daemon) -> String {
-    match tokio::task::block_in_place(|| d.addr()) {
-        Some(a) => format!("http://{a}"),
-        None => {
-            let st = d.child.try_wait().ok().flatten();
-            panic!(
-                "daemon never became ready (exit status: {st:?}); output:\n{}",
-                d.drain()
-            )
-        }
-    }
+    d.base_url()
 }
 
 async fn readyz(http: &reqwest::Client, base: &str) -> u16 {

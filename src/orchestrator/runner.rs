@@ -144,30 +144,6 @@ impl Orchestrator {
                 }
                 return;
             }
-            Outcome::Failed(e) if e.retryable && task.attempts < task.max_attempts => {
-                let delay = self.backoff(task.attempts);
-                let _ = i
-                    .store
-                    .add_event(
-                        task.id,
-                        "attempt_failed",
-                        &serde_json::json!({ "attempt": task.attempts, "error": e.message }),
-                    )
-                    .await;
-                (
-                    TaskStatus::Queued,
-                    TransitionArgs {
-                        expected_owner: me,
-                        error: Some(format!("attempt {}: {}", task.attempts, e.message)),
-                        run_after: chrono::Duration::from_std(delay)
-                            .ok()
-                            .and_then(|d| chrono::Utc::now().checked_add_signed(d))
-                            .or_else(|| Some(chrono::Utc::now())),
-                        ..Default::default()
-                    },
-                    "retried",
-                )
-            }
             Outcome::Failed(e) => {
                 let _ = i
                     .store
@@ -177,15 +153,28 @@ impl Orchestrator {
                         &serde_json::json!({ "attempt": task.attempts, "error": e.message }),
                     )
                     .await;
-                (
-                    TaskStatus::Failed,
-                    TransitionArgs {
+                let error = Some(format!("attempt {}: {}", task.attempts, e.message));
+                if e.retryable && task.attempts < task.max_attempts {
+                    let delay = self.backoff(task.attempts);
+                    let run_after = chrono::Duration::from_std(delay)
+                        .ok()
+                        .and_then(|d| chrono::Utc::now().checked_add_signed(d))
+                        .or_else(|| Some(chrono::Utc::now()));
+                    let args = TransitionArgs {
                         expected_owner: me,
-                        error: Some(format!("attempt {}: {}", task.attempts, e.message)),
+                        error,
+                        run_after,
                         ..Default::default()
-                    },
-                    "failed",
-                )
+                    };
+                    (TaskStatus::Queued, args, "retried")
+                } else {
+                    let args = TransitionArgs {
+                        expected_owner: me,
+                        error,
+                        ..Default::default()
+                    };
+                    (TaskStatus::Failed, args, "failed")
+                }
             }
             Outcome::TimedOut(limit) => (
                 TaskStatus::TimedOut,

@@ -236,6 +236,18 @@ impl Store {
                 format!("step key {:?} already exists in the objective", st.key),
             ));
         }
+        let tasks = self.insert_steps(&tx, objective_id, steps).await?;
+        tx.commit().await?;
+        Ok(tasks)
+    }
+
+    /// Inserts an objective's steps inside the caller's transaction.
+    async fn insert_steps(
+        &self,
+        tx: &crate::db::Tx<'_>,
+        objective_id: i64,
+        steps: &[NewStep],
+    ) -> Result<Vec<Task>, StoreError> {
         let mut tasks = Vec::with_capacity(steps.len());
         for step in steps {
             let t = &step.task;
@@ -261,7 +273,6 @@ impl Store {
                 .await?;
             tasks.push(Task::from_row(&row)?);
         }
-        tx.commit().await?;
         Ok(tasks)
     }
 
@@ -281,31 +292,7 @@ impl Store {
             )
             .await?;
         let id: i64 = row.try_get("id")?;
-        let mut tasks = Vec::with_capacity(o.steps.len());
-        for step in &o.steps {
-            let t = &step.task;
-            let row = tx
-                .query_one(
-                    &format!(
-                        "INSERT INTO tasks (objective_id, step_key, depends_on, agent, payload, session_id, \
-                         priority, max_attempts, run_after) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, COALESCE($9, now())) RETURNING {TASK_COLUMNS}"
-                    ),
-                    &[
-                        &id,
-                        &step.key,
-                        &step.depends_on,
-                        &t.agent,
-                        &t.payload,
-                        &t.session_id,
-                        &t.priority,
-                        &t.max_attempts.unwrap_or(self.default_max_attempts),
-                        &t.run_after,
-                    ],
-                )
-                .await?;
-            tasks.push(Task::from_row(&row)?);
-        }
+        let tasks = self.insert_steps(&tx, id, &o.steps).await?;
         tx.commit().await?;
         Ok(Objective {
             id,

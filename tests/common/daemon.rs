@@ -158,3 +158,35 @@ pub fn alive(pid: i32) -> bool {
         Err(_) => false,
     }
 }
+
+impl Daemon {
+    /// Waits for readiness; the base URL, or a panic with the daemon's output.
+    pub fn base_url(&mut self) -> String {
+        match tokio::task::block_in_place(|| self.addr()) {
+            Some(a) => format!("http://{a}"),
+            None => {
+                let st = self.child.try_wait().ok().flatten();
+                panic!(
+                    "daemon never became ready (exit status: {st:?}); output:\n{}",
+                    self.drain()
+                )
+            }
+        }
+    }
+}
+
+/// Runs a test body under an overall limit, so a regression fails instead of hanging.
+pub async fn bounded(limit: Duration, body: impl std::future::Future<Output = ()>) {
+    if tokio::time::timeout(limit, body).await.is_err() {
+        panic!("test did not finish within {limit:?}");
+    }
+}
+
+/// An HTTP client whose every call is bounded, with no kept-alive connections.
+pub fn http_client(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap()
+}
