@@ -78,7 +78,13 @@ async fn error_mid_transaction_leaves_no_row_and_returns_the_connection() {
 #[tokio::test]
 async fn a_transaction_abandoned_by_cancellation_is_rolled_back() {
     let t = TestDb::new().await;
-    let db = t.pool(1, 0, Duration::from_secs(5));
+    // The server's own statement_timeout and the client's query deadline are set far beyond
+    // the test's waits, so only the cancel sent for the abandoned statement can end it in
+    // time: without that cancel the pg_sleep(30) stays active past the 10 s check below.
+    let mut cfg = t.config(1, 0, Duration::from_secs(5));
+    cfg.statement_timeout = taskwarden::config::Dur::secs(120);
+    cfg.query_timeout = taskwarden::config::Dur::secs(120);
+    let db = Db::new(t.pg.clone(), &cfg, &taskwarden::metrics::Metrics::new()).unwrap();
     let work = {
         let db = db.clone();
         async move {
@@ -91,14 +97,6 @@ async fn a_transaction_abandoned_by_cancellation_is_rolled_back() {
         }
     };
     let abandoned_pid = db.session("test.pid").await.unwrap().backend_pid();
-    // The caller gives up (a request timeout, a cancelled task): the future is dropped.
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), work)
-            .await
-            .is_err()
-    );
-    assert_eq!(db.status().in_use, 0);
-    // The abandoned statement is cancelled on the server, not left sleeping for 30 s...
     let admin = t.admin().await;
     let sleeping = || async {
         admin
@@ -107,6 +105,22 @@ async fn a_transaction_abandoned_by_cancellation_is_rolled_back() {
             .unwrap()
             .is_some()
     };
+    // The work runs on its own until the server shows its statement executing inside the
+    // open transaction; only then does the caller give up on it (a request timeout, a
+    // cancelled task): the future is dropped mid-statement.
+    let mut work = Box::pin(work);
+    let seen_running = tokio::select! {
+        r = &mut work => panic!("the work ended before it was abandoned: {r:?}"),
+        seen = eventually(Duration::from_secs(20), || async { sleeping().await }) => seen,
+    };
+    assert!(
+        seen_running,
+        "the transaction's pg_sleep(30) never showed as active on backend {abandoned_pid}"
+    );
+    assert_eq!(db.status().in_use, 1);
+    drop(work);
+    assert_eq!(db.status().in_use, 0);
+    // The abandoned statement is cancelled on the server, not left sleeping for 30 s...
     assert!(eventually(Duration::from_secs(10), || async { !sleeping().await }).await);
     // ...and its connection is not handed out again.
     let s = db.session("test.next").await.unwrap();
@@ -127,7 +141,23 @@ async fn checkout_timeout_is_a_typed_error_and_capacity_returns() {
     let a = db.session("test.hold_a").await.unwrap();
     let _b = db.session("test.hold_b").await.unwrap();
 
-    let err = db.session("test.starved").await.unwrap_err();
+    // The error reports the configured timeout; the wait itself is measured here, so a
+    // checkout that gave up early (or never gave up) fails the test.
+    let started = std::time::Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(30), db.session("test.starved"))
+        .await
+        .expect("a starved checkout must end with an error, not hang")
+        .unwrap_err();
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(300),
+        "the checkout gave up after {elapsed:?}, before its 300ms checkout_timeout"
+    );
+    // Generous: only guards against a checkout that waits far beyond its timeout.
+    assert!(
+        elapsed < Duration::from_secs(20),
+        "the checkout waited {elapsed:?} for a 300ms checkout_timeout"
+    );
     match &err {
         DbError::CheckoutTimeout {
             label,
@@ -223,28 +253,42 @@ async fn overflow_connections_are_closed_when_returned() {
 #[tokio::test]
 async fn every_connection_carries_the_configured_settings() {
     let t = TestDb::new().await;
-    let mut cfg = t.config(1, 0, Duration::from_secs(5));
+    let mut cfg = t.config(3, 0, Duration::from_secs(5));
     cfg.statement_timeout = taskwarden::config::Dur::millis(1500);
     cfg.idle_in_transaction_timeout = taskwarden::config::Dur::secs(7);
     let db = Db::new(t.pg.clone(), &cfg, &taskwarden::metrics::Metrics::new()).unwrap();
-    let s = db.session("test.settings").await.unwrap();
-    let row = s
-        .query_one(
-            "SELECT current_setting('application_name'), current_setting('statement_timeout'), \
-             current_setting('idle_in_transaction_session_timeout')",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(row.get::<_, String>(0), t.application_name);
-    assert_eq!(row.get::<_, String>(1), "1500ms");
-    assert_eq!(row.get::<_, String>(2), "7s");
-    // statement_timeout is enforced by the server.
-    let err = s.execute("SELECT pg_sleep(5)", &[]).await.unwrap_err();
-    assert_eq!(
-        err.sqlstate(),
-        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
-    );
+    // The whole pool checked out at once: three distinct connections, each asked in turn.
+    let held = futures_join(&db, 3).await;
+    let mut pids: Vec<i32> = held.iter().map(|s| s.backend_pid()).collect();
+    pids.sort();
+    pids.dedup();
+    assert_eq!(pids.len(), 3, "three checkouts, three backends: {pids:?}");
+    for s in &held {
+        let row = s
+            .query_one(
+                "SELECT current_setting('application_name'), current_setting('statement_timeout'), \
+                 current_setting('idle_in_transaction_session_timeout'), pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap();
+        let pid = s.backend_pid();
+        assert_eq!(row.get::<_, i32>(3), pid);
+        assert_eq!(row.get::<_, String>(0), t.application_name, "backend {pid}");
+        assert_eq!(row.get::<_, String>(1), "1500ms", "backend {pid}");
+        assert_eq!(row.get::<_, String>(2), "7s", "backend {pid}");
+        // statement_timeout is enforced by the server on every connection.
+        let err = s.execute("SELECT pg_sleep(5)", &[]).await.unwrap_err();
+        assert_eq!(
+            err.sqlstate(),
+            Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+            "backend {pid}: {err}"
+        );
+    }
+    // The server sees the same: every one of our backends carries the application_name.
+    let mut ours = t.backends().await;
+    ours.sort();
+    assert_eq!(ours, pids);
 }
 
 #[tokio::test]

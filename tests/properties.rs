@@ -10,10 +10,10 @@ use common::daemon::Daemon;
 use nix::sys::signal::Signal;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
-use proptest::test_runner::TestRunner;
+use proptest::test_runner::{TestCaseError, TestRunner};
 use serde_json::Value;
-use taskwarden::config::{Config, ParseError};
-use taskwarden::store::{NewObjective, NewTask, validate_objective};
+use taskwarden::config::{AgentConfig, Config, ConfigIssue, ParseError};
+use taskwarden::store::{NewObjective, NewStep, NewTask, StoreError, validate_objective};
 
 fn json_value() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
@@ -122,36 +122,261 @@ fn config_text() -> impl Strategy<Value = String> {
     })
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, .. ProptestConfig::default() })]
-
-    #[test]
-    fn any_text_parses_or_is_refused_without_panic(text in "\\PC{0,200}") {
-        let _ = Config::parse(&text);
+/// Where a refusal's key points in the input: `Some(None)` when the whole dotted key is a
+/// key of the input, `Some(Some((section, leaf)))` when it is a key `leaf` missing from a
+/// table `section` that is in the input, `None` when it points at nothing in the input.
+/// Keys are matched against the input's own (possibly dotted) names, longest first.
+fn locate<'a>(table: &toml::Table, key: &'a str) -> Option<Option<(String, &'a str)>> {
+    fn walk<'a>(
+        table: &toml::Table,
+        prefix: &str,
+        key: &'a str,
+    ) -> Option<Option<(String, &'a str)>> {
+        if table.contains_key(key) {
+            return Some(None);
+        }
+        let mut names: Vec<&String> = table.keys().collect();
+        names.sort_by_key(|n| std::cmp::Reverse(n.len()));
+        for name in names {
+            if let Some(rest) = key
+                .strip_prefix(name.as_str())
+                .and_then(|r| r.strip_prefix('.'))
+                && let Some(sub) = table[name].as_table()
+            {
+                let here = if prefix.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{prefix}.{name}")
+                };
+                return match walk(sub, &here, rest) {
+                    Some(found) => Some(found),
+                    None if !rest.contains('.') => Some(Some((here, rest))),
+                    None => None,
+                };
+            }
+        }
+        None
     }
+    walk(table, "", key)
+}
 
-    #[test]
-    fn generated_configs_are_accepted_or_refused_by_key(text in config_text()) {
-        match Config::parse(&text) {
-            Ok(c) => prop_assert!(c.validate().is_empty()),
-            Err(ParseError::Syntax(m)) => prop_assert!(!m.is_empty()),
-            Err(ParseError::Invalid(issues)) => {
-                prop_assert!(!issues.is_empty());
-                for i in issues {
-                    prop_assert!(!i.key.is_empty() && !i.message.is_empty(), "{i:?}");
-                    let known = ["database", "supervisor", "workers", "http", "alerts", "logging", "agents", "bogus", "(file)"];
-                    prop_assert!(known.iter().any(|s| i.key.starts_with(s)), "{i:?}");
+/// The keys each config section knows, from the defaults (agents: `agents.*`).
+fn known_keys() -> std::collections::BTreeMap<String, Vec<String>> {
+    let keys_of = |v: Value| -> Vec<String> {
+        v.as_object()
+            .expect("a section serializes as an object")
+            .keys()
+            .cloned()
+            .collect()
+    };
+    let mut known = std::collections::BTreeMap::new();
+    let defaults = serde_json::to_value(Config::default()).unwrap();
+    for (section, v) in defaults.as_object().unwrap() {
+        if section != "agents" {
+            known.insert(section.clone(), keys_of(v.clone()));
+        }
+    }
+    known.insert(
+        "agents.*".into(),
+        keys_of(serde_json::to_value(AgentConfig::default()).unwrap()),
+    );
+    known
+}
+
+/// The classification every input must get: accepted (and then valid), refused as not
+/// TOML (and the toml crate agrees it is not), or refused with issues each of which
+/// names a key of the input, or a known key of a section the input has (a cross-key
+/// check: `pool_clear_ratio` refused because of the `pool_alert_ratio` the input set).
+fn check_classification(text: &str) -> Result<(), TestCaseError> {
+    classify(text, Config::parse(text))
+}
+
+fn classify(text: &str, result: Result<Config, ParseError>) -> Result<(), TestCaseError> {
+    let parsed = toml::from_str::<toml::Table>(text);
+    match result {
+        Ok(c) => {
+            prop_assert!(parsed.is_ok(), "accepted text that is not TOML: {text:?}");
+            let issues = c.validate();
+            prop_assert!(
+                issues.is_empty(),
+                "accepted with issues {issues:?}: {text:?}"
+            );
+        }
+        Err(ParseError::Syntax(m)) => {
+            prop_assert!(!m.is_empty());
+            prop_assert!(
+                parsed.is_err(),
+                "refused as not TOML ({m}), but it is TOML: {text:?}"
+            );
+        }
+        Err(ParseError::Invalid(issues)) => {
+            let table = match parsed {
+                Ok(t) => t,
+                Err(e) => {
+                    return Err(TestCaseError::fail(format!(
+                        "not TOML ({e}) but refused by key: {issues:?}"
+                    )));
+                }
+            };
+            prop_assert!(!issues.is_empty(), "refused with no issue: {text:?}");
+            let known = known_keys();
+            for i in &issues {
+                prop_assert!(!i.message.is_empty(), "{i:?}");
+                match locate(&table, &i.key) {
+                    Some(None) => {}
+                    Some(Some((section, leaf))) => {
+                        let kind = if section.starts_with("agents.") {
+                            "agents.*"
+                        } else {
+                            section.as_str()
+                        };
+                        prop_assert!(
+                            known.get(kind).is_some_and(|k| k.iter().any(|k| k == leaf)),
+                            "issue {i:?} names {leaf:?}, neither in the input's [{section}] \
+                             nor a key of that section; input: {text:?}"
+                        );
+                    }
+                    None => {
+                        return Err(TestCaseError::fail(format!(
+                            "issue {i:?} names no key of the input: {text:?}"
+                        )));
+                    }
                 }
             }
         }
     }
+    Ok(())
+}
+
+/// The fields a JSON object may carry to be read as `T`.
+fn fields_of<T: serde::Serialize + Default>() -> Vec<String> {
+    serde_json::to_value(T::default())
+        .unwrap()
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn the_classification_check_refuses_what_breaks_it() {
+    let issue = |key: &str| ConfigIssue {
+        key: key.into(),
+        message: "bad".into(),
+    };
+    let text = "[supervisor]\npool_alert_ratio = 0.1\n[agents.x]\nurl = \"u\"\n";
+    // What the parser may say about this input.
+    for ok in [
+        "supervisor.pool_alert_ratio",
+        "supervisor.pool_clear_ratio",
+        "agents.x",
+        "agents.x.url",
+        "agents.x.kind",
+    ] {
+        classify(text, Err(ParseError::Invalid(vec![issue(ok)]))).expect(ok);
+    }
+    // What it may not: a key of a section the input lacks, an unknown key the input lacks,
+    // a key of no section, an empty refusal, a syntax error for valid TOML, an acceptance
+    // of text that is not TOML.
+    for bad in [
+        "database.pool_size",
+        "supervisor.colour",
+        "agents.y.kind",
+        "(file)",
+        "",
+    ] {
+        assert!(
+            classify(text, Err(ParseError::Invalid(vec![issue(bad)]))).is_err(),
+            "{bad:?} passed"
+        );
+    }
+    assert!(classify(text, Err(ParseError::Invalid(vec![]))).is_err());
+    assert!(classify(text, Err(ParseError::Syntax("x".into()))).is_err());
+    assert!(classify("[[[", Ok(Config::default())).is_err());
+    assert!(classify("[[[", Err(ParseError::Invalid(vec![issue("x")]))).is_err());
+}
+
+#[test]
+fn generated_configs_reach_every_outcome() {
+    // The generator is worth its cases only if it produces all three answers.
+    let mut runner = TestRunner::deterministic();
+    let strategy = config_text();
+    let (mut ok, mut syntax, mut invalid) = (0, 0, 0);
+    for _ in 0..512 {
+        let text = strategy.new_tree(&mut runner).unwrap().current();
+        match Config::parse(&text) {
+            Ok(_) => ok += 1,
+            Err(ParseError::Syntax(_)) => syntax += 1,
+            Err(ParseError::Invalid(_)) => invalid += 1,
+        }
+    }
+    println!("accepted {ok}, not TOML {syntax}, refused by key {invalid}");
+    assert!(ok > 0 && syntax > 0 && invalid > 0);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, .. ProptestConfig::default() })]
 
     #[test]
-    fn task_and_objective_json_never_panics(v in json_value()) {
-        if let Ok(o) = serde_json::from_value::<NewObjective>(v.clone()) {
-            let _ = validate_objective(&o, None);
+    fn any_text_is_accepted_or_refused_by_syntax_or_key(text in "\\PC{0,200}") {
+        check_classification(&text)?;
+    }
+
+    #[test]
+    fn generated_configs_are_accepted_or_refused_by_key(text in config_text()) {
+        check_classification(&text)?;
+    }
+
+    #[test]
+    fn task_and_objective_json_is_read_faithfully_or_refused_by_field(v in json_value()) {
+        // A task: read only from an object of known fields, each read as given.
+        let task_fields = fields_of::<NewTask>();
+        match serde_json::from_value::<NewTask>(v.clone()) {
+            Ok(t) => {
+                if let Some(obj) = v.as_object() {
+                    let back = serde_json::to_value(&t).unwrap();
+                    for (k, given) in obj {
+                        prop_assert!(task_fields.contains(k), "accepted unknown field {k:?}: {v}");
+                        prop_assert_eq!(&back[k], given, "field {} read differently: {}", k, v);
+                    }
+                }
+            }
+            Err(e) => {
+                prop_assert!(!e.to_string().is_empty());
+                if let Some(obj) = v.as_object()
+                    && let Some(k) = obj.keys().find(|k| !task_fields.contains(*k))
+                {
+                    // Refused, and the reason is an unknown field or a wrong type.
+                    let msg = e.to_string();
+                    prop_assert!(
+                        msg.contains("unknown field") || msg.contains("invalid"),
+                        "refused {v} (unknown {k:?}) with {msg}"
+                    );
+                }
+            }
         }
-        let _ = serde_json::from_value::<NewTask>(v);
+        // An objective: accepted, or refused naming a field of what was read.
+        if let Ok(o) = serde_json::from_value::<NewObjective>(v.clone()) {
+            let step_fields: Vec<String> =
+                fields_of::<NewStep>().into_iter().chain(task_fields.iter().cloned()).collect();
+            match validate_objective(&o, None) {
+                Ok(()) => prop_assert!(!o.steps.is_empty()),
+                Err(StoreError::Invalid { field, message }) => {
+                    prop_assert!(!message.is_empty());
+                    if field != "steps" {
+                        let (index, leaf) = field
+                            .strip_prefix("steps[")
+                            .and_then(|r| r.split_once("]."))
+                            .unwrap_or_else(|| panic!("field {field:?} is not steps[i].name"));
+                        let index: usize = index.parse().unwrap();
+                        prop_assert!(index < o.steps.len(), "{field} for {} steps", o.steps.len());
+                        prop_assert!(step_fields.iter().any(|f| f == leaf), "{field}: unknown leaf");
+                    }
+                }
+                Err(other) => prop_assert!(false, "an objective refused with {other:?}: {v}"),
+            }
+        }
     }
 }
 
@@ -187,7 +412,10 @@ async fn the_api_answers_generated_bodies_with_4xx_or_success_never_5xx() {
             .await
             .unwrap();
         let status = r.status().as_u16();
-        let answer: Value = r.json().await.unwrap_or(Value::Null);
+        let text = r.text().await.unwrap();
+        let answer: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+            panic!("{path} {body} -> {status} with a non-JSON body ({e}): {text:?}")
+        });
         assert!(
             status == 201 || (400..500).contains(&status),
             "{path} {body} -> {status} {answer}"

@@ -376,8 +376,139 @@ async fn shutdown_requeue_touches_only_this_instances_running_tasks() {
     );
 }
 
+/// The migrations this build embeds, by file name without ".sql" (`V1__init`, ...).
+fn migration_files() -> Vec<String> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter_map(|n| n.strip_suffix(".sql").map(str::to_string))
+        .collect();
+    names.sort();
+    names
+}
+
+fn version_of(name: &str) -> i32 {
+    name.strip_prefix('V')
+        .and_then(|r| r.split("__").next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("migration file name {name:?} is not V<version>__<name>"))
+}
+
+/// The migration lock's advisory key ("twmigrat" as a big-endian i64, src/db/migrate.rs).
+const MIGRATION_LOCK_KEY: i64 = 0x7477_6d69_6772_6174;
+
 #[tokio::test]
 async fn concurrent_migrations_apply_once() {
+    // An empty database, and several instances starting on it at the same time. The test
+    // holds the migration lock itself until every run has connected, so all of them are
+    // under way together when it is released: a real race, not runs one after another.
+    let t = TestDb::new_unmigrated().await;
+    let expected = migration_files();
+    assert!(!expected.is_empty());
+    assert_eq!(
+        expected.iter().map(|n| version_of(n)).max(),
+        Some(taskwarden::db::migrate::latest_version())
+    );
+    let c = t.admin().await;
+    let locked: bool = c
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(locked);
+
+    const RUNS: usize = 6;
+    let cfg = t.config(1, 0, Duration::from_secs(5));
+    let runs: Vec<_> = (0..RUNS)
+        .map(|_| {
+            let pg = t.pg.clone();
+            let cfg = cfg.clone();
+            tokio::spawn(async move { taskwarden::db::migrate::run(&pg, &cfg).await })
+        })
+        .collect();
+    let migrate_app = format!("{}:migrate", t.application_name);
+    let connected = || async {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                &[&migrate_app],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n == RUNS as i64
+    };
+    assert!(
+        common::eventually(Duration::from_secs(60), connected).await,
+        "not every migration run connected"
+    );
+    // Each run polls the lock every 200 ms; give every one of them a chance to find it
+    // taken. None may have got past the lock while the test holds it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        runs.iter().all(|r| !r.is_finished()),
+        "a migration run finished while the migration lock was held by the test"
+    );
+    let tables: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 0, "something was created while the lock was held");
+    let unlocked: bool = c
+        .query_one("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(unlocked);
+
+    let mut reports = Vec::new();
+    for r in runs {
+        let report = tokio::time::timeout(Duration::from_secs(120), r)
+            .await
+            .expect("a migration run hung")
+            .unwrap()
+            .expect("a migration run failed");
+        assert_eq!(report.latest, taskwarden::db::migrate::latest_version());
+        reports.push(report.applied);
+    }
+    // Every migration was applied by exactly one run...
+    for name in &expected {
+        let by = reports
+            .iter()
+            .filter(|a| a.iter().any(|m| m == name))
+            .count();
+        assert_eq!(by, 1, "{name} applied by {by} runs: {reports:?}");
+    }
+    // ...the one that took the lock first applied all of them, and the others found
+    // nothing left to do.
+    let appliers: Vec<_> = reports.iter().filter(|a| !a.is_empty()).collect();
+    assert_eq!(appliers.len(), 1, "{reports:?}");
+    assert_eq!(appliers[0], &expected, "{reports:?}");
+    // The history table holds each version once, and nothing else.
+    let rows = c
+        .query(
+            "SELECT version, count(*) FROM refinery_schema_history GROUP BY version ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap();
+    let history: Vec<(i32, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let want: Vec<(i32, i64)> = expected.iter().map(|n| (version_of(n), 1)).collect();
+    assert_eq!(history, want);
+    // And the schema is usable.
+    let s = store(&t);
+    s.create_task(&NewTask::new("echo", serde_json::json!({})))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn migrating_an_up_to_date_database_concurrently_applies_nothing() {
     let t = TestDb::new().await; // already migrated once; run four more at the same time
     let cfg = t.config(1, 0, Duration::from_secs(5));
     let runs: Vec<_> = (0..4)
@@ -389,38 +520,22 @@ async fn concurrent_migrations_apply_once() {
         .collect();
     for r in runs {
         let report = r.await.unwrap().unwrap();
-        assert!(report.applied.is_empty());
+        assert!(report.applied.is_empty(), "{report:?}");
     }
     let c = t.admin().await;
-    let n: i64 = c
-        .query_one("SELECT count(*) FROM refinery_schema_history", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, taskwarden::db::migrate::latest_version() as i64);
-}
-
-#[tokio::test]
-async fn migrations_on_a_fresh_database_race_safely() {
-    // Four instances starting at once on an empty database: exactly one applies.
-    let t = TestDb::new().await;
-    let c = t.admin().await;
-    c.batch_execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    let rows = c
+        .query(
+            "SELECT version, count(*) FROM refinery_schema_history GROUP BY version ORDER BY version",
+            &[],
+        )
         .await
         .unwrap();
-    let cfg = t.config(1, 0, Duration::from_secs(5));
-    let runs: Vec<_> = (0..4)
-        .map(|_| {
-            let pg = t.pg.clone();
-            let cfg = cfg.clone();
-            tokio::spawn(async move { taskwarden::db::migrate::run(&pg, &cfg).await })
-        })
+    let history: Vec<(i32, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let want: Vec<(i32, i64)> = migration_files()
+        .iter()
+        .map(|n| (version_of(n), 1))
         .collect();
-    let mut applied = 0;
-    for r in runs {
-        applied += r.await.unwrap().unwrap().applied.len();
-    }
-    assert_eq!(applied, taskwarden::db::migrate::latest_version() as usize);
+    assert_eq!(history, want);
 }
 
 #[tokio::test]

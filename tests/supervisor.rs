@@ -86,8 +86,17 @@ impl Rig {
         hb
     }
 
+    /// A metric's value; a series that is not exported at all fails the test (it is
+    /// never read as zero).
     fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.metrics.value(name, labels).unwrap_or(0.0)
+        self.metrics
+            .value(name, labels)
+            .unwrap_or_else(|| panic!("metric {name} {labels:?} is not exported"))
+    }
+
+    /// A metric's value, `None` while the series does not exist (for polling).
+    fn value_opt(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.metrics.value(name, labels)
     }
 }
 
@@ -277,7 +286,7 @@ async fn leaked_session_is_force_closed_its_task_cancelled_and_capacity_returns(
     drop(s);
     assert!(
         eventually(Duration::from_secs(5), || async {
-            rig.value(m::DB_SESSIONS_FORCE_CLOSED_TOTAL, &[]) == 1.0
+            rig.value_opt(m::DB_SESSIONS_FORCE_CLOSED_TOTAL, &[]) == Some(1.0)
         })
         .await
     );
@@ -365,13 +374,13 @@ async fn a_task_past_max_task_duration_ends_timed_out_and_returns_its_session() 
     assert!(rig.running.is_empty());
     assert!(
         eventually(Duration::from_secs(5), || async {
-            rig.value(m::TASKS_TIMED_OUT_TOTAL, &[]) == 1.0
+            rig.value_opt(m::TASKS_TIMED_OUT_TOTAL, &[]) == Some(1.0)
         })
         .await
     );
     assert!(
         eventually(Duration::from_secs(5), || async {
-            rig.value(m::TASKS, &[("status", "timed_out")]) == 1.0
+            rig.value_opt(m::TASKS, &[("status", "timed_out")]) == Some(1.0)
         })
         .await
     );
@@ -447,14 +456,42 @@ async fn memory_pressure_alerts_and_closes_idle_connections() {
         }
         v
     };
+    let mut idle_pids: Vec<i32> = held.iter().map(|s| s.backend_pid()).collect();
+    idle_pids.sort();
     drop(held);
     assert_eq!(rig.db.status().idle, 3);
+    // The server sees the three idle backends before the cleanup.
+    let mut before = rig.t.backends().await;
+    before.sort();
+    assert_eq!(before, idle_pids);
     let mut sup = rig.supervisor();
     let r = sup.tick().await.unwrap();
     assert!(r.resident_memory_bytes > 0);
     assert!(r.emergency_cleanup);
     assert!(rig.alerts.is_firing(alerts::MEMORY_HIGH));
     assert_eq!(rig.db.status().idle, 0);
+    // Closed for real: the idle connections' backends are gone from the server.
+    let admin = rig.t.admin().await;
+    let still_there = || async {
+        admin
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE pid = ANY($1)",
+                &[&idle_pids],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, i32>(0))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            still_there().await.is_empty()
+        })
+        .await,
+        "backends of the closed idle connections still on the server: {:?}",
+        still_there().await
+    );
     assert_eq!(rig.value(m::EMERGENCY_CLEANUPS_TOTAL, &[]), 1.0);
     assert!(rig.value(m::PROCESS_RESIDENT_MEMORY_BYTES, &[]) > 0.0);
     // Still firing on the next tick: no second alert, no second cleanup.

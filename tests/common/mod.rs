@@ -70,7 +70,7 @@ async fn server() -> &'static Server {
         .await
 }
 
-/// A fresh, migrated database for one test.
+/// A fresh database for one test ([`TestDb::new`] applies the schema).
 pub struct TestDb {
     pub name: String,
     pub pg: tokio_postgres::Config,
@@ -79,6 +79,15 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> TestDb {
+        let db = Self::new_unmigrated().await;
+        taskwarden::db::migrate::run(&db.pg, &db.config(2, 0, Duration::from_secs(5)))
+            .await
+            .expect("migrate test database");
+        db
+    }
+
+    /// A fresh, empty database on the same server: no migration has run on it.
+    pub async fn new_unmigrated() -> TestDb {
         let server = server().await;
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = format!(
@@ -94,15 +103,11 @@ impl TestDb {
             .expect("create test database");
         let mut pg = server.admin.clone();
         pg.dbname(&name);
-        let db = TestDb {
+        TestDb {
             application_name: format!("twt_{}_{}", std::process::id(), n),
             name,
             pg,
-        };
-        taskwarden::db::migrate::run(&db.pg, &db.config(2, 0, Duration::from_secs(5)))
-            .await
-            .expect("migrate test database");
-        db
+        }
     }
 
     /// A database config for this test's pool.
