@@ -491,12 +491,16 @@ fn reload(d: &Daemon, log: &LogHandle) {
             return;
         }
     };
-    d.metrics
-        .counter(metrics::CONFIG_RELOADS_TOTAL, &[("result", "ok")])
-        .increment(1);
+    // Counted only once it is in force, so a reader that sees the count sees the config.
+    let counted = || {
+        d.metrics
+            .counter(metrics::CONFIG_RELOADS_TOTAL, &[("result", "ok")])
+            .increment(1)
+    };
     let old = d.config.load_full();
     let changed = changed_keys(&old, &new);
     if changed.is_empty() {
+        counted();
         tracing::info!("config reloaded; nothing changed");
         return;
     }
@@ -525,6 +529,7 @@ fn reload(d: &Daemon, log: &LogHandle) {
     if live.iter().any(|k| k.starts_with("agents.")) {
         d.orchestrator.reload_agents();
     }
+    counted();
     tracing::info!(changed = ?live, needs_restart = ?restart, "config reloaded");
 }
 
