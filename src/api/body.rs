@@ -1,0 +1,146 @@
+//! Request input: JSON bodies (bounded, NUL-free, fields named on error), path and query
+//! parameters, and the JSON 405.
+
+#[allow(unused_imports)]
+use super::*;
+
+/// A JSON body whose errors name the offending field (serde_path_to_error).
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        if !is_json {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "send Content-Type: application/json",
+            ));
+        }
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e: BytesRejection| {
+                let status = e.status();
+                if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(status, "request body larger than http.max_body_bytes")
+                } else {
+                    ApiError::new(status, e.body_text())
+                }
+            })?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+/// Parses a JSON body into `T`: a syntax error, a NUL character anywhere, or a field of
+/// the wrong shape is a 400 that names where it was.
+pub(super) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")))?;
+    if let Some(path) = nul_in(&value, String::new()) {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            if path.is_empty() { "body".into() } else { path },
+            "contains a NUL character (\\u0000), which PostgreSQL cannot store",
+        ));
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." || path.is_empty() {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON: {inner}"))
+        } else {
+            ApiError::field(StatusCode::BAD_REQUEST, path, inner.to_string())
+        }
+    })
+}
+
+/// The dotted path of the first string or key in `v` that holds a NUL character.
+pub(super) fn nul_in(v: &serde_json::Value, here: String) -> Option<String> {
+    use serde_json::Value;
+    let join = |k: &str| {
+        if here.is_empty() {
+            k.to_string()
+        } else {
+            format!("{here}.{k}")
+        }
+    };
+    match v {
+        Value::String(s) if s.contains('\0') => Some(here),
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| nul_in(x, format!("{here}[{i}]"))),
+        Value::Object(o) => o.iter().find_map(|(k, x)| {
+            if k.contains('\0') {
+                Some(join(&k.replace('\0', "\\u0000")))
+            } else {
+                nul_in(x, join(k))
+            }
+        }),
+        _ => None,
+    }
+}
+
+/// Refuses a NUL character (`%00`) in a query parameter before any handler sees it:
+/// PostgreSQL cannot store one, and the answer must name where it was. (Path parameters
+/// are checked by the handlers, which know their names.)
+pub(super) async fn reject_nul(req: Request, next: Next) -> Result<Response, ApiError> {
+    let uri = req.uri();
+    let has_nul = |s: &str| s.to_ascii_lowercase().contains("%00");
+    if let Some(q) = uri.query()
+        && has_nul(q)
+    {
+        let name = q
+            .split('&')
+            .find(|kv| has_nul(kv))
+            .map(|kv| kv.split('=').next().unwrap_or(kv).to_string())
+            .unwrap_or_else(|| "query".into());
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            name,
+            "contains a NUL character (%00)",
+        ));
+    }
+    Ok(next.run(req).await)
+}
+
+/// A session id taken from the path: what the store would accept in `session_id`.
+pub(super) fn check_session_param(session: &str) -> Result<(), ApiError> {
+    if session.is_empty() || session.len() > crate::store::MAX_NAME_LEN {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "session",
+            format!("must be 1..={} characters", crate::store::MAX_NAME_LEN),
+        ));
+    }
+    if session.contains('\0') {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "session",
+            "contains a NUL character (%00)",
+        ));
+    }
+    Ok(())
+}
+
+pub(super) async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this route",
+    )
+}
+
+pub(super) fn parse_id(raw: &str, what: &str) -> Result<i64, ApiError> {
+    raw.parse::<i64>().ok().filter(|v| *v > 0).ok_or_else(|| {
+        ApiError::field(
+            StatusCode::BAD_REQUEST,
+            what,
+            format!("{raw:?} is not a positive integer id"),
+        )
+    })
+}

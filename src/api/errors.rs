@@ -1,0 +1,102 @@
+//! API errors: one JSON shape, `{"error", "field"?}`, and the status a client can act on.
+
+#[allow(unused_imports)]
+use super::*;
+
+/// A JSON error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    field: Option<String>,
+}
+
+impl ApiError {
+    pub(super) fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            field: None,
+        }
+    }
+    pub(super) fn field(
+        status: StatusCode,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            field: Some(field.into()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.message });
+        if let Some(f) = self.field {
+            body["field"] = json!(f);
+        }
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::CheckoutTimeout { .. }
+            | DbError::ConnectTimeout(_)
+            | DbError::Deadline(_)
+            | DbError::Connect(_)
+            | DbError::PoolClosed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            // A data exception is the input's fault, whatever validation missed.
+            DbError::Query(ref q) if q.code().is_some_and(|c| c.code().starts_with("22")) => {
+                tracing::warn!(error = %e, "input refused by the database");
+                ApiError::new(StatusCode::BAD_REQUEST, format!("invalid input: {e}"))
+            }
+            other => {
+                tracing::error!(error = %other, "database error in API handler");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "database error")
+            }
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Db(d) => d.into(),
+            StoreError::TaskNotFound(_) | StoreError::ObjectiveNotFound(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, e.to_string())
+            }
+            StoreError::IllegalTransition { .. } | StoreError::LeaseLost { .. } => {
+                ApiError::new(StatusCode::CONFLICT, e.to_string())
+            }
+            StoreError::Invalid { field, message } => {
+                ApiError::field(StatusCode::BAD_REQUEST, field, message)
+            }
+            StoreError::Corrupt(_) => {
+                tracing::error!(error = %e, "corrupt row");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "corrupt row")
+            }
+        }
+    }
+}
+
+impl From<OrchestratorError> for ApiError {
+    fn from(e: OrchestratorError) -> Self {
+        match e {
+            OrchestratorError::UnknownAgent(a) => ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "agent",
+                format!("unknown agent {a:?}"),
+            ),
+            OrchestratorError::NoRunSlot(_) | OrchestratorError::ShuttingDown => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            }
+            OrchestratorError::Store(s) => s.into(),
+            OrchestratorError::Db(d) => d.into(),
+        }
+    }
+}

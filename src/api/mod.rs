@@ -1,0 +1,143 @@
+//! The HTTP surface: one listener with `/metrics`, `/healthz`, `/readyz` and the JSON API
+//! under `/v1` (Bearer token when one is configured).
+//!
+//! Every error is JSON — `{"error": "...", "field": "..."}` when a field is to blame — with
+//! the status a client can act on: 400 bad input, 401 token, 404, 409 illegal transition,
+//! 413 body too large, 503 no capacity or database down. Bodies are bounded by
+//! `http.max_body_bytes`; a request (not an event stream) is bounded by [`REQUEST_TIMEOUT`].
+//! Handlers only call the store, orchestrator and tracker; they hold no lock across an await.
+
+mod auth;
+mod body;
+mod errors;
+mod health;
+mod objectives;
+mod slots;
+mod tasks;
+
+use auth::*;
+pub use body::JsonBody;
+use body::*;
+pub use errors::ApiError;
+use health::*;
+use objectives::*;
+use slots::*;
+use tasks::*;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::alerts::Alerts;
+use crate::config::Config;
+use crate::db::{Db, DbError};
+use crate::metrics::Metrics;
+use crate::orchestrator::registry::RunningTasks;
+use crate::orchestrator::{Orchestrator, OrchestratorError};
+use crate::store::{NewObjective, NewTask, Store, StoreError, TaskFilter, TaskStatus};
+use crate::supervisor::Heartbeat;
+
+/// Longest time a request may take to produce its response head.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Which config is in force, for status output (never the content: it holds secrets).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConfigMeta {
+    pub version: String,
+    pub loaded_at: DateTime<Utc>,
+    pub path: String,
+}
+
+impl ConfigMeta {
+    pub fn of(config: &Config, path: &std::path::Path) -> ConfigMeta {
+        use std::hash::{Hash, Hasher};
+        let text = toml::to_string(config).unwrap_or_default();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        text.hash(&mut h);
+        ConfigMeta {
+            version: format!("{:016x}", h.finish()),
+            loaded_at: Utc::now(),
+            path: path.display().to_string(),
+        }
+    }
+}
+
+/// The API token in force: `http.api_token`, or the first line of `http.api_token_file`.
+pub fn resolve_token(cfg: &Config) -> Result<Option<String>, std::io::Error> {
+    if !cfg.http.api_token.is_empty() {
+        return Ok(Some(cfg.http.api_token.clone()));
+    }
+    if !cfg.http.api_token_file.is_empty() {
+        let t = std::fs::read_to_string(&cfg.http.api_token_file)?;
+        let t = t.lines().next().unwrap_or("").trim().to_string();
+        if t.is_empty() {
+            return Err(std::io::Error::other(format!(
+                "{} is empty",
+                cfg.http.api_token_file
+            )));
+        }
+        return Ok(Some(t));
+    }
+    Ok(None)
+}
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub config: Arc<ArcSwap<Config>>,
+    pub config_meta: Arc<ArcSwap<ConfigMeta>>,
+    pub token: Arc<ArcSwap<Option<String>>>,
+    pub db: Db,
+    pub store: Store,
+    pub orchestrator: Orchestrator,
+    pub metrics: Metrics,
+    pub alerts: Alerts,
+    pub heartbeat: Arc<Heartbeat>,
+    pub running: Arc<RunningTasks>,
+    /// Ends event streams at shutdown, so the server can drain.
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+/// Builds the router.
+pub fn router(state: ApiState) -> Router {
+    let max_body = state.config.load().http.max_body_bytes as usize;
+    let v1 = Router::new()
+        .route("/tasks", post(create_task).get(list_tasks))
+        .route("/tasks/{id}", get(get_task))
+        .route("/tasks/{id}/cancel", post(cancel_task))
+        .route("/objectives", post(create_objective))
+        .route("/objectives/{id}", get(get_objective))
+        .route("/sessions/{id}/run", post(run_session))
+        .route("/sessions/{id}/events", get(session_events))
+        .route("/status", get(status))
+        .method_not_allowed_fallback(method_not_allowed)
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .nest("/v1", v1)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(reject_nul))
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            REQUEST_TIMEOUT,
+        ))
+        .with_state(state)
+}

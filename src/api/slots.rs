@@ -1,0 +1,141 @@
+//! Run slots: `POST /v1/sessions/{id}/run` and the slot's event stream (SSE, resumable).
+
+#[allow(unused_imports)]
+use super::*;
+
+/// Events replayed per database page when a subscriber resumes.
+pub(super) const REPLAY_PAGE: i64 = 500;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RunBody {
+    agent: String,
+    #[serde(default)]
+    payload: serde_json::Value,
+    #[serde(default)]
+    priority: i32,
+    #[serde(default)]
+    max_attempts: Option<i32>,
+}
+
+pub(super) async fn run_session(
+    State(s): State<ApiState>,
+    Path(session): Path<String>,
+    JsonBody(b): JsonBody<RunBody>,
+) -> Result<Response, ApiError> {
+    check_session_param(&session)?;
+    let t = NewTask {
+        agent: b.agent,
+        payload: b.payload,
+        session_id: None,
+        priority: b.priority,
+        max_attempts: b.max_attempts,
+        run_after: None,
+    };
+    let task = s.orchestrator.run_for_session(&session, t).await?;
+    Ok((StatusCode::CREATED, axum::Json(task)).into_response())
+}
+
+/// Server-sent events of a session's tasks. `Last-Event-ID` (or `?after=`) resumes after
+/// that event: missed events are read from the database, then live ones follow. A
+/// subscriber that falls behind the live buffer is caught up from the database again.
+pub(super) async fn session_events(
+    State(s): State<ApiState>,
+    Path(session): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    check_session_param(&session)?;
+    let after = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .or(q.get("after").map(String::as_str))
+        .map(|v| v.trim().parse::<i64>())
+        .transpose()
+        .map_err(|_| {
+            ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "Last-Event-ID",
+                "must be an event id",
+            )
+        })?
+        .unwrap_or(0);
+    // Subscribe before replaying, so nothing falls between the two.
+    let mut live = s.orchestrator.hub().subscribe();
+    let store = s.store.clone();
+    let shutdown = s.shutdown.clone();
+    let stream = async_stream(shutdown, move |tx| async move {
+        let mut last = after;
+        loop {
+            // Catch up from the database.
+            loop {
+                let page = match store.session_events(&session, last, REPLAY_PAGE).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(session_id = %session, error = %e, "event replay failed");
+                        return;
+                    }
+                };
+                let n = page.len();
+                for e in page {
+                    last = e.id;
+                    if tx.send(to_sse(&e)).await.is_err() {
+                        return;
+                    }
+                }
+                if (n as i64) < REPLAY_PAGE {
+                    break;
+                }
+            }
+            // Then follow live events.
+            loop {
+                match live.recv().await {
+                    Ok(ev)
+                        if ev.session_id.as_deref() == Some(session.as_str())
+                            && ev.event.id > last =>
+                    {
+                        last = ev.event.id;
+                        if tx.send(to_sse(&ev.event)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        }
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+pub(super) fn to_sse(e: &crate::store::TaskEvent) -> Result<Event, Infallible> {
+    let data = json!({ "task_id": e.task_id, "kind": e.kind, "data": e.data, "at": e.created_at });
+    Ok(Event::default()
+        .id(e.id.to_string())
+        .event(e.kind.clone())
+        .data(data.to_string()))
+}
+
+/// A stream fed by a producer task through a small bounded channel; the producer stops
+/// when the client goes away (the receiver is dropped).
+pub(super) fn async_stream<F, Fut>(
+    shutdown: tokio_util::sync::CancellationToken,
+    produce: F,
+) -> tokio_stream::wrappers::ReceiverStream<Result<Event, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<Event, Infallible>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let fut = produce(tx);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = fut => {}
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
