@@ -460,25 +460,6 @@ async fn stop(d: &Daemon) -> Result<(), DaemonError> {
     Ok(())
 }
 
-/// Keys that only take effect at start.
-const RESTART_ONLY: &[&str] = &[
-    "database.url",
-    "database.data_dir",
-    "database.checkout_timeout",
-    "database.connect_timeout",
-    "database.pre_ping",
-    "database.application_name",
-    "database.statement_timeout",
-    "database.idle_in_transaction_timeout",
-    "database.query_timeout",
-    "database.tcp_keepalive",
-    "database.tcp_user_timeout",
-    "database.capture_backtraces",
-    "http.listen",
-    "http.max_body_bytes",
-    "logging.format",
-];
-
 /// SIGHUP: re-read the file; apply what can change live, keep the old config if invalid.
 fn reload(d: &Daemon, log: &LogHandle) {
     let new = match Config::load(&d.config_path) {
@@ -498,7 +479,7 @@ fn reload(d: &Daemon, log: &LogHandle) {
             .increment(1)
     };
     let old = d.config.load_full();
-    let changed = changed_keys(&old, &new);
+    let changed = crate::config::reload::changed_keys(&old, &new);
     if changed.is_empty() {
         counted();
         tracing::info!("config reloaded; nothing changed");
@@ -506,7 +487,7 @@ fn reload(d: &Daemon, log: &LogHandle) {
     }
     let (restart, live): (Vec<&String>, Vec<&String>) = changed
         .iter()
-        .partition(|k| RESTART_ONLY.contains(&k.as_str()));
+        .partition(|k| crate::config::reload::RESTART_ONLY.contains(&k.as_str()));
     if new.logging.level != old.logging.level
         && let Err(e) = log.set_level(&new.logging.level)
     {
@@ -531,40 +512,4 @@ fn reload(d: &Daemon, log: &LogHandle) {
     }
     counted();
     tracing::info!(changed = ?live, needs_restart = ?restart, "config reloaded");
-}
-
-/// Dotted keys whose values differ between two configs.
-pub fn changed_keys(a: &Config, b: &Config) -> Vec<String> {
-    fn flatten(
-        prefix: &str,
-        v: &toml::Value,
-        out: &mut std::collections::BTreeMap<String, toml::Value>,
-    ) {
-        match v {
-            toml::Value::Table(t) => {
-                for (k, v) in t {
-                    let key = if prefix.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{prefix}.{k}")
-                    };
-                    flatten(&key, v, out);
-                }
-            }
-            other => {
-                out.insert(prefix.to_string(), other.clone());
-            }
-        }
-    }
-    let (mut fa, mut fb) = (Default::default(), Default::default());
-    if let (Ok(va), Ok(vb)) = (toml::Value::try_from(a), toml::Value::try_from(b)) {
-        flatten("", &va, &mut fa);
-        flatten("", &vb, &mut fb);
-    }
-    let mut keys: Vec<String> = fa.keys().chain(fb.keys()).cloned().collect();
-    keys.sort();
-    keys.dedup();
-    keys.into_iter()
-        .filter(|k| fa.get(k) != fb.get(k))
-        .collect()
 }

@@ -1,0 +1,232 @@
+//! The config sections, one struct each, with their defaults — the numbers from the seeds.
+//! `config.toml` at the repository root shows every key with its default and its bound.
+
+#[allow(unused_imports)]
+use super::*;
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// Empty: run the embedded PostgreSQL under `data_dir`.
+    pub url: String,
+    /// Where the embedded cluster lives. Empty: `$STATE_DIRECTORY` (systemd) or `./data`.
+    pub data_dir: String,
+    pub pool_size: u32,
+    pub max_overflow: u32,
+    pub checkout_timeout: Dur,
+    pub connect_timeout: Dur,
+    pub pre_ping: bool,
+    pub application_name: String,
+    pub statement_timeout: Dur,
+    pub idle_in_transaction_timeout: Dur,
+    /// Client-side deadline of every round trip; a connection that misses it is discarded.
+    pub query_timeout: Dur,
+    /// TCP keepalive idle time on database connections (0 = off); probes follow every
+    /// third of it, three of them.
+    pub tcp_keepalive: Dur,
+    /// TCP_USER_TIMEOUT on database connections (0 = the kernel's default).
+    pub tcp_user_timeout: Dur,
+    pub capture_backtraces: bool,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            data_dir: String::new(),
+            pool_size: 20,
+            max_overflow: 10,
+            checkout_timeout: Dur::secs(5),
+            connect_timeout: Dur::secs(10),
+            pre_ping: true,
+            application_name: "taskwarden".into(),
+            statement_timeout: Dur::secs(10),
+            idle_in_transaction_timeout: Dur::secs(60),
+            query_timeout: Dur::secs(15),
+            tcp_keepalive: Dur::secs(15),
+            tcp_user_timeout: Dur::secs(30),
+            capture_backtraces: false,
+        }
+    }
+}
+
+impl DatabaseConfig {
+    /// The hard maximum of pooled connections: base size plus overflow.
+    pub fn max_connections(&self) -> usize {
+        self.pool_size as usize + self.max_overflow as usize
+    }
+
+    /// The URL in force: the env override if set, else the file's.
+    pub fn effective_url(&self) -> String {
+        match std::env::var(DATABASE_URL_ENV) {
+            Ok(v) if !v.trim().is_empty() => v,
+            _ => self.url.clone(),
+        }
+    }
+
+    /// The directory of the embedded cluster.
+    pub fn effective_data_dir(&self) -> PathBuf {
+        if !self.data_dir.is_empty() {
+            return PathBuf::from(&self.data_dir);
+        }
+        match std::env::var("STATE_DIRECTORY") {
+            // systemd may pass several colon-separated dirs; the first is ours.
+            Ok(v) if !v.is_empty() => PathBuf::from(v.split(':').next().unwrap_or(&v)),
+            _ => PathBuf::from("data"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SupervisorConfig {
+    pub interval: Dur,
+    pub pool_alert_ratio: f64,
+    pub pool_clear_ratio: f64,
+    pub session_warn_age: Dur,
+    pub session_max_age: Dur,
+    pub max_task_duration: Dur,
+    pub memory_alert_ratio: f64,
+    pub log_resource_usage: bool,
+    pub resource_log_interval: Dur,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            interval: Dur::secs(5),
+            pool_alert_ratio: 0.80,
+            pool_clear_ratio: 0.70,
+            session_warn_age: Dur::secs(60),
+            session_max_age: Dur::secs(30 * 60),
+            max_task_duration: Dur::secs(1800),
+            memory_alert_ratio: 0.90,
+            log_resource_usage: false,
+            resource_log_interval: Dur::secs(300),
+        }
+    }
+}
+
+impl SupervisorConfig {
+    /// The file's switch, or `LOG_RESOURCE_USAGE=true` in the environment.
+    pub fn resource_logging_enabled(&self) -> bool {
+        self.log_resource_usage
+            || std::env::var(LOG_RESOURCE_USAGE_ENV)
+                .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
+                .unwrap_or(false)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkersConfig {
+    pub concurrency: u32,
+    pub lease: Dur,
+    pub poll_interval: Dur,
+    pub max_attempts: u32,
+    pub retry_backoff: Dur,
+    pub retry_backoff_max: Dur,
+    /// How long shutdown waits for running work before re-queueing it and exiting.
+    pub shutdown_grace: Dur,
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 10,
+            lease: Dur::secs(30),
+            poll_interval: Dur::secs(1),
+            max_attempts: 3,
+            retry_backoff: Dur::secs(1),
+            retry_backoff_max: Dur::secs(300),
+            shutdown_grace: Dur::secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentKind {
+    Command,
+    Http,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    pub kind: Option<AgentKind>,
+    /// argv for `kind = "command"`.
+    pub command: Vec<String>,
+    /// Endpoint for `kind = "http"`.
+    pub url: String,
+    pub concurrency: u32,
+    pub timeout: Dur,
+    /// The agent's reply is the list of steps of an objective.
+    pub planner: bool,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            kind: None,
+            command: Vec::new(),
+            url: String::new(),
+            concurrency: 4,
+            timeout: Dur::secs(1800),
+            planner: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: String,
+    pub api_token: String,
+    pub api_token_file: String,
+    pub max_body_bytes: u64,
+    /// A list answer stops adding rows once their payloads and results pass this many bytes
+    /// (it says so with `truncated` and where to go on with `next_after`).
+    pub max_response_bytes: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9187".into(),
+            api_token: String::new(),
+            api_token_file: String::new(),
+            max_body_bytes: 1024 * 1024,
+            max_response_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlertsConfig {
+    pub webhook_url: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Pretty,
+        }
+    }
+}
