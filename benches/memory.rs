@@ -1,14 +1,20 @@
-//! Resident memory of a daemon (an in-process orchestrator with its pool and loops): idle,
-//! with 10,000 queued tasks, and with 1,000 tasks running at once.
+//! Resident memory of a daemon (an in-process orchestrator with the default config, its
+//! pool and loops): idle, with 10,000 queued tasks, and with 1,000 tasks running at once
+//! (workers.concurrency = 1,000, an agent that sleeps 30 s; the reading is taken only when
+//! all 1,000 are running, here and in the database).
 //!
 //! Run: `cargo bench --bench memory` (starts its own throwaway PostgreSQL).
 
 #[path = "common/mod.rs"]
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{count, database, orchestrator, rss_bytes};
+
+const RUNNING: usize = 1000;
+/// Long enough that the first task started is still running when the last one starts.
+const TASK_TIME: Duration = Duration::from_secs(30);
 
 fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
@@ -19,7 +25,7 @@ async fn main() {
     let b = database().await;
     let c = &b.admin;
     let before = rss_bytes();
-    let run = orchestrator(&b.pg, 1000, "wait", Duration::from_secs(5));
+    let run = orchestrator(&b.pg, Some(RUNNING as u32), "wait", TASK_TIME);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = rss_bytes();
     // Queued work lives in PostgreSQL, not in the daemon: tasks for an agent it does not run.
@@ -28,23 +34,37 @@ async fn main() {
         .expect("queue");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let queued = rss_bytes();
-    c.batch_execute("INSERT INTO tasks (agent) SELECT 'wait' FROM generate_series(1, 1000)")
-        .await
-        .expect("queue");
-    let mut peak_running = 0;
-    let mut with_running = 0;
-    for _ in 0..200 {
-        let n = run.orch.running_here();
-        if n > peak_running {
-            peak_running = n;
-            with_running = rss_bytes();
-        }
-        if n == 1000 {
-            break;
-        }
+    let started = Instant::now();
+    c.batch_execute(&format!(
+        "INSERT INTO tasks (agent) SELECT 'wait' FROM generate_series(1, {RUNNING})"
+    ))
+    .await
+    .expect("queue");
+    // Wait until every one of them runs; the first ones end after TASK_TIME, so the
+    // reading must come before that.
+    while run.orch.running_here() < RUNNING {
+        assert!(
+            started.elapsed() < TASK_TIME - Duration::from_secs(5),
+            "only {} of {RUNNING} tasks running after {:?}",
+            run.orch.running_here(),
+            started.elapsed()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    println!("== resident memory of the bench process (daemon in-process)");
+    let here_before = run.orch.running_here();
+    let with_running = rss_bytes();
+    let here_after = run.orch.running_here();
+    let in_db = count(c, "SELECT count(*) FROM tasks WHERE status = 'running'").await;
+    assert_eq!(
+        (here_before, here_after, in_db),
+        (RUNNING, RUNNING, RUNNING as i64),
+        "not all {RUNNING} running at the reading"
+    );
+    assert!(
+        started.elapsed() < TASK_TIME,
+        "the reading came after the first tasks could have ended"
+    );
+    println!("== resident memory of the bench process (daemon in-process, default config)");
     println!(
         "before the daemon started           {:>8.1} MiB",
         mib(before)
@@ -55,11 +75,16 @@ async fn main() {
         mib(queued)
     );
     println!(
-        "{peak_running:>5} no-op tasks running at once    {:>8.1} MiB  ({:.1} KiB per running task over idle)",
+        "{here_before:>5} tasks running at once          {:>8.1} MiB  ({:.1} KiB per running task over the queued reading; running here {here_before}/{here_after}, in the database {in_db})",
         mib(with_running),
-        (with_running.saturating_sub(queued)) as f64 / 1024.0 / peak_running.max(1) as f64
+        (with_running.saturating_sub(queued)) as f64 / 1024.0 / RUNNING as f64
     );
-    while count(c, "SELECT count(*) FROM tasks WHERE status = 'succeeded'").await < 1000 {
+    let deadline = Instant::now() + TASK_TIME * 4;
+    while count(c, "SELECT count(*) FROM tasks WHERE status = 'succeeded'").await < RUNNING as i64 {
+        assert!(
+            Instant::now() < deadline,
+            "the running tasks did not finish"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     run.stop().await;

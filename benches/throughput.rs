@@ -1,9 +1,11 @@
 //! End-to-end task throughput: no-op tasks run by the orchestrator, next to a plain-SQL
 //! loop on the same database in the same run (a batched `FOR UPDATE SKIP LOCKED` claim of
-//! 100 plus one completing `UPDATE`, with no daemon around it).
+//! 100 plus one completing `UPDATE`, with no daemon around it). Every contender, the
+//! baseline included, starts from the same state: the table truncated, refilled with N
+//! queued rows and `VACUUM ANALYZE`d.
 //!
 //! Run: `cargo bench --bench throughput` (starts its own throwaway PostgreSQL).
-//! `TASKWARDEN_BENCH_TASKS` sets N (default 20,000).
+//! `TASKWARDEN_BENCH_TASKS` sets N (default 100,000).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -11,6 +13,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{count, database, orchestrator};
+
+/// N when `TASKWARDEN_BENCH_TASKS` is not set.
+const DEFAULT_TASKS: i64 = 100_000;
 
 async fn enqueue(c: &tokio_postgres::Client, n: i64) -> Duration {
     let t = Instant::now();
@@ -26,6 +31,19 @@ async fn enqueue(c: &tokio_postgres::Client, n: i64) -> Duration {
         left -= batch;
     }
     t.elapsed()
+}
+
+/// The same starting point for every contender: an empty table refilled with `n` queued
+/// rows, vacuumed and analyzed. Returns the time the refill (the enqueue) took.
+async fn prepare(c: &tokio_postgres::Client, n: i64) -> Duration {
+    c.batch_execute("TRUNCATE tasks CASCADE")
+        .await
+        .expect("truncate");
+    let took = enqueue(c, n).await;
+    c.batch_execute("VACUUM ANALYZE tasks")
+        .await
+        .expect("vacuum analyze");
+    took
 }
 
 async fn succeeded(c: &tokio_postgres::Client) -> i64 {
@@ -67,7 +85,7 @@ async fn orchestrated(
     pg: &tokio_postgres::Config,
     c: &tokio_postgres::Client,
     n: i64,
-    concurrency: u32,
+    concurrency: Option<u32>,
 ) -> Duration {
     let before = succeeded(c).await;
     let t = Instant::now();
@@ -89,39 +107,57 @@ async fn main() {
     let n: i64 = std::env::var("TASKWARDEN_BENCH_TASKS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
+        .unwrap_or(DEFAULT_TASKS);
     let b = database().await;
     let (pg, c) = (&b.pg, &b.admin);
+    let defaults = taskwarden::config::Config::default();
 
-    println!("== throughput: {n} no-op tasks, same database, same run");
-    let e1 = enqueue(c, n).await;
-    let base = baseline(c, n).await;
     println!(
-        "enqueue (batches of 1000)            {:>10.0} tasks/s",
+        "== throughput: {n} no-op tasks, same database, same run; before each contender the \
+         table is truncated, refilled and VACUUM ANALYZEd"
+    );
+    let e1 = prepare(c, n).await;
+    let base = baseline(c, n).await;
+    assert_eq!(
+        succeeded(c).await,
+        n,
+        "the baseline did not finish every task"
+    );
+    println!(
+        "{:<52} {:>10.0} tasks/s",
+        "enqueue (batches of 1000)",
         rate(n, e1)
     );
     println!(
-        "plain SQL claim 100 + complete       {:>10.0} tasks/s  (baseline)",
+        "{:<52} {:>10.0} tasks/s  (baseline)",
+        "plain SQL claim 100 + complete",
         rate(n, base)
     );
-    for conc in [10u32, 100] {
-        c.batch_execute("TRUNCATE tasks CASCADE")
-            .await
-            .expect("truncate");
-        enqueue(c, n).await;
+    for conc in [None, Some(100u32)] {
+        prepare(c, n).await;
         let orch = orchestrated(pg, c, n, conc).await;
+        let label = match conc {
+            None => format!(
+                "defaults (concurrency {}, pool {}+{})",
+                defaults.workers.concurrency,
+                defaults.database.pool_size,
+                defaults.database.max_overflow
+            ),
+            Some(k) => format!("concurrency {k}"),
+        };
         println!(
-            "taskwarden, concurrency {conc:<3}          {:>10.0} tasks/s  ({:.2} of baseline)",
+            "{:<52} {:>10.0} tasks/s  ({:.2} of baseline)",
+            format!("taskwarden, {label}"),
             rate(n, orch),
             base.as_secs_f64() / orch.as_secs_f64()
         );
     }
 
-    println!("\n== enqueue-to-start latency (started_at - created_at)");
+    println!("\n== enqueue-to-start latency (started_at - created_at), default config");
     c.batch_execute("TRUNCATE tasks CASCADE")
         .await
         .expect("truncate");
-    let run = orchestrator(pg, 10, "noop", Duration::ZERO);
+    let run = orchestrator(pg, None, "noop", Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(500)).await;
     for _ in 0..300 {
         c.execute("INSERT INTO tasks (agent) VALUES ('noop')", &[])
@@ -137,12 +173,28 @@ async fn main() {
     c.batch_execute("TRUNCATE tasks CASCADE")
         .await
         .expect("truncate");
-    enqueue(c, 10_000).await;
-    let run = orchestrator(pg, 10, "noop", Duration::ZERO);
+    c.batch_execute("VACUUM ANALYZE tasks")
+        .await
+        .expect("vacuum analyze");
+    // A running, idle daemon; then 10,000 tasks arrive in one INSERT.
+    let run = orchestrator(pg, None, "noop", Duration::ZERO);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.batch_execute(
+        "INSERT INTO tasks (agent, payload) SELECT 'noop', jsonb_build_object('i', i) FROM generate_series(1, 10000) i",
+    )
+    .await
+    .expect("backlog");
     while succeeded(c).await < 10_000 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    print_latency(c, "10,000-task backlog, concurrency 10").await;
+    print_latency(
+        c,
+        &format!(
+            "10,000-task backlog, concurrency {}",
+            defaults.workers.concurrency
+        ),
+    )
+    .await;
     run.stop().await;
     drop(b.admin);
     b.cluster.stop().await;
@@ -160,7 +212,7 @@ async fn print_latency(c: &tokio_postgres::Client, label: &str) {
         .expect("latency");
     let (p50, p99): (f64, f64) = (r.get(0), r.get(1));
     println!(
-        "{label:<44} p50 {:>9.2} ms   p99 {:>9.2} ms",
+        "{label:<52} p50 {:>9.2} ms   p99 {:>9.2} ms",
         p50 * 1e3,
         p99 * 1e3
     );

@@ -533,7 +533,8 @@ async fn fifty_reloads_while_tasks_run_lose_nothing_and_end_consistent() {
             (want_ok, want_err),
             "reload {i} (file valid: {valid}) counted wrongly"
         );
-        // The config in force is the last valid one: a refused file changes nothing.
+        // The config in force is the last valid one: a refused file changes nothing. A
+        // reload is counted only once its config is in force, so this holds at once.
         assert_eq!(alert_ratio().await, Some(in_force), "after reload {i}");
     }
     println!("{during_work} of 50 reloads came while tasks were queued or running");

@@ -83,22 +83,24 @@ impl Running {
     }
 }
 
-/// Starts an orchestrator whose agent `name` waits `wait` per task.
+/// Starts an orchestrator with the daemon's defaults (`Config::default()`: pool, lease,
+/// intervals) except `workers.concurrency` when given; its library agent `name` waits
+/// `wait` per task and may run as many tasks at once as the workers do (an embedding
+/// program sets a library agent's concurrency itself).
 pub fn orchestrator(
     pg: &tokio_postgres::Config,
-    concurrency: u32,
+    concurrency: Option<u32>,
     name: &str,
     wait: Duration,
 ) -> Running {
     let mut cfg = Config::default();
-    cfg.workers.concurrency = concurrency;
-    cfg.database = DatabaseConfig {
-        pool_size: 10,
-        ..DatabaseConfig::default()
-    };
+    if let Some(c) = concurrency {
+        cfg.workers.concurrency = c;
+    }
+    let concurrency = cfg.workers.concurrency;
     let metrics = Metrics::new();
     let db = Db::new(pg.clone(), &cfg.database, &metrics).expect("pool");
-    let store = Store::new(db.clone(), 3);
+    let store = Store::new(db.clone(), cfg.workers.max_attempts);
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let mut extra = BTreeMap::new();
