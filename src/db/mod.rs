@@ -12,6 +12,13 @@
 //! Connections above `pool_size` are overflow: they are closed when returned instead of
 //! being kept idle, so the pool shrinks back by itself.
 
+mod direct;
+mod error;
+
+pub use direct::{DirectClient, connect_direct};
+pub(crate) use error::with_deadline;
+pub use error::{DbError, describe_pg_error};
+
 pub mod embedded;
 pub mod migrate;
 
@@ -71,97 +78,6 @@ impl fmt::Display for PoolStatus {
             "max={} size={} in_use={} idle={} waiting={}",
             self.max, self.size, self.in_use, self.idle, self.waiting
         )
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum DbError {
-    #[error(
-        "no database connection free after waiting {waited:?} (checkout_timeout) for {label} at {caller}; pool {pool}"
-    )]
-    CheckoutTimeout {
-        waited: Duration,
-        label: &'static str,
-        caller: &'static Location<'static>,
-        pool: PoolStatus,
-    },
-    #[error("could not open a database connection within {0:?} (connect_timeout)")]
-    ConnectTimeout(Duration),
-    #[error("could not connect to the database: {}", describe_pg_error(.0))]
-    Connect(#[source] tokio_postgres::Error),
-    #[error("the connection pool is closed (shutting down)")]
-    PoolClosed,
-    #[error("{}", describe_pg_error(.0))]
-    Query(#[from] tokio_postgres::Error),
-    #[error(
-        "no answer from the database within {0:?} (query_timeout); the connection was discarded"
-    )]
-    Deadline(Duration),
-    #[error("invalid database configuration: {0}")]
-    Config(String),
-}
-
-/// A PostgreSQL error as an operator wants it in a log line: SQLSTATE and message for a
-/// server error, the cause chain for a client-side one (tokio-postgres' own Display says
-/// only "db error").
-pub fn describe_pg_error(e: &tokio_postgres::Error) -> String {
-    if let Some(db) = e.as_db_error() {
-        return format!("database error {}: {}", db.code().code(), db.message());
-    }
-    let mut s = format!("database error: {e}");
-    let mut src = std::error::Error::source(e);
-    while let Some(cause) = src {
-        s.push_str(&format!(": {cause}"));
-        src = cause.source();
-    }
-    s
-}
-
-/// Runs one round trip under the client-side deadline.
-pub(crate) async fn with_deadline<T>(
-    limit: Duration,
-    fut: impl Future<Output = Result<T, tokio_postgres::Error>>,
-) -> Result<T, DbError> {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(r) => Ok(r?),
-        Err(_) => Err(DbError::Deadline(limit)),
-    }
-}
-
-impl DbError {
-    /// Whether this error says the database could not be reached or answered (link down,
-    /// server restarting, pool busy) rather than that the statement itself was refused:
-    /// the same write may succeed later.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            DbError::CheckoutTimeout { .. }
-            | DbError::ConnectTimeout(_)
-            | DbError::Connect(_)
-            | DbError::Deadline(_) => true,
-            DbError::PoolClosed | DbError::Config(_) => false,
-            DbError::Query(e) => match e.code() {
-                // No server error at all: the connection broke (I/O, closed).
-                None => true,
-                Some(code) => {
-                    let c = code.code();
-                    // 08: connection exception, 57P: operator intervention (shutdown,
-                    // terminated), 53: insufficient resources, 40001/40P01: retryable.
-                    c.starts_with("08")
-                        || c.starts_with("57P")
-                        || c.starts_with("53")
-                        || c == "40001"
-                        || c == "40P01"
-                }
-            },
-        }
-    }
-
-    /// The SQLSTATE of a server-side error, if this is one.
-    pub fn sqlstate(&self) -> Option<&tokio_postgres::error::SqlState> {
-        match self {
-            DbError::Query(e) | DbError::Connect(e) => e.code(),
-            _ => None,
-        }
     }
 }
 
@@ -672,95 +588,4 @@ impl Tx<'_> {
         }
         r
     }
-}
-
-/// A connection outside the pool, for the few jobs that must not depend on it (migrations
-/// under an advisory lock, the supervisor's admin connection). Like
-/// a [`Session`], every round trip has the `query_timeout` deadline; unlike one, it is
-/// not tracked, and its owner rebuilds it when it breaks. Dropping it closes the socket at
-/// once, even with a statement in flight on a dead link.
-pub struct DirectClient {
-    client: tokio_postgres::Client,
-    conn: tokio::task::JoinHandle<()>,
-    timeout: Duration,
-    /// Set when a round trip missed its deadline: the link is presumed dead.
-    broken: std::sync::atomic::AtomicBool,
-}
-
-impl DirectClient {
-    async fn run<T>(
-        &self,
-        fut: impl Future<Output = Result<T, tokio_postgres::Error>>,
-    ) -> Result<T, DbError> {
-        let r = with_deadline(self.timeout, fut).await;
-        if matches!(r, Err(DbError::Deadline(_))) {
-            self.broken.store(true, Ordering::Relaxed);
-        }
-        r
-    }
-
-    pub async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, DbError> {
-        self.run(self.client.query(sql, params)).await
-    }
-
-    pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, DbError> {
-        self.run(self.client.query_one(sql, params)).await
-    }
-
-    pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, DbError> {
-        self.run(self.client.execute(sql, params)).await
-    }
-
-    pub async fn batch_execute(&self, sql: &str) -> Result<(), DbError> {
-        self.run(self.client.batch_execute(sql)).await
-    }
-
-    /// Closed by the server, or presumed dead after a missed deadline: build a new one.
-    pub fn is_broken(&self) -> bool {
-        self.client.is_closed() || self.broken.load(Ordering::Relaxed)
-    }
-
-    /// The raw client, for a caller that bounds the whole exchange itself (refinery).
-    pub(crate) fn raw_mut(&mut self) -> &mut tokio_postgres::Client {
-        &mut self.client
-    }
-
-    pub fn deadline(&self) -> Duration {
-        self.timeout
-    }
-}
-
-impl Drop for DirectClient {
-    fn drop(&mut self) {
-        self.conn.abort();
-    }
-}
-
-/// Opens a [`DirectClient`]; the whole connect (socket, startup, auth) is bounded by
-/// `connect_timeout`.
-pub async fn connect_direct(
-    pg: &tokio_postgres::Config,
-    cfg: &DatabaseConfig,
-    purpose: &str,
-) -> Result<DirectClient, DbError> {
-    let mut pg = pg.clone();
-    session_settings(&mut pg, cfg);
-    pg.application_name(format!("{}:{purpose}", cfg.application_name));
-    let (client, conn) =
-        match tokio::time::timeout(cfg.connect_timeout.get(), pg.connect(NoTls)).await {
-            Ok(r) => r.map_err(DbError::Connect)?,
-            Err(_) => return Err(DbError::ConnectTimeout(cfg.connect_timeout.get())),
-        };
-    let purpose = purpose.to_string();
-    let conn = tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::warn!(purpose, error = %describe_pg_error(&e), "direct database connection ended with an error");
-        }
-    });
-    Ok(DirectClient {
-        client,
-        conn,
-        timeout: cfg.query_timeout.get(),
-        broken: std::sync::atomic::AtomicBool::new(false),
-    })
 }

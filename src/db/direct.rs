@@ -1,0 +1,97 @@
+//! Connections outside the pool, for the jobs that must not depend on it (migrations,
+//! the supervisor's admin connection): the same deadline on every round trip, and a
+//! socket closed at once when dropped.
+
+#[allow(unused_imports)]
+use super::*;
+
+/// A connection outside the pool, for the few jobs that must not depend on it (migrations
+/// under an advisory lock, the supervisor's admin connection). Like
+/// a [`Session`], every round trip has the `query_timeout` deadline; unlike one, it is
+/// not tracked, and its owner rebuilds it when it breaks. Dropping it closes the socket at
+/// once, even with a statement in flight on a dead link.
+pub struct DirectClient {
+    client: tokio_postgres::Client,
+    conn: tokio::task::JoinHandle<()>,
+    timeout: Duration,
+    /// Set when a round trip missed its deadline: the link is presumed dead.
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl DirectClient {
+    async fn run<T>(
+        &self,
+        fut: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, DbError> {
+        let r = with_deadline(self.timeout, fut).await;
+        if matches!(r, Err(DbError::Deadline(_))) {
+            self.broken.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+
+    pub async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, DbError> {
+        self.run(self.client.query(sql, params)).await
+    }
+
+    pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, DbError> {
+        self.run(self.client.query_one(sql, params)).await
+    }
+
+    pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, DbError> {
+        self.run(self.client.execute(sql, params)).await
+    }
+
+    pub async fn batch_execute(&self, sql: &str) -> Result<(), DbError> {
+        self.run(self.client.batch_execute(sql)).await
+    }
+
+    /// Closed by the server, or presumed dead after a missed deadline: build a new one.
+    pub fn is_broken(&self) -> bool {
+        self.client.is_closed() || self.broken.load(Ordering::Relaxed)
+    }
+
+    /// The raw client, for a caller that bounds the whole exchange itself (refinery).
+    pub(crate) fn raw_mut(&mut self) -> &mut tokio_postgres::Client {
+        &mut self.client
+    }
+
+    pub fn deadline(&self) -> Duration {
+        self.timeout
+    }
+}
+
+impl Drop for DirectClient {
+    fn drop(&mut self) {
+        self.conn.abort();
+    }
+}
+
+/// Opens a [`DirectClient`]; the whole connect (socket, startup, auth) is bounded by
+/// `connect_timeout`.
+pub async fn connect_direct(
+    pg: &tokio_postgres::Config,
+    cfg: &DatabaseConfig,
+    purpose: &str,
+) -> Result<DirectClient, DbError> {
+    let mut pg = pg.clone();
+    session_settings(&mut pg, cfg);
+    pg.application_name(format!("{}:{purpose}", cfg.application_name));
+    let (client, conn) =
+        match tokio::time::timeout(cfg.connect_timeout.get(), pg.connect(NoTls)).await {
+            Ok(r) => r.map_err(DbError::Connect)?,
+            Err(_) => return Err(DbError::ConnectTimeout(cfg.connect_timeout.get())),
+        };
+    let purpose = purpose.to_string();
+    let conn = tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::warn!(purpose, error = %describe_pg_error(&e), "direct database connection ended with an error");
+        }
+    });
+    Ok(DirectClient {
+        client,
+        conn,
+        timeout: cfg.query_timeout.get(),
+        broken: std::sync::atomic::AtomicBool::new(false),
+    })
+}

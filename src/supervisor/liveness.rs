@@ -1,0 +1,126 @@
+//! What the rest of the daemon reads of the supervisor: its heartbeat (last tick, last
+//! database error, the dated database view), the one readiness rule `/readyz` and the
+//! systemd watchdog share, and the live pool and session gauges written at each scrape.
+
+#[allow(unused_imports)]
+use super::*;
+
+/// Shared view of the loop's liveness, for readiness, the systemd watchdog and status.
+#[derive(Debug, Default)]
+pub struct Heartbeat {
+    last_tick_unix_ms: AtomicU64,
+    ticks: AtomicU64,
+    /// Why the last tick could not reach the database, if it could not.
+    db_error: std::sync::Mutex<Option<String>>,
+    view: std::sync::Mutex<Option<Arc<DbView>>>,
+}
+
+/// Why the daemon is not ready, if it is not: the supervisor has not completed a tick
+/// within `bound`, or its last tick could not reach the database. `/readyz` and the systemd
+/// watchdog both ask this, so they tell the same truth.
+pub fn not_ready_reason(heartbeat: &Heartbeat, cfg: &Config) -> Option<String> {
+    let bound = stall_bound(cfg);
+    match heartbeat.since_last_tick() {
+        None => {
+            return Some("the supervisor has not completed its first tick yet".into());
+        }
+        Some(d) if d > bound => {
+            return Some(format!(
+                "the supervisor has not completed a tick for {:.1}s (bound {:.1}s)",
+                d.as_secs_f64(),
+                bound.as_secs_f64()
+            ));
+        }
+        Some(_) => {}
+    }
+    heartbeat
+        .database_error()
+        .map(|e| format!("database unreachable: {e}"))
+}
+
+/// Longest a healthy supervisor goes between completed ticks: two intervals, plus the
+/// worst a dead link can cost one tick (one connect and one round trip, each bounded).
+pub fn stall_bound(cfg: &Config) -> Duration {
+    let d = &cfg.database;
+    cfg.supervisor
+        .interval
+        .get()
+        .saturating_mul(2)
+        .saturating_add(d.connect_timeout.get())
+        .saturating_add(d.query_timeout.get())
+}
+
+/// Writes the pool and session gauges from live in-memory state. The supervisor calls it
+/// each tick and `/metrics` at every scrape, so these gauges are never stale.
+pub fn record_live_gauges(metrics: &Metrics, db: &Db) -> PoolStatus {
+    let p = db.status();
+    metrics
+        .gauge(m::DB_POOL_MAX_CONNECTIONS, &[])
+        .set(p.max as f64);
+    metrics
+        .gauge(m::DB_POOL_CONNECTIONS, &[])
+        .set(p.size as f64);
+    metrics.gauge(m::DB_POOL_IN_USE, &[]).set(p.in_use as f64);
+    metrics.gauge(m::DB_POOL_IDLE, &[]).set(p.idle as f64);
+    metrics.gauge(m::DB_POOL_WAITING, &[]).set(p.waiting as f64);
+    metrics
+        .gauge(m::DB_POOL_UTILIZATION_RATIO, &[])
+        .set(p.utilization());
+    let tracker = db.tracker();
+    let counts = tracker.counts();
+    metrics
+        .gauge(m::DB_SESSIONS_OPEN, &[])
+        .set(counts.open as f64);
+    metrics
+        .counter(m::DB_SESSIONS_OPENED_TOTAL, &[])
+        .absolute(counts.opened);
+    metrics
+        .counter(m::DB_SESSIONS_FORCE_CLOSED_TOTAL, &[])
+        .absolute(counts.force_closed);
+    metrics
+        .gauge(m::DB_SESSION_OLDEST_AGE_SECONDS, &[])
+        .set(tracker.oldest_age().map(|a| a.as_secs_f64()).unwrap_or(0.0));
+    p
+}
+
+impl Heartbeat {
+    /// The last database view, if a tick has read one.
+    pub fn view(&self) -> Option<Arc<DbView>> {
+        self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    pub(super) fn set_view(&self, v: DbView) {
+        *self.view.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(v));
+    }
+    pub fn database_error(&self) -> Option<String> {
+        self.db_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+    pub(super) fn set_database_error(&self, e: Option<String>) {
+        *self.db_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
+    pub fn ticks(&self) -> u64 {
+        self.ticks.load(Ordering::Relaxed)
+    }
+    /// Time since the last completed tick, if there was one.
+    pub fn since_last_tick(&self) -> Option<Duration> {
+        let ms = self.last_tick_unix_ms.load(Ordering::Relaxed);
+        if ms == 0 {
+            return None;
+        }
+        let now = unix_ms();
+        Some(Duration::from_millis(now.saturating_sub(ms)))
+    }
+    pub(super) fn beat(&self) {
+        self.last_tick_unix_ms.store(unix_ms(), Ordering::Relaxed);
+        self.ticks.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+pub(super) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
