@@ -41,3 +41,5 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --locked --no-fail-fast "$@"
 fi
+# The embedding example must keep working, not only build.
+cargo run --locked --quiet --example embed_agent

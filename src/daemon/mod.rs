@@ -5,6 +5,10 @@
 //! what is still running back in the queue, close the pool, and only then stop the embedded
 //! PostgreSQL — so no task is left marked running and no connection is left open.
 
+mod wiring;
+
+pub use wiring::Parts;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,22 +17,15 @@ use arc_swap::ArcSwap;
 use futures_util::StreamExt;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::agents::EventHub;
-use crate::alerts::Alerts;
 use crate::api::{self, ApiState, ConfigMeta, resolve_token};
 use crate::config::{Config, ConfigError};
+use crate::db::DbError;
 use crate::db::embedded::{Cluster, ClusterOptions, EMBEDDED_DB, EmbeddedError};
 use crate::db::migrate::{self, MigrateError};
-use crate::db::{Db, DbError};
 use crate::logging::LogHandle;
 use crate::metrics::{self, Metrics};
-use crate::orchestrator::registry::RunningTasks;
-use crate::orchestrator::{Orchestrator, OrchestratorParts};
-use crate::store::{Store, StoreError};
-use crate::supervisor::{Heartbeat, Supervisor};
+use crate::store::StoreError;
 use crate::systemd;
 
 #[derive(Debug, thiserror::Error)]
@@ -157,20 +154,17 @@ pub fn instance_id() -> String {
 
 /// What the running daemon shares between its parts.
 pub struct Daemon {
-    pub config: Arc<ArcSwap<Config>>,
+    pub parts: Parts,
     pub config_meta: Arc<ArcSwap<ConfigMeta>>,
     pub token: Arc<ArcSwap<Option<String>>>,
     pub config_path: PathBuf,
-    pub db: Db,
-    pub store: Store,
-    pub metrics: Metrics,
-    pub running: Arc<RunningTasks>,
-    pub alerts: Alerts,
-    pub heartbeat: Arc<Heartbeat>,
-    pub orchestrator: Orchestrator,
-    pub instance_id: String,
-    pub shutdown: CancellationToken,
-    pub tasks: TaskTracker,
+}
+
+impl std::ops::Deref for Daemon {
+    type Target = Parts;
+    fn deref(&self) -> &Parts {
+        &self.parts
+    }
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -206,52 +200,30 @@ async fn serve(
         .await
         .map_err(|e| DaemonError::Listen(config.http.listen.clone(), e))?;
 
-    let metrics = Metrics::new();
-    let db = Db::new(database.pg.clone(), &config.database, &metrics)?;
-    let store = Store::new(db.clone(), config.workers.max_attempts);
-    // Prove the pool works before saying we are ready.
-    drop(db.session("daemon.startup_check").await?);
-
     let config_meta = Arc::new(ArcSwap::from_pointee(ConfigMeta::of(&config, config_path)));
-    let config = Arc::new(ArcSwap::from_pointee(config));
-    let shutdown = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    let running = RunningTasks::new();
-    let alerts = Alerts::new(
-        metrics.clone(),
-        Arc::clone(&config),
-        &tasks,
-        shutdown.clone(),
-    );
-    let supervisor = Supervisor::new(
-        Arc::clone(&config),
+    let parts = Parts::start(
         database.pg.clone(),
-        db.clone(),
-        Arc::clone(&running),
-        alerts.clone(),
-        metrics.clone(),
-    );
-    let heartbeat = supervisor.heartbeat();
-    tasks.spawn(supervisor.run(shutdown.clone()));
-    let instance_id = instance_id();
-    let orchestrator = Orchestrator::new(OrchestratorParts {
-        config: Arc::clone(&config),
-        pg: database.pg.clone(),
-        db: db.clone(),
-        store: store.clone(),
-        running: Arc::clone(&running),
-        hub: EventHub::default(),
-        metrics: metrics.clone(),
-        instance_id: instance_id.clone(),
-        shutdown: shutdown.clone(),
-        tasks: tasks.clone(),
-        extra_agents: Default::default(),
-    });
-    orchestrator.start();
+        Arc::new(ArcSwap::from_pointee(config)),
+        Default::default(),
+    )
+    .await?;
+    let Parts {
+        config,
+        db,
+        store,
+        metrics,
+        running,
+        alerts,
+        heartbeat,
+        orchestrator,
+        shutdown,
+        tasks,
+        ..
+    } = &parts;
 
     let token = Arc::new(ArcSwap::from_pointee(token));
     let api = api::router(ApiState {
-        config: Arc::clone(&config),
+        config: Arc::clone(config),
         config_meta: Arc::clone(&config_meta),
         token: Arc::clone(&token),
         db: db.clone(),
@@ -259,8 +231,8 @@ async fn serve(
         orchestrator: orchestrator.clone(),
         metrics: metrics.clone(),
         alerts: alerts.clone(),
-        heartbeat: Arc::clone(&heartbeat),
-        running: Arc::clone(&running),
+        heartbeat: Arc::clone(heartbeat),
+        running: Arc::clone(running),
         shutdown: shutdown.clone(),
     });
     let local = listener
@@ -281,27 +253,17 @@ async fn serve(
         tasks.spawn(systemd::watchdog(
             systemd::Notifier::from_env(),
             period,
-            Arc::clone(&heartbeat),
-            Arc::clone(&config),
+            Arc::clone(heartbeat),
+            Arc::clone(config),
             shutdown.clone(),
         ));
     }
 
     let daemon = Daemon {
-        config,
+        parts,
         config_meta,
         token,
         config_path: config_path.to_path_buf(),
-        db,
-        store,
-        metrics,
-        running,
-        alerts,
-        heartbeat,
-        orchestrator,
-        instance_id,
-        shutdown,
-        tasks,
     };
     let cfg = daemon.config.load();
     tracing::info!(
@@ -424,6 +386,10 @@ async fn listen(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
 /// Stop claiming; let running tasks finish within `workers.shutdown_grace`; cancel what is
 /// left and put it back in the queue; stop every loop; close the pool.
 async fn stop(d: &Daemon) -> Result<(), DaemonError> {
+    stop_parts(d).await
+}
+
+async fn stop_parts(d: &Parts) -> Result<(), DaemonError> {
     let grace = d.config.load().workers.shutdown_grace.get();
     d.orchestrator.stop_claiming();
     if !d.orchestrator.drain(grace).await {
