@@ -6,6 +6,14 @@
 //! a concurrent writer can never slip an illegal transition past a read-then-write race.
 //! When the update matches nothing, a follow-up read tells "no such task" from "illegal".
 
+mod usage;
+
+pub use usage::Usage;
+
+mod events;
+
+pub use events::{MAX_EVENTS_PER_TASK, TaskEvent};
+
 mod leases;
 mod objectives;
 mod state;
@@ -209,15 +217,6 @@ pub struct TransitionArgs {
     pub result: Option<serde_json::Value>,
 }
 
-/// Token usage reported by an agent, added to the task's totals.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Usage {
-    pub prompt_tokens: i64,
-    pub completion_tokens: i64,
-    pub cost_usd: f64,
-}
-
 #[derive(Debug, Clone, Default)]
 pub struct TaskFilter {
     pub status: Option<TaskStatus>,
@@ -230,31 +229,6 @@ pub struct TaskFilter {
 
 /// Most rows one list call returns.
 pub const MAX_LIST_LIMIT: i64 = 1000;
-
-/// Most events stored per task; later ones are dropped (and the drop is logged).
-pub const MAX_EVENTS_PER_TASK: i64 = 1000;
-
-/// One stored task event.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct TaskEvent {
-    pub id: i64,
-    pub task_id: i64,
-    pub kind: String,
-    pub data: serde_json::Value,
-    pub created_at: DateTime<Utc>,
-}
-
-impl TaskEvent {
-    fn from_row(r: &Row) -> Result<TaskEvent, StoreError> {
-        Ok(TaskEvent {
-            id: r.try_get("id")?,
-            task_id: r.try_get("task_id")?,
-            kind: r.try_get("kind")?,
-            data: r.try_get("data")?,
-            created_at: r.try_get("created_at")?,
-        })
-    }
-}
 
 /// Persistent tasks and objectives. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -299,63 +273,6 @@ impl Store {
             }
             None => futures_util::future::Either::Right(self.db.session(label)),
         }
-    }
-
-    /// Stores an event for a task, unless it already has [`MAX_EVENTS_PER_TASK`].
-    /// Returns the event, or `None` when the bound dropped it.
-    pub async fn add_event(
-        &self,
-        task_id: i64,
-        kind: &str,
-        data: &serde_json::Value,
-    ) -> Result<Option<TaskEvent>, StoreError> {
-        let s = self.session("store.add_event").await?;
-        let row = s
-            .query_opt(
-                "INSERT INTO task_events (task_id, kind, data) \
-                 SELECT $1, $2, $3 WHERE (SELECT count(*) FROM task_events WHERE task_id = $1) < $4 \
-                 RETURNING id, task_id, kind, data, created_at",
-                &[&task_id, &kind, data, &MAX_EVENTS_PER_TASK],
-            )
-            .await?;
-        row.as_ref().map(TaskEvent::from_row).transpose()
-    }
-
-    /// Events of one task after `after_id`, oldest first (at most `limit`).
-    pub async fn task_events(
-        &self,
-        task_id: i64,
-        after_id: i64,
-        limit: i64,
-    ) -> Result<Vec<TaskEvent>, StoreError> {
-        let s = self.session("store.task_events").await?;
-        let rows = s
-            .query(
-                "SELECT id, task_id, kind, data, created_at FROM task_events \
-                 WHERE task_id = $1 AND id > $2 ORDER BY id LIMIT $3",
-                &[&task_id, &after_id, &limit.clamp(1, MAX_LIST_LIMIT)],
-            )
-            .await?;
-        rows.iter().map(TaskEvent::from_row).collect()
-    }
-
-    /// Events of every task of a session after `after_id` (resuming an event stream).
-    pub async fn session_events(
-        &self,
-        session_id: &str,
-        after_id: i64,
-        limit: i64,
-    ) -> Result<Vec<TaskEvent>, StoreError> {
-        let s = self.session("store.session_events").await?;
-        let rows = s
-            .query(
-                "SELECT e.id, e.task_id, e.kind, e.data, e.created_at FROM task_events e \
-                 JOIN tasks t ON t.id = e.task_id \
-                 WHERE t.session_id = $1 AND e.id > $2 ORDER BY e.id LIMIT $3",
-                &[&session_id, &after_id, &limit.clamp(1, MAX_LIST_LIMIT)],
-            )
-            .await?;
-        rows.iter().map(TaskEvent::from_row).collect()
     }
 
     pub async fn create_task(&self, t: &NewTask) -> Result<Task, StoreError> {
@@ -550,38 +467,6 @@ impl Store {
             return Err(StoreError::LeaseLost { id, holder });
         }
         Err(StoreError::IllegalTransition { id, from, to })
-    }
-
-    /// Adds reported LLM usage to the task's totals; returns the new totals.
-    pub async fn record_usage(&self, id: i64, u: Usage) -> Result<Usage, StoreError> {
-        if u.prompt_tokens < 0 {
-            return Err(invalid("usage.prompt_tokens", "must not be negative"));
-        }
-        if u.completion_tokens < 0 {
-            return Err(invalid("usage.completion_tokens", "must not be negative"));
-        }
-        if !u.cost_usd.is_finite() || u.cost_usd < 0.0 {
-            return Err(invalid(
-                "usage.cost_usd",
-                "must be a finite, non-negative number",
-            ));
-        }
-        let s = self.session("store.record_usage").await?;
-        let row = s
-            .query_opt(
-                "UPDATE tasks SET prompt_tokens = prompt_tokens + $2, \
-                   completion_tokens = completion_tokens + $3, \
-                   cost_usd = cost_usd + $4::float8::numeric, updated_at = now() \
-                 WHERE id = $1 RETURNING prompt_tokens, completion_tokens, cost_usd::float8",
-                &[&id, &u.prompt_tokens, &u.completion_tokens, &u.cost_usd],
-            )
-            .await?
-            .ok_or(StoreError::TaskNotFound(id))?;
-        Ok(Usage {
-            prompt_tokens: row.try_get(0)?,
-            completion_tokens: row.try_get(1)?,
-            cost_usd: row.try_get(2)?,
-        })
     }
 
     /// Puts every task this instance holds as running back in the queue (graceful

@@ -19,6 +19,14 @@
 //! left in the directory (one whose daemon died). If the postmaster exits on its own, the
 //! owner learns it through [`Cluster::exited`] and may [`Cluster::restart`] it.
 
+mod binaries;
+
+pub use binaries::PgBinaries;
+
+mod lock;
+
+pub use lock::{DataDirLock, LOCK_FILE};
+
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
@@ -76,52 +84,6 @@ pub enum EmbeddedError {
     CreateDb(#[source] tokio_postgres::Error),
 }
 
-/// Where the server binaries live.
-#[derive(Debug, Clone)]
-pub struct PgBinaries {
-    pub initdb: PathBuf,
-    pub postgres: PathBuf,
-}
-
-impl PgBinaries {
-    /// `$TASKWARDEN_PG_BINDIR` if set (and then only there); else PATH first (a user's own
-    /// build wins), then Debian's versioned directories, newest version first.
-    pub fn find() -> Result<PgBinaries, EmbeddedError> {
-        if let Some(dir) = std::env::var_os(PG_BINDIR_ENV).filter(|d| !d.is_empty()) {
-            let d = PathBuf::from(dir);
-            return if d.join("initdb").is_file() && d.join("postgres").is_file() {
-                Ok(PgBinaries {
-                    initdb: d.join("initdb"),
-                    postgres: d.join("postgres"),
-                })
-            } else {
-                Err(EmbeddedError::BinariesNotFound)
-            };
-        }
-        let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).collect())
-            .unwrap_or_default();
-        let mut versioned: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                let v = e.file_name().to_string_lossy().parse::<u32>().ok()?;
-                Some((v, e.path().join("bin")))
-            })
-            .collect();
-        versioned.sort_by_key(|v| std::cmp::Reverse(v.0));
-        dirs.extend(versioned.into_iter().map(|(_, p)| p));
-        dirs.into_iter()
-            .find(|d| d.join("initdb").is_file() && d.join("postgres").is_file())
-            .map(|d| PgBinaries {
-                initdb: d.join("initdb"),
-                postgres: d.join("postgres"),
-            })
-            .ok_or(EmbeddedError::BinariesNotFound)
-    }
-}
-
 /// Options for a cluster; the daemon uses the defaults, tests trade durability for speed.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterOptions {
@@ -130,62 +92,8 @@ pub struct ClusterOptions {
     pub max_connections: Option<u32>,
 }
 
-/// The exclusive claim on a `data_dir`: an `flock` held as long as this value lives (the
-/// kernel drops it when the process dies, however it dies).
-#[derive(Debug)]
-pub struct DataDirLock {
-    _file: fs::File,
-}
-
 /// Start attempts after an unexpected exit before a restart counts as failed.
 const RESTART_TRIES: u32 = 10;
-
-/// The lock file inside `data_dir`.
-pub const LOCK_FILE: &str = "taskwarden.lock";
-
-impl DataDirLock {
-    /// Takes the lock, or says who holds it.
-    pub fn acquire(data_dir: &Path) -> Result<DataDirLock, EmbeddedError> {
-        use std::io::{Seek, Write};
-        use std::os::fd::AsRawFd;
-        let path = data_dir.join(LOCK_FILE);
-        let dd_err = |source| EmbeddedError::DataDir {
-            path: path.clone(),
-            source,
-        };
-        let mut file = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(dd_err)?;
-        // SAFETY: flock on a file descriptor we own; no memory is involved.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(EmbeddedError::InUse {
-                    data_dir: data_dir.to_path_buf(),
-                    pid: Self::holder(data_dir),
-                });
-            }
-            return Err(dd_err(err));
-        }
-        file.set_len(0).map_err(dd_err)?;
-        file.seek(std::io::SeekFrom::Start(0)).map_err(dd_err)?;
-        writeln!(file, "{}", std::process::id()).map_err(dd_err)?;
-        Ok(DataDirLock { _file: file })
-    }
-
-    /// The pid written by the lock's holder, if one can be read.
-    pub fn holder(data_dir: &Path) -> Option<i32> {
-        fs::read_to_string(data_dir.join(LOCK_FILE))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    }
-}
 
 /// A running embedded cluster. Call [`Cluster::stop`] to shut it down cleanly; dropping it
 /// also stops it (blocking briefly), so no path leaves a server running.

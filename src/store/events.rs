@@ -1,0 +1,88 @@
+//! Task events: stored in order, bounded per task, replayed by task or by run slot.
+
+#[allow(unused_imports)]
+use super::*;
+
+/// Most events stored per task; later ones are dropped (and the drop is logged).
+pub const MAX_EVENTS_PER_TASK: i64 = 1000;
+
+/// One stored task event.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskEvent {
+    pub id: i64,
+    pub task_id: i64,
+    pub kind: String,
+    pub data: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+}
+
+impl TaskEvent {
+    fn from_row(r: &Row) -> Result<TaskEvent, StoreError> {
+        Ok(TaskEvent {
+            id: r.try_get("id")?,
+            task_id: r.try_get("task_id")?,
+            kind: r.try_get("kind")?,
+            data: r.try_get("data")?,
+            created_at: r.try_get("created_at")?,
+        })
+    }
+}
+
+impl Store {
+    /// Stores an event for a task, unless it already has [`MAX_EVENTS_PER_TASK`].
+    /// Returns the event, or `None` when the bound dropped it.
+    pub async fn add_event(
+        &self,
+        task_id: i64,
+        kind: &str,
+        data: &serde_json::Value,
+    ) -> Result<Option<TaskEvent>, StoreError> {
+        let s = self.session("store.add_event").await?;
+        let row = s
+            .query_opt(
+                "INSERT INTO task_events (task_id, kind, data) \
+                 SELECT $1, $2, $3 WHERE (SELECT count(*) FROM task_events WHERE task_id = $1) < $4 \
+                 RETURNING id, task_id, kind, data, created_at",
+                &[&task_id, &kind, data, &MAX_EVENTS_PER_TASK],
+            )
+            .await?;
+        row.as_ref().map(TaskEvent::from_row).transpose()
+    }
+
+    /// Events of one task after `after_id`, oldest first (at most `limit`).
+    pub async fn task_events(
+        &self,
+        task_id: i64,
+        after_id: i64,
+        limit: i64,
+    ) -> Result<Vec<TaskEvent>, StoreError> {
+        let s = self.session("store.task_events").await?;
+        let rows = s
+            .query(
+                "SELECT id, task_id, kind, data, created_at FROM task_events \
+                 WHERE task_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+                &[&task_id, &after_id, &limit.clamp(1, MAX_LIST_LIMIT)],
+            )
+            .await?;
+        rows.iter().map(TaskEvent::from_row).collect()
+    }
+
+    /// Events of every task of a session after `after_id` (resuming an event stream).
+    pub async fn session_events(
+        &self,
+        session_id: &str,
+        after_id: i64,
+        limit: i64,
+    ) -> Result<Vec<TaskEvent>, StoreError> {
+        let s = self.session("store.session_events").await?;
+        let rows = s
+            .query(
+                "SELECT e.id, e.task_id, e.kind, e.data, e.created_at FROM task_events e \
+                 JOIN tasks t ON t.id = e.task_id \
+                 WHERE t.session_id = $1 AND e.id > $2 ORDER BY e.id LIMIT $3",
+                &[&session_id, &after_id, &limit.clamp(1, MAX_LIST_LIMIT)],
+            )
+            .await?;
+        rows.iter().map(TaskEvent::from_row).collect()
+    }
+}

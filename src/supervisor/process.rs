@@ -1,0 +1,115 @@
+//! The process itself: resident memory against the cgroup limit or the machine, CPU, the
+//! memory alert and its emergency cleanup, and the periodic resource status line.
+
+#[allow(unused_imports)]
+use super::*;
+
+impl Supervisor {
+    pub(super) async fn check_process(&mut self, cfg: &Config, report: &mut TickReport) {
+        use sysinfo::{ProcessRefreshKind, ProcessesToUpdate};
+        self.sys.refresh_processes_specifics(
+            ProcessesToUpdate::Some(&[self.pid]),
+            false,
+            ProcessRefreshKind::nothing().with_memory().with_cpu(),
+        );
+        self.sys.refresh_memory();
+        let Some(p) = self.sys.process(self.pid) else {
+            return;
+        };
+        let rss = p.memory();
+        let cpu = if self.last_cpu_sample.is_some() {
+            p.cpu_usage() as f64 / 100.0
+        } else {
+            0.0
+        };
+        self.last_cpu_sample = Some(Instant::now());
+        let limit = self
+            .sys
+            .cgroup_limits()
+            .map(|c| c.total_memory)
+            .filter(|t| *t > 0)
+            .unwrap_or_else(|| self.sys.total_memory());
+        report.resident_memory_bytes = rss;
+        self.metrics
+            .gauge(m::PROCESS_RESIDENT_MEMORY_BYTES, &[])
+            .set(rss as f64);
+        self.metrics
+            .gauge(m::PROCESS_MEMORY_LIMIT_BYTES, &[])
+            .set(limit as f64);
+        self.metrics.gauge(m::PROCESS_CPU_RATIO, &[]).set(cpu);
+        if limit == 0 {
+            return;
+        }
+        let ratio = rss as f64 / limit as f64;
+        let alert_at = cfg.supervisor.memory_alert_ratio;
+        if ratio >= alert_at {
+            let fired = self.alerts.fire(
+                alerts::MEMORY_HIGH,
+                Severity::Critical,
+                format!(
+                    "resident memory {:.1}% of {} bytes, at or above the {:.0}% alert line",
+                    ratio * 100.0,
+                    limit,
+                    alert_at * 100.0
+                ),
+                json!({ "resident_memory_bytes": rss, "limit_bytes": limit, "ratio": ratio }),
+            );
+            if fired {
+                self.emergency_cleanup(report);
+            }
+        } else if ratio < alert_at * 0.9 {
+            self.alerts.resolve(
+                alerts::MEMORY_HIGH,
+                format!("resident memory back to {:.1}%", ratio * 100.0),
+                json!({ "resident_memory_bytes": rss, "limit_bytes": limit, "ratio": ratio }),
+            );
+        }
+    }
+
+    /// Frees what can be freed without losing work: idle pooled connections. Overdue
+    /// tasks are already timed out by this same tick.
+    pub(super) fn emergency_cleanup(&mut self, report: &mut TickReport) {
+        let closed = self.db.close_idle(0);
+        report.emergency_cleanup = true;
+        self.metrics
+            .counter(m::EMERGENCY_CLEANUPS_TOTAL, &[])
+            .increment(1);
+        tracing::warn!(
+            idle_connections_closed = closed,
+            tasks_timed_out = report.tasks_timed_out.len(),
+            sessions_force_closed = report.sessions_force_closed,
+            "emergency cleanup on memory pressure"
+        );
+    }
+
+    pub(super) fn maybe_log_resources(&mut self, cfg: &Config, report: &TickReport) {
+        if !cfg.supervisor.resource_logging_enabled() {
+            return;
+        }
+        let every = cfg.supervisor.resource_log_interval.get();
+        if self.last_resource_log.is_some_and(|t| t.elapsed() < every) {
+            return;
+        }
+        self.last_resource_log = Some(Instant::now());
+        let p = report.pool.unwrap_or_else(|| self.db.status());
+        let oldest = self
+            .db
+            .tracker()
+            .live_sessions()
+            .first()
+            .map(|s| s.age().as_secs_f64())
+            .unwrap_or(0.0);
+        tracing::info!(
+            pool_in_use = p.in_use,
+            pool_idle = p.idle,
+            pool_max = p.max,
+            pool_waiting = p.waiting,
+            sessions_open = report.sessions_open,
+            session_oldest_age_s = oldest,
+            tasks_running_here = self.running.len(),
+            resident_memory_bytes = report.resident_memory_bytes,
+            alerts_firing = self.alerts.firing().len(),
+            "resource status"
+        );
+    }
+}
