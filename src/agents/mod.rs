@@ -220,7 +220,9 @@ impl OutputWriter {
 
     async fn event(&self, kind: &str, data: Value) -> Result<(), AgentError> {
         // Order is kept: nothing new is written while older events wait.
-        if !lock(&self.pending).is_empty() && self.flush().await.is_err() {
+        // Read under the lock, then release it: flush takes it again.
+        let waiting = !lock(&self.pending).is_empty();
+        if waiting && self.flush().await.is_err() {
             lock(&self.pending).push_event(kind, data);
             return Ok(());
         }
