@@ -130,6 +130,16 @@ impl Config {
                 message,
             })
         };
+        self.validate_database(&mut bad);
+        self.validate_supervisor(&mut bad);
+        self.validate_workers(&mut bad);
+        self.validate_agents(&mut bad);
+        self.validate_edges(&mut bad);
+        v
+    }
+
+    /// The pool and connection settings.
+    fn validate_database(&self, bad: &mut dyn FnMut(&str, String)) {
         let db = &self.database;
         if db.pool_size == 0 {
             bad("database.pool_size", "must be at least 1".into());
@@ -174,7 +184,10 @@ impl Config {
                 "not a PostgreSQL connection URL (postgresql://user@host/db)".into(),
             );
         }
+    }
 
+    /// Watchdog thresholds and intervals.
+    fn validate_supervisor(&self, bad: &mut dyn FnMut(&str, String)) {
         let s = &self.supervisor;
         for (key, d) in [
             ("supervisor.interval", s.interval),
@@ -211,7 +224,10 @@ impl Config {
                 "must be shorter than supervisor.session_max_age".into(),
             );
         }
+    }
 
+    /// Concurrency, leases and retries.
+    fn validate_workers(&self, bad: &mut dyn FnMut(&str, String)) {
         let w = &self.workers;
         if w.concurrency == 0 {
             bad("workers.concurrency", "must be at least 1".into());
@@ -234,7 +250,10 @@ impl Config {
                 "must not be shorter than workers.retry_backoff".into(),
             );
         }
+    }
 
+    /// Each agent: a name, a kind with what the kind needs, limits.
+    fn validate_agents(&self, bad: &mut dyn FnMut(&str, String)) {
         for (name, a) in &self.agents {
             let key = |k: &str| format!("agents.{name}.{k}");
             if name.is_empty()
@@ -269,7 +288,10 @@ impl Config {
                 bad(&key("timeout"), "must be greater than zero".into());
             }
         }
+    }
 
+    /// HTTP, alerts and logging.
+    fn validate_edges(&self, bad: &mut dyn FnMut(&str, String)) {
         if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
             bad(
                 "http.listen",
@@ -307,7 +329,6 @@ impl Config {
                 ),
             );
         }
-        v
     }
 }
 

@@ -200,10 +200,28 @@ impl Orchestrator {
                 "cancelled",
             ),
         };
+        let written = self.record_outcome(task, to, &args, label).await;
+        drop(registration);
+        if written {
+            self.finished(task, to, label, ran).await;
+        }
+    }
+
+    /// Writes a non-success outcome through the state machine, retrying while the
+    /// database is unreachable (the caller holds the lease meanwhile); gives up when someone
+    /// else decided first, the lease was lost, or the daemon stops. True when written.
+    async fn record_outcome(
+        &self,
+        task: &Task,
+        to: TaskStatus,
+        args: &TransitionArgs,
+        label: &str,
+    ) -> bool {
+        let i = &self.inner;
         let mut written = false;
         let mut attempt = 0u32;
         loop {
-            match i.store.transition(task.id, to, &args).await {
+            match i.store.transition(task.id, to, args).await {
                 Ok(_) => {
                     written = true;
                     break;
@@ -232,10 +250,7 @@ impl Orchestrator {
                 }
             }
         }
-        drop(registration);
-        if written {
-            self.finished(task, to, label, ran).await;
-        }
+        written
     }
 
     /// Bookkeeping after an outcome was written: metrics, log, objective follow-ups.
