@@ -59,30 +59,11 @@ async fn readyz(http: &reqwest::Client, base: &str) -> u16 {
 }
 
 async fn submit(http: &reqwest::Client, base: &str, agent: &str, payload: Value) -> Option<i64> {
-    let r = http
-        .post(format!("{base}/v1/tasks"))
-        .json(&json!({ "agent": agent, "payload": payload }))
-        .send()
-        .await
-        .ok()?;
-    if r.status().as_u16() != 201 {
-        return None;
-    }
-    r.json::<Value>().await.ok()?["id"].as_i64()
+    common::daemon::submit_task(http, base, agent, payload).await
 }
 
 async fn task_status(http: &reqwest::Client, base: &str, id: i64) -> Option<String> {
-    let r = http
-        .get(format!("{base}/v1/tasks/{id}"))
-        .send()
-        .await
-        .ok()?;
-    if r.status().as_u16() != 200 {
-        return None;
-    }
-    r.json::<Value>().await.ok()?["status"]
-        .as_str()
-        .map(str::to_string)
+    common::daemon::task_status(http, base, id).await
 }
 
 /// Within `limit`: /readyz is 200 and a task submitted now (retried until the API takes

@@ -81,16 +81,7 @@ async fn get_json(
 
 /// Submits a task; its id when the API accepted it (201).
 async fn submit(http: &reqwest::Client, base: &str, agent: &str, payload: Value) -> Option<i64> {
-    let r = http
-        .post(format!("{base}/v1/tasks"))
-        .json(&json!({ "agent": agent, "payload": payload }))
-        .send()
-        .await
-        .ok()?;
-    if r.status().as_u16() != 201 {
-        return None;
-    }
-    r.json::<Value>().await.ok()?["id"].as_i64()
+    common::daemon::submit_task(http, base, agent, payload).await
 }
 
 /// A task's status through the API, if the API answered.

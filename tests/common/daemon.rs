@@ -190,3 +190,37 @@ pub fn http_client(timeout: Duration) -> reqwest::Client {
         .build()
         .unwrap()
 }
+
+/// Submits a task through the API; its id when the API accepted it (201), else None.
+pub async fn submit_task(
+    http: &reqwest::Client,
+    base: &str,
+    agent: &str,
+    payload: serde_json::Value,
+) -> Option<i64> {
+    let r = http
+        .post(format!("{base}/v1/tasks"))
+        .json(&serde_json::json!({ "agent": agent, "payload": payload }))
+        .send()
+        .await
+        .ok()?;
+    if r.status().as_u16() != 201 {
+        return None;
+    }
+    r.json::<serde_json::Value>().await.ok()?["id"].as_i64()
+}
+
+/// A task's status through the API, if the API answered 200.
+pub async fn task_status(http: &reqwest::Client, base: &str, id: i64) -> Option<String> {
+    let r = http
+        .get(format!("{base}/v1/tasks/{id}"))
+        .send()
+        .await
+        .ok()?;
+    if r.status().as_u16() != 200 {
+        return None;
+    }
+    r.json::<serde_json::Value>().await.ok()?["status"]
+        .as_str()
+        .map(str::to_string)
+}
