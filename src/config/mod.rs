@@ -184,6 +184,12 @@ impl Config {
                 "not a PostgreSQL connection URL (postgresql://user@host/db)".into(),
             );
         }
+        if !db.direct_url.is_empty() && db.direct_url.parse::<tokio_postgres::Config>().is_err() {
+            bad(
+                "database.direct_url",
+                "not a PostgreSQL connection URL (postgresql://user@host/db)".into(),
+            );
+        }
     }
 
     /// Watchdog thresholds and intervals.

@@ -18,6 +18,8 @@ pub const RESTART_ONLY: &[&str] = &[
     "database.tcp_keepalive",
     "database.tcp_user_timeout",
     "database.capture_backtraces",
+    "database.pooler",
+    "database.direct_url",
     "http.listen",
     "http.max_body_bytes",
     "logging.format",

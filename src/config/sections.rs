@@ -27,6 +27,39 @@ pub struct DatabaseConfig {
     /// TCP_USER_TIMEOUT on database connections (0 = the kernel's default).
     pub tcp_user_timeout: Dur,
     pub capture_backtraces: bool,
+    /// What sits between the daemon and PostgreSQL: decides which session features the
+    /// daemon may use (see [`Pooler`]).
+    pub pooler: Pooler,
+    /// A URL straight to PostgreSQL (bypassing the pooler) for what needs a session of its
+    /// own: LISTEN, the migration lock, the supervisor's admin connection. Empty: those go
+    /// through `url`, and behind a transaction pooler the daemon polls instead of LISTEN.
+    pub direct_url: String,
+}
+
+/// The connection pooler in front of PostgreSQL, as `database.pooler` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooler {
+    /// Straight to PostgreSQL: every feature, backends matched to sessions by pid.
+    #[default]
+    None,
+    /// A session pooler (pgbouncer `pool_mode = session`): one server connection per client
+    /// connection while it lasts; the pooler's idle server connections are not ours to
+    /// terminate.
+    Session,
+    /// A transaction pooler (pgbouncer `pool_mode = transaction`): no startup options, no
+    /// named prepared statements, no session state outside a transaction, no backend pids.
+    Transaction,
+}
+
+impl Pooler {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pooler::None => "none",
+            Pooler::Session => "session",
+            Pooler::Transaction => "transaction",
+        }
+    }
 }
 
 impl Default for DatabaseConfig {
@@ -46,6 +79,8 @@ impl Default for DatabaseConfig {
             tcp_keepalive: Dur::secs(15),
             tcp_user_timeout: Dur::secs(30),
             capture_backtraces: false,
+            pooler: Pooler::None,
+            direct_url: String::new(),
         }
     }
 }

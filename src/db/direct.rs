@@ -16,6 +16,8 @@ pub struct DirectClient {
     timeout: Duration,
     /// Set when a round trip missed its deadline: the link is presumed dead.
     broken: std::sync::atomic::AtomicBool,
+    /// Through a transaction pooler: unnamed statements only (see `db::param`).
+    unnamed: bool,
 }
 
 impl DirectClient {
@@ -31,15 +33,39 @@ impl DirectClient {
     }
 
     pub async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, DbError> {
-        self.run(self.client.query(sql, params)).await
+        if self.unnamed {
+            self.run(self.client.query_typed(sql, &param::typed(params)))
+                .await
+        } else {
+            self.run(self.client.query(sql, &param::values(params)))
+                .await
+        }
     }
 
     pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, DbError> {
-        self.run(self.client.query_one(sql, params)).await
+        if self.unnamed {
+            self.run(self.client.query_typed_one(sql, &param::typed(params)))
+                .await
+        } else {
+            self.run(self.client.query_one(sql, &param::values(params)))
+                .await
+        }
     }
 
     pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, DbError> {
-        self.run(self.client.execute(sql, params)).await
+        if self.unnamed {
+            self.run(async {
+                let rows = self
+                    .client
+                    .query_typed_raw(sql, param::typed(params))
+                    .await?;
+                param::drain_count(rows).await
+            })
+            .await
+        } else {
+            self.run(self.client.execute(sql, &param::values(params)))
+                .await
+        }
     }
 
     pub async fn batch_execute(&self, sql: &str) -> Result<(), DbError> {
@@ -49,11 +75,6 @@ impl DirectClient {
     /// Closed by the server, or presumed dead after a missed deadline: build a new one.
     pub fn is_broken(&self) -> bool {
         self.client.is_closed() || self.broken.load(Ordering::Relaxed)
-    }
-
-    /// The raw client, for a caller that bounds the whole exchange itself (refinery).
-    pub(crate) fn raw_mut(&mut self) -> &mut tokio_postgres::Client {
-        &mut self.client
     }
 
     pub fn deadline(&self) -> Duration {
@@ -74,8 +95,8 @@ pub async fn connect_direct(
     cfg: &DatabaseConfig,
     purpose: &str,
 ) -> Result<DirectClient, DbError> {
-    let mut pg = pg.clone();
-    session_settings(&mut pg, cfg);
+    let (mut pg, pooler) = session_target(pg, cfg)?;
+    session_settings_via(&mut pg, cfg, pooler);
     pg.application_name(format!("{}:{purpose}", cfg.application_name));
     let (client, conn) =
         match tokio::time::timeout(cfg.connect_timeout.get(), pg.connect(NoTls)).await {
@@ -88,10 +109,17 @@ pub async fn connect_direct(
             tracing::warn!(purpose, error = %describe_pg_error(&e), "direct database connection ended with an error");
         }
     });
-    Ok(DirectClient {
+    let direct = DirectClient {
         client,
         conn,
         timeout: cfg.query_timeout.get(),
         broken: std::sync::atomic::AtomicBool::new(false),
-    })
+        unnamed: pooler == Pooler::Transaction,
+    };
+    // Behind a session pooler the limits cannot be startup options; the session lasts as
+    // long as this connection, so a SET holds.
+    if pooler == Pooler::Session {
+        direct.batch_execute(&limit_settings(cfg, false)).await?;
+    }
+    Ok(direct)
 }

@@ -15,8 +15,12 @@ macro_rules! query_methods {
             self.info.begin_statement();
             let c = self.client();
             let r = with_deadline(self.timeout, async {
-                let stmt = c.prepare_cached(sql).await?;
-                c.query(&stmt, params).await
+                if self.unnamed {
+                    c.query_typed(sql, &param::typed(params)).await
+                } else {
+                    let stmt = c.prepare_cached(sql).await?;
+                    c.query(&stmt, &param::values(params)).await
+                }
             })
             .await;
             self.settle(r)
@@ -26,8 +30,12 @@ macro_rules! query_methods {
             self.info.begin_statement();
             let c = self.client();
             let r = with_deadline(self.timeout, async {
-                let stmt = c.prepare_cached(sql).await?;
-                c.query_one(&stmt, params).await
+                if self.unnamed {
+                    c.query_typed_one(sql, &param::typed(params)).await
+                } else {
+                    let stmt = c.prepare_cached(sql).await?;
+                    c.query_one(&stmt, &param::values(params)).await
+                }
             })
             .await;
             self.settle(r)
@@ -41,8 +49,12 @@ macro_rules! query_methods {
             self.info.begin_statement();
             let c = self.client();
             let r = with_deadline(self.timeout, async {
-                let stmt = c.prepare_cached(sql).await?;
-                c.query_opt(&stmt, params).await
+                if self.unnamed {
+                    c.query_typed_opt(sql, &param::typed(params)).await
+                } else {
+                    let stmt = c.prepare_cached(sql).await?;
+                    c.query_opt(&stmt, &param::values(params)).await
+                }
             })
             .await;
             self.settle(r)
@@ -52,8 +64,13 @@ macro_rules! query_methods {
             self.info.begin_statement();
             let c = self.client();
             let r = with_deadline(self.timeout, async {
-                let stmt = c.prepare_cached(sql).await?;
-                c.execute(&stmt, params).await
+                if self.unnamed {
+                    let rows = c.query_typed_raw(sql, param::typed(params)).await?;
+                    param::drain_count(rows).await
+                } else {
+                    let stmt = c.prepare_cached(sql).await?;
+                    c.execute(&stmt, &param::values(params)).await
+                }
             })
             .await;
             self.settle(r)
@@ -83,6 +100,8 @@ pub struct Session {
     pub(super) info: Arc<SessionInfo>,
     pub(super) db: Db,
     pub(super) timeout: Duration,
+    /// Unnamed statements only (behind a transaction pooler); see `db::param`.
+    pub(super) unnamed: bool,
 }
 
 impl fmt::Debug for Session {
@@ -122,11 +141,18 @@ impl Session {
         self.info.begin_statement();
         let tx = with_deadline(self.timeout, obj.client.transaction()).await?;
         self.info.end_statement();
-        Ok(Tx {
+        let tx = Tx {
             tx,
             info: Arc::clone(&self.info),
             timeout: self.timeout,
-        })
+            unnamed: self.unnamed,
+        };
+        // Behind a transaction pooler no startup options reach the server: the
+        // transaction carries its own limits.
+        if let Some(set_local) = &self.db.inner.set_local {
+            tx.batch_execute(set_local).await?;
+        }
+        Ok(tx)
     }
 }
 
@@ -174,6 +200,7 @@ pub struct Tx<'a> {
     tx: deadpool_postgres::Transaction<'a>,
     info: Arc<SessionInfo>,
     timeout: Duration,
+    unnamed: bool,
 }
 
 impl Tx<'_> {

@@ -18,6 +18,9 @@ pub use guard::{Session, Tx};
 
 mod direct;
 mod error;
+pub mod param;
+
+pub use param::{Param, Params, SqlType};
 
 pub use direct::{DirectClient, connect_direct};
 pub(crate) use error::with_deadline;
@@ -36,10 +39,9 @@ use deadpool::managed::{
     self, Metrics as PoolMetrics, Object, PoolError, RecycleResult, TimeoutType, Timeouts,
 };
 use deadpool_postgres::{ClientWrapper, ManagerConfig, RecyclingMethod};
-use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
-use crate::config::DatabaseConfig;
+use crate::config::{DatabaseConfig, Pooler};
 use crate::metrics::Metrics;
 use crate::tracker::{NewSession, Owner, SessionInfo, Tracker};
 
@@ -48,9 +50,6 @@ pub const PING_LIMIT: Duration = Duration::from_secs(1);
 
 /// How long a cancel request for an abandoned statement may take before we give up on it.
 const CANCEL_REQUEST_LIMIT: Duration = Duration::from_secs(10);
-
-/// Parameters of a query, as tokio-postgres takes them.
-pub type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
 /// Pool figures at one instant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -94,6 +93,12 @@ pub struct PgConn {
 /// deadpool-postgres' manager, plus one `pg_backend_pid()` per new connection.
 pub struct PgManager {
     inner: deadpool_postgres::Manager,
+    /// Session mode: settings each new connection gets with a SET (no startup options
+    /// pass the pooler). Transaction mode: none (they are SET LOCAL per transaction).
+    on_connect: Option<String>,
+    /// Whether `pg_backend_pid()` names this connection's backend for its whole life (not
+    /// behind a transaction pooler).
+    stable_backend: bool,
 }
 
 impl managed::Manager for PgManager {
@@ -102,9 +107,17 @@ impl managed::Manager for PgManager {
 
     async fn create(&self) -> Result<PgConn, tokio_postgres::Error> {
         let client = self.inner.create().await?;
-        let row = client.query_one("SELECT pg_backend_pid()", &[]).await?;
+        if let Some(sql) = &self.on_connect {
+            client.batch_execute(sql).await?;
+        }
+        // 0 where no backend belongs to the connection: the supervisor never acts on it.
+        let backend_pid = if self.stable_backend {
+            backend_pid(&client).await?
+        } else {
+            0
+        };
         Ok(PgConn {
-            backend_pid: row.get(0),
+            backend_pid,
             client,
         })
     }
@@ -122,6 +135,28 @@ impl managed::Manager for PgManager {
     }
 }
 
+/// `pg_backend_pid()` over the simple protocol (no statement to prepare).
+async fn backend_pid(client: &tokio_postgres::Client) -> Result<i32, tokio_postgres::Error> {
+    let msgs = client.simple_query("SELECT pg_backend_pid()").await?;
+    Ok(msgs
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse().ok()),
+            _ => None,
+        })
+        .unwrap_or(0))
+}
+
+/// `SET` (or `SET LOCAL`) statements carrying the server-side limits.
+fn limit_settings(cfg: &DatabaseConfig, local: bool) -> String {
+    let set = if local { "SET LOCAL" } else { "SET" };
+    format!(
+        "{set} statement_timeout = {}; {set} idle_in_transaction_session_timeout = {}",
+        cfg.statement_timeout.get().as_millis(),
+        cfg.idle_in_transaction_timeout.get().as_millis()
+    )
+}
+
 type Pool = managed::Pool<PgManager>;
 
 struct DbInner {
@@ -137,6 +172,10 @@ struct DbInner {
     connect_timeout: Duration,
     query_timeout: Duration,
     capture_backtraces: bool,
+    /// Behind a transaction pooler: unnamed statements only, limits SET LOCAL per
+    /// transaction (this SQL).
+    unnamed: bool,
+    set_local: Option<String>,
 }
 
 /// The pool and its tracker. Cheap to clone; all clones share one pool.
@@ -153,6 +192,12 @@ impl fmt::Debug for Db {
 
 /// Applies the per-connection settings every pooled connection carries.
 pub fn session_settings(pg: &mut tokio_postgres::Config, cfg: &DatabaseConfig) {
+    session_settings_via(pg, cfg, cfg.pooler);
+}
+
+/// [`session_settings`] for a connection that goes through `pooler` (which may differ
+/// from `database.pooler`: `direct_url` bypasses it).
+pub fn session_settings_via(pg: &mut tokio_postgres::Config, cfg: &DatabaseConfig, pooler: Pooler) {
     let keepalive = cfg.tcp_keepalive.get();
     pg.keepalives(!keepalive.is_zero());
     if !keepalive.is_zero() {
@@ -164,12 +209,38 @@ pub fn session_settings(pg: &mut tokio_postgres::Config, cfg: &DatabaseConfig) {
         pg.tcp_user_timeout(cfg.tcp_user_timeout.get());
     }
     pg.application_name(&cfg.application_name)
-        .connect_timeout(cfg.connect_timeout.get())
-        .options(format!(
+        .connect_timeout(cfg.connect_timeout.get());
+    // A pooler refuses startup options (pgbouncer: "unsupported startup parameter").
+    if pooler == Pooler::None {
+        pg.options(format!(
             "-c statement_timeout={} -c idle_in_transaction_session_timeout={}",
             cfg.statement_timeout.get().as_millis(),
             cfg.idle_in_transaction_timeout.get().as_millis()
         ));
+    }
+}
+
+/// Where a connection that needs a session of its own (LISTEN, the migration lock, the
+/// supervisor's admin connection) goes: `direct_url` when set, straight to PostgreSQL;
+/// else `pg` (the pool's target), through whatever pooler is there.
+pub fn session_target(
+    pg: &tokio_postgres::Config,
+    cfg: &DatabaseConfig,
+) -> Result<(tokio_postgres::Config, Pooler), DbError> {
+    if cfg.direct_url.trim().is_empty() {
+        return Ok((pg.clone(), cfg.pooler));
+    }
+    let direct = cfg
+        .direct_url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| DbError::Config(format!("database.direct_url: {e}")))?;
+    Ok((direct, Pooler::None))
+}
+
+/// Whether notifications can be listened for: LISTEN needs a session that lasts, which a
+/// transaction pooler does not give; `direct_url` does.
+pub fn can_listen(cfg: &DatabaseConfig) -> bool {
+    cfg.pooler != Pooler::Transaction || !cfg.direct_url.trim().is_empty()
 }
 
 impl Db {
@@ -191,6 +262,8 @@ impl Db {
                 NoTls,
                 ManagerConfig { recycling_method },
             ),
+            on_connect: (cfg.pooler == Pooler::Session).then(|| limit_settings(cfg, false)),
+            stable_backend: cfg.pooler != Pooler::Transaction,
         };
         let pool = Pool::builder(manager)
             .max_size(cfg.max_connections())
@@ -217,6 +290,8 @@ impl Db {
                 connect_timeout: cfg.connect_timeout.get(),
                 query_timeout: cfg.query_timeout.get(),
                 capture_backtraces: cfg.capture_backtraces,
+                unnamed: cfg.pooler == Pooler::Transaction,
+                set_local: (cfg.pooler == Pooler::Transaction).then(|| limit_settings(cfg, true)),
             }),
         })
     }
@@ -331,6 +406,7 @@ impl Db {
             obj: Some(obj),
             info,
             timeout: self.inner.query_timeout,
+            unnamed: self.inner.unnamed,
             db: self.clone(),
         })
     }

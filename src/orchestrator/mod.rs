@@ -229,7 +229,15 @@ impl Orchestrator {
             i.tasks.spawn(self.clone().completion_writer(rx));
         }
         i.tasks.spawn(self.clone().claimer());
-        i.tasks.spawn(self.clone().listener());
+        let cfg = i.config.load();
+        if crate::db::can_listen(&cfg.database) {
+            i.tasks.spawn(self.clone().listener());
+        } else {
+            tracing::info!(
+                poll_interval = %humantime::format_duration(cfg.workers.poll_interval.get()),
+                "behind a transaction pooler without database.direct_url: no LISTEN, new tasks are found by polling"
+            );
+        }
         i.tasks.spawn(self.clone().keep_leases());
         i.tasks.spawn(self.clone().leader());
     }

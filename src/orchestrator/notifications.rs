@@ -26,8 +26,9 @@ impl Orchestrator {
         let i = &self.inner;
         let cfg = i.config.load_full();
         let deadline = cfg.database.query_timeout.get();
-        let mut pg = i.pg.clone();
-        crate::db::session_settings(&mut pg, &cfg.database);
+        // LISTEN needs a session that lasts: `direct_url` when set.
+        let (mut pg, pooler) = crate::db::session_target(&i.pg, &cfg.database)?;
+        crate::db::session_settings_via(&mut pg, &cfg.database, pooler);
         pg.application_name(format!("{}:listener", cfg.database.application_name));
         let connect_limit = cfg.database.connect_timeout.get();
         let (client, mut conn) =

@@ -307,7 +307,14 @@ impl Supervisor {
             .absolute(tracker.counts().force_closed);
         // Terminate the backends before waking the owners, so nothing more runs on them;
         // the owners are cancelled even if the admin connection is down.
-        let pids: Vec<i32> = to_force_close.iter().map(|i| i.backend_pid).collect();
+        // Pid 0: behind a transaction pooler no backend is ours to terminate; the owner's
+        // cancel and the discarded connection end the transaction (SET LOCAL limits
+        // bound it on the server meanwhile).
+        let pids: Vec<i32> = to_force_close
+            .iter()
+            .map(|i| i.backend_pid)
+            .filter(|p| *p > 0)
+            .collect();
         let terminated = self.terminate(&pids).await;
         for info in &to_force_close {
             if let Some(owner) = &info.owner {
@@ -390,6 +397,12 @@ impl Supervisor {
         cfg: &Config,
         report: &mut TickReport,
     ) -> Result<(), SupervisorError> {
+        // Behind a pooler the server's backends belong to the pooler: an idle one still
+        // named like us is not an orphan of ours, and terminating it would hit whoever the
+        // pooler hands it to next. The pooler's own timeouts bound them.
+        if cfg.database.pooler != crate::config::Pooler::None {
+            return Ok(());
+        }
         // Accounted for: backends behind live guards and idle pool slots. Read both before
         // querying the server, so a connection created meanwhile is simply not listed yet.
         let mut ours: Vec<i32> = self.db.tracker().owned_backends();

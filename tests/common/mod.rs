@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod pgbouncer;
 pub mod proxy;
 
 use std::path::PathBuf;
