@@ -35,6 +35,16 @@ ensure_systemd_analyze() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends systemd
 }
 
+# Installs pgbouncer (the pooler tests run Debian's 1.18 in front of the test server).
+ensure_pgbouncer() {
+  if command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ]; then return 0; fi
+  echo "pgbouncer not found; installing the Debian package 'pgbouncer'" >&2
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends pgbouncer
+}
+
 # Prints the newest PostgreSQL bin directory.
 pg_bindir() {
   if [ -n "${TASKWARDEN_PG_BINDIR:-}" ]; then echo "$TASKWARDEN_PG_BINDIR"; return; fi

@@ -2,8 +2,9 @@
 # Runs the whole test suite against real PostgreSQL: one throwaway cluster for the run
 # (initdb into a temp dir, unix socket only, durability off), each test in its own
 # database. Set TASKWARDEN_TEST_DATABASE_URL to use an existing server instead.
-# Installs PostgreSQL, Prometheus (the operations tests scrape with a real one) and
-# systemd-analyze (they verify the unit with it) with apt-get when they are missing.
+# Installs PostgreSQL, Prometheus (the operations tests scrape with a real one),
+# systemd-analyze (they verify the unit with it) and pgbouncer (the pooler tests) with
+# apt-get when they are missing.
 # Extra arguments go to the test runner.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,7 @@ cd "$(dirname "$0")/.."
 ensure_postgres
 ensure_prometheus
 ensure_systemd_analyze
+ensure_pgbouncer
 
 if [ -z "${TASKWARDEN_TEST_DATABASE_URL:-}" ]; then
   bindir=$(pg_bindir)
