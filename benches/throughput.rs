@@ -9,10 +9,12 @@
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "../tests/common/pgbouncer.rs"]
+mod pgbouncer;
 
 use std::time::{Duration, Instant};
 
-use common::{count, database, orchestrator};
+use common::{count, database, orchestrator, orchestrator_with};
 
 /// N when `TASKWARDEN_BENCH_TASKS` is not set.
 const DEFAULT_TASKS: i64 = 100_000;
@@ -153,6 +155,40 @@ async fn main() {
         );
     }
 
+    // The defaults again, through pgbouncer in transaction mode (unnamed statements, SET
+    // LOCAL per transaction, polling instead of LISTEN), next to the direct figure above.
+    if std::path::Path::new("/usr/sbin/pgbouncer").exists() {
+        let bouncer = pgbouncer::PgBouncer::start(pg, "transaction");
+        let dbname = pg.get_dbname().unwrap_or("taskwarden");
+        let via: tokio_postgres::Config = bouncer.url(pg, dbname).parse().expect("pgbouncer url");
+        for direct_url in [false, true] {
+            prepare(c, n).await;
+            let mut cfg = taskwarden::config::Config::default();
+            cfg.database.pooler = taskwarden::config::Pooler::Transaction;
+            let mut label = "taskwarden, defaults, via pgbouncer transaction mode".to_string();
+            if direct_url {
+                cfg.database.direct_url = cluster_url(pg);
+                label.push_str(" + direct_url");
+            }
+            let before = succeeded(c).await;
+            let t = Instant::now();
+            let run = orchestrator_with(&via, cfg, "noop", Duration::ZERO);
+            while succeeded(c).await - before < n {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let took = t.elapsed();
+            run.stop().await;
+            println!(
+                "{:<52} {:>10.0} tasks/s  ({:.2} of baseline)",
+                label,
+                rate(n, took),
+                base.as_secs_f64() / took.as_secs_f64()
+            );
+        }
+    } else {
+        println!("(pgbouncer not installed: no pooler figures)");
+    }
+
     println!("\n== enqueue-to-start latency (started_at - created_at), default config");
     c.batch_execute("TRUNCATE tasks CASCADE")
         .await
@@ -198,6 +234,21 @@ async fn main() {
     run.stop().await;
     drop(b.admin);
     b.cluster.stop().await;
+}
+
+/// A libpq URL for the bench cluster itself (for `direct_url`).
+fn cluster_url(pg: &tokio_postgres::Config) -> String {
+    let host = match pg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        None => "localhost".into(),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "postgresql://{}@/{}?host={host}&port={port}",
+        pg.get_user().unwrap_or("postgres"),
+        pg.get_dbname().unwrap_or("taskwarden")
+    )
 }
 
 async fn print_latency(c: &tokio_postgres::Client, label: &str) {

@@ -64,8 +64,8 @@ fn error_lines(out: &str) -> Vec<&str> {
 
 async fn two_daemons_through(pool_mode: &str, pooler: &str, with_direct_url: bool) {
     let t = TestDb::new().await;
-    let bouncer = PgBouncer::start(&t, pool_mode);
-    let url = bouncer.url(&t);
+    let bouncer = PgBouncer::start(&t.pg, pool_mode);
+    let url = bouncer.url(&t.pg, &t.name);
     let direct = with_direct_url.then(|| t.url());
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (log_a, log_b) = (da.path().join("log"), db.path().join("log"));
@@ -204,8 +204,8 @@ async fn concurrent_migrations_through_a_transaction_pooler_apply_once() {
     // transaction-scoped (a session lock would stay behind on a server connection) and
     // every statement unnamed.
     let t = TestDb::new_unmigrated().await;
-    let bouncer = PgBouncer::start(&t, "transaction");
-    let pg: tokio_postgres::Config = bouncer.url(&t).parse().unwrap();
+    let bouncer = PgBouncer::start(&t.pg, "transaction");
+    let pg: tokio_postgres::Config = bouncer.url(&t.pg, &t.name).parse().unwrap();
     let mut cfg = t.config(1, 0, Duration::from_secs(5));
     cfg.pooler = taskwarden::config::Pooler::Transaction;
     let runs: Vec<_> = (0..4)

@@ -97,6 +97,16 @@ pub fn orchestrator(
     if let Some(c) = concurrency {
         cfg.workers.concurrency = c;
     }
+    orchestrator_with(pg, cfg, name, wait)
+}
+
+/// [`orchestrator`] with a config of the caller's.
+pub fn orchestrator_with(
+    pg: &tokio_postgres::Config,
+    cfg: Config,
+    name: &str,
+    wait: Duration,
+) -> Running {
     let concurrency = cfg.workers.concurrency;
     let metrics = Metrics::new();
     let db = Db::new(pg.clone(), &cfg.database, &metrics).expect("pool");

@@ -7,8 +7,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::TestDb;
-
 pub struct PgBouncer {
     child: Child,
     pub port: u16,
@@ -30,20 +28,21 @@ fn free_port() -> u16 {
 }
 
 impl PgBouncer {
-    /// Starts pgbouncer with `pool_mode` in front of `t`'s server.
-    pub fn start(t: &TestDb, pool_mode: &str) -> PgBouncer {
+    /// Starts pgbouncer with `pool_mode` in front of the server `server` points at (its
+    /// host, port and user; every database name is passed through).
+    pub fn start(server: &tokio_postgres::Config, pool_mode: &str) -> PgBouncer {
         let dir = tempfile::Builder::new()
             .prefix("taskwarden-pgbouncer")
             .tempdir()
             .unwrap();
-        let (host, port) = match (t.pg.get_hosts().first(), t.pg.get_ports().first()) {
+        let (host, port) = match (server.get_hosts().first(), server.get_ports().first()) {
             (Some(tokio_postgres::config::Host::Unix(p)), Some(port)) => {
                 (p.display().to_string(), *port)
             }
             (Some(tokio_postgres::config::Host::Tcp(h)), Some(port)) => (h.clone(), *port),
             other => panic!("test server address not understood: {other:?}"),
         };
-        let user = t.pg.get_user().unwrap_or("postgres").to_string();
+        let user = server.get_user().unwrap_or("postgres").to_string();
         let listen = free_port();
         std::fs::write(dir.path().join("users.txt"), format!("\"{user}\" \"\"\n")).unwrap();
         let ini = format!(
@@ -101,10 +100,10 @@ impl PgBouncer {
         b
     }
 
-    /// A URL to `t`'s database through this pgbouncer.
-    pub fn url(&self, t: &TestDb) -> String {
-        let user = t.pg.get_user().unwrap_or("postgres");
-        format!("postgresql://{user}@127.0.0.1:{}/{}", self.port, t.name)
+    /// A URL to `server`'s database `dbname` through this pgbouncer.
+    pub fn url(&self, server: &tokio_postgres::Config, dbname: &str) -> String {
+        let user = server.get_user().unwrap_or("postgres");
+        format!("postgresql://{user}@127.0.0.1:{}/{dbname}", self.port)
     }
 
     pub fn log(&self) -> String {
