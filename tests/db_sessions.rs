@@ -325,3 +325,35 @@ async fn store_errors_wrap_pool_errors() {
         "{err:?}"
     );
 }
+
+/// The statement pg_stat_activity last saw on `pid`.
+async fn last_query(admin: &tokio_postgres::Client, pid: i32) -> String {
+    admin
+        .query_one("SELECT query FROM pg_stat_activity WHERE pid = $1", &[&pid])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn pre_ping_skips_connections_given_back_a_moment_ago() {
+    // A ping is an empty simple query: pg_stat_activity then shows "" as the backend's
+    // last statement instead of ours.
+    let t = TestDb::new().await;
+    let db = t.pool(1, 0, Duration::from_secs(5));
+    let admin = t.admin().await;
+    let s = db.session("test.mark").await.unwrap();
+    let pid = s.backend_pid();
+    s.batch_execute("SELECT 'marker'").await.unwrap();
+    drop(s);
+    // Checked out again at once: within database.pre_ping_idle (500 ms), no ping.
+    let s = db.session("test.again").await.unwrap();
+    assert_eq!(s.backend_pid(), pid);
+    assert_eq!(last_query(&admin, pid).await, "SELECT 'marker'");
+    drop(s);
+    // Idle longer than the window: pinged before it is handed out.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let s = db.session("test.later").await.unwrap();
+    assert_eq!(s.backend_pid(), pid);
+    assert_eq!(last_query(&admin, pid).await, "");
+}

@@ -11,6 +11,7 @@ pub const RESTART_ONLY: &[&str] = &[
     "database.checkout_timeout",
     "database.connect_timeout",
     "database.pre_ping",
+    "database.pre_ping_idle",
     "database.application_name",
     "database.statement_timeout",
     "database.idle_in_transaction_timeout",

@@ -16,6 +16,8 @@ pub struct DatabaseConfig {
     pub checkout_timeout: Dur,
     pub connect_timeout: Dur,
     pub pre_ping: bool,
+    /// Pre-ping only a connection idle at least this long (0: every checkout).
+    pub pre_ping_idle: Dur,
     pub application_name: String,
     pub statement_timeout: Dur,
     pub idle_in_transaction_timeout: Dur,
@@ -72,6 +74,7 @@ impl Default for DatabaseConfig {
             checkout_timeout: Dur::secs(5),
             connect_timeout: Dur::secs(10),
             pre_ping: true,
+            pre_ping_idle: Dur::millis(500),
             application_name: "taskwarden".into(),
             statement_timeout: Dur::secs(10),
             idle_in_transaction_timeout: Dur::secs(60),

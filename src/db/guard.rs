@@ -159,7 +159,10 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         self.db.inner.tracker.unregister(self.info.id);
-        let Some(obj) = self.obj.take() else { return };
+        let Some(mut obj) = self.obj.take() else {
+            return;
+        };
+        obj.returned = Some(Instant::now());
         let abandoned = self.info.statement_in_flight();
         if abandoned {
             // The server may still be running the abandoned statement: ask it to stop,

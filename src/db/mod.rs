@@ -88,6 +88,8 @@ impl fmt::Display for PoolStatus {
 pub struct PgConn {
     client: ClientWrapper,
     backend_pid: i32,
+    /// When a guard last gave it back to the pool.
+    returned: Option<Instant>,
 }
 
 /// deadpool-postgres' manager, plus one `pg_backend_pid()` per new connection.
@@ -99,6 +101,9 @@ pub struct PgManager {
     /// Whether `pg_backend_pid()` names this connection's backend for its whole life (not
     /// behind a transaction pooler).
     stable_backend: bool,
+    /// `database.pre_ping`, for connections idle at least `database.pre_ping_idle`.
+    pre_ping: bool,
+    ping_idle_after: Duration,
 }
 
 impl managed::Manager for PgManager {
@@ -119,6 +124,7 @@ impl managed::Manager for PgManager {
         Ok(PgConn {
             backend_pid,
             client,
+            returned: None,
         })
     }
 
@@ -127,7 +133,15 @@ impl managed::Manager for PgManager {
         conn: &mut PgConn,
         metrics: &PoolMetrics,
     ) -> RecycleResult<tokio_postgres::Error> {
-        self.inner.recycle(&mut conn.client, metrics).await
+        // The inner manager only checks that the socket is open; the ping is ours, and only
+        // for a connection idle long enough to have gone stale unnoticed (HikariCP's alive
+        // bypass window): a busy pool pays no round trip per checkout.
+        self.inner.recycle(&mut conn.client, metrics).await?;
+        let idle = conn.returned.map_or(Duration::MAX, |t| t.elapsed());
+        if self.pre_ping && idle >= self.ping_idle_after {
+            conn.client.simple_query("").await?;
+        }
+        Ok(())
     }
 
     fn detach(&self, conn: &mut PgConn) {
@@ -251,11 +265,7 @@ impl Db {
         metrics: &Metrics,
     ) -> Result<Db, DbError> {
         session_settings(&mut pg, cfg);
-        let recycling_method = if cfg.pre_ping {
-            RecyclingMethod::Verified
-        } else {
-            RecyclingMethod::Fast
-        };
+        let recycling_method = RecyclingMethod::Fast;
         let manager = PgManager {
             inner: deadpool_postgres::Manager::from_config(
                 pg,
@@ -264,6 +274,8 @@ impl Db {
             ),
             on_connect: (cfg.pooler == Pooler::Session).then(|| limit_settings(cfg, false)),
             stable_backend: cfg.pooler != Pooler::Transaction,
+            pre_ping: cfg.pre_ping,
+            ping_idle_after: cfg.pre_ping_idle.get(),
         };
         let pool = Pool::builder(manager)
             .max_size(cfg.max_connections())
