@@ -7,6 +7,9 @@
 //! relations between keys, such as the clear ratio being below the alert ratio).
 
 mod duration;
+
+/// Bound of `workers.prefetch`.
+pub const MAX_PREFETCH: u32 = 10_000;
 pub mod reload;
 mod sections;
 
@@ -255,6 +258,15 @@ impl Config {
                 "workers.retry_backoff_max",
                 "must not be shorter than workers.retry_backoff".into(),
             );
+        }
+        if w.prefetch > MAX_PREFETCH {
+            bad(
+                "workers.prefetch",
+                format!("must be at most {MAX_PREFETCH}"),
+            );
+        }
+        if w.completion_window.get() > Duration::from_secs(1) {
+            bad("workers.completion_window", "must be at most 1s".into());
         }
     }
 

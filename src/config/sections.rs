@@ -166,6 +166,12 @@ pub struct WorkersConfig {
     pub retry_backoff_max: Dur,
     /// How long shutdown waits for running work before re-queueing it and exiting.
     pub shutdown_grace: Dur,
+    /// Most tasks claimed ahead per agent, beyond the free slots, held here until a slot
+    /// frees (see `orchestrator::claimer`). 0: claim only for free slots.
+    pub prefetch: u32,
+    /// How long the completion writer gathers successes before writing them in one
+    /// statement (0: write whatever is queued at once).
+    pub completion_window: Dur,
 }
 
 impl Default for WorkersConfig {
@@ -178,6 +184,8 @@ impl Default for WorkersConfig {
             retry_backoff: Dur::secs(1),
             retry_backoff_max: Dur::secs(300),
             shutdown_grace: Dur::secs(10),
+            prefetch: 200,
+            completion_window: Dur::millis(5),
         }
     }
 }

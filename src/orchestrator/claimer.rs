@@ -1,8 +1,27 @@
 //! The claimer: wakes on a notification, on freed capacity, or every `poll_interval`,
-//! and claims runnable tasks per agent up to the free capacity.
+//! starts prefetched tasks in the free slots, and claims more per agent in one statement.
+//!
+//! Claiming only for free slots made a busy instance claim a handful of tasks per round
+//! trip, one claim per freed slot. Instead each agent keeps a small local queue of tasks
+//! claimed ahead (leased to this instance, registered so the lease keeper extends them):
+//! a freed slot starts the next one at once, and a claim refills the queue when it is half
+//! empty. The queue's size adapts to the work: at most what this instance finished in the
+//! last [`PREFETCH_HORIZON`] (so slow agents prefetch nothing, other instances are not
+//! starved, and a newly queued higher-priority task waits behind at most that much work),
+//! and never more than `workers.prefetch`. At shutdown the queue is handed back.
 
 #[allow(unused_imports)]
 use super::*;
+
+/// The prefetch holds at most what this instance finished within this long.
+pub const PREFETCH_HORIZON: Duration = Duration::from_millis(50);
+
+/// A task claimed ahead and not started yet. Its registration keeps its lease extended and
+/// lets a cancel reach it.
+pub(super) struct Prefetched {
+    task: Task,
+    registration: Registration,
+}
 
 impl Orchestrator {
     pub(super) async fn claimer(self) {
@@ -10,14 +29,14 @@ impl Orchestrator {
         loop {
             let poll = i.config.load().workers.poll_interval.get();
             tokio::select! {
-                _ = i.claiming.cancelled() => return,
+                _ = i.claiming.cancelled() => break,
                 _ = i.wake.notified() => {}
                 _ = tokio::time::sleep(poll) => {}
             }
             // Keep claiming while there is both capacity and work.
             loop {
                 if i.claiming.is_cancelled() {
-                    return;
+                    break;
                 }
                 match self.claim_once().await {
                     Ok(0) => break,
@@ -29,37 +48,130 @@ impl Orchestrator {
                 }
             }
         }
+        self.hand_back_prefetched().await;
     }
 
-    /// One claim round over every agent with free capacity; returns how many started.
+    /// One claim round over every agent with free capacity; returns how many tasks it
+    /// started or prefetched.
     pub async fn claim_once(&self) -> Result<usize, StoreError> {
         let i = &self.inner;
         let cfg = i.config.load();
         let agents = i.agents.load_full();
-        let mut started = 0;
+        let target = self.prefetch_target(cfg.workers.prefetch as usize);
+        let mut moved = 0;
         for (name, entry) in agents.iter() {
             let total_free =
                 (cfg.workers.concurrency as usize).saturating_sub(i.total.load(Ordering::Relaxed));
-            if total_free == 0 {
-                break;
-            }
             let running_here = i.counts().get(name).copied().unwrap_or(0);
-            let want = entry
+            let mut free = entry
                 .concurrency
                 .saturating_sub(running_here)
                 .min(total_free);
-            if want == 0 {
+            for p in self.take_prefetched(name, free) {
+                free -= 1;
+                moved += 1;
+                // Its own registration replaces the prefetch one.
+                drop(p.registration);
+                self.spawn_run(p.task, entry.clone(), CancellationToken::new(), None);
+            }
+            let queued = self.prefetched_len(name);
+            // Refill when half empty; claim for free slots whenever there are some.
+            let ahead = if queued * 2 <= target {
+                target - queued
+            } else {
+                0
+            };
+            if free + ahead == 0 {
                 continue;
             }
             let claimed = i
                 .store
-                .claim(name, want as i64, &i.instance_id, cfg.workers.lease.get())
+                .claim(
+                    name,
+                    (free + ahead) as i64,
+                    &i.instance_id,
+                    cfg.workers.lease.get(),
+                )
                 .await?;
+            let mut ahead_claimed = Vec::new();
             for t in claimed {
-                started += 1;
-                self.spawn_run(t, entry.clone(), CancellationToken::new(), None);
+                moved += 1;
+                if free > 0 {
+                    free -= 1;
+                    self.spawn_run(t, entry.clone(), CancellationToken::new(), None);
+                } else {
+                    let registration = i.running.register(t.id, &t.agent, CancellationToken::new());
+                    ahead_claimed.push(Prefetched {
+                        task: t,
+                        registration,
+                    });
+                }
+            }
+            if !ahead_claimed.is_empty() {
+                i.prefetched()
+                    .entry(name.clone())
+                    .or_default()
+                    .extend(ahead_claimed);
             }
         }
-        Ok(started)
+        Ok(moved)
+    }
+
+    /// Up to `n` prefetched tasks of `agent`, oldest claim first; ones cancelled while
+    /// waiting (their row was cancelled through the API) are dropped.
+    fn take_prefetched(&self, agent: &str, n: usize) -> Vec<Prefetched> {
+        let mut out = Vec::new();
+        if n == 0 {
+            return out;
+        }
+        let mut all = self.inner.prefetched();
+        let Some(q) = all.get_mut(agent) else {
+            return out;
+        };
+        while out.len() < n {
+            let Some(p) = q.pop_front() else { break };
+            if !p.registration.token().is_cancelled() {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    fn prefetched_len(&self, agent: &str) -> usize {
+        self.inner.prefetched().get(agent).map_or(0, |q| q.len())
+    }
+
+    /// How many tasks to hold ahead per agent now: what finished here within
+    /// [`PREFETCH_HORIZON`], at most `max`.
+    fn prefetch_target(&self, max: usize) -> usize {
+        if max == 0 {
+            return 0;
+        }
+        let finishes = self.inner.finishes();
+        let now = Instant::now();
+        finishes
+            .iter()
+            .rev()
+            .take_while(|t| now.saturating_duration_since(**t) <= PREFETCH_HORIZON)
+            .count()
+            .min(max)
+    }
+
+    /// At shutdown: prefetched tasks never started go back to the queue at once, for any
+    /// instance to take (instead of waiting for their leases to lapse).
+    pub(super) async fn hand_back_prefetched(&self) {
+        let i = &self.inner;
+        let all: Vec<Prefetched> = i.prefetched().drain().flat_map(|(_, q)| q).collect();
+        if all.is_empty() {
+            return;
+        }
+        let ids: Vec<i64> = all.iter().map(|p| p.task.id).collect();
+        match i.store.release(&ids, &i.instance_id).await {
+            Ok(n) => tracing::info!(tasks = n, "prefetched tasks handed back to the queue"),
+            Err(e) => {
+                tracing::warn!(tasks = ids.len(), error = %e, "handing back prefetched tasks failed; their leases will lapse and re-queue them")
+            }
+        }
+        drop(all);
     }
 }

@@ -28,9 +28,30 @@ impl Orchestrator {
                     }
                 }
             }
+            self.gather(&mut rx, &mut batch).await;
             self.write_completions(&mut batch).await;
             if i.shutdown.is_cancelled() && rx.is_empty() {
                 return;
+            }
+        }
+    }
+
+    /// Waits up to `workers.completion_window` for more successes to join the batch, so a
+    /// busy instance writes many per statement instead of whatever was queued the moment
+    /// the writer became free.
+    async fn gather(&self, rx: &mut mpsc::Receiver<Completion>, batch: &mut Vec<Completion>) {
+        let i = &self.inner;
+        let window = i.config.load().workers.completion_window.get();
+        if window.is_zero() || i.shutdown.is_cancelled() {
+            return;
+        }
+        let until = tokio::time::Instant::now() + window;
+        while batch.len() < COMPLETION_BATCH {
+            tokio::select! {
+                biased;
+                n = rx.recv_many(batch, COMPLETION_BATCH - batch.len()) => if n == 0 { return },
+                _ = tokio::time::sleep_until(until) => return,
+                _ = i.shutdown.cancelled() => return,
             }
         }
     }

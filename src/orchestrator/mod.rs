@@ -4,8 +4,8 @@
 //!
 //! - [`submit`]: tasks, objectives and cancels coming in from the API;
 //! - [`slots`]: session run slots (`/v1/sessions/{id}/run`), replace-then-await;
-//! - [`claimer`]: claims runnable tasks up to the free capacity, woken by [`notifications`],
-//!   freed capacity, or `poll_interval`;
+//! - [`claimer`]: starts tasks in free slots from a small adaptive prefetch and claims
+//!   more in one statement, woken by [`notifications`], freed capacity, or `poll_interval`;
 //! - [`runner`]: one attempt — agent, time limit, cancel, outcome — and [`planner`] for a
 //!   planner agent's reply; successes go to [`completions`], written in batches;
 //! - [`leases`]: keeps this instance's leases and `instances` row fresh;
@@ -28,7 +28,7 @@ mod runner;
 mod slots;
 mod submit;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -114,6 +114,10 @@ struct Inner {
     session_runs: Arc<Semaphore>,
     session_run_limit: usize,
     slots: Mutex<HashMap<String, SlotEntry>>,
+    /// Tasks claimed ahead per agent, not started yet (see `claimer`).
+    prefetched: Mutex<HashMap<String, VecDeque<claimer::Prefetched>>>,
+    /// When recent runs ended (at most `workers.prefetch` kept): the prefetch's measure.
+    finishes: Mutex<VecDeque<Instant>>,
     /// Successful outcomes waiting to be written in one batch.
     completions: mpsc::Sender<Completion>,
     completions_rx: Mutex<Option<mpsc::Receiver<Completion>>>,
@@ -151,6 +155,14 @@ struct RunCount {
 
 impl Drop for RunCount {
     fn drop(&mut self) {
+        let keep = self.inner.config.load().workers.prefetch as usize;
+        {
+            let mut f = self.inner.finishes();
+            f.push_back(Instant::now());
+            while f.len() > keep {
+                f.pop_front();
+            }
+        }
         self.inner.total.fetch_sub(1, Ordering::Relaxed);
         if let Some(n) = self.inner.counts().get_mut(&self.agent) {
             *n = n.saturating_sub(1);
@@ -182,6 +194,12 @@ impl Inner {
     fn slots(&self) -> MutexGuard<'_, HashMap<String, SlotEntry>> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
+    fn prefetched(&self) -> MutexGuard<'_, HashMap<String, VecDeque<claimer::Prefetched>>> {
+        self.prefetched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn finishes(&self) -> MutexGuard<'_, VecDeque<Instant>> {
+        self.finishes.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Orchestrator {
@@ -208,6 +226,8 @@ impl Orchestrator {
                 session_runs: Arc::new(Semaphore::new(limit)),
                 session_run_limit: limit,
                 slots: Mutex::new(HashMap::new()),
+                prefetched: Mutex::new(HashMap::new()),
+                finishes: Mutex::new(VecDeque::new()),
                 completions: ctx,
                 completions_rx: Mutex::new(Some(crx)),
                 claiming: p.shutdown.child_token(),

@@ -57,6 +57,32 @@ impl Store {
         rows.iter().map(Task::from_row).collect()
     }
 
+    /// Hands claimed tasks that never started back to the queue (prefetched tasks at
+    /// shutdown): the claim's attempt is given back too, since nothing ran.
+    pub async fn release(&self, ids: &[i64], owner: &str) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let allowed = TaskStatus::allowed_from(TaskStatus::Queued);
+        let s = self.session("store.release").await?;
+        let n = s
+            .execute(
+                &format!(
+                    "UPDATE tasks SET status = 'queued', attempts = greatest(attempts - 1, 0), \
+                       started_at = NULL, {END_LEASE}, updated_at = now() \
+                     WHERE id = ANY($1) AND lease_owner = $2 AND status = 'running' \
+                       AND status = ANY($3)"
+                ),
+                &[&ids, &owner, &allowed],
+            )
+            .await?;
+        if n > 0 {
+            s.execute("SELECT pg_notify($1, '')", &[&NOTIFY_CHANNEL])
+                .await?;
+        }
+        Ok(n)
+    }
+
     /// Records that instance `id` is alive (inserting its row the first time).
     pub async fn touch_instance(&self, id: &str, hostname: &str) -> Result<(), StoreError> {
         let s = self.session("store.touch_instance").await?;

@@ -1,0 +1,128 @@
+//! The claimer's prefetch: a busy instance holds tasks claimed ahead (more rows `running`
+//! under its lease than it has slots), and at shutdown hands back the ones it never
+//! started, so nothing waits for a lease to lapse and nothing runs twice.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use common::daemon::Daemon;
+use common::{TestDb, eventually};
+use nix::sys::signal::Signal;
+
+const LIMIT: Duration = Duration::from_secs(120);
+const TASKS: i64 = 3000;
+const CONCURRENCY: i64 = 4;
+
+fn config(t: &TestDb, log: &Path) -> String {
+    let script = format!("read p; echo \"$p\" >> {}", log.display());
+    format!(
+        "[database]\napplication_name = {:?}\n\
+         [workers]\nconcurrency = {CONCURRENCY}\nlease = \"30s\"\nshutdown_grace = \"10s\"\n\
+         [agents.rec]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", {script:?}]\nconcurrency = {CONCURRENCY}\n",
+        t.application_name
+    )
+}
+
+fn counts(log: &Path) -> BTreeMap<i64, usize> {
+    let mut m = BTreeMap::new();
+    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line)
+            && let Some(n) = v["n"].as_i64()
+        {
+            *m.entry(n).or_insert(0) += 1;
+        }
+    }
+    m
+}
+
+async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetched_tasks_are_handed_back_at_shutdown_and_run_once() {
+    let t = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let cfg = config(&t, &log);
+    let url = t.url();
+    let env = [("TASKWARDEN_DATABASE_URL", url.as_str())];
+    let mut d = Daemon::start(dir.path(), &cfg, &env);
+    assert!(
+        d.wait_for("taskwarden ready", LIMIT).is_some(),
+        "{}",
+        d.output()
+    );
+    let c = t.admin().await;
+    c.batch_execute(&format!(
+        "INSERT INTO tasks (agent, payload) SELECT 'rec', jsonb_build_object('n', i) \
+         FROM generate_series(1, {TASKS}) i"
+    ))
+    .await
+    .unwrap();
+    // Claimed ahead: more rows running under this instance's lease than it has slots.
+    let most = std::sync::atomic::AtomicI64::new(0);
+    let prefetching = eventually(Duration::from_secs(60), || async {
+        let running = count(&c, "SELECT count(*) FROM tasks WHERE status = 'running'").await;
+        most.fetch_max(running, std::sync::atomic::Ordering::Relaxed);
+        running > CONCURRENCY
+    })
+    .await;
+    assert!(
+        prefetching,
+        "never more than {most:?} running with {CONCURRENCY} slots"
+    );
+    d.signal(Signal::SIGTERM);
+    let st = tokio::task::block_in_place(|| d.wait_exit(LIMIT));
+    assert!(st.success(), "{}", d.output());
+    assert!(
+        d.output().contains("prefetched tasks handed back"),
+        "{}",
+        d.output()
+    );
+    // Nothing is left leased to the stopped instance, and what was handed back looks
+    // untouched: no attempt used, not started.
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM tasks WHERE status = 'running'").await,
+        0
+    );
+    let queued = count(&c, "SELECT count(*) FROM tasks WHERE status = 'queued'").await;
+    assert!(
+        queued > 0,
+        "everything finished before the stop; nothing to hand back"
+    );
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM tasks WHERE status = 'queued' \
+             AND (attempts <> 0 OR started_at IS NOT NULL OR lease_owner IS NOT NULL)"
+        )
+        .await,
+        0
+    );
+    drop(d);
+
+    // A new instance finishes the rest; every task ran exactly once.
+    let mut d = Daemon::start(dir.path(), &cfg, &env);
+    assert!(
+        d.wait_for("taskwarden ready", LIMIT).is_some(),
+        "{}",
+        d.output()
+    );
+    let done = eventually(Duration::from_secs(240), || async {
+        count(&c, "SELECT count(*) FROM tasks WHERE status = 'succeeded'").await == TASKS
+    })
+    .await;
+    assert!(done, "not all succeeded:\n{}", d.drain());
+    let ran = counts(&log);
+    assert_eq!(ran.len() as i64, TASKS);
+    let twice: Vec<_> = ran.iter().filter(|(_, k)| **k != 1).collect();
+    assert!(twice.is_empty(), "ran more than once: {twice:?}");
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM tasks WHERE attempts <> 1").await,
+        0
+    );
+}
