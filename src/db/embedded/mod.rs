@@ -307,7 +307,7 @@ impl Cluster {
             .recv()
             .map_err(|e| EmbeddedError::Spawn(std::io::Error::other(e)))?
             .map_err(EmbeddedError::Spawn)?;
-        let mut cluster = Cluster {
+        let cluster = Cluster {
             data_dir: data_dir.clone(),
             pgdata,
             opts: opts.clone(),
@@ -317,7 +317,18 @@ impl Cluster {
             stopped: false,
             lock: None,
         };
+        Self::wait_until_ready(cluster, log_path, log_offset, lock)
+    }
 
+    /// Waits (at most 60 s) until the server just spawned accepts connections; only then
+    /// does the cluster take the `data_dir` lock.
+    fn wait_until_ready(
+        mut cluster: Cluster,
+        log_path: PathBuf,
+        log_offset: u64,
+        lock: &mut Option<DataDirLock>,
+    ) -> Result<Cluster, EmbeddedError> {
+        let pid = cluster.pid();
         let deadline = Instant::now() + Duration::from_secs(60);
         let socket = cluster.pgdata.join(format!(".s.PGSQL.{EMBEDDED_PORT}"));
         let pid_file = cluster.pgdata.join("postmaster.pid");
