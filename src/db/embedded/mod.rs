@@ -284,7 +284,26 @@ impl Cluster {
                 Ok(())
             });
         }
+        let (pid, exit_rx, exit_token) = Self::spawn_postmaster(cmd)?;
+        let cluster = Cluster {
+            data_dir: data_dir.clone(),
+            pgdata,
+            opts: opts.clone(),
+            pid: Pid::from_raw(pid as i32),
+            exited: Mutex::new(exit_rx),
+            exit_token,
+            stopped: false,
+            lock: None,
+        };
+        Self::wait_until_ready(cluster, log_path, log_offset, lock)
+    }
 
+    /// Spawns the server from a thread that lives exactly as long as it (the parent-death
+    /// signal is tied to that thread); the receiver and the token learn when it exits.
+    fn spawn_postmaster(
+        mut cmd: Command,
+    ) -> Result<(u32, mpsc::Receiver<()>, tokio_util::sync::CancellationToken), EmbeddedError>
+    {
         let (pid_tx, pid_rx) = mpsc::channel::<Result<u32, std::io::Error>>();
         let (exit_tx, exit_rx) = mpsc::channel::<()>();
         let exit_token = tokio_util::sync::CancellationToken::new();
@@ -307,17 +326,7 @@ impl Cluster {
             .recv()
             .map_err(|e| EmbeddedError::Spawn(std::io::Error::other(e)))?
             .map_err(EmbeddedError::Spawn)?;
-        let cluster = Cluster {
-            data_dir: data_dir.clone(),
-            pgdata,
-            opts: opts.clone(),
-            pid: Pid::from_raw(pid as i32),
-            exited: Mutex::new(exit_rx),
-            exit_token,
-            stopped: false,
-            lock: None,
-        };
-        Self::wait_until_ready(cluster, log_path, log_offset, lock)
+        Ok((pid, exit_rx, exit_token))
     }
 
     /// Waits (at most 60 s) until the server just spawned accepts connections; only then
