@@ -244,7 +244,31 @@ impl Cluster {
             .map_err(dd_err(&log_path))?;
         let log_offset = log.metadata().map(|m| m.len()).unwrap_or(0);
         let log_err = log.try_clone().map_err(dd_err(&log_path))?;
+        let cmd = Self::postmaster_command(&bins, &pgdata, opts, &user, log, log_err);
+        let (pid, exit_rx, exit_token) = Self::spawn_postmaster(cmd)?;
+        let cluster = Cluster {
+            data_dir: data_dir.clone(),
+            pgdata,
+            opts: opts.clone(),
+            pid: Pid::from_raw(pid as i32),
+            exited: Mutex::new(exit_rx),
+            exit_token,
+            stopped: false,
+            lock: None,
+        };
+        Self::wait_until_ready(cluster, log_path, log_offset, lock)
+    }
 
+    /// The postmaster's command line: a unix socket in `pgdata` and no TCP, output to our
+    /// log, its own session, and a parent-death signal (see the module header).
+    fn postmaster_command(
+        bins: &PgBinaries,
+        pgdata: &Path,
+        opts: &ClusterOptions,
+        user: &Option<User>,
+        log: fs::File,
+        log_err: fs::File,
+    ) -> Command {
         let mut cmd = Command::new(&bins.postgres);
         cmd.arg("-D")
             .arg(&pgdata)
@@ -284,18 +308,7 @@ impl Cluster {
                 Ok(())
             });
         }
-        let (pid, exit_rx, exit_token) = Self::spawn_postmaster(cmd)?;
-        let cluster = Cluster {
-            data_dir: data_dir.clone(),
-            pgdata,
-            opts: opts.clone(),
-            pid: Pid::from_raw(pid as i32),
-            exited: Mutex::new(exit_rx),
-            exit_token,
-            stopped: false,
-            lock: None,
-        };
-        Self::wait_until_ready(cluster, log_path, log_offset, lock)
+        cmd
     }
 
     /// Spawns the server from a thread that lives exactly as long as it (the parent-death
