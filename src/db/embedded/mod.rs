@@ -123,6 +123,12 @@ fn run_as_user() -> Result<Option<User>, EmbeddedError> {
     Err(EmbeddedError::NoUnprivilegedUser)
 }
 
+/// The error for a failed operation on `path` in the data directory.
+fn dd_err(path: &Path) -> impl FnOnce(std::io::Error) -> EmbeddedError + use<> {
+    let path = path.to_path_buf();
+    move |source| EmbeddedError::DataDir { path, source }
+}
+
 fn as_user(cmd: &mut Command, user: &Option<User>) {
     if let Some(u) = user {
         // std drops supplementary groups itself when root sets a uid.
@@ -187,10 +193,6 @@ impl Cluster {
     ) -> Result<Cluster, EmbeddedError> {
         let bins = PgBinaries::find()?;
         let user = run_as_user()?;
-        let dd_err = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| EmbeddedError::DataDir { path, source }
-        };
         fs::create_dir_all(data_dir).map_err(dd_err(data_dir))?;
         let data_dir = fs::canonicalize(data_dir).map_err(dd_err(data_dir))?;
         // Ownership before anything that could touch a live server.
@@ -198,41 +200,7 @@ impl Cluster {
             *lock = Some(DataDirLock::acquire(&data_dir)?);
         }
         let pgdata = data_dir.join("pgdata");
-        if !pgdata.join("PG_VERSION").is_file() {
-            fs::create_dir_all(&pgdata).map_err(dd_err(&pgdata))?;
-            fs::set_permissions(&pgdata, fs::Permissions::from_mode(0o700))
-                .map_err(dd_err(&pgdata))?;
-            if let Some(u) = &user {
-                nix::unistd::chown(&pgdata, Some(u.uid), Some(u.gid))
-                    .map_err(|e| dd_err(&pgdata)(std::io::Error::from(e)))?;
-            }
-            let mut cmd = Command::new(&bins.initdb);
-            cmd.arg("-D")
-                .arg(&pgdata)
-                .args([
-                    "-U",
-                    EMBEDDED_USER,
-                    "--auth=trust",
-                    "-E",
-                    "UTF8",
-                    "--locale=C",
-                    "--no-instructions",
-                ])
-                .stdin(Stdio::null());
-            as_user(&mut cmd, &user);
-            let out = cmd.output().map_err(EmbeddedError::Spawn)?;
-            if !out.status.success() {
-                return Err(EmbeddedError::Initdb {
-                    status: out.status.to_string(),
-                    output: format!(
-                        "{}{}",
-                        String::from_utf8_lossy(&out.stdout),
-                        String::from_utf8_lossy(&out.stderr)
-                    ),
-                });
-            }
-            tracing::info!(pgdata = %pgdata.display(), "embedded PostgreSQL cluster initialised");
-        }
+        Self::init_if_needed(&bins, &pgdata, &user)?;
         stop_stale_postmaster(&pgdata);
 
         // The log goes beside the cluster, owned by us: the server writes to an inherited fd.
@@ -259,6 +227,50 @@ impl Cluster {
         Self::wait_until_ready(cluster, log_path, log_offset, lock)
     }
 
+    /// initdb `pgdata` unless it already holds a cluster.
+    fn init_if_needed(
+        bins: &PgBinaries,
+        pgdata: &Path,
+        user: &Option<User>,
+    ) -> Result<(), EmbeddedError> {
+        if !pgdata.join("PG_VERSION").is_file() {
+            fs::create_dir_all(pgdata).map_err(dd_err(pgdata))?;
+            fs::set_permissions(pgdata, fs::Permissions::from_mode(0o700))
+                .map_err(dd_err(pgdata))?;
+            if let Some(u) = &user {
+                nix::unistd::chown(pgdata, Some(u.uid), Some(u.gid))
+                    .map_err(|e| dd_err(pgdata)(std::io::Error::from(e)))?;
+            }
+            let mut cmd = Command::new(&bins.initdb);
+            cmd.arg("-D")
+                .arg(pgdata)
+                .args([
+                    "-U",
+                    EMBEDDED_USER,
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-instructions",
+                ])
+                .stdin(Stdio::null());
+            as_user(&mut cmd, user);
+            let out = cmd.output().map_err(EmbeddedError::Spawn)?;
+            if !out.status.success() {
+                return Err(EmbeddedError::Initdb {
+                    status: out.status.to_string(),
+                    output: format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    ),
+                });
+            }
+            tracing::info!(pgdata = %pgdata.display(), "embedded PostgreSQL cluster initialised");
+        }
+        Ok(())
+    }
+
     /// The postmaster's command line: a unix socket in `pgdata` and no TCP, output to our
     /// log, its own session, and a parent-death signal (see the module header).
     fn postmaster_command(
@@ -271,9 +283,9 @@ impl Cluster {
     ) -> Command {
         let mut cmd = Command::new(&bins.postgres);
         cmd.arg("-D")
-            .arg(&pgdata)
+            .arg(pgdata)
             .arg("-k")
-            .arg(&pgdata)
+            .arg(pgdata)
             .args(["-p", &EMBEDDED_PORT.to_string()])
             .args(["-c", "listen_addresses="])
             .stdin(Stdio::null())
@@ -292,7 +304,7 @@ impl Cluster {
                 "full_page_writes=off",
             ]);
         }
-        as_user(&mut cmd, &user);
+        as_user(&mut cmd, user);
         // SAFETY: setsid and prctl are async-signal-safe; they run in the child after
         // setuid (so the credential change cannot clear the death signal) and before exec.
         unsafe {
