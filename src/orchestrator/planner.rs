@@ -68,7 +68,8 @@ mod tests {
 
     #[test]
     fn a_plan_is_a_list_or_an_object_with_steps() {
-        let list = json!([{"key": "a", "agent": "x"}, {"key": "b", "agent": "y", "depends_on": ["a"]}]);
+        let list =
+            json!([{"key": "a", "agent": "x"}, {"key": "b", "agent": "y", "depends_on": ["a"]}]);
         let want = vec![("a", "x", vec![]), ("b", "y", vec!["a"])];
         assert_eq!(keys(&parse_plan(&Some(list.clone())).unwrap()), want);
         let wrapped = json!({"steps": list, "note": "ignored"});

@@ -421,9 +421,13 @@ mod tests {
             field_of(validate_objective(&objective(vec![]), None)),
             "steps: an objective needs at least one step"
         );
-        let many = (0..=MAX_STEPS).map(|i| step(&format!("s{i}"), &[])).collect();
+        let many = (0..=MAX_STEPS)
+            .map(|i| step(&format!("s{i}"), &[]))
+            .collect();
         assert!(field_of(validate_objective(&objective(many), None)).starts_with("steps: at most"));
-        let exactly = (0..MAX_STEPS).map(|i| step(&format!("s{i}"), &[])).collect();
+        let exactly = (0..MAX_STEPS)
+            .map(|i| step(&format!("s{i}"), &[]))
+            .collect();
         validate_objective(&objective(exactly), None).unwrap();
 
         let long = "k".repeat(MAX_NAME_LEN + 1);

@@ -327,8 +327,7 @@ impl Cluster {
     /// signal is tied to that thread); the receiver and the token learn when it exits.
     fn spawn_postmaster(
         mut cmd: Command,
-    ) -> Result<(u32, mpsc::Receiver<()>, tokio_util::sync::CancellationToken), EmbeddedError>
-    {
+    ) -> Result<(u32, mpsc::Receiver<()>, tokio_util::sync::CancellationToken), EmbeddedError> {
         let (pid_tx, pid_rx) = mpsc::channel::<Result<u32, std::io::Error>>();
         let (exit_tx, exit_rx) = mpsc::channel::<()>();
         let exit_token = tokio_util::sync::CancellationToken::new();
