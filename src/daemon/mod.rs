@@ -469,9 +469,7 @@ fn reload(d: &Daemon, log: &LogHandle) {
         tracing::info!("config reloaded; nothing changed");
         return;
     }
-    let (restart, live): (Vec<&String>, Vec<&String>) = changed
-        .iter()
-        .partition(|k| crate::config::reload::RESTART_ONLY.contains(&k.as_str()));
+    let (restart, live) = crate::config::reload::split_restart_only(&changed);
     if new.logging.level != old.logging.level
         && let Err(e) = log.set_level(&new.logging.level)
     {
