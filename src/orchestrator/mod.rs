@@ -7,7 +7,8 @@
 //! - [`claimer`]: claims runnable tasks up to the free capacity, woken by [`notifications`],
 //!   freed capacity, or `poll_interval`;
 //! - [`runner`]: one attempt — agent, time limit, cancel, outcome — and [`planner`] for a
-//!   planner agent's reply; successes go to [`completions`], written in batches;
+//!   planner agent's reply; [`outcome`] decides what the outcome writes; successes go to
+//!   [`completions`], written in batches;
 //! - [`leases`]: keeps this instance's leases and `instances` row fresh;
 //! - [`elector`] and [`leader`]: leadership as a row with an expiry, and the leader's duties;
 //! - [`registry`]: the tasks running here and their cancel tokens.
@@ -22,6 +23,7 @@ pub mod elector;
 mod leader;
 mod leases;
 mod notifications;
+mod outcome;
 mod planner;
 pub mod registry;
 mod runner;
