@@ -10,20 +10,16 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use common::{TestDb, eventually};
-use taskwarden::agents::{
-    Agent, AgentEntry, AgentError, AgentOutput, BoxFuture, EventHub, TaskContext,
-};
+use taskwarden::agents::{Agent, AgentEntry, AgentError, AgentOutput, BoxFuture, TaskContext};
 use taskwarden::config::Config;
+use taskwarden::daemon::Parts;
 use taskwarden::db::Db;
-use taskwarden::metrics::Metrics;
 use taskwarden::orchestrator::registry::RunningTasks;
-use taskwarden::orchestrator::{Orchestrator, OrchestratorError, OrchestratorParts};
+use taskwarden::orchestrator::{Orchestrator, OrchestratorError};
 use taskwarden::store::{
     NewObjective, NewStep, NewTask, ObjectiveStatus, Store, StoreError, Task, TaskStatus,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// A library agent that does nothing: for churn.
 struct Noop;
@@ -35,18 +31,18 @@ impl Agent for Noop {
 
 struct Rig {
     t: TestDb,
+    /// Wired as the daemon wires it (`Parts::start`); the fields below are its parts.
+    parts: Parts,
     orch: Orchestrator,
     store: Store,
     db: Db,
     running: Arc<RunningTasks>,
-    shutdown: CancellationToken,
-    _tasks: TaskTracker,
     dir: tempfile::TempDir,
 }
 
 impl Drop for Rig {
     fn drop(&mut self) {
-        self.shutdown.cancel();
+        self.parts.shutdown.cancel();
         self.running.cancel_all();
     }
 }
@@ -67,12 +63,6 @@ async fn rig_with(agents: &str, extra: &str, tweak: impl FnOnce(&mut Config)) ->
     let mut cfg = Config::parse(&text).unwrap_or_else(|e| panic!("{e:?}\n{text}"));
     cfg.database = t.config(10, 5, Duration::from_secs(5));
     tweak(&mut cfg);
-    let metrics = Metrics::new();
-    let db = Db::new(t.pg.clone(), &cfg.database, &metrics).unwrap();
-    let store = Store::new(db.clone(), cfg.workers.max_attempts);
-    let running = RunningTasks::new();
-    let shutdown = CancellationToken::new();
-    let tasks = TaskTracker::new();
     let mut extra_agents = BTreeMap::new();
     extra_agents.insert(
         "noop".to_string(),
@@ -83,28 +73,20 @@ async fn rig_with(agents: &str, extra: &str, tweak: impl FnOnce(&mut Config)) ->
             planner: false,
         },
     );
-    let orch = Orchestrator::new(OrchestratorParts {
-        config: Arc::new(ArcSwap::from_pointee(cfg)),
-        pg: t.pg.clone(),
-        db: db.clone(),
-        store: store.clone(),
-        running: Arc::clone(&running),
-        hub: EventHub::default(),
-        metrics,
-        instance_id: format!("test-{}", t.name),
-        shutdown: shutdown.clone(),
-        tasks: tasks.clone(),
+    let parts = Parts::start(
+        t.pg.clone(),
+        Arc::new(ArcSwap::from_pointee(cfg)),
         extra_agents,
-    });
-    orch.start();
+    )
+    .await
+    .unwrap();
     Rig {
         t,
-        orch,
-        store,
-        db,
-        running,
-        shutdown,
-        _tasks: tasks,
+        orch: parts.orchestrator.clone(),
+        store: parts.store.clone(),
+        db: parts.db.clone(),
+        running: Arc::clone(&parts.running),
+        parts,
         dir,
     }
 }
