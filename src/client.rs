@@ -94,12 +94,12 @@ impl Client {
         &self,
         agent: &str,
         payload: Value,
-        session: Option<&str>,
+        slot: Option<&str>,
     ) -> Result<Value, ClientError> {
-        match session {
+        match slot {
             Some(s) => {
                 let body = serde_json::json!({ "agent": agent, "payload": payload });
-                let path = format!("/v1/sessions/{}/run", urlencode(s));
+                let path = format!("/v1/slots/{}/run", urlencode(s));
                 self.call(reqwest::Method::POST, &path, Some(&body)).await
             }
             None => {
@@ -301,7 +301,8 @@ fn render_instances(out: &mut String, instances: &Value) {
     }
 }
 
-/// One line for a task, for `submit`.
+/// One line for a task, for `submit`. The run slot is printed as `session`, like the
+/// task field's wire name (`session_id`), unchanged since before slots had their name.
 pub fn render_task(v: &Value) -> String {
     format!(
         "task {} {} (agent {}{})",

@@ -1,4 +1,4 @@
-//! The orchestrator against a real PostgreSQL: session run slots (the third seed's four
+//! The orchestrator against a real PostgreSQL: run slots (the third seed's four
 //! scenarios), churn, command and HTTP agents, retries, objectives.
 
 mod common;
@@ -122,7 +122,7 @@ async fn a_session_run_is_running_when_the_call_returns() {
     let r = rig(SLEEPY, "").await;
     let t = r
         .orch
-        .run_for_session("s1", task("sleepy", serde_json::json!({})))
+        .run_in_slot("s1", task("sleepy", serde_json::json!({})))
         .await
         .unwrap();
     assert_eq!(t.status, TaskStatus::Running);
@@ -160,7 +160,7 @@ async fn replacing_a_long_task_starts_the_new_one_at_once_and_cancels_the_old() 
     let r = rig(SLEEPY, "").await;
     let old = r
         .orch
-        .run_for_session("s", task("sleepy", serde_json::json!({})))
+        .run_in_slot("s", task("sleepy", serde_json::json!({})))
         .await
         .unwrap();
     // The old run would sleep 30 s: the call must not wait for it. The limit only guards
@@ -168,7 +168,7 @@ async fn replacing_a_long_task_starts_the_new_one_at_once_and_cancels_the_old() 
     let new = tokio::time::timeout(
         Duration::from_secs(60),
         r.orch
-            .run_for_session("s", task("sleepy", serde_json::json!({}))),
+            .run_in_slot("s", task("sleepy", serde_json::json!({}))),
     )
     .await
     .expect("the replacing call did not return")
@@ -199,7 +199,7 @@ async fn ten_rapid_registrations_leave_exactly_one_running() {
         .map(|i| {
             let o = r.orch.clone();
             tokio::spawn(async move {
-                o.run_for_session("rapid", task("sleepy", serde_json::json!({ "i": i })))
+                o.run_in_slot("rapid", task("sleepy", serde_json::json!({ "i": i })))
                     .await
             })
         })
@@ -214,7 +214,7 @@ async fn ten_rapid_registrations_leave_exactly_one_running() {
             .store
             .list_tasks(
                 &taskwarden::store::TaskFilter {
-                    session_id: Some("rapid".into()),
+                    slot_id: Some("rapid".into()),
                     ..Default::default()
                 },
                 u64::MAX,
@@ -254,7 +254,7 @@ async fn a_task_keeps_running_after_the_request_that_created_it_returned() {
     // The "request handler": starts the run and returns; its future is gone.
     let orch = r.orch.clone();
     let handler = tokio::spawn(async move {
-        orch.run_for_session("req", task("later", serde_json::json!({})))
+        orch.run_in_slot("req", task("later", serde_json::json!({})))
             .await
     });
     let t = handler.await.unwrap().unwrap();

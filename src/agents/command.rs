@@ -135,7 +135,7 @@ fn command(
         .env("TASKWARDEN_ATTEMPT", ctx.attempt.to_string())
         .env(
             "TASKWARDEN_SESSION_ID",
-            ctx.session_id.clone().unwrap_or_default(),
+            ctx.slot_id.clone().unwrap_or_default(),
         )
         .process_group(0)
         // Dropping the future must not SIGKILL the shim: TreeKill asks it to clean up.

@@ -37,10 +37,10 @@ impl Orchestrator {
                 outcome = Outcome::Failed(e);
             }
             this.finish(&task, outcome, registration).await;
-            if let Some((session, _, _permit)) = &slot {
+            if let Some((slot_id, _, _permit)) = &slot {
                 let mut slots = this.inner.slots();
-                if slots.get(session).is_some_and(|e| e.task_id == task.id) {
-                    slots.remove(session);
+                if slots.get(slot_id).is_some_and(|e| e.task_id == task.id) {
+                    slots.remove(slot_id);
                 }
             }
         });

@@ -280,7 +280,7 @@ impl Store {
                         &step.depends_on,
                         &t.agent,
                         &t.payload,
-                        &t.session_id,
+                        &t.slot_id,
                         &t.priority,
                         &t.max_attempts.unwrap_or(self.default_max_attempts),
                         &t.run_after,
