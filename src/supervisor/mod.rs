@@ -5,12 +5,15 @@
 //! - a session older than `session_warn_age` is logged once with its caller;
 //! - one older than `session_max_age` is force-closed: backend terminated, owning task
 //!   cancelled, connection discarded instead of recycled; if its holder still keeps the
-//!   guard a tick later, the pool lends a slot so capacity comes back regardless;
+//!   guard a tick later, the pool lends capacity so it comes back regardless;
 //! - a task running longer than `max_task_duration` is marked `timed_out` and cancelled;
-//! - a backend with our `application_name` that no guard and no idle pool slot accounts
-//!   for, and that sits idle in a transaction or unchanged past `session_max_age`, is
-//!   terminated;
+//! - a backend with our `application_name` that no guard and no idle pooled connection
+//!   accounts for, and that sits idle in a transaction or unchanged past `session_max_age`,
+//!   is terminated;
 //! - above `memory_alert_ratio`, idle connections are closed (emergency cleanup).
+//!
+//! The DB-session duties are in `sessions.rs`, the process's in `process.rs`, and what the
+//! API and systemd read of the supervisor in `liveness.rs`.
 //!
 //! It talks to PostgreSQL on its own admin connection, never through the pool: the pool
 //! being exhausted is exactly when it must keep working. It may cancel tasks and flag

@@ -1,6 +1,6 @@
 //! DB sessions as the watchdog sees them: a warning once for each past
 //! `session_warn_age`; a force-close past `session_max_age` (discard flag, backend
-//! terminated, owner cancelled); a lent pool slot for one whose holder keeps it anyway;
+//! terminated, owner cancelled); lent pool capacity for one whose holder keeps it anyway;
 //! and the callers holding the most, for the pool alert.
 
 #[allow(unused_imports)]
@@ -53,7 +53,7 @@ impl Supervisor {
     }
 
     /// Warns once about each session past `session_warn_age`; force-closes each past
-    /// `session_max_age`, and lends the pool a slot for one still held a tick later.
+    /// `session_max_age`, and lends the pool capacity for one still held a tick later.
     pub(super) async fn check_sessions(
         &mut self,
         cfg: &Config,
@@ -84,7 +84,7 @@ impl Supervisor {
                 // Force-closed on an earlier tick and still held: its holder ignores
                 // cancellation. Give the pool its slot back anyway.
                 report.capacity_lent += 1;
-                tracing::error!(session_id = info.id, caller = %info.caller, label = info.label, lent = self.db.lent(), "force-closed session still held; pool lends a slot until it is dropped");
+                tracing::error!(session_id = info.id, caller = %info.caller, label = info.label, lent = self.db.lent(), "force-closed session still held; pool lends one connection of capacity until it is dropped");
             }
         }
         if to_force_close.is_empty() {
