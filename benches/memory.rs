@@ -1,5 +1,5 @@
-//! Resident memory of a daemon (an in-process orchestrator with the default config, its
-//! pool and loops): idle, with 10,000 queued tasks, and with 1,000 tasks running at once
+//! Resident memory of a daemon (in-process, wired by `Parts::start` as `taskwarden run`
+//! does, with the default config: pool, supervisor, orchestrator and their loops): idle, with 10,000 queued tasks, and with 1,000 tasks running at once
 //! (workers.concurrency = 1,000, an agent that sleeps 30 s; the reading is taken only when
 //! all 1,000 are running, here and in the database).
 //!
@@ -25,7 +25,7 @@ async fn main() {
     let b = database().await;
     let c = &b.admin;
     let before = rss_bytes();
-    let run = orchestrator(&b.pg, Some(RUNNING as u32), "wait", TASK_TIME);
+    let run = orchestrator(&b.pg, Some(RUNNING as u32), "wait", TASK_TIME).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = rss_bytes();
     // Queued work lives in PostgreSQL, not in the daemon: tasks for an agent it does not run.
@@ -42,18 +42,18 @@ async fn main() {
     .expect("queue");
     // Wait until every one of them runs; the first ones end after TASK_TIME, so the
     // reading must come before that.
-    while run.orch.running_here() < RUNNING {
+    while run.orchestrator.running_here() < RUNNING {
         assert!(
             started.elapsed() < TASK_TIME - Duration::from_secs(5),
             "only {} of {RUNNING} tasks running after {:?}",
-            run.orch.running_here(),
+            run.orchestrator.running_here(),
             started.elapsed()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let here_before = run.orch.running_here();
+    let here_before = run.orchestrator.running_here();
     let with_running = rss_bytes();
-    let here_after = run.orch.running_here();
+    let here_after = run.orchestrator.running_here();
     let in_db = count(c, "SELECT count(*) FROM tasks WHERE status = 'running'").await;
     assert_eq!(
         (here_before, here_after, in_db),
@@ -87,6 +87,6 @@ async fn main() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    run.stop().await;
+    run.stop().await.expect("stop");
     b.cluster.stop().await;
 }

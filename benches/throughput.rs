@@ -91,12 +91,12 @@ async fn orchestrated(
 ) -> Duration {
     let before = succeeded(c).await;
     let t = Instant::now();
-    let run = orchestrator(pg, concurrency, "noop", Duration::ZERO);
+    let run = orchestrator(pg, concurrency, "noop", Duration::ZERO).await;
     while succeeded(c).await - before < n {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let took = t.elapsed();
-    run.stop().await;
+    run.stop().await.expect("stop");
     took
 }
 
@@ -172,12 +172,12 @@ async fn main() {
             }
             let before = succeeded(c).await;
             let t = Instant::now();
-            let run = orchestrator_with(&via, cfg, "noop", Duration::ZERO);
+            let run = orchestrator_with(&via, cfg, "noop", Duration::ZERO).await;
             while succeeded(c).await - before < n {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let took = t.elapsed();
-            run.stop().await;
+            run.stop().await.expect("stop");
             println!(
                 "{:<52} {:>10.0} tasks/s  ({:.2} of baseline)",
                 label,
@@ -193,7 +193,7 @@ async fn main() {
     c.batch_execute("TRUNCATE tasks CASCADE")
         .await
         .expect("truncate");
-    let run = orchestrator(pg, None, "noop", Duration::ZERO);
+    let run = orchestrator(pg, None, "noop", Duration::ZERO).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     for _ in 0..300 {
         c.execute("INSERT INTO tasks (agent) VALUES ('noop')", &[])
@@ -205,7 +205,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     print_latency(c, "idle workers (LISTEN/NOTIFY), 300 tasks").await;
-    run.stop().await;
+    run.stop().await.expect("stop");
     c.batch_execute("TRUNCATE tasks CASCADE")
         .await
         .expect("truncate");
@@ -213,7 +213,7 @@ async fn main() {
         .await
         .expect("vacuum analyze");
     // A running, idle daemon; then 10,000 tasks arrive in one INSERT.
-    let run = orchestrator(pg, None, "noop", Duration::ZERO);
+    let run = orchestrator(pg, None, "noop", Duration::ZERO).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     c.batch_execute(
         "INSERT INTO tasks (agent, payload) SELECT 'noop', jsonb_build_object('i', i) FROM generate_series(1, 10000) i",
@@ -231,7 +231,7 @@ async fn main() {
         ),
     )
     .await;
-    run.stop().await;
+    run.stop().await.expect("stop");
     drop(b.admin);
     b.cluster.stop().await;
 }

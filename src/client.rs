@@ -94,12 +94,12 @@ impl Client {
         &self,
         agent: &str,
         payload: Value,
-        session: Option<&str>,
+        slot: Option<&str>,
     ) -> Result<Value, ClientError> {
-        match session {
+        match slot {
             Some(s) => {
                 let body = serde_json::json!({ "agent": agent, "payload": payload });
-                let path = format!("/v1/sessions/{}/run", urlencode(s));
+                let path = format!("/v1/slots/{}/run", urlencode(s));
                 self.call(reqwest::Method::POST, &path, Some(&body)).await
             }
             None => {
@@ -168,7 +168,6 @@ fn s(v: &Value) -> String {
 /// The human-readable form of `GET /v1/status`.
 pub fn render_status(v: &Value) -> String {
     let mut out = String::new();
-    let p = &v["pool"];
     let _ = writeln!(
         out,
         "taskwarden {} — instance {}, config {} (loaded {})\n",
@@ -177,6 +176,26 @@ pub fn render_status(v: &Value) -> String {
         s(&v["config"]["version"]),
         s(&v["config"]["loaded_at"])
     );
+    render_pool(&mut out, &v["pool"]);
+    render_sessions(&mut out, &v["sessions"]);
+    render_tasks(&mut out, &v["tasks"]);
+    render_alerts(&mut out, &v["alerts_firing"]);
+    render_instances(&mut out, &v["instances"]);
+    out
+}
+
+/// Rows of a JSON array, `limit` at most; none when it is absent.
+fn rows_of(v: &Value, limit: usize, row: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String>> {
+    v.as_array()
+        .map(|a| a.iter().take(limit).map(row).collect())
+        .unwrap_or_default()
+}
+
+fn seconds(v: &Value) -> String {
+    format!("{:.1}s", v.as_f64().unwrap_or(0.0))
+}
+
+fn render_pool(out: &mut String, p: &Value) {
     let _ = writeln!(
         out,
         "POOL  in use {}/{} ({:.0}%, alert at {:.0}%)  idle {}  waiting {}  open {}",
@@ -188,7 +207,10 @@ pub fn render_status(v: &Value) -> String {
         s(&p["waiting"]),
         s(&p["size"])
     );
-    let ss = &v["sessions"];
+}
+
+/// DB sessions (checked-out pool connections), the oldest 20 listed.
+fn render_sessions(out: &mut String, ss: &Value) {
     let _ = writeln!(
         out,
         "\nSESSIONS  open {}  opened {}  force-closed {}  (warn at {}s, force-close at {}s)",
@@ -198,31 +220,26 @@ pub fn render_status(v: &Value) -> String {
         s(&ss["warn_age_seconds"]),
         s(&ss["max_age_seconds"])
     );
-    let rows: Vec<Vec<String>> = ss["live"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .take(20)
-                .map(|x| {
-                    vec![
-                        s(&x["id"]),
-                        format!("{:.1}s", x["age_seconds"].as_f64().unwrap_or(0.0)),
-                        s(&x["label"]),
-                        s(&x["caller"]),
-                        s(&x["backend_pid"]),
-                        s(&x["task_id"]),
-                    ]
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let rows = rows_of(&ss["live"], 20, |x| {
+        vec![
+            s(&x["id"]),
+            seconds(&x["age_seconds"]),
+            s(&x["label"]),
+            s(&x["caller"]),
+            s(&x["backend_pid"]),
+            s(&x["task_id"]),
+        ]
+    });
     if !rows.is_empty() {
         out.push_str(&table(
             &["ID", "AGE", "LABEL", "CALLER", "PID", "TASK"],
             &rows,
         ));
     }
-    let by = &v["tasks"]["by_status"];
+}
+
+fn render_tasks(out: &mut String, tasks: &Value) {
+    let by = &tasks["by_status"];
     let counts: Vec<String> = [
         "queued",
         "running",
@@ -235,72 +252,57 @@ pub fn render_status(v: &Value) -> String {
     .map(|k| format!("{k} {}", s(&by[*k])))
     .collect();
     let _ = writeln!(out, "\nTASKS  {}", counts.join("  "));
-    let rows: Vec<Vec<String>> = v["tasks"]["running_here"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .take(20)
-                .map(|t| {
-                    vec![
-                        s(&t["task_id"]),
-                        s(&t["agent"]),
-                        format!("{:.1}s", t["running_seconds"].as_f64().unwrap_or(0.0)),
-                    ]
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let rows = rows_of(&tasks["running_here"], 20, |t| {
+        vec![
+            s(&t["task_id"]),
+            s(&t["agent"]),
+            seconds(&t["running_seconds"]),
+        ]
+    });
     if !rows.is_empty() {
         out.push_str(&table(&["TASK", "AGENT", "RUNNING"], &rows));
     }
-    let alerts: Vec<Vec<String>> = v["alerts_firing"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|x| {
-                    vec![
-                        s(&x["alert"]),
-                        s(&x["severity"]),
-                        s(&x["since"]),
-                        s(&x["summary"]),
-                    ]
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+}
+
+fn render_alerts(out: &mut String, firing: &Value) {
+    let alerts = rows_of(firing, usize::MAX, |x| {
+        vec![
+            s(&x["alert"]),
+            s(&x["severity"]),
+            s(&x["since"]),
+            s(&x["summary"]),
+        ]
+    });
     if alerts.is_empty() {
         out.push_str("\nALERTS  none firing\n");
     } else {
         out.push_str("\nALERTS\n");
         out.push_str(&table(&["ALERT", "SEVERITY", "SINCE", "SUMMARY"], &alerts));
     }
-    let inst: Vec<Vec<String>> = v["instances"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|x| {
-                    vec![
-                        s(&x["id"]),
-                        s(&x["version"]),
-                        s(&x["heartbeat_at"]),
-                        if x["leader"] == Value::Bool(true) {
-                            "leader".into()
-                        } else {
-                            String::new()
-                        },
-                    ]
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+}
+
+fn render_instances(out: &mut String, instances: &Value) {
+    let inst = rows_of(instances, usize::MAX, |x| {
+        let role = if x["leader"] == Value::Bool(true) {
+            "leader"
+        } else {
+            ""
+        };
+        vec![
+            s(&x["id"]),
+            s(&x["version"]),
+            s(&x["heartbeat_at"]),
+            role.to_string(),
+        ]
+    });
     if !inst.is_empty() {
         out.push_str("\nINSTANCES\n");
         out.push_str(&table(&["ID", "VERSION", "HEARTBEAT", "ROLE"], &inst));
     }
-    out
 }
 
-/// One line for a task, for `submit`.
+/// One line for a task, for `submit`. The run slot is printed as `session`, like the
+/// task field's wire name (`session_id`), unchanged since before slots had their name.
 pub fn render_task(v: &Value) -> String {
     format!(
         "task {} {} (agent {}{})",

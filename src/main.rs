@@ -33,12 +33,12 @@ enum Command {
     CheckConfig(ConfigArg),
     /// Apply schema migrations and exit.
     Migrate(ConfigArg),
-    /// Show pool, sessions, tasks, alerts and instances of a running daemon.
+    /// Show pool, DB sessions, tasks, alerts and instances of a running daemon.
     Status {
         #[command(flatten)]
         conn: ClientArgs,
     },
-    /// Queue a task, or with --session run it now in that session's run slot.
+    /// Queue a task, or with --slot run it now in that run slot.
     Submit {
         #[command(flatten)]
         conn: ClientArgs,
@@ -47,9 +47,10 @@ enum Command {
         /// JSON payload given to the agent.
         #[arg(long, default_value = "{}")]
         payload: String,
-        /// Run in this session's slot, replacing its running task.
-        #[arg(long)]
-        session: Option<String>,
+        /// Run now in this run slot, replacing its running task (`--session` is the
+        /// option's older name).
+        #[arg(long, alias = "session")]
+        slot: Option<String>,
     },
     /// Internal: run a command agent's program under the subreaper shim.
     #[command(name = "agent-shim", hide = true)]
@@ -118,12 +119,12 @@ fn main() -> ExitCode {
             conn,
             agent,
             payload,
-            session,
+            slot,
         } => client_report(client(&conn, |c| async move {
             let payload: serde_json::Value = serde_json::from_str(&payload).map_err(|e| {
                 taskwarden::client::ClientError::Input(format!("--payload is not JSON: {e}"))
             })?;
-            let v = c.submit(&agent, payload, session.as_deref()).await?;
+            let v = c.submit(&agent, payload, slot.as_deref()).await?;
             Ok((v.clone(), taskwarden::client::render_task(&v)))
         })),
         Command::Objective { conn, file } => client_report(client(&conn, |c| async move {

@@ -44,17 +44,17 @@ macro_rules! metrics_table {
 metrics_table! {
     DB_POOL_MAX_CONNECTIONS = "db_pool_max_connections", Gauge, Count, [], "Hard maximum of pooled connections (pool_size + max_overflow).";
     DB_POOL_CONNECTIONS = "db_pool_connections", Gauge, Count, [], "Open pooled connections, in use or idle.";
-    DB_POOL_IN_USE = "db_pool_in_use", Gauge, Count, [], "Pooled connections checked out by a session guard.";
+    DB_POOL_IN_USE = "db_pool_in_use", Gauge, Count, [], "Pooled connections checked out by a DB session guard.";
     DB_POOL_IDLE = "db_pool_idle", Gauge, Count, [], "Open pooled connections waiting in the pool.";
     DB_POOL_WAITING = "db_pool_waiting", Gauge, Count, [], "Callers waiting for a connection.";
     DB_POOL_UTILIZATION_RATIO = "db_pool_utilization_ratio", Gauge, Percent, [], "In use divided by the hard maximum, 0 to 1.";
     DB_CHECKOUT_WAIT_SECONDS = "db_checkout_wait_seconds", Histogram, Seconds, [], "Time from asking for a connection to getting one (successful checkouts).";
     DB_CHECKOUT_TIMEOUTS_TOTAL = "db_checkout_timeouts_total", Counter, Count, [], "Checkouts that failed after waiting checkout_timeout.";
-    DB_SESSIONS_OPEN = "db_sessions_open", Gauge, Count, [], "Live session guards.";
-    DB_SESSIONS_OPENED_TOTAL = "db_sessions_opened_total", Counter, Count, [], "Session guards handed out.";
-    DB_SESSION_OLDEST_AGE_SECONDS = "db_session_oldest_age_seconds", Gauge, Seconds, [], "Age of the oldest live session guard (0 when none).";
-    DB_SESSIONS_LONG_LIVED_TOTAL = "db_sessions_long_lived_total", Counter, Count, [], "Sessions that outlived session_warn_age (counted once each).";
-    DB_SESSIONS_FORCE_CLOSED_TOTAL = "db_sessions_force_closed_total", Counter, Count, [], "Sessions force-closed after session_max_age.";
+    DB_SESSIONS_OPEN = "db_sessions_open", Gauge, Count, [], "Live DB session guards (checked-out pooled connections).";
+    DB_SESSIONS_OPENED_TOTAL = "db_sessions_opened_total", Counter, Count, [], "DB session guards handed out.";
+    DB_SESSION_OLDEST_AGE_SECONDS = "db_session_oldest_age_seconds", Gauge, Seconds, [], "Age of the oldest live DB session guard (0 when none).";
+    DB_SESSIONS_LONG_LIVED_TOTAL = "db_sessions_long_lived_total", Counter, Count, [], "DB sessions that outlived session_warn_age (counted once each).";
+    DB_SESSIONS_FORCE_CLOSED_TOTAL = "db_sessions_force_closed_total", Counter, Count, [], "DB sessions force-closed after session_max_age.";
     DB_BACKENDS_TERMINATED_TOTAL = "db_backends_terminated_total", Counter, Count, [], "PostgreSQL backends terminated by the supervisor (force-closes and orphans).";
     TASKS = "tasks", Gauge, Count, ["status"], "Tasks in the database by status.";
     TASKS_FINISHED_TOTAL = "tasks_finished_total", Counter, Count, ["agent", "outcome"], "Task attempts finished, by agent and outcome.";

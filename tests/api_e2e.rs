@@ -302,6 +302,71 @@ async fn session_runs_stream_events_and_resume_with_last_event_id() {
     a.stop();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_slots_answer_under_slots_and_their_old_sessions_paths() {
+    let a = start("").await;
+    let (st, first) = a
+        .post("/v1/slots/chat-2/run", json!({"agent": "sleepy"}))
+        .await;
+    assert_eq!(
+        (st, first["status"].as_str()),
+        (201, Some("running")),
+        "{first}"
+    );
+    assert_eq!(first["session_id"], "chat-2", "{first}");
+    // The old path reaches the same slot: the new run replaces the first.
+    let (st, second) = a
+        .post("/v1/sessions/chat-2/run", json!({"agent": "sleepy"}))
+        .await;
+    assert_eq!(st, 201, "{second}");
+    let first_id = first["id"].as_i64().unwrap();
+    assert_eq!(
+        a.get(&format!("/v1/tasks/{first_id}")).await.1["status"],
+        "cancelled"
+    );
+    for query in ["slot", "session"] {
+        let (st, list) = a.get(&format!("/v1/tasks?{query}=chat-2")).await;
+        assert_eq!(st, 200, "{list}");
+        let ids: Vec<i64> = list["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_i64().unwrap())
+            .collect();
+        assert_eq!(ids, [first_id, second["id"].as_i64().unwrap()], "?{query}=");
+    }
+    // Errors name the path parameter as each path calls it.
+    let long = "x".repeat(201);
+    for (path, field) in [("slots", "slot"), ("sessions", "session")] {
+        let (st, e) = a
+            .post(
+                &format!("/v1/{path}/{long}/run"),
+                json!({"agent": "sleepy"}),
+            )
+            .await;
+        assert_eq!((st, e["field"].as_str()), (400, Some(field)), "{path}: {e}");
+        let (st, e) = a.get(&format!("/v1/{path}/{long}/events")).await;
+        assert_eq!((st, e["field"].as_str()), (400, Some(field)), "{path}: {e}");
+    }
+    for path in ["slots", "sessions"] {
+        let resp = a
+            .http
+            .get(format!("{}/v1/{path}/chat-2/events", a.base))
+            .bearer_auth(TOKEN)
+            .timeout(CALL_LIMIT)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{path}");
+        assert_eq!(
+            resp.headers()["content-type"],
+            "text/event-stream",
+            "{path}"
+        );
+    }
+    a.stop();
+}
+
 fn cli(args: &[&str], base: &str, dir: &Path) -> std::process::Output {
     Command::new(bin())
         .args(args)

@@ -1,4 +1,4 @@
-//! The orchestrator against a real PostgreSQL: session run slots (the third seed's four
+//! The orchestrator against a real PostgreSQL: run slots (the third seed's four
 //! scenarios), churn, command and HTTP agents, retries, objectives.
 
 mod common;
@@ -10,20 +10,16 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use common::{TestDb, eventually};
-use taskwarden::agents::{
-    Agent, AgentEntry, AgentError, AgentOutput, BoxFuture, EventHub, TaskContext,
-};
+use taskwarden::agents::{Agent, AgentEntry, AgentError, AgentOutput, BoxFuture, TaskContext};
 use taskwarden::config::Config;
+use taskwarden::daemon::Parts;
 use taskwarden::db::Db;
-use taskwarden::metrics::Metrics;
 use taskwarden::orchestrator::registry::RunningTasks;
-use taskwarden::orchestrator::{Orchestrator, OrchestratorError, OrchestratorParts};
+use taskwarden::orchestrator::{Orchestrator, OrchestratorError};
 use taskwarden::store::{
     NewObjective, NewStep, NewTask, ObjectiveStatus, Store, StoreError, Task, TaskStatus,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// A library agent that does nothing: for churn.
 struct Noop;
@@ -35,18 +31,18 @@ impl Agent for Noop {
 
 struct Rig {
     t: TestDb,
+    /// Wired as the daemon wires it (`Parts::start`); the fields below are its parts.
+    parts: Parts,
     orch: Orchestrator,
     store: Store,
     db: Db,
     running: Arc<RunningTasks>,
-    shutdown: CancellationToken,
-    _tasks: TaskTracker,
     dir: tempfile::TempDir,
 }
 
 impl Drop for Rig {
     fn drop(&mut self) {
-        self.shutdown.cancel();
+        self.parts.shutdown.cancel();
         self.running.cancel_all();
     }
 }
@@ -67,12 +63,6 @@ async fn rig_with(agents: &str, extra: &str, tweak: impl FnOnce(&mut Config)) ->
     let mut cfg = Config::parse(&text).unwrap_or_else(|e| panic!("{e:?}\n{text}"));
     cfg.database = t.config(10, 5, Duration::from_secs(5));
     tweak(&mut cfg);
-    let metrics = Metrics::new();
-    let db = Db::new(t.pg.clone(), &cfg.database, &metrics).unwrap();
-    let store = Store::new(db.clone(), cfg.workers.max_attempts);
-    let running = RunningTasks::new();
-    let shutdown = CancellationToken::new();
-    let tasks = TaskTracker::new();
     let mut extra_agents = BTreeMap::new();
     extra_agents.insert(
         "noop".to_string(),
@@ -83,28 +73,20 @@ async fn rig_with(agents: &str, extra: &str, tweak: impl FnOnce(&mut Config)) ->
             planner: false,
         },
     );
-    let orch = Orchestrator::new(OrchestratorParts {
-        config: Arc::new(ArcSwap::from_pointee(cfg)),
-        pg: t.pg.clone(),
-        db: db.clone(),
-        store: store.clone(),
-        running: Arc::clone(&running),
-        hub: EventHub::default(),
-        metrics,
-        instance_id: format!("test-{}", t.name),
-        shutdown: shutdown.clone(),
-        tasks: tasks.clone(),
+    let parts = Parts::start(
+        t.pg.clone(),
+        Arc::new(ArcSwap::from_pointee(cfg)),
         extra_agents,
-    });
-    orch.start();
+    )
+    .await
+    .unwrap();
     Rig {
         t,
-        orch,
-        store,
-        db,
-        running,
-        shutdown,
-        _tasks: tasks,
+        orch: parts.orchestrator.clone(),
+        store: parts.store.clone(),
+        db: parts.db.clone(),
+        running: Arc::clone(&parts.running),
+        parts,
         dir,
     }
 }
@@ -140,7 +122,7 @@ async fn a_session_run_is_running_when_the_call_returns() {
     let r = rig(SLEEPY, "").await;
     let t = r
         .orch
-        .run_for_session("s1", task("sleepy", serde_json::json!({})))
+        .run_in_slot("s1", task("sleepy", serde_json::json!({})))
         .await
         .unwrap();
     assert_eq!(t.status, TaskStatus::Running);
@@ -178,7 +160,7 @@ async fn replacing_a_long_task_starts_the_new_one_at_once_and_cancels_the_old() 
     let r = rig(SLEEPY, "").await;
     let old = r
         .orch
-        .run_for_session("s", task("sleepy", serde_json::json!({})))
+        .run_in_slot("s", task("sleepy", serde_json::json!({})))
         .await
         .unwrap();
     // The old run would sleep 30 s: the call must not wait for it. The limit only guards
@@ -186,7 +168,7 @@ async fn replacing_a_long_task_starts_the_new_one_at_once_and_cancels_the_old() 
     let new = tokio::time::timeout(
         Duration::from_secs(60),
         r.orch
-            .run_for_session("s", task("sleepy", serde_json::json!({}))),
+            .run_in_slot("s", task("sleepy", serde_json::json!({}))),
     )
     .await
     .expect("the replacing call did not return")
@@ -217,7 +199,7 @@ async fn ten_rapid_registrations_leave_exactly_one_running() {
         .map(|i| {
             let o = r.orch.clone();
             tokio::spawn(async move {
-                o.run_for_session("rapid", task("sleepy", serde_json::json!({ "i": i })))
+                o.run_in_slot("rapid", task("sleepy", serde_json::json!({ "i": i })))
                     .await
             })
         })
@@ -232,7 +214,7 @@ async fn ten_rapid_registrations_leave_exactly_one_running() {
             .store
             .list_tasks(
                 &taskwarden::store::TaskFilter {
-                    session_id: Some("rapid".into()),
+                    slot_id: Some("rapid".into()),
                     ..Default::default()
                 },
                 u64::MAX,
@@ -272,7 +254,7 @@ async fn a_task_keeps_running_after_the_request_that_created_it_returned() {
     // The "request handler": starts the run and returns; its future is gone.
     let orch = r.orch.clone();
     let handler = tokio::spawn(async move {
-        orch.run_for_session("req", task("later", serde_json::json!({})))
+        orch.run_in_slot("req", task("later", serde_json::json!({})))
             .await
     });
     let t = handler.await.unwrap().unwrap();

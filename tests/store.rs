@@ -272,7 +272,7 @@ async fn list_filters_by_status_and_session() {
     let s = store(&t);
     for i in 0..5 {
         let mut n = NewTask::new("echo", serde_json::json!({ "i": i }));
-        n.session_id = Some(if i % 2 == 0 { "even" } else { "odd" }.into());
+        n.slot_id = Some(if i % 2 == 0 { "even" } else { "odd" }.into());
         s.create_task(&n).await.unwrap();
     }
     let first = s
@@ -291,7 +291,7 @@ async fn list_filters_by_status_and_session() {
     let even = s
         .list_tasks(
             &TaskFilter {
-                session_id: Some("even".into()),
+                slot_id: Some("even".into()),
                 ..Default::default()
             },
             u64::MAX,
@@ -303,7 +303,7 @@ async fn list_filters_by_status_and_session() {
     let queued_even = s
         .list_tasks(
             &TaskFilter {
-                session_id: Some("even".into()),
+                slot_id: Some("even".into()),
                 status: Some(TaskStatus::Queued),
                 ..Default::default()
             },

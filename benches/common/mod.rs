@@ -1,5 +1,6 @@
-//! Shared by the benchmarks: a throwaway PostgreSQL and an in-process orchestrator with
-//! library agents, so figures measure taskwarden and the database, not process spawning.
+//! Shared by the benchmarks: a throwaway PostgreSQL and an in-process taskwarden, wired as
+//! the daemon wires it, with library agents, so figures measure taskwarden and the
+//! database, not process spawning.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -7,18 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use taskwarden::agents::{
-    Agent, AgentEntry, AgentError, AgentOutput, BoxFuture, EventHub, TaskContext,
-};
+use taskwarden::agents::{Agent, AgentEntry, AgentError, AgentOutput, BoxFuture, TaskContext};
 use taskwarden::config::{Config, DatabaseConfig};
-use taskwarden::db::Db;
+use taskwarden::daemon::Parts;
 use taskwarden::db::embedded::{Cluster, ClusterOptions};
-use taskwarden::metrics::Metrics;
-use taskwarden::orchestrator::registry::RunningTasks;
-use taskwarden::orchestrator::{Orchestrator, OrchestratorParts};
-use taskwarden::store::Store;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// An agent that waits `0` (no-op) or a fixed time.
 pub struct Wait(pub Duration);
@@ -66,53 +59,32 @@ pub async fn database() -> Bench {
     }
 }
 
-pub struct Running {
-    pub orch: Orchestrator,
-    pub db: Db,
-    shutdown: CancellationToken,
-    tasks: TaskTracker,
-}
-
-impl Running {
-    pub async fn stop(self) {
-        self.orch.stop_claiming();
-        self.shutdown.cancel();
-        self.tasks.close();
-        self.tasks.wait().await;
-        self.db.close();
-    }
-}
-
-/// Starts an orchestrator with the daemon's defaults (`Config::default()`: pool, lease,
-/// intervals) except `workers.concurrency` when given; its library agent `name` waits
-/// `wait` per task and may run as many tasks at once as the workers do (an embedding
-/// program sets a library agent's concurrency itself).
-pub fn orchestrator(
+/// Starts taskwarden as the daemon wires it (`Parts::start`: pool, supervisor,
+/// orchestrator and their loops; no HTTP listener) with the daemon's defaults
+/// (`Config::default()`) except `workers.concurrency` when given; its library agent `name`
+/// waits `wait` per task and may run as many tasks at once as the workers do (an embedding
+/// program sets a library agent's concurrency itself). Stop it with `Parts::stop`.
+pub async fn orchestrator(
     pg: &tokio_postgres::Config,
     concurrency: Option<u32>,
     name: &str,
     wait: Duration,
-) -> Running {
+) -> Parts {
     let mut cfg = Config::default();
     if let Some(c) = concurrency {
         cfg.workers.concurrency = c;
     }
-    orchestrator_with(pg, cfg, name, wait)
+    orchestrator_with(pg, cfg, name, wait).await
 }
 
 /// [`orchestrator`] with a config of the caller's.
-pub fn orchestrator_with(
+pub async fn orchestrator_with(
     pg: &tokio_postgres::Config,
     cfg: Config,
     name: &str,
     wait: Duration,
-) -> Running {
+) -> Parts {
     let concurrency = cfg.workers.concurrency;
-    let metrics = Metrics::new();
-    let db = Db::new(pg.clone(), &cfg.database, &metrics).expect("pool");
-    let store = Store::new(db.clone(), cfg.workers.max_attempts);
-    let shutdown = CancellationToken::new();
-    let tasks = TaskTracker::new();
     let mut extra = BTreeMap::new();
     extra.insert(
         name.to_string(),
@@ -123,26 +95,9 @@ pub fn orchestrator_with(
             planner: false,
         },
     );
-    let orch = Orchestrator::new(OrchestratorParts {
-        config: Arc::new(ArcSwap::from_pointee(cfg)),
-        pg: pg.clone(),
-        db: db.clone(),
-        store,
-        running: RunningTasks::new(),
-        hub: EventHub::default(),
-        metrics,
-        instance_id: format!("bench-{name}"),
-        shutdown: shutdown.clone(),
-        tasks: tasks.clone(),
-        extra_agents: extra,
-    });
-    orch.start();
-    Running {
-        orch,
-        db,
-        shutdown,
-        tasks,
-    }
+    Parts::start(pg.clone(), Arc::new(ArcSwap::from_pointee(cfg)), extra)
+        .await
+        .expect("start taskwarden")
 }
 
 pub async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {

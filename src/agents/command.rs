@@ -105,11 +105,14 @@ impl Agent for CommandAgent {
     }
 }
 
-async fn run(argv: Vec<String>, ctx: TaskContext) -> Result<AgentOutput, AgentError> {
-    let Some((prog, args)) = argv.split_first() else {
-        return Err(AgentError::fatal("command agent has an empty argv"));
-    };
-    let shim = shim_path();
+/// The program under the shim (or alone without one): payload on stdin, events on
+/// stdout, in a process group of its own with a parent-death signal.
+fn command(
+    prog: &str,
+    args: &[String],
+    shim: Option<&std::path::Path>,
+    ctx: &TaskContext,
+) -> tokio::process::Command {
     let mut cmd = match shim {
         Some(path) => {
             let mut c = tokio::process::Command::new(path);
@@ -132,7 +135,7 @@ async fn run(argv: Vec<String>, ctx: TaskContext) -> Result<AgentOutput, AgentEr
         .env("TASKWARDEN_ATTEMPT", ctx.attempt.to_string())
         .env(
             "TASKWARDEN_SESSION_ID",
-            ctx.session_id.clone().unwrap_or_default(),
+            ctx.slot_id.clone().unwrap_or_default(),
         )
         .process_group(0)
         // Dropping the future must not SIGKILL the shim: TreeKill asks it to clean up.
@@ -152,7 +155,15 @@ async fn run(argv: Vec<String>, ctx: TaskContext) -> Result<AgentOutput, AgentEr
             Ok(())
         });
     }
-    let mut child = cmd
+    cmd
+}
+
+async fn run(argv: Vec<String>, ctx: TaskContext) -> Result<AgentOutput, AgentError> {
+    let Some((prog, args)) = argv.split_first() else {
+        return Err(AgentError::fatal("command agent has an empty argv"));
+    };
+    let shim = shim_path();
+    let mut child = command(prog, args, shim, &ctx)
         .spawn()
         .map_err(|e| AgentError::fatal(format!("cannot start {prog:?}: {e}")))?;
     let Some(pid) = child.id() else {
@@ -166,56 +177,12 @@ async fn run(argv: Vec<String>, ctx: TaskContext) -> Result<AgentOutput, AgentEr
     };
     tracing::debug!(task_id = ctx.task_id, pid, program = %prog, "command agent started");
 
-    let mut stdin = child.stdin.take();
-    let stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
     let payload = serde_json::to_vec(&ctx.payload).map_err(|e| AgentError::fatal(e.to_string()))?;
-    let feed = async move {
-        if let Some(mut w) = stdin.take() {
-            // A program that does not read its stdin is not an error.
-            let _ = w.write_all(&payload).await;
-            let _ = w.write_all(b"\n").await;
-            let _ = w.shutdown().await;
-        }
-    };
-    let tail = async move {
-        let mut tail: VecDeque<u8> = VecDeque::with_capacity(STDERR_TAIL_BYTES);
-        if let Some(e) = stderr.as_mut() {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = e.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-                tail.extend(&buf[..n]);
-                while tail.len() > STDERR_TAIL_BYTES {
-                    tail.pop_front();
-                }
-            }
-        }
-        String::from_utf8_lossy(tail.make_contiguous())
-            .trim()
-            .to_string()
-    };
-    let read = async {
-        let mut result = None;
-        if let Some(out) = stdout {
-            let mut lines = FramedRead::new(out, LinesCodec::new_with_max_length(MAX_LINE_BYTES));
-            while let Some(line) = lines.next().await {
-                let line = line.map_err(|e| AgentError::fatal(format!("reading stdout: {e}")))?;
-                let line = line.trim();
-                if !line.starts_with('{') {
-                    continue;
-                }
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(line)
-                    && let Some(r) = ctx.emit_json(v).await?
-                {
-                    result = Some(r);
-                }
-            }
-        }
-        Ok::<_, AgentError>(result)
-    };
-    let ((), stderr_tail, result) = tokio::join!(feed, tail, read);
+    let ((), stderr_tail, result) = tokio::join!(
+        feed_stdin(child.stdin.take(), payload),
+        stderr_tail(child.stderr.take()),
+        read_stdout(child.stdout.take(), &ctx),
+    );
     let result = result?;
     let status = child
         .wait()
@@ -231,4 +198,59 @@ async fn run(argv: Vec<String>, ctx: TaskContext) -> Result<AgentOutput, AgentEr
         }
         Err(AgentError::retryable(msg))
     }
+}
+
+/// The payload as one line, then EOF.
+async fn feed_stdin(stdin: Option<tokio::process::ChildStdin>, payload: Vec<u8>) {
+    if let Some(mut w) = stdin {
+        // A program that does not read its stdin is not an error.
+        let _ = w.write_all(&payload).await;
+        let _ = w.write_all(b"\n").await;
+        let _ = w.shutdown().await;
+    }
+}
+
+/// The last [`STDERR_TAIL_BYTES`] of stderr, for the error message.
+async fn stderr_tail(stderr: Option<tokio::process::ChildStderr>) -> String {
+    let mut tail: VecDeque<u8> = VecDeque::with_capacity(STDERR_TAIL_BYTES);
+    if let Some(mut e) = stderr {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = e.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            tail.extend(&buf[..n]);
+            while tail.len() > STDERR_TAIL_BYTES {
+                tail.pop_front();
+            }
+        }
+    }
+    String::from_utf8_lossy(tail.make_contiguous())
+        .trim()
+        .to_string()
+}
+
+/// Each stdout line that is a JSON object goes to the task context; the last `result`
+/// seen is the task's.
+async fn read_stdout(
+    stdout: Option<tokio::process::ChildStdout>,
+    ctx: &TaskContext,
+) -> Result<Option<serde_json::Value>, AgentError> {
+    let mut result = None;
+    if let Some(out) = stdout {
+        let mut lines = FramedRead::new(out, LinesCodec::new_with_max_length(MAX_LINE_BYTES));
+        while let Some(line) = lines.next().await {
+            let line = line.map_err(|e| AgentError::fatal(format!("reading stdout: {e}")))?;
+            let line = line.trim();
+            if !line.starts_with('{') {
+                continue;
+            }
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line)
+                && let Some(r) = ctx.emit_json(v).await?
+            {
+                result = Some(r);
+            }
+        }
+    }
+    Ok(result)
 }

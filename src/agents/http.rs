@@ -44,7 +44,7 @@ impl Agent for HttpAgent {
             .header("X-Taskwarden-Attempt", ctx.attempt.to_string())
             .header(
                 "X-Taskwarden-Session-Id",
-                ctx.session_id.clone().unwrap_or_default(),
+                ctx.slot_id.clone().unwrap_or_default(),
             )
             .header("Accept", "application/json, text/event-stream")
             .json(&ctx.payload);

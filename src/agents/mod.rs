@@ -72,7 +72,9 @@ pub trait Agent: Send + Sync + 'static {
 /// A stored task event, as broadcast to live subscribers.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct LiveEvent {
-    pub session_id: Option<String>,
+    /// The run slot of the event's task (`session_id` when serialized).
+    #[serde(rename = "session_id")]
+    pub slot_id: Option<String>,
     #[serde(flatten)]
     pub event: TaskEvent,
 }
@@ -152,7 +154,8 @@ pub struct TaskContext {
     pub agent: String,
     pub payload: Value,
     pub attempt: i32,
-    pub session_id: Option<String>,
+    /// The run slot the task runs in, if any.
+    pub slot_id: Option<String>,
     /// Cancelled when the task is cancelled, replaced or timed out. Agents that do work
     /// between awaits should check it; the orchestrator also drops the future.
     pub cancel: CancellationToken,
@@ -166,7 +169,7 @@ pub struct TaskContext {
 #[derive(Clone)]
 pub struct OutputWriter {
     task_id: i64,
-    session_id: Option<String>,
+    slot_id: Option<String>,
     store: Store,
     hub: EventHub,
     truncated: Arc<AtomicBool>,
@@ -186,12 +189,12 @@ impl TaskContext {
             agent: task.agent.clone(),
             payload: task.payload.clone(),
             attempt: task.attempts,
-            session_id: task.session_id.clone(),
+            slot_id: task.slot_id.clone(),
             cancel,
             metrics,
             out: OutputWriter {
                 task_id: task.id,
-                session_id: task.session_id.clone(),
+                slot_id: task.slot_id.clone(),
                 store,
                 hub,
                 truncated: Arc::new(AtomicBool::new(false)),
@@ -240,7 +243,7 @@ impl OutputWriter {
     fn published(&self, stored: Option<crate::store::TaskEvent>) {
         match stored {
             Some(event) => self.hub.publish(LiveEvent {
-                session_id: self.session_id.clone(),
+                slot_id: self.slot_id.clone(),
                 event,
             }),
             None => {

@@ -109,19 +109,20 @@ pub(super) async fn reject_nul(req: Request, next: Next) -> Result<Response, Api
     Ok(next.run(req).await)
 }
 
-/// A session id taken from the path: what the store would accept in `session_id`.
-pub(super) fn check_session_param(session: &str) -> Result<(), ApiError> {
-    if session.is_empty() || session.len() > crate::store::MAX_NAME_LEN {
+/// A run slot id taken from the path (named `field` in errors): what the store would
+/// accept in a task's `session_id`.
+pub(super) fn check_slot_param(slot: &str, field: &str) -> Result<(), ApiError> {
+    if slot.is_empty() || slot.len() > crate::store::MAX_NAME_LEN {
         return Err(ApiError::field(
             StatusCode::BAD_REQUEST,
-            "session",
+            field,
             format!("must be 1..={} characters", crate::store::MAX_NAME_LEN),
         ));
     }
-    if session.contains('\0') {
+    if slot.contains('\0') {
         return Err(ApiError::field(
             StatusCode::BAD_REQUEST,
-            "session",
+            field,
             "contains a NUL character (%00)",
         ));
     }

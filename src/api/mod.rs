@@ -32,7 +32,7 @@ use arc_swap::ArcSwap;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, OriginalUri, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -121,8 +121,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/tasks/{id}/cancel", post(cancel_task))
         .route("/objectives", post(create_objective))
         .route("/objectives/{id}", get(get_objective))
-        .route("/sessions/{id}/run", post(run_session))
-        .route("/sessions/{id}/events", get(session_events))
+        .route("/slots/{id}/run", post(run_in_slot))
+        .route("/slots/{id}/events", get(slot_events))
+        // The run slots' paths before they were called slots; kept for existing clients.
+        .route("/sessions/{id}/run", post(run_in_slot))
+        .route("/sessions/{id}/events", get(slot_events))
         .route("/status", get(status))
         .method_not_allowed_fallback(method_not_allowed)
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));

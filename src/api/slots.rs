@@ -1,4 +1,6 @@
-//! Run slots: `POST /v1/sessions/{id}/run` and the slot's event stream (SSE, resumable).
+//! Run slots: `POST /v1/slots/{id}/run` and the slot's event stream
+//! `GET /v1/slots/{id}/events` (SSE, resumable). The paths under `/v1/sessions/` that
+//! named them before are served by the same handlers.
 
 #[allow(unused_imports)]
 use super::*;
@@ -18,34 +20,36 @@ pub(super) struct RunBody {
     max_attempts: Option<i32>,
 }
 
-pub(super) async fn run_session(
+pub(super) async fn run_in_slot(
     State(s): State<ApiState>,
-    Path(session): Path<String>,
+    OriginalUri(uri): OriginalUri,
+    Path(slot): Path<String>,
     JsonBody(b): JsonBody<RunBody>,
 ) -> Result<Response, ApiError> {
-    check_session_param(&session)?;
+    check_slot_param(&slot, slot_param_name(&uri))?;
     let t = NewTask {
         agent: b.agent,
         payload: b.payload,
-        session_id: None,
+        slot_id: None,
         priority: b.priority,
         max_attempts: b.max_attempts,
         run_after: None,
     };
-    let task = s.orchestrator.run_for_session(&session, t).await?;
+    let task = s.orchestrator.run_in_slot(&slot, t).await?;
     Ok((StatusCode::CREATED, axum::Json(task)).into_response())
 }
 
-/// Server-sent events of a session's tasks. `Last-Event-ID` (or `?after=`) resumes after
+/// Server-sent events of a run slot's tasks. `Last-Event-ID` (or `?after=`) resumes after
 /// that event: missed events are read from the database, then live ones follow. A
 /// subscriber that falls behind the live buffer is caught up from the database again.
-pub(super) async fn session_events(
+pub(super) async fn slot_events(
     State(s): State<ApiState>,
-    Path(session): Path<String>,
+    OriginalUri(uri): OriginalUri,
+    Path(slot): Path<String>,
     headers: HeaderMap,
     Query(q): Query<std::collections::HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    check_session_param(&session)?;
+    check_slot_param(&slot, slot_param_name(&uri))?;
     let after = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -69,10 +73,10 @@ pub(super) async fn session_events(
         loop {
             // Catch up from the database.
             loop {
-                let page = match store.session_events(&session, last, REPLAY_PAGE).await {
+                let page = match store.slot_events(&slot, last, REPLAY_PAGE).await {
                     Ok(p) => p,
                     Err(e) => {
-                        tracing::warn!(session_id = %session, error = %e, "event replay failed");
+                        tracing::warn!(slot_id = %slot, error = %e, "event replay failed");
                         return;
                     }
                 };
@@ -91,8 +95,7 @@ pub(super) async fn session_events(
             loop {
                 match live.recv().await {
                     Ok(ev)
-                        if ev.session_id.as_deref() == Some(session.as_str())
-                            && ev.event.id > last =>
+                        if ev.slot_id.as_deref() == Some(slot.as_str()) && ev.event.id > last =>
                     {
                         last = ev.event.id;
                         if tx.send(to_sse(&ev.event)).await.is_err() {
@@ -109,6 +112,16 @@ pub(super) async fn session_events(
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response())
+}
+
+/// How errors name the slot id in the path: `slot`, or `session` under the old
+/// `/v1/sessions/` paths, as they always did there.
+fn slot_param_name(uri: &axum::http::Uri) -> &'static str {
+    if uri.path().starts_with("/v1/sessions/") {
+        "session"
+    } else {
+        "slot"
+    }
 }
 
 pub(super) fn to_sse(e: &crate::store::TaskEvent) -> Result<Event, Infallible> {

@@ -23,7 +23,9 @@ pub(super) async fn get_task(
 #[serde(deny_unknown_fields)]
 pub(super) struct ListQuery {
     status: Option<String>,
-    session: Option<String>,
+    /// Tasks of one run slot; `?session=` is its older name.
+    #[serde(alias = "session")]
+    slot: Option<String>,
     objective: Option<i64>,
     after: Option<i64>,
     limit: Option<i64>,
@@ -47,7 +49,7 @@ pub(super) async fn list_tasks(
         .list_tasks(
             &TaskFilter {
                 status,
-                session_id: q.session.filter(|v| !v.is_empty()),
+                slot_id: q.slot.filter(|v| !v.is_empty()),
                 objective_id: q.objective,
                 after_id: q.after,
                 limit: Some(limit),

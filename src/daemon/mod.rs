@@ -188,18 +188,11 @@ async fn serve(
     database: &mut Database,
     signals: &mut Signals,
 ) -> Result<(), DaemonError> {
-    let report = migrate::run(&database.pg, &config.database).await?;
-    tracing::info!(
-        applied = report.applied.len(),
-        schema_version = report.latest,
-        "schema up to date"
-    );
-
+    migrate_schema(database, &config).await?;
     let token = resolve_token(&config).map_err(|e| DaemonError::Token(e.to_string()))?;
     let listener = listen(&config.http.listen)
         .await
         .map_err(|e| DaemonError::Listen(config.http.listen.clone(), e))?;
-
     let config_meta = Arc::new(ArcSwap::from_pointee(ConfigMeta::of(&config, config_path)));
     let parts = Parts::start(
         database.pg.clone(),
@@ -207,40 +200,63 @@ async fn serve(
         Default::default(),
     )
     .await?;
-    let Parts {
-        config,
-        db,
-        store,
-        metrics,
-        running,
-        alerts,
-        heartbeat,
-        orchestrator,
-        shutdown,
-        tasks,
-        ..
-    } = &parts;
+    let daemon = Daemon {
+        parts,
+        config_meta,
+        token: Arc::new(ArcSwap::from_pointee(token)),
+        config_path: config_path.to_path_buf(),
+    };
+    let local = daemon.spawn_http(listener)?;
+    daemon.spawn_watchdog();
+    daemon.announce_ready(database, local);
 
-    let token = Arc::new(ArcSwap::from_pointee(token));
-    let api = api::router(ApiState {
-        config: Arc::clone(config),
-        config_meta: Arc::clone(&config_meta),
-        token: Arc::clone(&token),
-        db: db.clone(),
-        store: store.clone(),
-        orchestrator: orchestrator.clone(),
-        metrics: metrics.clone(),
-        alerts: alerts.clone(),
-        heartbeat: Arc::clone(heartbeat),
-        running: Arc::clone(running),
-        shutdown: shutdown.clone(),
-    });
-    let local = listener
-        .local_addr()
-        .map_err(|e| DaemonError::Listen(config.load().http.listen.clone(), e))?;
-    {
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
+    let died = daemon.serve_signals(database, signals, &log).await;
+    systemd::notify("STOPPING=1");
+    let stopped = stop(&daemon).await;
+    match died {
+        Some(e) => Err(e),
+        None => stopped,
+    }
+}
+
+async fn migrate_schema(database: &Database, config: &Config) -> Result<(), DaemonError> {
+    let report = migrate::run(&database.pg, &config.database).await?;
+    tracing::info!(
+        applied = report.applied.len(),
+        schema_version = report.latest,
+        "schema up to date"
+    );
+    Ok(())
+}
+
+impl Daemon {
+    fn api_state(&self) -> ApiState {
+        ApiState {
+            config: Arc::clone(&self.config),
+            config_meta: Arc::clone(&self.config_meta),
+            token: Arc::clone(&self.token),
+            db: self.db.clone(),
+            store: self.store.clone(),
+            orchestrator: self.orchestrator.clone(),
+            metrics: self.metrics.clone(),
+            alerts: self.alerts.clone(),
+            heartbeat: Arc::clone(&self.heartbeat),
+            running: Arc::clone(&self.running),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
+    /// Serves the API on `listener` until shutdown; returns the address it listens on.
+    fn spawn_http(
+        &self,
+        listener: tokio::net::TcpListener,
+    ) -> Result<std::net::SocketAddr, DaemonError> {
+        let api = api::router(self.api_state());
+        let local = listener
+            .local_addr()
+            .map_err(|e| DaemonError::Listen(self.config.load().http.listen.clone(), e))?;
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
             let served = axum::serve(listener, api)
                 .with_graceful_shutdown(shutdown.cancelled_owned())
                 .await;
@@ -248,71 +264,73 @@ async fn serve(
                 tracing::error!(error = %e, "HTTP server failed");
             }
         });
-    }
-    if let Some(period) = systemd::watchdog_interval() {
-        tasks.spawn(systemd::watchdog(
-            systemd::Notifier::from_env(),
-            period,
-            Arc::clone(heartbeat),
-            Arc::clone(config),
-            shutdown.clone(),
-        ));
+        Ok(local)
     }
 
-    let daemon = Daemon {
-        parts,
-        config_meta,
-        token,
-        config_path: config_path.to_path_buf(),
-    };
-    let cfg = daemon.config.load();
-    tracing::info!(
-        instance = %daemon.instance_id,
-        database = %describe(&database.pg),
-        listen = %local,
-        pool_max = cfg.database.max_connections(),
-        "taskwarden ready"
-    );
-    systemd::notify(&format!("READY=1\nSTATUS=ready; listening on {local}"));
+    /// Pets systemd's watchdog, when the unit asks for one.
+    fn spawn_watchdog(&self) {
+        if let Some(period) = systemd::watchdog_interval() {
+            self.tasks.spawn(systemd::watchdog(
+                systemd::Notifier::from_env(),
+                period,
+                Arc::clone(&self.heartbeat),
+                Arc::clone(&self.config),
+                self.shutdown.clone(),
+            ));
+        }
+    }
 
-    let mut restarts: Vec<tokio::time::Instant> = Vec::new();
-    let mut died: Option<DaemonError> = None;
-    loop {
-        let postmaster = database.cluster.as_ref().map(|c| c.exited());
-        let postmaster_exit = async {
-            match &postmaster {
-                Some(t) => t.cancelled().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            sig = signals.next() => match sig {
-                Some(SIGHUP) => {
-                    systemd::notify_reloading();
-                    reload(&daemon, &log);
-                    systemd::notify("READY=1");
+    fn announce_ready(&self, database: &Database, local: std::net::SocketAddr) {
+        let cfg = self.config.load();
+        tracing::info!(
+            instance = %self.instance_id,
+            database = %describe(&database.pg),
+            listen = %local,
+            pool_max = cfg.database.max_connections(),
+            "taskwarden ready"
+        );
+        systemd::notify(&format!("READY=1\nSTATUS=ready; listening on {local}"));
+    }
+
+    /// Reloads on SIGHUP and restarts the embedded PostgreSQL when it exits, until
+    /// SIGTERM or SIGINT; the error when the embedded server could not be kept running.
+    async fn serve_signals(
+        &self,
+        database: &mut Database,
+        signals: &mut Signals,
+        log: &LogHandle,
+    ) -> Option<DaemonError> {
+        let mut restarts: Vec<tokio::time::Instant> = Vec::new();
+        loop {
+            let postmaster = database.cluster.as_ref().map(|c| c.exited());
+            let postmaster_exit = async {
+                match &postmaster {
+                    Some(t) => t.cancelled().await,
+                    None => std::future::pending().await,
                 }
-                Some(s) => {
-                    let name = if s == SIGINT { "SIGINT" } else { "SIGTERM" };
-                    tracing::info!(signal = name, "shutting down");
-                    break;
-                }
-                None => break,
-            },
-            _ = postmaster_exit => {
-                if let Err(e) = restart_embedded(database, &daemon.metrics, &mut restarts).await {
-                    tracing::error!(error = %e, "embedded PostgreSQL cannot be kept running; shutting down");
-                    died = Some(e);
-                    break;
+            };
+            tokio::select! {
+                sig = signals.next() => match sig {
+                    Some(SIGHUP) => {
+                        systemd::notify_reloading();
+                        reload(self, log);
+                        systemd::notify("READY=1");
+                    }
+                    Some(s) => {
+                        let name = if s == SIGINT { "SIGINT" } else { "SIGTERM" };
+                        tracing::info!(signal = name, "shutting down");
+                        return None;
+                    }
+                    None => return None,
+                },
+                _ = postmaster_exit => {
+                    if let Err(e) = restart_embedded(database, &self.metrics, &mut restarts).await {
+                        tracing::error!(error = %e, "embedded PostgreSQL cannot be kept running; shutting down");
+                        return Some(e);
+                    }
                 }
             }
         }
-    }
-    systemd::notify("STOPPING=1");
-    let stopped = stop(&daemon).await;
-    match died {
-        Some(e) => Err(e),
-        None => stopped,
     }
 }
 
@@ -451,9 +469,7 @@ fn reload(d: &Daemon, log: &LogHandle) {
         tracing::info!("config reloaded; nothing changed");
         return;
     }
-    let (restart, live): (Vec<&String>, Vec<&String>) = changed
-        .iter()
-        .partition(|k| crate::config::reload::RESTART_ONLY.contains(&k.as_str()));
+    let (restart, live) = crate::config::reload::split_restart_only(&changed);
     if new.logging.level != old.logging.level
         && let Err(e) = log.set_level(&new.logging.level)
     {

@@ -3,11 +3,12 @@
 //! role, each an `impl Orchestrator` block over the shared state defined here:
 //!
 //! - [`submit`]: tasks, objectives and cancels coming in from the API;
-//! - [`slots`]: session run slots (`/v1/sessions/{id}/run`), replace-then-await;
+//! - [`slots`]: run slots (`/v1/slots/{id}/run`), replace-then-await;
 //! - [`claimer`]: starts tasks in free slots from a small adaptive prefetch and claims
 //!   more in one statement, woken by [`notifications`], freed capacity, or `poll_interval`;
 //! - [`runner`]: one attempt — agent, time limit, cancel, outcome — and [`planner`] for a
-//!   planner agent's reply; successes go to [`completions`], written in batches;
+//!   planner agent's reply; [`outcome`] decides what the outcome writes; successes go to
+//!   [`completions`], written in batches;
 //! - [`leases`]: keeps this instance's leases and `instances` row fresh;
 //! - [`elector`] and [`leader`]: leadership as a row with an expiry, and the leader's duties;
 //! - [`registry`]: the tasks running here and their cancel tokens.
@@ -22,6 +23,7 @@ pub mod elector;
 mod leader;
 mod leases;
 mod notifications;
+mod outcome;
 mod planner;
 pub mod registry;
 mod runner;
@@ -65,14 +67,14 @@ fn invalid(field: &str, message: impl Into<String>) -> OrchestratorError {
 }
 
 pub use crate::store::NOTIFY_CHANNEL;
-/// How long a session run waits for the task it replaced to end before answering.
+/// How long a slot run waits for the task it replaced to end before answering.
 pub const REPLACE_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum OrchestratorError {
     #[error("agent: unknown agent {0:?}")]
     UnknownAgent(String),
-    #[error("no run slot free: {0} session runs already running (workers.concurrency)")]
+    #[error("no run slot free: {0} slot runs already running (workers.concurrency)")]
     NoRunSlot(usize),
     #[error("shutting down: not starting new work")]
     ShuttingDown,
@@ -108,11 +110,12 @@ struct Inner {
     metrics: Metrics,
     instance_id: String,
     wake: Notify,
-    /// Tasks this instance runs, by agent (claimed or session runs).
+    /// Tasks this instance runs, by agent (claimed or slot runs).
     per_agent: Mutex<HashMap<String, usize>>,
     total: AtomicUsize,
-    session_runs: Arc<Semaphore>,
-    session_run_limit: usize,
+    /// Bounds the runs started in run slots, which do not wait for free capacity as claims do.
+    slot_runs: Arc<Semaphore>,
+    slot_run_limit: usize,
     slots: Mutex<HashMap<String, SlotEntry>>,
     /// Tasks claimed ahead per agent, not started yet (see `claimer`).
     prefetched: Mutex<HashMap<String, VecDeque<claimer::Prefetched>>>,
@@ -122,7 +125,7 @@ struct Inner {
     completions: mpsc::Sender<Completion>,
     completions_rx: Mutex<Option<mpsc::Receiver<Completion>>>,
     shutdown: CancellationToken,
-    /// Cancelled first at shutdown: no new claims or session runs, running ones finish.
+    /// Cancelled first at shutdown: no new claims or slot runs, running ones finish.
     claiming: CancellationToken,
     tasks: TaskTracker,
 }
@@ -223,8 +226,8 @@ impl Orchestrator {
                 wake: Notify::new(),
                 per_agent: Mutex::new(HashMap::new()),
                 total: AtomicUsize::new(0),
-                session_runs: Arc::new(Semaphore::new(limit)),
-                session_run_limit: limit,
+                slot_runs: Arc::new(Semaphore::new(limit)),
+                slot_run_limit: limit,
                 slots: Mutex::new(HashMap::new()),
                 prefetched: Mutex::new(HashMap::new()),
                 finishes: Mutex::new(VecDeque::new()),
@@ -262,7 +265,7 @@ impl Orchestrator {
         i.tasks.spawn(self.clone().leader());
     }
 
-    /// Stops taking new work (claims and session runs); running tasks go on.
+    /// Stops taking new work (claims and slot runs); running tasks go on.
     pub fn stop_claiming(&self) {
         self.inner.claiming.cancel();
     }

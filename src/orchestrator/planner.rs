@@ -14,17 +14,7 @@ impl Orchestrator {
         let Some(objective_id) = task.objective_id else {
             return Ok(());
         };
-        let steps = match result {
-            Some(serde_json::Value::Array(a)) => serde_json::Value::Array(a.clone()),
-            Some(serde_json::Value::Object(o)) if o.contains_key("steps") => o["steps"].clone(),
-            _ => {
-                return Err(AgentError::fatal(
-                    "planner reply: expected a list of steps or {\"steps\": [...]}",
-                ));
-            }
-        };
-        let steps: Vec<NewStep> = serde_json::from_value(steps)
-            .map_err(|e| AgentError::fatal(format!("planner reply: {e}")))?;
+        let steps = parse_plan(result)?;
         let known = self.inner.agents.load().names();
         let added = self
             .inner
@@ -43,5 +33,67 @@ impl Orchestrator {
         );
         self.inner.wake.notify_one();
         Ok(())
+    }
+}
+
+/// The steps in a planner's reply: `[...]` or `{"steps": [...]}`, each a step as in
+/// `POST /v1/objectives`. A reply of another shape cannot be retried into a plan: fatal.
+pub(super) fn parse_plan(result: &Option<serde_json::Value>) -> Result<Vec<NewStep>, AgentError> {
+    let steps = match result {
+        Some(serde_json::Value::Array(a)) => serde_json::Value::Array(a.clone()),
+        Some(serde_json::Value::Object(o)) if o.contains_key("steps") => o["steps"].clone(),
+        _ => {
+            return Err(AgentError::fatal(
+                "planner reply: expected a list of steps or {\"steps\": [...]}",
+            ));
+        }
+    };
+    serde_json::from_value(steps).map_err(|e| AgentError::fatal(format!("planner reply: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn keys(steps: &[NewStep]) -> Vec<(&str, &str, Vec<&str>)> {
+        steps
+            .iter()
+            .map(|s| {
+                let deps = s.depends_on.iter().map(String::as_str).collect();
+                (s.key.as_str(), s.task.agent.as_str(), deps)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_plan_is_a_list_or_an_object_with_steps() {
+        let list =
+            json!([{"key": "a", "agent": "x"}, {"key": "b", "agent": "y", "depends_on": ["a"]}]);
+        let want = vec![("a", "x", vec![]), ("b", "y", vec!["a"])];
+        assert_eq!(keys(&parse_plan(&Some(list.clone())).unwrap()), want);
+        let wrapped = json!({"steps": list, "note": "ignored"});
+        assert_eq!(keys(&parse_plan(&Some(wrapped)).unwrap()), want);
+        assert!(parse_plan(&Some(json!([]))).unwrap().is_empty());
+    }
+
+    #[test]
+    fn other_replies_fail_the_plan_step_for_good() {
+        for reply in [
+            None,
+            Some(json!("a, b")),
+            Some(json!({"plan": []})),
+            Some(json!({"steps": "a"})),
+            Some(json!([{"key": "b", "agent": "x", "bogus": 1}])),
+            Some(json!([{"key": "a", "agent": 7}])),
+        ] {
+            match parse_plan(&reply) {
+                Err(e) => {
+                    assert!(!e.retryable, "{reply:?}: {e:?}");
+                    assert!(e.message.starts_with("planner reply: "), "{reply:?}: {e:?}");
+                }
+                Ok(steps) => panic!("{reply:?} parsed as {steps:?}"),
+            }
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! batched completion writer; the rest through the state machine, retried while the
 //! database is unreachable, with the lease held).
 
+use super::outcome::{AttemptOf, Decision, decide, retry_backoff, write_retry_pause};
 #[allow(unused_imports)]
 use super::*;
 
@@ -36,10 +37,10 @@ impl Orchestrator {
                 outcome = Outcome::Failed(e);
             }
             this.finish(&task, outcome, registration).await;
-            if let Some((session, _, _permit)) = &slot {
+            if let Some((slot_id, _, _permit)) = &slot {
                 let mut slots = this.inner.slots();
-                if slots.get(session).is_some_and(|e| e.task_id == task.id) {
-                    slots.remove(session);
+                if slots.get(slot_id).is_some_and(|e| e.task_id == task.id) {
+                    slots.remove(slot_id);
                 }
             }
         });
@@ -127,12 +128,30 @@ impl Orchestrator {
             .started_at
             .map(|s| (chrono::Utc::now() - s).to_std().unwrap_or_default())
             .unwrap_or_default();
-        let me = Some(i.instance_id.clone());
-        let (to, args, label) = match outcome {
-            Outcome::Succeeded(out) => {
+        if let Outcome::Failed(e) = &outcome {
+            let _ = i
+                .store
+                .add_event(
+                    task.id,
+                    "attempt_failed",
+                    &serde_json::json!({ "attempt": task.attempts, "error": e.message }),
+                )
+                .await;
+        }
+        let attempt = AttemptOf {
+            number: task.attempts,
+            max: task.max_attempts,
+            owner: &i.instance_id,
+        };
+        let shutting_down = i.shutdown.is_cancelled();
+        let decision = decide(outcome, &attempt, shutting_down, chrono::Utc::now(), |a| {
+            self.backoff(a)
+        });
+        match decision {
+            Decision::Complete(result) => {
                 let c = Completion {
                     task: task.clone(),
-                    result: out.result,
+                    result,
                     ran,
                     _registration: registration,
                 };
@@ -142,68 +161,17 @@ impl Orchestrator {
                         "completion writer gone (shutting down); the lease will re-queue the task"
                     );
                 }
-                return;
             }
-            Outcome::Failed(e) => {
-                let _ = i
-                    .store
-                    .add_event(
-                        task.id,
-                        "attempt_failed",
-                        &serde_json::json!({ "attempt": task.attempts, "error": e.message }),
-                    )
-                    .await;
-                let error = Some(format!("attempt {}: {}", task.attempts, e.message));
-                if e.retryable && task.attempts < task.max_attempts {
-                    let delay = self.backoff(task.attempts);
-                    let run_after = chrono::Duration::from_std(delay)
-                        .ok()
-                        .and_then(|d| chrono::Utc::now().checked_add_signed(d))
-                        .or_else(|| Some(chrono::Utc::now()));
-                    let args = TransitionArgs {
-                        expected_owner: me,
-                        error,
-                        run_after,
-                        ..Default::default()
-                    };
-                    (TaskStatus::Queued, args, "retried")
-                } else {
-                    let args = TransitionArgs {
-                        expected_owner: me,
-                        error,
-                        ..Default::default()
-                    };
-                    (TaskStatus::Failed, args, "failed")
+            Decision::LeaveToShutdown => {
+                tracing::debug!(task_id = task.id, "task interrupted by shutdown");
+            }
+            Decision::Write { to, args, label } => {
+                let written = self.record_outcome(task, to, &args, label).await;
+                drop(registration);
+                if written {
+                    self.finished(task, to, label, ran).await;
                 }
             }
-            Outcome::TimedOut(limit) => (
-                TaskStatus::TimedOut,
-                TransitionArgs {
-                    expected_owner: me,
-                    error: Some(format!("exceeded its time limit ({}s)", limit.as_secs())),
-                    ..Default::default()
-                },
-                "timed_out",
-            ),
-            Outcome::Cancelled if i.shutdown.is_cancelled() => {
-                // Shutdown puts it back in the queue (daemon::stop); nothing to write here.
-                tracing::debug!(task_id = task.id, "task interrupted by shutdown");
-                return;
-            }
-            Outcome::Cancelled => (
-                TaskStatus::Cancelled,
-                TransitionArgs {
-                    expected_owner: me,
-                    error: Some("cancelled".into()),
-                    ..Default::default()
-                },
-                "cancelled",
-            ),
-        };
-        let written = self.record_outcome(task, to, &args, label).await;
-        drop(registration);
-        if written {
-            self.finished(task, to, label, ran).await;
         }
     }
 
@@ -277,10 +245,10 @@ impl Orchestrator {
         }
     }
 
-    /// Backoff between attempts to write an outcome: 200 ms doubling to 5 s. False when
+    /// Backoff between attempts to write an outcome ([`write_retry_pause`]). False when
     /// the daemon is shutting down (the outcome is then left to lease expiry).
     pub(super) async fn retry_pause(&self, attempt: &mut u32) -> bool {
-        let pause = Duration::from_millis(200u64 << (*attempt).min(5)).min(Duration::from_secs(5));
+        let pause = write_retry_pause(*attempt);
         *attempt += 1;
         tokio::select! {
             _ = self.inner.shutdown.cancelled() => false,
@@ -288,14 +256,15 @@ impl Orchestrator {
         }
     }
 
-    /// Exponential backoff with jitter: base·2^(attempt-1), capped, then a random 50–100 %.
+    /// The delay before the next attempt, with the configured base and cap and a random
+    /// 50–100 % jitter ([`retry_backoff`]).
     pub(super) fn backoff(&self, attempt: i32) -> Duration {
         let w = &self.inner.config.load().workers;
-        let exp = w
-            .retry_backoff
-            .get()
-            .saturating_mul(1u32 << (attempt.clamp(1, 20) - 1) as u32);
-        let capped = exp.min(w.retry_backoff_max.get());
-        capped.mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
+        retry_backoff(
+            w.retry_backoff.get(),
+            w.retry_backoff_max.get(),
+            attempt,
+            rand::thread_rng().gen_range(0.5..=1.0),
+        )
     }
 }

@@ -1,28 +1,28 @@
-//! Session run slots: `POST /v1/sessions/{id}/run` starts the new run at once, then
-//! cancels the one it replaces and waits for it outside every lock (the third seed's
-//! deadlock, done right).
+//! Run slots: `POST /v1/slots/{id}/run` (formerly `/v1/sessions/{id}/run`, still served)
+//! starts the new run at once, then cancels the one it replaces and waits for it outside
+//! every lock (the third seed's deadlock, done right). At most one task runs per slot.
 
 #[allow(unused_imports)]
 use super::*;
 
 impl Orchestrator {
-    /// Runs a task for `session_id` now, replacing the session's running task.
-    pub async fn run_for_session(
+    /// Runs a task in run slot `slot_id` now, replacing the slot's running task.
+    pub async fn run_in_slot(
         &self,
-        session_id: &str,
+        slot_id: &str,
         mut t: NewTask,
     ) -> Result<Task, OrchestratorError> {
         let i = &self.inner;
-        t.session_id = Some(session_id.to_string());
+        t.slot_id = Some(slot_id.to_string());
         let Some(entry) = i.agents.load().get(&t.agent).cloned() else {
             return Err(OrchestratorError::UnknownAgent(t.agent.clone()));
         };
         if i.claiming.is_cancelled() {
             return Err(OrchestratorError::ShuttingDown);
         }
-        let permit = Arc::clone(&i.session_runs)
+        let permit = Arc::clone(&i.slot_runs)
             .try_acquire_owned()
-            .map_err(|_| OrchestratorError::NoRunSlot(i.session_run_limit))?;
+            .map_err(|_| OrchestratorError::NoRunSlot(i.slot_run_limit))?;
         let lease = i.config.load().workers.lease.get();
         let task = i.store.create_running(&t, &i.instance_id, lease).await?;
 
@@ -32,13 +32,13 @@ impl Orchestrator {
         let done = CancellationToken::new();
         let old = {
             let mut slots = i.slots();
-            match slots.get(session_id) {
+            match slots.get(slot_id) {
                 Some(cur) if cur.task_id > task.id => {
                     cancel.cancel();
                     None
                 }
                 _ => slots.insert(
-                    session_id.to_string(),
+                    slot_id.to_string(),
                     SlotEntry {
                         task_id: task.id,
                         cancel: cancel.clone(),
@@ -52,14 +52,14 @@ impl Orchestrator {
             task.clone(),
             entry,
             cancel,
-            Some((session_id.to_string(), done, permit)),
+            Some((slot_id.to_string(), done, permit)),
         );
 
         // Replaced tasks end as cancelled in the database, with the reason; local ones
         // are cancelled here, ones running elsewhere at their instance's next heartbeat.
-        let replaced = self.cancel_older_session_runs(session_id, task.id).await;
+        let replaced = self.cancel_older_slot_runs(slot_id, task.id).await;
         if let Err(e) = &replaced {
-            tracing::warn!(session_id, task_id = task.id, error = %e, "could not record replaced session tasks");
+            tracing::warn!(slot_id, task_id = task.id, error = %e, "could not record replaced slot tasks");
         }
         if let Some(o) = &old {
             o.cancel.cancel();
@@ -71,7 +71,7 @@ impl Orchestrator {
                 .is_err()
         {
             tracing::warn!(
-                session_id,
+                slot_id,
                 old_task_id = o.task_id,
                 "replaced task still ending after the wait"
             );
@@ -79,16 +79,16 @@ impl Orchestrator {
         Ok(task)
     }
 
-    pub(super) async fn cancel_older_session_runs(
+    pub(super) async fn cancel_older_slot_runs(
         &self,
-        session_id: &str,
+        slot_id: &str,
         newest: i64,
     ) -> Result<Vec<i64>, StoreError> {
         let reason = format!("replaced by task {newest}");
         let ids = self
             .inner
             .store
-            .cancel_slot_runs_before(session_id, newest, &reason)
+            .cancel_slot_runs_before(slot_id, newest, &reason)
             .await?;
         for id in &ids {
             self.inner.running.cancel(*id);

@@ -67,20 +67,21 @@ impl Store {
         rows.iter().map(TaskEvent::from_row).collect()
     }
 
-    /// Events of every task of a session after `after_id` (resuming an event stream).
-    pub async fn session_events(
+    /// Events of every task of run slot `slot_id` after `after_id` (resuming an event
+    /// stream).
+    pub async fn slot_events(
         &self,
-        session_id: &str,
+        slot_id: &str,
         after_id: i64,
         limit: i64,
     ) -> Result<Vec<TaskEvent>, StoreError> {
-        let s = self.session("store.session_events").await?;
+        let s = self.session("store.slot_events").await?;
         let rows = s
             .query(
                 "SELECT e.id, e.task_id, e.kind, e.data, e.created_at FROM task_events e \
                  JOIN tasks t ON t.id = e.task_id \
                  WHERE t.session_id = $1 AND e.id > $2 ORDER BY e.id LIMIT $3",
-                &[&session_id, &after_id, &limit.clamp(1, MAX_LIST_LIMIT)],
+                &[&slot_id, &after_id, &limit.clamp(1, MAX_LIST_LIMIT)],
             )
             .await?;
         rows.iter().map(TaskEvent::from_row).collect()

@@ -191,11 +191,11 @@ impl Store {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
-    /// Cancels the running tasks of run slot `session_id` older than `newest`, with
+    /// Cancels the running tasks of run slot `slot_id` older than `newest`, with
     /// `reason`; returns their ids.
     pub async fn cancel_slot_runs_before(
         &self,
-        session_id: &str,
+        slot_id: &str,
         newest: i64,
         reason: &str,
     ) -> Result<Vec<i64>, StoreError> {
@@ -209,7 +209,7 @@ impl Store {
                      WHERE session_id = $1 AND status = 'running' AND status = ANY($4) \
                        AND id < $2 RETURNING id"
                 ),
-                &[&session_id, &newest, &reason, &allowed],
+                &[&slot_id, &newest, &reason, &allowed],
             )
             .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())

@@ -84,7 +84,9 @@ pub struct Task {
     pub depends_on: Vec<String>,
     pub agent: String,
     pub payload: serde_json::Value,
-    pub session_id: Option<String>,
+    /// The run slot the task ran in; `session_id` on the wire and in the table.
+    #[serde(rename = "session_id")]
+    pub slot_id: Option<String>,
     pub status: TaskStatus,
     pub priority: i32,
     pub attempts: i32,
@@ -119,7 +121,7 @@ impl Task {
             depends_on: r.try_get("depends_on")?,
             agent: r.try_get("agent")?,
             payload: r.try_get("payload")?,
-            session_id: r.try_get("session_id")?,
+            slot_id: r.try_get("session_id")?,
             status: status.parse().map_err(StoreError::Corrupt)?,
             priority: r.try_get("priority")?,
             attempts: r.try_get("attempts")?,
@@ -140,7 +142,7 @@ impl Task {
     }
 }
 
-/// Longest accepted agent name, session id and step key.
+/// Longest accepted agent name, run slot id and step key.
 pub const MAX_NAME_LEN: usize = 200;
 /// Most steps one objective may have.
 pub const MAX_STEPS: usize = 1000;
@@ -150,7 +152,9 @@ pub const MAX_STEPS: usize = 1000;
 pub struct NewTask {
     pub agent: String,
     pub payload: serde_json::Value,
-    pub session_id: Option<String>,
+    /// Set by a run slot (`Orchestrator::run_in_slot`); `session_id` on the wire.
+    #[serde(rename = "session_id")]
+    pub slot_id: Option<String>,
     pub priority: i32,
     /// Defaults to `[workers] max_attempts` when absent.
     pub max_attempts: Option<i32>,
@@ -175,7 +179,7 @@ impl NewTask {
                 format!("must be 1..={MAX_NAME_LEN} characters"),
             ));
         }
-        if let Some(s) = &self.session_id
+        if let Some(s) = &self.slot_id
             && (s.is_empty() || s.len() > MAX_NAME_LEN)
         {
             return Err(invalid(
@@ -220,7 +224,8 @@ pub struct TransitionArgs {
 #[derive(Debug, Clone, Default)]
 pub struct TaskFilter {
     pub status: Option<TaskStatus>,
-    pub session_id: Option<String>,
+    /// Only tasks of this run slot.
+    pub slot_id: Option<String>,
     pub objective_id: Option<i64>,
     /// Return tasks with id greater than this (keyset pagination).
     pub after_id: Option<i64>,
@@ -287,7 +292,7 @@ impl Store {
                 &[
                     &t.agent,
                     &t.payload,
-                    &t.session_id,
+                    &t.slot_id,
                     &t.priority,
                     &t.max_attempts.unwrap_or(self.default_max_attempts),
                     &t.run_after,
@@ -299,7 +304,7 @@ impl Store {
         Ok(task)
     }
 
-    /// Creates a task already running under `lease_owner` (a session run that starts at
+    /// Creates a task already running under `lease_owner` (a slot run that starts at
     /// once). Insert and queued → running happen in one transaction, so no worker can
     /// claim the row in between.
     pub async fn create_running(
@@ -320,7 +325,7 @@ impl Store {
                 &[
                     &t.agent,
                     &t.payload,
-                    &t.session_id,
+                    &t.slot_id,
                     &t.priority,
                     &t.max_attempts.unwrap_or(self.default_max_attempts),
                 ],
@@ -388,7 +393,7 @@ impl Store {
                 ),
                 &[
                     &status,
-                    &f.session_id,
+                    &f.slot_id,
                     &f.objective_id,
                     &f.after_id,
                     &limit,

@@ -70,7 +70,8 @@ pub struct Objective {
 }
 
 /// Checks an objective's steps before anything is written: keys unique and non-empty,
-/// dependencies known, no cycle, and (if given) every agent known.
+/// dependencies known, no cycle, and (if given) every agent known. The first problem found
+/// is named by its field.
 pub fn validate_objective(
     o: &NewObjective,
     known_agents: Option<&BTreeSet<String>>,
@@ -81,8 +82,18 @@ pub fn validate_objective(
     if o.steps.len() > MAX_STEPS {
         return Err(invalid("steps", format!("at most {MAX_STEPS} steps")));
     }
+    let keys = check_steps(&o.steps, known_agents)?;
+    check_dependencies(&o.steps, &keys)?;
+    check_acyclic(&o.steps)
+}
+
+/// Each step on its own: key (1..=MAX_NAME_LEN, unique), task fields, agent. Returns the keys.
+fn check_steps<'a>(
+    steps: &'a [NewStep],
+    known_agents: Option<&BTreeSet<String>>,
+) -> Result<HashSet<&'a str>, StoreError> {
     let mut keys = HashSet::new();
-    for (i, s) in o.steps.iter().enumerate() {
+    for (i, s) in steps.iter().enumerate() {
         if s.key.is_empty() || s.key.len() > MAX_NAME_LEN {
             return Err(invalid(
                 format!("steps[{i}].key"),
@@ -105,7 +116,12 @@ pub fn validate_objective(
             ));
         }
     }
-    for (i, s) in o.steps.iter().enumerate() {
+    Ok(keys)
+}
+
+/// Every dependency names another step of the objective, once.
+fn check_dependencies(steps: &[NewStep], keys: &HashSet<&str>) -> Result<(), StoreError> {
+    for (i, s) in steps.iter().enumerate() {
         for d in &s.depends_on {
             if !keys.contains(d.as_str()) {
                 return Err(invalid(
@@ -128,9 +144,13 @@ pub fn validate_objective(
             ));
         }
     }
-    // Kahn's algorithm: whatever cannot be ordered is on a cycle.
-    let mut indegree: HashMap<&str, usize> = o
-        .steps
+    Ok(())
+}
+
+/// No dependency cycle. Kahn's algorithm: whatever cannot be ordered is on a cycle (or
+/// waits on one); those keys are named, sorted.
+fn check_acyclic(steps: &[NewStep]) -> Result<(), StoreError> {
+    let mut indegree: HashMap<&str, usize> = steps
         .iter()
         .map(|s| (s.key.as_str(), s.depends_on.len()))
         .collect();
@@ -142,11 +162,7 @@ pub fn validate_objective(
     let mut ordered = 0;
     while let Some(k) = ready.pop() {
         ordered += 1;
-        for s in o
-            .steps
-            .iter()
-            .filter(|s| s.depends_on.iter().any(|d| d == k))
-        {
+        for s in steps.iter().filter(|s| s.depends_on.iter().any(|d| d == k)) {
             if let Some(d) = indegree.get_mut(s.key.as_str()) {
                 *d -= 1;
                 if *d == 0 {
@@ -155,7 +171,7 @@ pub fn validate_objective(
             }
         }
     }
-    if ordered < o.steps.len() {
+    if ordered < steps.len() {
         let mut on_cycle: Vec<&str> = indegree
             .iter()
             .filter(|(_, d)| **d > 0)
@@ -264,7 +280,7 @@ impl Store {
                         &step.depends_on,
                         &t.agent,
                         &t.payload,
-                        &t.session_id,
+                        &t.slot_id,
                         &t.priority,
                         &t.max_attempts.unwrap_or(self.default_max_attempts),
                         &t.run_after,
@@ -389,6 +405,90 @@ mod tests {
 
         let agents: BTreeSet<String> = ["other".to_string()].into();
         assert!(field_of(validate_objective(&ok, Some(&agents))).starts_with("steps[0].agent"));
+    }
+
+    fn objective(steps: Vec<NewStep>) -> NewObjective {
+        NewObjective {
+            title: "t".into(),
+            steps,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn step_count_and_keys_are_bounded() {
+        assert_eq!(
+            field_of(validate_objective(&objective(vec![]), None)),
+            "steps: an objective needs at least one step"
+        );
+        let many = (0..=MAX_STEPS)
+            .map(|i| step(&format!("s{i}"), &[]))
+            .collect();
+        assert!(field_of(validate_objective(&objective(many), None)).starts_with("steps: at most"));
+        let exactly = (0..MAX_STEPS)
+            .map(|i| step(&format!("s{i}"), &[]))
+            .collect();
+        validate_objective(&objective(exactly), None).unwrap();
+
+        let long = "k".repeat(MAX_NAME_LEN + 1);
+        let r = validate_objective(&objective(vec![step("a", &[]), step(&long, &[])]), None);
+        assert!(field_of(r).starts_with("steps[1].key: must be"));
+        let r = validate_objective(&objective(vec![step("", &[])]), None);
+        assert!(field_of(r).starts_with("steps[0].key: must be"));
+        let longest = "k".repeat(MAX_NAME_LEN);
+        validate_objective(&objective(vec![step(&longest, &[])]), None).unwrap();
+    }
+
+    #[test]
+    fn a_steps_own_fields_are_named_with_its_index() {
+        let mut bad = step("b", &[]);
+        bad.task.max_attempts = Some(0);
+        let r = validate_objective(&objective(vec![step("a", &[]), bad]), None);
+        assert!(field_of(r).starts_with("steps[1].max_attempts"));
+    }
+
+    #[test]
+    fn dependencies_must_name_other_steps_once() {
+        let own = objective(vec![step("a", &[]), step("b", &["b"])]);
+        assert_eq!(
+            field_of(validate_objective(&own, None)),
+            "steps[1].depends_on: a step cannot depend on itself"
+        );
+        let twice = objective(vec![step("a", &[]), step("b", &["a", "a"])]);
+        assert_eq!(
+            field_of(validate_objective(&twice, None)),
+            "steps[1].depends_on: duplicate dependency \"a\""
+        );
+        // A dependency on a step listed later is fine: order in the list does not matter.
+        validate_objective(&objective(vec![step("b", &["a"]), step("a", &[])]), None).unwrap();
+    }
+
+    #[test]
+    fn cycles_name_the_steps_that_cannot_be_ordered() {
+        let diamond = objective(vec![
+            step("a", &[]),
+            step("b", &["a"]),
+            step("c", &["a"]),
+            step("d", &["b", "c"]),
+        ]);
+        validate_objective(&diamond, None).unwrap();
+
+        let two = objective(vec![step("x", &["y"]), step("y", &["x"])]);
+        assert_eq!(
+            field_of(validate_objective(&two, None)),
+            "steps: dependency cycle among steps [\"x\", \"y\"]"
+        );
+        // A step waiting on a cycle cannot be ordered either, and is named with it.
+        let downstream = objective(vec![
+            step("root", &[]),
+            step("p", &["q", "root"]),
+            step("q", &["p"]),
+            step("after", &["q"]),
+        ]);
+        assert_eq!(
+            field_of(validate_objective(&downstream, None)),
+            "steps: dependency cycle among steps [\"after\", \"p\", \"q\"]"
+        );
     }
 }
 

@@ -5,12 +5,15 @@
 //! - a session older than `session_warn_age` is logged once with its caller;
 //! - one older than `session_max_age` is force-closed: backend terminated, owning task
 //!   cancelled, connection discarded instead of recycled; if its holder still keeps the
-//!   guard a tick later, the pool lends a slot so capacity comes back regardless;
+//!   guard a tick later, the pool lends capacity so it comes back regardless;
 //! - a task running longer than `max_task_duration` is marked `timed_out` and cancelled;
-//! - a backend with our `application_name` that no guard and no idle pool slot accounts
-//!   for, and that sits idle in a transaction or unchanged past `session_max_age`, is
-//!   terminated;
+//! - a backend with our `application_name` that no guard and no idle pooled connection
+//!   accounts for, and that sits idle in a transaction or unchanged past `session_max_age`,
+//!   is terminated;
 //! - above `memory_alert_ratio`, idle connections are closed (emergency cleanup).
+//!
+//! The DB-session duties are in `sessions.rs`, the process's in `process.rs`, and what the
+//! API and systemd read of the supervisor in `liveness.rs`.
 //!
 //! It talks to PostgreSQL on its own admin connection, never through the pool: the pool
 //! being exhausted is exactly when it must keep working. It may cancel tasks and flag
@@ -18,6 +21,10 @@
 //! A failing tick is logged and counted; the loop itself never stops until shutdown.
 
 mod process;
+
+mod sessions;
+
+pub use sessions::{CallerSessions, top_callers};
 
 mod liveness;
 
@@ -219,125 +226,6 @@ impl Supervisor {
             );
         }
         report.pool = Some(p);
-    }
-
-    /// Callers holding the most sessions right now, most first.
-    fn top_callers(&self, n: usize) -> Vec<serde_json::Value> {
-        let mut by: BTreeMap<String, (usize, f64)> = BTreeMap::new();
-        for s in self.db.tracker().live_sessions() {
-            let e = by.entry(format!("{} ({})", s.caller, s.label)).or_default();
-            e.0 += 1;
-            e.1 = e.1.max(s.age().as_secs_f64());
-        }
-        let mut v: Vec<_> = by.into_iter().collect();
-        v.sort_by(|a, b| b.1.0.cmp(&a.1.0).then(a.0.cmp(&b.0)));
-        v.into_iter()
-            .take(n)
-            .map(|(caller, (count, oldest))| json!({ "caller": caller, "sessions": count, "oldest_age_seconds": oldest }))
-            .collect()
-    }
-
-    async fn check_sessions(
-        &mut self,
-        cfg: &Config,
-        report: &mut TickReport,
-    ) -> Result<(), SupervisorError> {
-        let tracker = Arc::clone(self.db.tracker());
-        let live = tracker.live_sessions();
-        report.sessions_open = live.len();
-        let s = &cfg.supervisor;
-        let mut to_force_close = Vec::new();
-        for info in &live {
-            let age = info.age();
-            if age < s.session_warn_age.get() {
-                break; // oldest first: the rest are younger
-            }
-            if info.mark_warned() {
-                report.sessions_warned += 1;
-                self.metrics
-                    .counter(m::DB_SESSIONS_LONG_LIVED_TOTAL, &[])
-                    .increment(1);
-                tracing::warn!(
-                    session_id = info.id,
-                    caller = %info.caller,
-                    label = info.label,
-                    age_s = age.as_secs_f64(),
-                    backend_pid = info.backend_pid,
-                    task_id = info.owner.as_ref().map(|o| o.task_id),
-                    backtrace = info.backtrace.as_ref().map(|b| b.to_string()),
-                    "long-lived database session"
-                );
-            }
-            if age < s.session_max_age.get() {
-                continue;
-            }
-            if info.mark_force_closed() {
-                // Flag first: whatever happens next, this connection is not recycled.
-                info.request_discard();
-                to_force_close.push(Arc::clone(info));
-                tracker.record_force_close();
-                report.sessions_force_closed += 1;
-                self.alerts.event(
-                    alerts::SESSION_FORCE_CLOSED,
-                    Severity::Critical,
-                    format!(
-                        "force-closed a database session held {:.0}s (limit {:.0}s) by {}",
-                        age.as_secs_f64(),
-                        s.session_max_age.get().as_secs_f64(),
-                        info.caller
-                    ),
-                    json!({
-                        "session_id": info.id, "caller": info.caller.to_string(), "label": info.label,
-                        "age_seconds": age.as_secs_f64(), "backend_pid": info.backend_pid,
-                        "task_id": info.owner.as_ref().map(|o| o.task_id),
-                    }),
-                );
-            } else if self.db.lend_capacity_for(info) {
-                // Force-closed on an earlier tick and still held: its holder ignores
-                // cancellation. Give the pool its slot back anyway.
-                report.capacity_lent += 1;
-                tracing::error!(session_id = info.id, caller = %info.caller, label = info.label, lent = self.db.lent(), "force-closed session still held; pool lends a slot until it is dropped");
-            }
-        }
-        if to_force_close.is_empty() {
-            return Ok(());
-        }
-        self.metrics
-            .counter(m::DB_SESSIONS_FORCE_CLOSED_TOTAL, &[])
-            .absolute(tracker.counts().force_closed);
-        // Terminate the backends before waking the owners, so nothing more runs on them;
-        // the owners are cancelled even if the admin connection is down.
-        // Pid 0: behind a transaction pooler no backend is ours to terminate; the owner's
-        // cancel and the discarded connection end the transaction (SET LOCAL limits
-        // bound it on the server meanwhile).
-        let pids: Vec<i32> = to_force_close
-            .iter()
-            .map(|i| i.backend_pid)
-            .filter(|p| *p > 0)
-            .collect();
-        let terminated = self.terminate(&pids).await;
-        for info in &to_force_close {
-            if let Some(owner) = &info.owner {
-                owner.cancel.cancel();
-            }
-        }
-        let n = terminated?;
-        self.metrics
-            .counter(m::DB_BACKENDS_TERMINATED_TOTAL, &[])
-            .increment(n as u64);
-        Ok(())
-    }
-
-    /// pg_terminate_backend on each pid; returns how many were terminated.
-    async fn terminate(&mut self, pids: &[i32]) -> Result<usize, SupervisorError> {
-        let admin = self.admin().await?;
-        let rows = admin
-            .query(
-                "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY($1)",
-                &[&pids],
-            )
-            .await?;
-        Ok(rows.iter().filter(|r| r.get::<_, bool>(1)).count())
     }
 
     async fn check_tasks(

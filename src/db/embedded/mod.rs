@@ -123,6 +123,12 @@ fn run_as_user() -> Result<Option<User>, EmbeddedError> {
     Err(EmbeddedError::NoUnprivilegedUser)
 }
 
+/// The error for a failed operation on `path` in the data directory.
+fn dd_err(path: &Path) -> impl FnOnce(std::io::Error) -> EmbeddedError + use<> {
+    let path = path.to_path_buf();
+    move |source| EmbeddedError::DataDir { path, source }
+}
+
 fn as_user(cmd: &mut Command, user: &Option<User>) {
     if let Some(u) = user {
         // std drops supplementary groups itself when root sets a uid.
@@ -187,10 +193,6 @@ impl Cluster {
     ) -> Result<Cluster, EmbeddedError> {
         let bins = PgBinaries::find()?;
         let user = run_as_user()?;
-        let dd_err = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| EmbeddedError::DataDir { path, source }
-        };
         fs::create_dir_all(data_dir).map_err(dd_err(data_dir))?;
         let data_dir = fs::canonicalize(data_dir).map_err(dd_err(data_dir))?;
         // Ownership before anything that could touch a live server.
@@ -198,17 +200,50 @@ impl Cluster {
             *lock = Some(DataDirLock::acquire(&data_dir)?);
         }
         let pgdata = data_dir.join("pgdata");
+        Self::init_if_needed(&bins, &pgdata, &user)?;
+        stop_stale_postmaster(&pgdata);
+
+        // The log goes beside the cluster, owned by us: the server writes to an inherited fd.
+        let log_path = data_dir.join("postgresql.log");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(dd_err(&log_path))?;
+        let log_offset = log.metadata().map(|m| m.len()).unwrap_or(0);
+        let log_err = log.try_clone().map_err(dd_err(&log_path))?;
+        let cmd = Self::postmaster_command(&bins, &pgdata, opts, &user, log, log_err);
+        let (pid, exit_rx, exit_token) = Self::spawn_postmaster(cmd)?;
+        let cluster = Cluster {
+            data_dir: data_dir.clone(),
+            pgdata,
+            opts: opts.clone(),
+            pid: Pid::from_raw(pid as i32),
+            exited: Mutex::new(exit_rx),
+            exit_token,
+            stopped: false,
+            lock: None,
+        };
+        Self::wait_until_ready(cluster, log_path, log_offset, lock)
+    }
+
+    /// initdb `pgdata` unless it already holds a cluster.
+    fn init_if_needed(
+        bins: &PgBinaries,
+        pgdata: &Path,
+        user: &Option<User>,
+    ) -> Result<(), EmbeddedError> {
         if !pgdata.join("PG_VERSION").is_file() {
-            fs::create_dir_all(&pgdata).map_err(dd_err(&pgdata))?;
-            fs::set_permissions(&pgdata, fs::Permissions::from_mode(0o700))
-                .map_err(dd_err(&pgdata))?;
+            fs::create_dir_all(pgdata).map_err(dd_err(pgdata))?;
+            fs::set_permissions(pgdata, fs::Permissions::from_mode(0o700))
+                .map_err(dd_err(pgdata))?;
             if let Some(u) = &user {
-                nix::unistd::chown(&pgdata, Some(u.uid), Some(u.gid))
-                    .map_err(|e| dd_err(&pgdata)(std::io::Error::from(e)))?;
+                nix::unistd::chown(pgdata, Some(u.uid), Some(u.gid))
+                    .map_err(|e| dd_err(pgdata)(std::io::Error::from(e)))?;
             }
             let mut cmd = Command::new(&bins.initdb);
             cmd.arg("-D")
-                .arg(&pgdata)
+                .arg(pgdata)
                 .args([
                     "-U",
                     EMBEDDED_USER,
@@ -219,7 +254,7 @@ impl Cluster {
                     "--no-instructions",
                 ])
                 .stdin(Stdio::null());
-            as_user(&mut cmd, &user);
+            as_user(&mut cmd, user);
             let out = cmd.output().map_err(EmbeddedError::Spawn)?;
             if !out.status.success() {
                 return Err(EmbeddedError::Initdb {
@@ -233,23 +268,24 @@ impl Cluster {
             }
             tracing::info!(pgdata = %pgdata.display(), "embedded PostgreSQL cluster initialised");
         }
-        stop_stale_postmaster(&pgdata);
+        Ok(())
+    }
 
-        // The log goes beside the cluster, owned by us: the server writes to an inherited fd.
-        let log_path = data_dir.join("postgresql.log");
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(dd_err(&log_path))?;
-        let log_offset = log.metadata().map(|m| m.len()).unwrap_or(0);
-        let log_err = log.try_clone().map_err(dd_err(&log_path))?;
-
+    /// The postmaster's command line: a unix socket in `pgdata` and no TCP, output to our
+    /// log, its own session, and a parent-death signal (see the module header).
+    fn postmaster_command(
+        bins: &PgBinaries,
+        pgdata: &Path,
+        opts: &ClusterOptions,
+        user: &Option<User>,
+        log: fs::File,
+        log_err: fs::File,
+    ) -> Command {
         let mut cmd = Command::new(&bins.postgres);
         cmd.arg("-D")
-            .arg(&pgdata)
+            .arg(pgdata)
             .arg("-k")
-            .arg(&pgdata)
+            .arg(pgdata)
             .args(["-p", &EMBEDDED_PORT.to_string()])
             .args(["-c", "listen_addresses="])
             .stdin(Stdio::null())
@@ -268,7 +304,7 @@ impl Cluster {
                 "full_page_writes=off",
             ]);
         }
-        as_user(&mut cmd, &user);
+        as_user(&mut cmd, user);
         // SAFETY: setsid and prctl are async-signal-safe; they run in the child after
         // setuid (so the credential change cannot clear the death signal) and before exec.
         unsafe {
@@ -284,7 +320,14 @@ impl Cluster {
                 Ok(())
             });
         }
+        cmd
+    }
 
+    /// Spawns the server from a thread that lives exactly as long as it (the parent-death
+    /// signal is tied to that thread); the receiver and the token learn when it exits.
+    fn spawn_postmaster(
+        mut cmd: Command,
+    ) -> Result<(u32, mpsc::Receiver<()>, tokio_util::sync::CancellationToken), EmbeddedError> {
         let (pid_tx, pid_rx) = mpsc::channel::<Result<u32, std::io::Error>>();
         let (exit_tx, exit_rx) = mpsc::channel::<()>();
         let exit_token = tokio_util::sync::CancellationToken::new();
@@ -307,17 +350,18 @@ impl Cluster {
             .recv()
             .map_err(|e| EmbeddedError::Spawn(std::io::Error::other(e)))?
             .map_err(EmbeddedError::Spawn)?;
-        let mut cluster = Cluster {
-            data_dir: data_dir.clone(),
-            pgdata,
-            opts: opts.clone(),
-            pid: Pid::from_raw(pid as i32),
-            exited: Mutex::new(exit_rx),
-            exit_token,
-            stopped: false,
-            lock: None,
-        };
+        Ok((pid, exit_rx, exit_token))
+    }
 
+    /// Waits (at most 60 s) until the server just spawned accepts connections; only then
+    /// does the cluster take the `data_dir` lock.
+    fn wait_until_ready(
+        mut cluster: Cluster,
+        log_path: PathBuf,
+        log_offset: u64,
+        lock: &mut Option<DataDirLock>,
+    ) -> Result<Cluster, EmbeddedError> {
+        let pid = cluster.pid();
         let deadline = Instant::now() + Duration::from_secs(60);
         let socket = cluster.pgdata.join(format!(".s.PGSQL.{EMBEDDED_PORT}"));
         let pid_file = cluster.pgdata.join("postmaster.pid");

@@ -1,0 +1,273 @@
+//! What an attempt's outcome leads to, decided without the database: the transition it
+//! writes ([`decide`]), the delay before a retry ([`retry_backoff`]), and the pause
+//! between tries to write an outcome while the database is unreachable
+//! ([`write_retry_pause`]). The runner does the writing.
+
+#[allow(unused_imports)]
+use super::*;
+
+/// Exponential backoff between attempts of a task: base·2^(attempt-1) (attempt clamped to
+/// 1..=20), capped at `max`, then scaled by `jitter` so retries of many tasks that failed
+/// together spread out.
+pub(super) fn retry_backoff(base: Duration, max: Duration, attempt: i32, jitter: f64) -> Duration {
+    let exp = base.saturating_mul(1u32 << (attempt.clamp(1, 20) - 1) as u32);
+    exp.min(max).mul_f64(jitter)
+}
+
+/// Pause before retrying a failed write of an outcome or of kept output: 200 ms doubling
+/// to 5 s. No jitter: a restarting database is retried by few writers at a time.
+pub(super) fn write_retry_pause(attempt: u32) -> Duration {
+    Duration::from_millis(200u64 << attempt.min(5)).min(Duration::from_secs(5))
+}
+
+/// Which attempt of a task ended, and whose lease it runs under.
+pub(super) struct AttemptOf<'a> {
+    pub number: i32,
+    pub max: i32,
+    pub owner: &'a str,
+}
+
+/// What an attempt's outcome asks to be written.
+#[derive(Debug)]
+pub(super) enum Decision {
+    /// Succeeded: the result goes to the batched completion writer.
+    Complete(Option<serde_json::Value>),
+    /// Cancelled by shutdown: nothing is written; shutdown re-queues the task.
+    LeaveToShutdown,
+    /// A status change through the state machine, under our lease; `label` names the
+    /// outcome in logs and metrics.
+    Write {
+        to: TaskStatus,
+        args: TransitionArgs,
+        label: &'static str,
+    },
+}
+
+/// Maps an attempt's outcome to the state transition it makes, without the database: a
+/// retryable failure with attempts left goes back to the queue after `backoff(attempt)`,
+/// any other failure fails the task, a time-out times it out, a cancel (not by shutdown)
+/// cancels it. `now` dates the retry.
+pub(super) fn decide(
+    outcome: Outcome,
+    attempt: &AttemptOf<'_>,
+    shutting_down: bool,
+    now: chrono::DateTime<chrono::Utc>,
+    backoff: impl FnOnce(i32) -> Duration,
+) -> Decision {
+    let args = |error: String| TransitionArgs {
+        expected_owner: Some(attempt.owner.to_string()),
+        error: Some(error),
+        ..Default::default()
+    };
+    let (to, args, label) = match outcome {
+        Outcome::Succeeded(out) => return Decision::Complete(out.result),
+        Outcome::Failed(e) => {
+            let error = format!("attempt {}: {}", attempt.number, e.message);
+            if e.retryable && attempt.number < attempt.max {
+                // A delay too large to add to `now` retries at once rather than never.
+                let run_after = chrono::Duration::from_std(backoff(attempt.number))
+                    .ok()
+                    .and_then(|d| now.checked_add_signed(d))
+                    .unwrap_or(now);
+                let args = TransitionArgs {
+                    run_after: Some(run_after),
+                    ..args(error)
+                };
+                (TaskStatus::Queued, args, "retried")
+            } else {
+                (TaskStatus::Failed, args(error), "failed")
+            }
+        }
+        Outcome::TimedOut(limit) => (
+            TaskStatus::TimedOut,
+            args(format!("exceeded its time limit ({}s)", limit.as_secs())),
+            "timed_out",
+        ),
+        Outcome::Cancelled if shutting_down => return Decision::LeaveToShutdown,
+        Outcome::Cancelled => (TaskStatus::Cancelled, args("cancelled".into()), "cancelled"),
+    };
+    Decision::Write { to, args, label }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OWNER: &str = "host:1:abc";
+
+    fn now() -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default()
+    }
+
+    fn attempt(number: i32, max: i32) -> AttemptOf<'static> {
+        AttemptOf {
+            number,
+            max,
+            owner: OWNER,
+        }
+    }
+
+    fn no_backoff(_: i32) -> Duration {
+        panic!("backoff asked for an outcome that is not retried")
+    }
+
+    /// The write a decision makes; panics on the two that write nothing here.
+    fn write(d: Decision) -> (TaskStatus, TransitionArgs, &'static str) {
+        match d {
+            Decision::Write { to, args, label } => {
+                // Every outcome is written from `running`, through the state machine.
+                assert!(TaskStatus::Running.can_transition_to(to), "running -> {to}");
+                assert_eq!(args.expected_owner.as_deref(), Some(OWNER));
+                (to, args, label)
+            }
+            other => panic!("expected a write, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn success_goes_to_the_completion_writer_even_at_shutdown() {
+        for shutting_down in [false, true] {
+            let out = AgentOutput {
+                result: Some(serde_json::json!({"answer": 42})),
+            };
+            match decide(
+                Outcome::Succeeded(out),
+                &attempt(1, 3),
+                shutting_down,
+                now(),
+                no_backoff,
+            ) {
+                Decision::Complete(r) => assert_eq!(r, Some(serde_json::json!({"answer": 42}))),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_retryable_failure_with_attempts_left_is_requeued_after_the_backoff() {
+        let mut asked = None;
+        let d = decide(
+            Outcome::Failed(AgentError::retryable("boom")),
+            &attempt(2, 3),
+            false,
+            now(),
+            |a| {
+                asked = Some(a);
+                Duration::from_secs(7)
+            },
+        );
+        let (to, args, label) = write(d);
+        assert_eq!((to, label), (TaskStatus::Queued, "retried"));
+        assert_eq!(asked, Some(2));
+        assert_eq!(args.run_after, Some(now() + chrono::Duration::seconds(7)));
+        assert_eq!(args.error.as_deref(), Some("attempt 2: boom"));
+    }
+
+    #[test]
+    fn a_failure_fails_the_task_when_fatal_or_out_of_attempts() {
+        for (err, n, max) in [
+            (AgentError::retryable("boom"), 3, 3),
+            (AgentError::retryable("boom"), 4, 3),
+            (AgentError::fatal("boom"), 1, 3),
+        ] {
+            let (to, args, label) = write(decide(
+                Outcome::Failed(err),
+                &attempt(n, max),
+                false,
+                now(),
+                no_backoff,
+            ));
+            assert_eq!((to, label), (TaskStatus::Failed, "failed"));
+            assert_eq!(args.run_after, None);
+            assert_eq!(args.error, Some(format!("attempt {n}: boom")));
+        }
+        // Shutdown does not stop a failure from being written.
+        let d = decide(
+            Outcome::Failed(AgentError::fatal("x")),
+            &attempt(1, 1),
+            true,
+            now(),
+            no_backoff,
+        );
+        assert_eq!(write(d).0, TaskStatus::Failed);
+    }
+
+    #[test]
+    fn a_backoff_too_large_for_the_calendar_retries_at_once() {
+        let d = decide(
+            Outcome::Failed(AgentError::retryable("boom")),
+            &attempt(1, 3),
+            false,
+            now(),
+            |_| Duration::from_secs(u64::MAX),
+        );
+        assert_eq!(write(d).1.run_after, Some(now()));
+    }
+
+    #[test]
+    fn time_outs_and_cancels_end_the_task_unless_shutdown_cancelled_it() {
+        let d = decide(
+            Outcome::TimedOut(Duration::from_secs(30)),
+            &attempt(1, 3),
+            false,
+            now(),
+            no_backoff,
+        );
+        let (to, args, label) = write(d);
+        assert_eq!((to, label), (TaskStatus::TimedOut, "timed_out"));
+        assert_eq!(args.error.as_deref(), Some("exceeded its time limit (30s)"));
+
+        let (to, args, label) = write(decide(
+            Outcome::Cancelled,
+            &attempt(1, 3),
+            false,
+            now(),
+            no_backoff,
+        ));
+        assert_eq!((to, label), (TaskStatus::Cancelled, "cancelled"));
+        assert_eq!(args.error.as_deref(), Some("cancelled"));
+
+        let d = decide(Outcome::Cancelled, &attempt(1, 3), true, now(), no_backoff);
+        assert!(matches!(d, Decision::LeaveToShutdown), "{d:?}");
+    }
+
+    #[test]
+    fn backoff_doubles_from_the_base_up_to_the_cap() {
+        let (base, max) = (Duration::from_millis(100), Duration::from_secs(1));
+        let full: Vec<u128> = (1..=6)
+            .map(|a| retry_backoff(base, max, a, 1.0).as_millis())
+            .collect();
+        assert_eq!(full, [100, 200, 400, 800, 1000, 1000]);
+        // Attempts below 1 count as the first; jitter scales the capped delay.
+        assert_eq!(retry_backoff(base, max, 0, 1.0), base);
+        assert_eq!(retry_backoff(base, max, -5, 1.0), base);
+        assert_eq!(retry_backoff(base, max, 3, 0.5), Duration::from_millis(200));
+        assert_eq!(retry_backoff(base, max, 9, 0.5), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn backoff_never_overflows() {
+        // Config durations are at most 365 days; a doubling past Duration::MAX saturates
+        // and the cap applies.
+        let year = Duration::from_secs(365 * 86_400);
+        let huge = Duration::from_secs(u64::MAX / 2);
+        assert_eq!(retry_backoff(huge, year, 20, 1.0), year);
+        assert_eq!(retry_backoff(year, year, i32::MAX, 0.5), year / 2);
+        assert_eq!(
+            retry_backoff(
+                Duration::from_secs(1),
+                Duration::from_secs(60),
+                i32::MAX,
+                1.0
+            ),
+            Duration::from_secs(60)
+        );
+    }
+
+    #[test]
+    fn write_retries_pause_200ms_doubling_to_5s() {
+        let pauses: Vec<u128> = (0..8).map(|a| write_retry_pause(a).as_millis()).collect();
+        assert_eq!(pauses, [200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+        assert_eq!(write_retry_pause(u32::MAX), Duration::from_secs(5));
+    }
+}
