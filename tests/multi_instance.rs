@@ -3,12 +3,12 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
 use common::daemon::Daemon;
-use common::{TestDb, eventually};
+use common::{TestDb, count, eventually, payload_counts};
 use nix::sys::signal::Signal;
 
 const READY: &str = "taskwarden ready";
@@ -22,23 +22,6 @@ fn config(t: &TestDb, log: &Path, script: &str) -> String {
          [agents.rec]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", {script:?}]\nconcurrency = 8\n",
         t.application_name
     )
-}
-
-/// How many times each payload number appears in the log the agent appends to.
-fn counts(log: &Path) -> BTreeMap<i64, usize> {
-    let mut m = BTreeMap::new();
-    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line)
-            && let Some(n) = v["n"].as_i64()
-        {
-            *m.entry(n).or_insert(0) += 1;
-        }
-    }
-    m
-}
-
-async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {
-    c.query_one(sql, &[]).await.unwrap().get(0)
 }
 
 fn start(dir: &Path, cfg: &str, url: &str) -> Daemon {
@@ -78,7 +61,7 @@ async fn two_daemons_run_two_thousand_tasks_each_exactly_once() {
         "not all succeeded: {}",
         count(&c, "SELECT count(*) FROM tasks WHERE status <> 'succeeded'").await
     );
-    let (by_a, by_b) = (counts(&log_a), counts(&log_b));
+    let (by_a, by_b) = (payload_counts(&log_a), payload_counts(&log_b));
     println!("daemon A ran {} tasks, daemon B {}", by_a.len(), by_b.len());
     // Both daemons took part...
     assert!(!by_a.is_empty(), "daemon A never ran a task");
@@ -186,7 +169,7 @@ async fn a_sigkilled_instances_tasks_are_finished_by_the_other() {
         "a task not in flight on A took more than one attempt"
     );
     // ...finished by B...
-    let (by_a, by_b) = (counts(&log_a), counts(&log_b));
+    let (by_a, by_b) = (payload_counts(&log_a), payload_counts(&log_b));
     let not_by_b: Vec<&i64> = in_flight.iter().filter(|n| !by_b.contains_key(n)).collect();
     assert!(
         not_by_b.is_empty(),

@@ -4,13 +4,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use common::daemon::{Daemon, http_client, submit_task};
 use common::pgbouncer::PgBouncer;
-use common::{TestDb, eventually};
+use common::{TestDb, count, eventually, payload_counts};
 use nix::sys::signal::Signal;
 
 const READY: &str = "taskwarden ready";
@@ -32,23 +31,6 @@ fn config(t: &TestDb, log: &Path, pooler: &str, direct_url: Option<&str>) -> Str
          [agents.rec]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", {script:?}]\nconcurrency = 8\n",
         t.application_name
     )
-}
-
-/// How many times each payload number appears in an agent's log.
-fn counts(log: &Path) -> BTreeMap<i64, usize> {
-    let mut m = BTreeMap::new();
-    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line)
-            && let Some(n) = v["n"].as_i64()
-        {
-            *m.entry(n).or_insert(0) += 1;
-        }
-    }
-    m
-}
-
-async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {
-    c.query_one(sql, &[]).await.unwrap().get(0)
 }
 
 fn error_lines(out: &str) -> Vec<&str> {
@@ -127,7 +109,7 @@ async fn two_daemons_through(pool_mode: &str, pooler: &str, with_direct_url: boo
         a.drain(),
         b.drain()
     );
-    let (by_a, by_b) = (counts(&log_a), counts(&log_b));
+    let (by_a, by_b) = (payload_counts(&log_a), payload_counts(&log_b));
     println!("daemon A ran {} tasks, daemon B {}", by_a.len(), by_b.len());
     assert!(
         !by_a.is_empty() && !by_b.is_empty(),

@@ -4,12 +4,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use common::daemon::Daemon;
-use common::{TestDb, eventually};
+use common::{TestDb, count, eventually, payload_counts};
 use nix::sys::signal::Signal;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -24,22 +23,6 @@ fn config(t: &TestDb, log: &Path) -> String {
          [agents.rec]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", {script:?}]\nconcurrency = {CONCURRENCY}\n",
         t.application_name
     )
-}
-
-fn counts(log: &Path) -> BTreeMap<i64, usize> {
-    let mut m = BTreeMap::new();
-    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line)
-            && let Some(n) = v["n"].as_i64()
-        {
-            *m.entry(n).or_insert(0) += 1;
-        }
-    }
-    m
-}
-
-async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {
-    c.query_one(sql, &[]).await.unwrap().get(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,7 +100,7 @@ async fn prefetched_tasks_are_handed_back_at_shutdown_and_run_once() {
     })
     .await;
     assert!(done, "not all succeeded:\n{}", d.drain());
-    let ran = counts(&log);
+    let ran = payload_counts(&log);
     assert_eq!(ran.len() as i64, TASKS);
     let twice: Vec<_> = ran.iter().filter(|(_, k)| **k != 1).collect();
     assert!(twice.is_empty(), "ran more than once: {twice:?}");

@@ -204,6 +204,25 @@ where
     }
 }
 
+/// How many times each payload's `n` appears in a log an agent appends its payloads to
+/// (the tests' side-effect record of what ran).
+pub fn payload_counts(log: &std::path::Path) -> std::collections::BTreeMap<i64, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line)
+            && let Some(n) = v["n"].as_i64()
+        {
+            *m.entry(n).or_insert(0) += 1;
+        }
+    }
+    m
+}
+
+/// The single bigint a query such as `SELECT count(*) ...` returns.
+pub async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).await.unwrap().get(0)
+}
+
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_taskwarden"))
 }
