@@ -125,6 +125,7 @@ async fn run(argv: Vec<String>, ctx: TaskContext) -> Result<AgentOutput, AgentEr
             c
         }
     };
+    crate::systemd::scrub_child_env(cmd.as_std_mut());
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -220,6 +220,7 @@ impl Cluster {
                 ])
                 .stdin(Stdio::null());
             as_user(&mut cmd, &user);
+            crate::systemd::scrub_child_env(&mut cmd);
             let out = cmd.output().map_err(EmbeddedError::Spawn)?;
             if !out.status.success() {
                 return Err(EmbeddedError::Initdb {
@@ -269,6 +270,7 @@ impl Cluster {
             ]);
         }
         as_user(&mut cmd, &user);
+        crate::systemd::scrub_child_env(&mut cmd);
         // SAFETY: setsid and prctl are async-signal-safe; they run in the child after
         // setuid (so the credential change cannot clear the death signal) and before exec.
         unsafe {
