@@ -253,6 +253,10 @@ impl Cluster {
             .arg(&pgdata)
             .args(["-p", &EMBEDDED_PORT.to_string()])
             .args(["-c", "listen_addresses="])
+            // No JIT: it needs writable-and-executable memory, which the systemd unit's
+            // MemoryDenyWriteExecute forbids (every query past jit_above_cost would fail),
+            // and the daemon's short queries gain nothing from it.
+            .args(["-c", "jit=off"])
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
