@@ -25,7 +25,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum ReloadError {
     #[error(
         "cannot read the reload count of taskwarden at {url}: {message}; not signalling \
-         pid {pid}, since the outcome could not be confirmed (http.listen needs a restart to change)"
+         pid {pid}, since the outcome could not be confirmed (is it running, and is the \
+         file's http.listen the one it started with? that key changes only at restart)"
     )]
     Unreachable {
         url: String,
