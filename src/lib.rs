@@ -16,6 +16,7 @@ pub mod logging;
 pub mod metrics;
 pub mod orchestrator;
 pub mod periodic;
+pub mod reload;
 pub mod store;
 pub mod supervisor;
 pub mod systemd;

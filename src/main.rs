@@ -33,6 +33,21 @@ enum Command {
     CheckConfig(ConfigArg),
     /// Apply schema migrations and exit.
     Migrate(ConfigArg),
+    /// Reload a running daemon's config and wait for its verdict (the unit's ExecReload):
+    /// SIGHUP, then exit 0 once the file is in force, or 1 with its problems when refused.
+    Reload {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The daemon's pid; systemd passes it as $MAINPID.
+        #[arg(long, env = "MAINPID", value_parser = clap::value_parser!(i32).range(2..))]
+        pid: i32,
+        /// The daemon's base URL; default from http.listen in the config.
+        #[arg(long, env = "TASKWARDEN_URL")]
+        url: Option<String>,
+        /// How long to wait for the daemon's verdict.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Show pool, DB sessions, tasks, alerts and instances of a running daemon.
     Status {
         #[command(flatten)]
@@ -111,6 +126,12 @@ fn main() -> ExitCode {
             ExitCode::from(u8::try_from(code).unwrap_or(1))
         }
         Command::Migrate(arg) => report(migrate(&arg)),
+        Command::Reload {
+            config,
+            pid,
+            url,
+            timeout,
+        } => client_report(reload(config, pid, url, timeout)),
         Command::Status { conn } => client_report(client(&conn, |c| async move {
             let v = c.status().await?;
             Ok((v.clone(), taskwarden::client::render_status(&v)))
@@ -215,6 +236,28 @@ fn run(arg: &ConfigArg) -> anyhow::Result<()> {
     let (path, config) = load(arg)?;
     let log = taskwarden::logging::init(&config.logging)?;
     runtime()?.block_on(taskwarden::daemon::run(&path, config, log))?;
+    Ok(())
+}
+
+fn reload(
+    config: ConfigArg,
+    pid: i32,
+    url: Option<String>,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let req = taskwarden::reload::Request {
+        pid,
+        config_path: config
+            .config
+            .unwrap_or_else(|| PathBuf::from("config.toml")),
+        url,
+        timeout,
+    };
+    runtime()?.block_on(taskwarden::reload::run(&req))?;
+    println!(
+        "taskwarden (pid {pid}) reloaded {}",
+        req.config_path.display()
+    );
     Ok(())
 }
 

@@ -52,6 +52,28 @@ impl Notifier {
     }
 }
 
+/// What systemd hands the service's main process alone. A child that inherits them talks
+/// to systemd as if it were the service — PostgreSQL sends READY=1 when it sees
+/// `NOTIFY_SOCKET` ("reception only permitted for main PID"), and `WATCHDOG_PID` would
+/// name a process that is not the child's own.
+pub const MAIN_PROCESS_ENV: &[&str] = &[
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+];
+
+/// Removes [`MAIN_PROCESS_ENV`] from a child's environment: every process the daemon
+/// starts (initdb, the postmaster, the agent shim or an agent program) goes through this.
+pub fn scrub_child_env(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    for name in MAIN_PROCESS_ENV {
+        cmd.env_remove(name);
+    }
+    cmd
+}
+
 /// Sends one notification to `$NOTIFY_SOCKET`; a no-op outside systemd.
 pub fn notify(state: &str) {
     Notifier::from_env().send(state);
@@ -116,5 +138,30 @@ pub async fn watchdog(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn children_lose_what_systemd_gave_the_main_process() {
+        let mut cmd = std::process::Command::new("true");
+        cmd.env("NOTIFY_SOCKET", "/run/systemd/notify")
+            .env("WATCHDOG_PID", "1")
+            .env("TASKWARDEN_TASK_ID", "7");
+        scrub_child_env(&mut cmd);
+        let envs: Vec<_> = cmd.get_envs().collect();
+        for name in MAIN_PROCESS_ENV {
+            assert!(
+                envs.contains(&(std::ffi::OsStr::new(name), None)),
+                "{name} not removed: {envs:?}"
+            );
+        }
+        assert!(envs.contains(&(
+            std::ffi::OsStr::new("TASKWARDEN_TASK_ID"),
+            Some(std::ffi::OsStr::new("7"))
+        )));
     }
 }

@@ -141,11 +141,24 @@ fn systemd_analyze_verifies_the_unit() {
         "WatchdogSec=",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
-        "DynamicUser=yes",
+        "User=taskwarden",
         "StateDirectory=taskwarden",
-        "ExecReload=",
+        "MemoryDenyWriteExecute=yes",
+        "ExecReload=/usr/local/bin/taskwarden reload ",
     ] {
         assert!(unit.contains(must), "unit lacks {must}");
+    }
+    // A minimal system has neither /bin/kill (procps) nor nss-systemd for a DynamicUser
+    // (scripts/systemd-e2e.sh boots one).
+    let settings: Vec<&str> = unit
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect();
+    for must_not in ["/bin/kill", "DynamicUser=yes"] {
+        assert!(
+            !settings.iter().any(|l| l.contains(must_not)),
+            "unit has {must_not}"
+        );
     }
     // verify checks that ExecStart exists: point it at the binary under test.
     let dir = tempfile::tempdir().unwrap();

@@ -128,6 +128,7 @@ fn command(
             c
         }
     };
+    crate::systemd::scrub_child_env(cmd.as_std_mut());
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -210,7 +210,7 @@ async fn serve(
     daemon.spawn_watchdog();
     daemon.announce_ready(database, local);
 
-    let died = daemon.serve_signals(database, signals, &log).await;
+    let died = daemon.serve_signals(database, signals, &log, local).await;
     systemd::notify("STOPPING=1");
     let stopped = stop(&daemon).await;
     match died {
@@ -299,6 +299,7 @@ impl Daemon {
         database: &mut Database,
         signals: &mut Signals,
         log: &LogHandle,
+        local: std::net::SocketAddr,
     ) -> Option<DaemonError> {
         let mut restarts: Vec<tokio::time::Instant> = Vec::new();
         loop {
@@ -312,9 +313,17 @@ impl Daemon {
             tokio::select! {
                 sig = signals.next() => match sig {
                     Some(SIGHUP) => {
+                        // systemd shows the unit "reloading" until READY=1; `taskwarden
+                        // reload` (ExecReload) reads the verdict from the reload counts.
                         systemd::notify_reloading();
-                        reload(self, log);
-                        systemd::notify("READY=1");
+                        let outcome = if reload(self, log) {
+                            "config reloaded"
+                        } else {
+                            "config reload refused; running config kept"
+                        };
+                        systemd::notify(&format!(
+                            "READY=1\nSTATUS=ready; listening on {local}; {outcome}"
+                        ));
                     }
                     Some(s) => {
                         let name = if s == SIGINT { "SIGINT" } else { "SIGTERM" };
@@ -444,8 +453,10 @@ async fn stop_parts(d: &Parts) -> Result<(), DaemonError> {
     Ok(())
 }
 
-/// SIGHUP: re-read the file; apply what can change live, keep the old config if invalid.
-fn reload(d: &Daemon, log: &LogHandle) {
+/// SIGHUP: re-read the file; apply what can change live, keep the old config if invalid
+/// (then `false`, after logging every problem). A successful reload is counted only once
+/// the new config is in force, so whoever sees the count (`taskwarden reload`) sees it.
+fn reload(d: &Daemon, log: &LogHandle) -> bool {
     let new = match Config::load(&d.config_path) {
         Ok(c) => c,
         Err(e) => {
@@ -453,7 +464,7 @@ fn reload(d: &Daemon, log: &LogHandle) {
                 .counter(metrics::CONFIG_RELOADS_TOTAL, &[("result", "error")])
                 .increment(1);
             tracing::error!(path = %d.config_path.display(), error = %e, "config reload failed; keeping the running config");
-            return;
+            return false;
         }
     };
     // Counted only once it is in force, so a reader that sees the count sees the config.
@@ -467,7 +478,7 @@ fn reload(d: &Daemon, log: &LogHandle) {
     if changed.is_empty() {
         counted();
         tracing::info!("config reloaded; nothing changed");
-        return;
+        return true;
     }
     let (restart, live) = crate::config::reload::split_restart_only(&changed);
     if new.logging.level != old.logging.level
@@ -494,4 +505,5 @@ fn reload(d: &Daemon, log: &LogHandle) {
     }
     counted();
     tracing::info!(changed = ?live, needs_restart = ?restart, "config reloaded");
+    true
 }

@@ -255,6 +255,7 @@ impl Cluster {
                 ])
                 .stdin(Stdio::null());
             as_user(&mut cmd, user);
+            crate::systemd::scrub_child_env(&mut cmd);
             let out = cmd.output().map_err(EmbeddedError::Spawn)?;
             if !out.status.success() {
                 return Err(EmbeddedError::Initdb {
@@ -288,6 +289,10 @@ impl Cluster {
             .arg(pgdata)
             .args(["-p", &EMBEDDED_PORT.to_string()])
             .args(["-c", "listen_addresses="])
+            // No JIT: it needs writable-and-executable memory, which the systemd unit's
+            // MemoryDenyWriteExecute forbids (every query past jit_above_cost would fail),
+            // and the daemon's short queries gain nothing from it.
+            .args(["-c", "jit=off"])
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
@@ -305,6 +310,7 @@ impl Cluster {
             ]);
         }
         as_user(&mut cmd, user);
+        crate::systemd::scrub_child_env(&mut cmd);
         // SAFETY: setsid and prctl are async-signal-safe; they run in the child after
         // setuid (so the credential change cannot clear the death signal) and before exec.
         unsafe {
