@@ -11,6 +11,7 @@
 
 pub mod daemon;
 pub mod proxy;
+pub mod replica;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
