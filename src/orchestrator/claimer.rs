@@ -54,7 +54,9 @@ impl Orchestrator {
             let claimed = i
                 .store
                 .claim(name, want as i64, &i.instance_id, cfg.workers.lease.get())
-                .await?;
+                .await;
+            i.record_write("claimer", &claimed, Vec::len);
+            let claimed = claimed?;
             for t in claimed {
                 started += 1;
                 self.spawn_run(t, entry.clone(), CancellationToken::new(), None);
