@@ -50,9 +50,16 @@ impl Periodic {
     /// Sleeps until the next run is due; false at shutdown. `period` (re-read by the
     /// caller each time, so a reload applies) spaces this run from the next.
     pub async fn wait(&mut self, period: Duration) -> bool {
+        self.wait_or(period, std::future::pending()).await
+    }
+
+    /// Like [`Periodic::wait`], but the run is due at once if `early` completes first:
+    /// something happened that the next run must look at now (a dropped connection).
+    pub async fn wait_or(&mut self, period: Duration, early: impl Future<Output = ()>) -> bool {
         tokio::select! {
             _ = self.shutdown.cancelled() => return false,
             _ = tokio::time::sleep_until(self.next) => {}
+            _ = early => self.next = Instant::now(),
         }
         self.period = period;
         let lateness = Instant::now().saturating_duration_since(self.next);
@@ -60,6 +67,15 @@ impl Periodic {
             .gauge(m::LOOP_LATENESS_SECONDS, &[("loop", self.name)])
             .set(lateness.as_secs_f64());
         true
+    }
+
+    /// Brings the next run forward to `within` from now, if it is due later (a pass that
+    /// failed and is worth retrying sooner than the period).
+    pub fn due_within(&mut self, within: Duration) {
+        let soon = Instant::now() + within;
+        if soon < self.next {
+            self.next = soon;
+        }
     }
 
     /// Runs one pass under `deadline`, raced against shutdown, and schedules the next.

@@ -22,12 +22,19 @@ pub(super) async fn healthz() -> impl IntoResponse {
     axum::Json(json!({ "status": "ok" }))
 }
 
-/// Ready when the supervisor completes ticks on time and its last tick reached the
-/// database; otherwise 503 with the reason. Reads only memory: it answers whatever the
-/// database or the pool is doing.
-pub(super) async fn readyz(State(s): State<ApiState>) -> Response {
+/// Why the daemon is not ready, if it is not: the supervisor's rule (ticks on time, the
+/// last one reached the database), then whether the orchestrator's writes go through (a
+/// database that answers reads but commits nothing). Memory only.
+fn not_ready(s: &ApiState) -> Option<String> {
     let cfg = s.config.load();
-    match crate::supervisor::not_ready_reason(&s.heartbeat, &cfg) {
+    crate::supervisor::not_ready_reason(&s.heartbeat, &cfg).or_else(|| s.orchestrator.write_stall())
+}
+
+/// Ready when the supervisor completes ticks on time, its last tick reached the database
+/// and the orchestrator's writes go through; otherwise 503 with the reason. Reads only
+/// memory: it answers whatever the database or the pool is doing.
+pub(super) async fn readyz(State(s): State<ApiState>) -> Response {
+    match not_ready(&s) {
         Some(reason) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
         None => axum::Json(json!({ "status": "ready" })).into_response(),
     }
@@ -55,7 +62,7 @@ pub(super) async fn status(State(s): State<ApiState>) -> Result<Response, ApiErr
     let tasks_by_status = view.as_ref().map(|v| json!(v.tasks_by_status));
     let instances = view.as_ref().map(|v| json!(v.instances));
     let as_of = view.as_ref().map(|v| v.as_of);
-    let not_ready = crate::supervisor::not_ready_reason(&s.heartbeat, &cfg);
+    let not_ready = not_ready(&s);
     Ok(axum::Json(json!({
         "instance": s.orchestrator.instance_id(),
         "version": env!("CARGO_PKG_VERSION"),

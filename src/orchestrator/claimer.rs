@@ -92,7 +92,9 @@ impl Orchestrator {
                     &i.instance_id,
                     cfg.workers.lease.get(),
                 )
-                .await?;
+                .await;
+            i.record_write("claimer", &claimed, Vec::len);
+            let claimed = claimed?;
             let mut ahead_claimed = Vec::new();
             for t in claimed {
                 moved += 1;

@@ -65,6 +65,7 @@ impl Orchestrator {
         let mut attempt = 0u32;
         loop {
             let r = i.store.complete_batch(&ids, &results, &i.instance_id).await;
+            i.record_write("completion writer", &r, HashSet::len);
             match r {
                 Ok(ids) => {
                     written = Some(ids);

@@ -24,14 +24,20 @@ impl Orchestrator {
     }
 
     /// Extends our leases; cancels local runs whose row says they are no longer ours.
+    /// Every beat writes (the instance row), so it also tells readiness whether writes
+    /// reach the database when nothing else is written.
     pub async fn beat(&self, lease: Duration) -> Result<(), StoreError> {
         let i = &self.inner;
         let ids: Vec<i64> = i.running.snapshot().iter().map(|t| t.task_id).collect();
-        i.store.touch_instance(&i.instance_id, &hostname()).await?;
+        let touched = i.store.touch_instance(&i.instance_id, &hostname()).await;
+        i.record_write("lease keeper", &touched, |_| 1);
+        touched?;
         if ids.is_empty() {
             return Ok(());
         }
-        let still = i.store.extend_leases(&ids, &i.instance_id, lease).await?;
+        let still = i.store.extend_leases(&ids, &i.instance_id, lease).await;
+        i.record_write("lease keeper", &still, HashSet::len);
+        let still = still?;
         for id in ids.into_iter().filter(|id| !still.contains(id)) {
             if i.running.cancel(id) {
                 tracing::info!(

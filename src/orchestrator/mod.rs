@@ -128,6 +128,9 @@ struct Inner {
     /// Cancelled first at shutdown: no new claims or slot runs, running ones finish.
     claiming: CancellationToken,
     tasks: TaskTracker,
+    /// Since when this instance's writes have found the database unreachable or silent, and
+    /// the latest such failure; `None` once one succeeds. See [`Orchestrator::write_stall`].
+    write_stall: Mutex<Option<(Instant, String)>>,
 }
 
 /// A succeeded attempt waiting for the batch writer.
@@ -203,6 +206,51 @@ impl Inner {
     fn finishes(&self) -> MutexGuard<'_, VecDeque<Instant>> {
         self.finishes.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Records how one of the loops' writes (a claim, a completion batch, a lease beat)
+    /// ended, for readiness: rows written (`rows` of the result) clear the stall — a
+    /// statement that changed nothing committed nothing, so it proves nothing; a failure
+    /// that says the database could not be reached or did not answer starts the stall (or
+    /// extends it); any other failure (a refused statement, a busy pool) says nothing
+    /// about the database and is ignored.
+    fn record_write<T>(
+        &self,
+        writer: &'static str,
+        r: &Result<T, StoreError>,
+        rows: impl FnOnce(&T) -> usize,
+    ) {
+        let mut stall = self.write_stall.lock().unwrap_or_else(|p| p.into_inner());
+        match r {
+            Ok(v) if rows(v) > 0 => *stall = None,
+            Ok(_) => {}
+            Err(e) if unreachable(e) => {
+                let since = stall.as_ref().map_or_else(Instant::now, |(t, _)| *t);
+                *stall = Some((since, format!("{writer}: {e}")));
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Whether `e` says the database could not be reached or did not answer in time (rather
+/// than refusing one statement, or the pool being busy).
+fn unreachable(e: &StoreError) -> bool {
+    match e {
+        StoreError::Db(
+            d @ (DbError::Deadline(_)
+            | DbError::Connect(_)
+            | DbError::ConnectTimeout(_)
+            | DbError::Query(_)),
+        ) => {
+            d.is_transient()
+                && !matches!(
+                    d.sqlstate().map(|c| c.code()),
+                    // Serialization failure, deadlock: the database works.
+                    Some("40001" | "40P01")
+                )
+        }
+        _ => false,
+    }
 }
 
 impl Orchestrator {
@@ -236,6 +284,7 @@ impl Orchestrator {
                 claiming: p.shutdown.child_token(),
                 shutdown: p.shutdown,
                 tasks: p.tasks,
+                write_stall: Mutex::new(None),
             }),
         }
     }
@@ -295,6 +344,26 @@ impl Orchestrator {
     /// Tasks running here right now.
     pub fn running_here(&self) -> usize {
         self.inner.total.load(Ordering::Relaxed)
+    }
+
+    /// Why this instance cannot do its work, if its writes fail: the latest claim,
+    /// completion batch or lease beat found the database unreachable or got no answer
+    /// within `query_timeout`, and none has succeeded since. A server that answers the
+    /// supervisor's reads but commits nothing (a promoted standby still waiting for a
+    /// synchronous standby of its own, a full disk) shows here, not there. `/readyz` reads
+    /// it beside the supervisor's view.
+    pub fn write_stall(&self) -> Option<String> {
+        let stall = self
+            .inner
+            .write_stall
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        stall.as_ref().map(|(since, e)| {
+            format!(
+                "database takes no writes (for {:.1}s): {e}",
+                since.elapsed().as_secs_f64()
+            )
+        })
     }
 
     /// Waits until no run started here is still going (for shutdown), up to `limit`.

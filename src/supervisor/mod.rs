@@ -48,6 +48,24 @@ use crate::orchestrator::registry::RunningTasks;
 use crate::periodic::{Periodic, Ran};
 use crate::store::{DbView, TaskStatus};
 
+/// While the database is unreachable, the supervisor ticks this often (or every
+/// `supervisor.interval`, if shorter), so readiness comes back soon after the database.
+pub const UNREACHABLE_RETRY: Duration = Duration::from_millis(500);
+
+/// How often the wait between ticks looks whether the admin connection is gone (an
+/// in-memory check, no round trip).
+const ADMIN_WATCH: Duration = Duration::from_millis(100);
+
+/// Completes once the admin connection is closed or presumed dead; never without one.
+async fn admin_lost(admin: Option<&DirectClient>) {
+    let Some(c) = admin else {
+        return std::future::pending().await;
+    };
+    while !c.is_broken() {
+        tokio::time::sleep(ADMIN_WATCH).await;
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
     #[error("admin connection: {0}")]
@@ -116,11 +134,23 @@ impl Supervisor {
 
     /// Ticks every `supervisor.interval` (re-read each time, so a reload applies) until
     /// `shutdown`. Late ticks are measured; a failed tick is counted and the loop goes on.
+    ///
+    /// Readiness follows the database both ways without waiting for the interval: a tick
+    /// comes at once when the admin connection drops (a server that stops or crashes
+    /// closes it), and while the database is unreachable ticks come every
+    /// [`UNREACHABLE_RETRY`], so `/readyz` is 200 again soon after the database is back
+    /// (a failover to a promoted standby, a restart).
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut every = Periodic::new("supervisor", self.metrics.clone(), shutdown);
+        // Since the first tick that could not reach the database, while none has since.
+        let mut unreachable_since: Option<Instant> = None;
         loop {
             let cfg = self.config.load_full();
-            if !every.wait(cfg.supervisor.interval.get()).await {
+            let interval = cfg.supervisor.interval.get();
+            if !every
+                .wait_or(interval, admin_lost(self.admin.as_ref()))
+                .await
+            {
                 break;
             }
             // Each round trip is bounded already; the pass as a whole gets the stall bound.
@@ -130,15 +160,30 @@ impl Supervisor {
                 Ran::Shutdown => break,
             };
             match result {
-                Ok(_) => self
-                    .metrics
-                    .counter(m::SUPERVISOR_TICKS_TOTAL, &[("result", "ok")])
-                    .increment(1),
+                Ok(_) => {
+                    self.metrics
+                        .counter(m::SUPERVISOR_TICKS_TOTAL, &[("result", "ok")])
+                        .increment(1);
+                    if let Some(since) = unreachable_since.take() {
+                        tracing::info!(
+                            unreachable_ms = since.elapsed().as_millis() as u64,
+                            "supervisor reached the database again"
+                        );
+                    }
+                }
                 Err(e) => {
                     self.metrics
                         .counter(m::SUPERVISOR_TICKS_TOTAL, &[("result", "error")])
                         .increment(1);
-                    tracing::error!(error = %e, "supervisor tick failed");
+                    // Logged once per outage; the retries in between (every
+                    // UNREACHABLE_RETRY) are counted, and /readyz names the latest error.
+                    if unreachable_since.is_none() {
+                        tracing::error!(error = %e, "supervisor tick failed");
+                    } else {
+                        tracing::debug!(error = %e, "supervisor tick failed again");
+                    }
+                    unreachable_since.get_or_insert_with(Instant::now);
+                    every.due_within(interval.min(UNREACHABLE_RETRY));
                     // A broken admin connection is rebuilt next tick.
                     self.admin = None;
                 }

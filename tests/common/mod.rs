@@ -12,6 +12,7 @@
 pub mod daemon;
 pub mod pgbouncer;
 pub mod proxy;
+pub mod replica;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
