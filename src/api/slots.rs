@@ -30,7 +30,7 @@ pub(super) async fn run_session(
         session_id: None,
         priority: b.priority,
         max_attempts: b.max_attempts,
-        run_after: None,
+        ..NewTask::default()
     };
     let task = s.orchestrator.run_for_session(&session, t).await?;
     Ok((StatusCode::CREATED, axum::Json(task)).into_response())

@@ -96,6 +96,8 @@ pub fn validate_objective(
             ));
         }
         s.task.validate(&format!("steps[{i}]."))?;
+        s.task
+            .no_unique_key(&format!("steps[{i}]."), "an objective's step")?;
         if let Some(agents) = known_agents
             && !agents.contains(&s.task.agent)
         {
