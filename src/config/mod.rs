@@ -313,6 +313,12 @@ impl Config {
         if self.http.max_body_bytes == 0 {
             bad("http.max_body_bytes", "must be greater than zero".into());
         }
+        if !(1..=crate::store::MAX_BULK_ITEMS).contains(&self.http.max_bulk_items) {
+            bad(
+                "http.max_bulk_items",
+                format!("must be in 1..={}", crate::store::MAX_BULK_ITEMS),
+            );
+        }
         if !(1024..=1024 * 1024 * 1024).contains(&self.http.max_response_bytes) {
             bad(
                 "http.max_response_bytes",

@@ -226,6 +226,8 @@ pub struct HttpConfig {
     /// A list answer stops adding rows once their payloads and results pass this many bytes
     /// (it says so with `truncated` and where to go on with `next_after`).
     pub max_response_bytes: u64,
+    /// Most tasks one bulk submit (`POST /v1/tasks` with an array) may carry.
+    pub max_bulk_items: usize,
 }
 
 impl Default for HttpConfig {
@@ -236,6 +238,7 @@ impl Default for HttpConfig {
             api_token_file: String::new(),
             max_body_bytes: 1024 * 1024,
             max_response_bytes: 8 * 1024 * 1024,
+            max_bulk_items: 1000,
         }
     }
 }
