@@ -181,7 +181,12 @@ async fn a_bulk_with_one_bad_item_writes_nothing_and_names_its_index() {
         let http = http_client(Duration::from_secs(30));
         let c = t.admin().await;
 
-        let cases: [(usize, Value, &str); 4] = [
+        let cases: [(usize, Value, &str); 5] = [
+            (
+                7,
+                json!({"agent": "rec", "payload": {"s": "a\u{0}b"}}),
+                "items[7].payload.s",
+            ),
             (
                 637,
                 json!({"agent": "nope", "payload": {}}),
