@@ -90,20 +90,31 @@ impl Client {
         self.call(reqwest::Method::GET, "/v1/status", None).await
     }
 
-    pub async fn submit(
-        &self,
-        agent: &str,
-        payload: Value,
-        slot: Option<&str>,
-    ) -> Result<Value, ClientError> {
-        match slot {
+    /// Queues a task (`POST /v1/tasks`), or runs it now in a run slot.
+    pub async fn submit(&self, t: &Submit) -> Result<Value, ClientError> {
+        let mut body = serde_json::json!({ "agent": t.agent, "payload": t.payload });
+        let unique = [
+            ("unique_key", &t.unique_key),
+            ("unique_scope", &t.unique_scope),
+            ("unique_for", &t.unique_for),
+        ];
+        match &t.slot {
             Some(s) => {
-                let body = serde_json::json!({ "agent": agent, "payload": payload });
+                if let Some((k, _)) = unique.iter().find(|(_, v)| v.is_some()) {
+                    return Err(ClientError::Input(format!(
+                        "--{} does not apply to --slot (a run slot's task runs at once)",
+                        k.replace('_', "-")
+                    )));
+                }
                 let path = format!("/v1/slots/{}/run", urlencode(s));
                 self.call(reqwest::Method::POST, &path, Some(&body)).await
             }
             None => {
-                let body = serde_json::json!({ "agent": agent, "payload": payload });
+                for (k, v) in unique {
+                    if let Some(v) = v {
+                        body[k] = Value::String(v.clone());
+                    }
+                }
                 self.call(reqwest::Method::POST, "/v1/tasks", Some(&body))
                     .await
             }
@@ -114,6 +125,19 @@ impl Client {
         self.call(reqwest::Method::POST, "/v1/objectives", Some(objective))
             .await
     }
+}
+
+/// What `taskwarden submit` sends: a task, optionally with a unique key (its scope and
+/// period as the API takes them), or a run in a session's slot.
+#[derive(Debug, Clone, Default)]
+pub struct Submit {
+    pub agent: String,
+    pub payload: Value,
+    /// Run now in this run slot instead of queueing.
+    pub slot: Option<String>,
+    pub unique_key: Option<String>,
+    pub unique_scope: Option<String>,
+    pub unique_for: Option<String>,
 }
 
 fn urlencode(s: &str) -> String {
@@ -304,16 +328,24 @@ fn render_instances(out: &mut String, instances: &Value) {
 /// One line for a task, for `submit`. The run slot is printed as `session`, like the
 /// task field's wire name (`session_id`), unchanged since before slots had their name.
 pub fn render_task(v: &Value) -> String {
-    format!(
-        "task {} {} (agent {}{})",
+    let mut out = format!(
+        "task {} {} (agent {}{}{})",
         s(&v["id"]),
         s(&v["status"]),
         s(&v["agent"]),
         v["session_id"]
             .as_str()
             .map(|x| format!(", session {x}"))
+            .unwrap_or_default(),
+        v["unique_key"]
+            .as_str()
+            .map(|x| format!(", unique key {x:?} ({})", s(&v["unique_scope"])))
             .unwrap_or_default()
-    )
+    );
+    if v["duplicate"] == Value::Bool(true) {
+        out.push_str("\nduplicate: this task already holds the unique key; nothing was queued");
+    }
+    out
 }
 
 /// An objective and its steps, for `objective`.

@@ -66,6 +66,17 @@ enum Command {
         /// option's older name).
         #[arg(long, alias = "session")]
         slot: Option<String>,
+        /// A duplicate submit (this key held by a task) answers that task instead of
+        /// queueing another.
+        #[arg(long)]
+        unique_key: Option<String>,
+        /// How long a task holds its key: queued (until it starts), active (while queued
+        /// or running; the default) or period (with --unique-for).
+        #[arg(long, value_parser = ["queued", "active", "period"])]
+        unique_scope: Option<String>,
+        /// Hold the key for this long after creation, e.g. "1h" (implies --unique-scope period).
+        #[arg(long)]
+        unique_for: Option<String>,
     },
     /// Internal: run a command agent's program under the subreaper shim.
     #[command(name = "agent-shim", hide = true)]
@@ -141,11 +152,23 @@ fn main() -> ExitCode {
             agent,
             payload,
             slot,
+            unique_key,
+            unique_scope,
+            unique_for,
         } => client_report(client(&conn, |c| async move {
             let payload: serde_json::Value = serde_json::from_str(&payload).map_err(|e| {
                 taskwarden::client::ClientError::Input(format!("--payload is not JSON: {e}"))
             })?;
-            let v = c.submit(&agent, payload, slot.as_deref()).await?;
+            let v = c
+                .submit(&taskwarden::client::Submit {
+                    agent,
+                    payload,
+                    slot,
+                    unique_key,
+                    unique_scope,
+                    unique_for,
+                })
+                .await?;
             Ok((v.clone(), taskwarden::client::render_task(&v)))
         })),
         Command::Objective { conn, file } => client_report(client(&conn, |c| async move {

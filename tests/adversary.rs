@@ -108,6 +108,7 @@ async fn finished_work_is_not_repeated_when_postgres_restarts_mid_flight() {
             ClusterOptions {
                 unsafe_fast: false,
                 max_connections: Some(100),
+                ..Default::default()
             },
         )
         .await

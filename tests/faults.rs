@@ -194,6 +194,7 @@ async fn a_postgres_restart_mid_load_is_survived_and_every_task_completes_once()
     let opts = ClusterOptions {
         unsafe_fast: true,
         max_connections: Some(60),
+        ..Default::default()
     };
     let cluster = Cluster::start(pgdir.path(), opts.clone()).await.unwrap();
     let url = cluster.url("taskwarden");

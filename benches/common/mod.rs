@@ -41,6 +41,7 @@ pub async fn database() -> Bench {
         ClusterOptions {
             unsafe_fast: false,
             max_connections: Some(200),
+            ..Default::default()
         },
     )
     .await

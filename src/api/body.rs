@@ -42,19 +42,43 @@ pub(super) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
     let value: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")))?;
     if let Some(path) = nul_in(&value, String::new()) {
+        // A bulk's items are named `items[3]...`, as its other errors are.
+        let path = match path.as_str() {
+            "" => "body".into(),
+            p if p.starts_with('[') => format!("items{p}"),
+            _ => path,
+        };
         return Err(ApiError::field(
             StatusCode::BAD_REQUEST,
-            if path.is_empty() { "body".into() } else { path },
+            path,
             "contains a NUL character (\\u0000), which PostgreSQL cannot store",
         ));
     }
+    from_value_named(value, "")
+}
+
+/// Deserializes `T` from a parsed body (or one item of it); a field of the wrong shape is
+/// a 400 naming it, after `prefix` (e.g. `items[3].`).
+pub(super) fn from_value_named<T: DeserializeOwned>(
+    value: serde_json::Value,
+    prefix: &str,
+) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if path == "." || path.is_empty() {
-            ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON: {inner}"))
+            match prefix.strip_suffix('.') {
+                Some(item) if !item.is_empty() => {
+                    ApiError::field(StatusCode::BAD_REQUEST, item, inner.to_string())
+                }
+                _ => ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON: {inner}")),
+            }
         } else {
-            ApiError::field(StatusCode::BAD_REQUEST, path, inner.to_string())
+            ApiError::field(
+                StatusCode::BAD_REQUEST,
+                format!("{prefix}{path}"),
+                inner.to_string(),
+            )
         }
     })
 }

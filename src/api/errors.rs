@@ -50,6 +50,20 @@ impl From<DbError> for ApiError {
             | DbError::Deadline(_)
             | DbError::Connect(_)
             | DbError::PoolClosed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            // A serialization failure (e.g. a unique key that kept changing hands during a
+            // submit): nothing was written; the same request may succeed now.
+            DbError::Query(ref q) if q.code().is_some_and(|c| c.code() == "40001") => {
+                tracing::warn!(error = %e, "request lost a serialization race");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "try again: {}",
+                        q.as_db_error()
+                            .map(|d| d.message())
+                            .unwrap_or("serialization failure")
+                    ),
+                )
+            }
             // A data exception is the input's fault, whatever validation missed.
             DbError::Query(ref q) if q.code().is_some_and(|c| c.code().starts_with("22")) => {
                 tracing::warn!(error = %e, "input refused by the database");

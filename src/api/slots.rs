@@ -33,7 +33,7 @@ pub(super) async fn run_in_slot(
         slot_id: None,
         priority: b.priority,
         max_attempts: b.max_attempts,
-        run_after: None,
+        ..NewTask::default()
     };
     let task = s.orchestrator.run_in_slot(&slot, t).await?;
     Ok((StatusCode::CREATED, axum::Json(task)).into_response())

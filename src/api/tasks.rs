@@ -1,14 +1,66 @@
-//! `/v1/tasks`: submit, read, list (bounded in rows and bytes), cancel.
+//! `/v1/tasks`: submit (one task or a bulk), read, list (bounded in rows and bytes), cancel.
 
 #[allow(unused_imports)]
 use super::*;
 
+/// `POST /v1/tasks`: a task object, or an array of them (a bulk, at most
+/// `http.max_bulk_items`, written all or none). One task answers 201 with the task, or 200
+/// with the task already holding its unique key; both carry `"duplicate"`. A bulk answers
+/// an array of those, 201 when it created any task, else 200.
 pub(super) async fn create_task(
     State(s): State<ApiState>,
-    JsonBody(t): JsonBody<NewTask>,
+    JsonBody(body): JsonBody<serde_json::Value>,
 ) -> Result<Response, ApiError> {
-    let task = s.orchestrator.submit(&t).await?;
-    Ok((StatusCode::CREATED, axum::Json(task)).into_response())
+    match body {
+        serde_json::Value::Array(items) => create_tasks(s, items).await,
+        v @ serde_json::Value::Object(_) => {
+            let t: NewTask = from_value_named(v, "")?;
+            let e = s.orchestrator.enqueue(&t).await?;
+            let status = if e.duplicate {
+                StatusCode::OK
+            } else {
+                StatusCode::CREATED
+            };
+            Ok((status, axum::Json(e)).into_response())
+        }
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the body must be a task object or an array of task objects",
+        )),
+    }
+}
+
+async fn create_tasks(s: ApiState, items: Vec<serde_json::Value>) -> Result<Response, ApiError> {
+    let max = s.config.load().http.max_bulk_items;
+    if items.is_empty() {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "items",
+            "give at least one task",
+        ));
+    }
+    if items.len() > max {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "items",
+            format!(
+                "{} tasks in one submit; at most {max} (http.max_bulk_items)",
+                items.len()
+            ),
+        ));
+    }
+    let tasks = items
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| from_value_named::<NewTask>(v, &format!("items[{i}].")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let out = s.orchestrator.enqueue_many(&tasks).await?;
+    let status = if out.iter().any(|e| !e.duplicate) {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, axum::Json(out)).into_response())
 }
 
 pub(super) async fn get_task(

@@ -187,6 +187,12 @@ impl Config {
                 "not a PostgreSQL connection URL (postgresql://user@host/db)".into(),
             );
         }
+        if (1..1024).contains(&db.embedded_listen_port) {
+            bad(
+                "database.embedded_listen_port",
+                "must be 0 (off) or in 1024..=65535 (the server does not run as root)".into(),
+            );
+        }
         if !db.direct_url.is_empty() && db.direct_url.parse::<tokio_postgres::Config>().is_err() {
             bad(
                 "database.direct_url",
@@ -324,6 +330,12 @@ impl Config {
         }
         if self.http.max_body_bytes == 0 {
             bad("http.max_body_bytes", "must be greater than zero".into());
+        }
+        if !(1..=crate::store::MAX_BULK_ITEMS).contains(&self.http.max_bulk_items) {
+            bad(
+                "http.max_bulk_items",
+                format!("must be in 1..={}", crate::store::MAX_BULK_ITEMS),
+            );
         }
         if !(1024..=1024 * 1024 * 1024).contains(&self.http.max_response_bytes) {
             bad(
@@ -509,6 +521,32 @@ mod tests {
             "http.listen",
         ] {
             assert!(keys.contains(&k), "missing {k} in {found:?}");
+        }
+    }
+
+    #[test]
+    fn enqueue_bounds_name_their_keys() {
+        for (text, key) in [
+            ("[http]\nmax_bulk_items = 0\n", Some("http.max_bulk_items")),
+            (
+                "[http]\nmax_bulk_items = 10001\n",
+                Some("http.max_bulk_items"),
+            ),
+            ("[http]\nmax_bulk_items = 10000\n", None),
+            (
+                "[database]\nembedded_listen_port = 80\n",
+                Some("database.embedded_listen_port"),
+            ),
+            ("[database]\nembedded_listen_port = 15432\n", None),
+        ] {
+            match key {
+                Some(key) => {
+                    let found = issues(text);
+                    let keys: Vec<&str> = found.iter().map(|i| i.key.as_str()).collect();
+                    assert_eq!(keys, vec![key], "{text}");
+                }
+                None => assert!(Config::parse(text).is_ok(), "{text}"),
+            }
         }
     }
 

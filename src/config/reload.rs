@@ -23,6 +23,7 @@ pub const RESTART_ONLY: &[&str] = &[
     "database.capture_backtraces",
     "database.pooler",
     "database.direct_url",
+    "database.embedded_listen_port",
     "http.listen",
     "http.max_body_bytes",
     "logging.format",

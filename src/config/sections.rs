@@ -36,6 +36,9 @@ pub struct DatabaseConfig {
     /// own: LISTEN, the migration lock, the supervisor's admin connection. Empty: those go
     /// through `url`, and behind a transaction pooler the daemon polls instead of LISTEN.
     pub direct_url: String,
+    /// The embedded PostgreSQL also listens on 127.0.0.1 at this port, so local
+    /// applications can enqueue from their own transactions (0 = unix socket only).
+    pub embedded_listen_port: u16,
 }
 
 /// The connection pooler in front of PostgreSQL, as `database.pooler` names it.
@@ -84,6 +87,7 @@ impl Default for DatabaseConfig {
             capture_backtraces: false,
             pooler: Pooler::None,
             direct_url: String::new(),
+            embedded_listen_port: 0,
         }
     }
 }
@@ -234,6 +238,8 @@ pub struct HttpConfig {
     /// A list answer stops adding rows once their payloads and results pass this many bytes
     /// (it says so with `truncated` and where to go on with `next_after`).
     pub max_response_bytes: u64,
+    /// Most tasks one bulk submit (`POST /v1/tasks` with an array) may carry.
+    pub max_bulk_items: usize,
 }
 
 impl Default for HttpConfig {
@@ -244,6 +250,7 @@ impl Default for HttpConfig {
             api_token_file: String::new(),
             max_body_bytes: 1024 * 1024,
             max_response_bytes: 8 * 1024 * 1024,
+            max_bulk_items: 1000,
         }
     }
 }

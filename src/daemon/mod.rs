@@ -104,9 +104,19 @@ impl Database {
             // Room for the pool at its hard maximum, the admin and migration connections,
             // and an operator's psql.
             max_connections: Some((cfg.database.max_connections() as u32 + 10).max(50)),
+            listen_port: Some(cfg.database.embedded_listen_port).filter(|p| *p != 0),
         };
-        let cluster = Cluster::start(&data_dir, opts).await?;
+        let cluster = Cluster::start(&data_dir, opts.clone()).await?;
         tracing::info!(data_dir = %data_dir.display(), socket_dir = %cluster.pgdata().display(), pid = cluster.pid(), "embedded PostgreSQL started");
+        if let Some(port) = opts.listen_port {
+            tracing::warn!(
+                listen = %format!("127.0.0.1:{port}"),
+                user = crate::db::embedded::EMBEDDED_USER,
+                database = EMBEDDED_DB,
+                "embedded PostgreSQL listens on loopback TCP with trust authentication: \
+                 every local user and process can connect as its superuser"
+            );
+        }
         Ok(Database {
             pg: cluster.pg_config(EMBEDDED_DB),
             cluster: Some(cluster),

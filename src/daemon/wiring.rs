@@ -50,6 +50,9 @@ impl Parts {
         let db = Db::new(pg.clone(), &cfg.database, &metrics)?;
         let store = Store::new(db.clone(), cfg.workers.max_attempts);
         drop(db.session("daemon.startup_check").await?);
+        let instance_id = instance_id();
+        // Enqueues from SQL that give no max_attempts get this instance's default.
+        store.record_enqueue_defaults(&instance_id).await?;
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let running = RunningTasks::new();
@@ -69,7 +72,6 @@ impl Parts {
         );
         let heartbeat = supervisor.heartbeat();
         tasks.spawn(supervisor.run(shutdown.clone()));
-        let instance_id = instance_id();
         let orchestrator = Orchestrator::new(OrchestratorParts {
             config: Arc::clone(&config),
             pg,

@@ -52,7 +52,8 @@ use crate::orchestrator::elector::Elector;
 use crate::orchestrator::registry::{Registration, RunningTasks};
 use crate::periodic::{Periodic, Ran};
 use crate::store::{
-    NewObjective, NewStep, NewTask, Objective, Store, StoreError, Task, TaskStatus, TransitionArgs,
+    Enqueued, NewObjective, NewStep, NewTask, Objective, Store, StoreError, Task, TaskStatus,
+    TransitionArgs,
 };
 use crate::tracker::Owner;
 

@@ -7,12 +7,52 @@ use super::*;
 impl Orchestrator {
     /// Queues a task (agent must be known). Workers anywhere may run it.
     pub async fn submit(&self, t: &NewTask) -> Result<Task, OrchestratorError> {
+        Ok(self.enqueue(t).await?.task)
+    }
+
+    /// Queues a task (agent must be known), or answers the task holding its unique key.
+    pub async fn enqueue(&self, t: &NewTask) -> Result<Enqueued, OrchestratorError> {
         if self.inner.agents.load().get(&t.agent).is_none() {
             return Err(OrchestratorError::UnknownAgent(t.agent.clone()));
         }
-        let task = self.inner.store.create_task(t).await?;
-        self.inner.wake.notify_one();
-        Ok(task)
+        let e = self.inner.store.enqueue(t).await?;
+        if e.duplicate {
+            tracing::debug!(task_id = e.task.id, unique_key = ?e.task.unique_key, "duplicate submit answered with the key's holder");
+        } else {
+            self.inner.wake.notify_one();
+        }
+        Ok(e)
+    }
+
+    /// Queues a bulk of tasks in one statement, all or none; every agent must be known
+    /// (a bad item is named by its index, `items[3].agent`).
+    pub async fn enqueue_many(
+        &self,
+        items: &[NewTask],
+    ) -> Result<Vec<Enqueued>, OrchestratorError> {
+        let agents = self.inner.agents.load();
+        if let Some((i, t)) = items
+            .iter()
+            .enumerate()
+            .find(|(_, t)| agents.get(&t.agent).is_none())
+        {
+            return Err(invalid(
+                &format!("items[{i}].agent"),
+                format!("unknown agent {:?}", t.agent),
+            ));
+        }
+        let out = self.inner.store.enqueue_many(items).await?;
+        let created = out.iter().filter(|e| !e.duplicate).count();
+        tracing::info!(
+            items = out.len(),
+            created,
+            duplicates = out.len() - created,
+            "bulk submit"
+        );
+        if created > 0 {
+            self.inner.wake.notify_one();
+        }
+        Ok(out)
     }
 
     /// Creates an objective whose steps all name known agents.

@@ -14,6 +14,10 @@ mod events;
 
 pub use events::{MAX_EVENTS_PER_TASK, TaskEvent};
 
+mod enqueue;
+
+pub use enqueue::{Enqueued, MAX_BULK_ITEMS, UniqueScope};
+
 mod leases;
 mod objectives;
 mod state;
@@ -104,12 +108,22 @@ pub struct Task {
     pub cost_usd: f64,
     /// The agent's final reply, once it succeeded.
     pub result: Option<serde_json::Value>,
+    /// The task's unique key, if it was submitted with one, and how long it holds it.
+    #[serde(default)]
+    pub unique_key: Option<String>,
+    #[serde(default)]
+    pub unique_scope: Option<UniqueScope>,
+    /// For `unique_scope = "period"`: until when it holds its key (cleared once a later
+    /// submit of the key found it passed).
+    #[serde(default)]
+    pub unique_until: Option<DateTime<Utc>>,
 }
 
 /// Columns read back for a [`Task`]; `cost_usd` leaves numeric as float8 for the client.
 pub(crate) const TASK_COLUMNS: &str = "id, objective_id, step_key, depends_on, agent, payload, session_id, status, \
      priority, attempts, max_attempts, run_after, lease_owner, lease_expires_at, created_at, \
-     updated_at, started_at, finished_at, error, prompt_tokens, completion_tokens, cost_usd::float8 AS cost_usd, result";
+     updated_at, started_at, finished_at, error, prompt_tokens, completion_tokens, cost_usd::float8 AS cost_usd, result, \
+     unique_key, unique_scope, unique_until";
 
 impl Task {
     pub(crate) fn from_row(r: &Row) -> Result<Task, StoreError> {
@@ -138,6 +152,13 @@ impl Task {
             completion_tokens: r.try_get("completion_tokens")?,
             cost_usd: r.try_get("cost_usd")?,
             result: r.try_get("result")?,
+            unique_key: r.try_get("unique_key")?,
+            unique_scope: r
+                .try_get::<_, Option<String>>("unique_scope")?
+                .map(|s| s.parse())
+                .transpose()
+                .map_err(StoreError::Corrupt)?,
+            unique_until: r.try_get("unique_until")?,
         })
     }
 }
@@ -160,6 +181,13 @@ pub struct NewTask {
     pub max_attempts: Option<i32>,
     /// Earliest start; now when absent.
     pub run_after: Option<DateTime<Utc>>,
+    /// A duplicate submit (same key, held by a task) returns the holder instead of a new
+    /// task; see [`UniqueScope`] for how long a task holds its key.
+    pub unique_key: Option<String>,
+    /// Absent: `period` when `unique_for` is given, else `active`.
+    pub unique_scope: Option<UniqueScope>,
+    /// The period of `unique_scope = "period"` (1 s to 365 days).
+    pub unique_for: Option<crate::config::Dur>,
 }
 
 impl NewTask {
@@ -201,7 +229,7 @@ impl NewTask {
                 ));
             }
         }
-        Ok(())
+        self.validate_unique(prefix)
     }
 }
 
@@ -280,28 +308,10 @@ impl Store {
         }
     }
 
+    /// Queues a task; with a unique key held by another task, returns that one instead
+    /// (see [`Store::enqueue`] to learn which).
     pub async fn create_task(&self, t: &NewTask) -> Result<Task, StoreError> {
-        t.validate("")?;
-        let s = self.session("store.create_task").await?;
-        let row = s
-            .query_one(
-                &format!(
-                    "INSERT INTO tasks (agent, payload, session_id, priority, max_attempts, run_after) \
-                     VALUES ($1, $2, $3, $4, $5, COALESCE($6, now())) RETURNING {TASK_COLUMNS}"
-                ),
-                &[
-                    &t.agent,
-                    &t.payload,
-                    &t.slot_id,
-                    &t.priority,
-                    &t.max_attempts.unwrap_or(self.default_max_attempts),
-                    &t.run_after,
-                ],
-            )
-            .await?;
-        let task = Task::from_row(&row)?;
-        tracing::debug!(task_id = task.id, agent = %task.agent, "task created");
-        Ok(task)
+        Ok(self.enqueue(t).await?.task)
     }
 
     /// Creates a task already running under `lease_owner` (a slot run that starts at
@@ -314,6 +324,7 @@ impl Store {
         lease: Duration,
     ) -> Result<Task, StoreError> {
         t.validate("")?;
+        t.no_unique_key("", "a run slot's task")?;
         let allowed = TaskStatus::allowed_from(TaskStatus::Running);
         let lease_ms = lease.as_millis().min(i64::MAX as u128) as i64;
         let mut s = self.session("store.create_running").await?;

@@ -107,6 +107,8 @@ fn check_steps<'a>(
             ));
         }
         s.task.validate(&format!("steps[{i}]."))?;
+        s.task
+            .no_unique_key(&format!("steps[{i}]."), "an objective's step")?;
         if let Some(agents) = known_agents
             && !agents.contains(&s.task.agent)
         {

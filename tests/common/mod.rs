@@ -59,6 +59,7 @@ async fn server() -> &'static Server {
                 ClusterOptions {
                     unsafe_fast: true,
                     max_connections: Some(300),
+                    ..Default::default()
                 },
             )
             .await

@@ -90,6 +90,17 @@ pub struct ClusterOptions {
     /// fsync off and friends: only for throwaway test clusters.
     pub unsafe_fast: bool,
     pub max_connections: Option<u32>,
+    /// Also listen on 127.0.0.1 at this port (`database.embedded_listen_port`); the unix
+    /// socket is then named after it too. None: unix socket only.
+    pub listen_port: Option<u16>,
+}
+
+impl ClusterOptions {
+    /// The server's port: the TCP one when listening, else [`EMBEDDED_PORT`] (which only
+    /// names the socket file).
+    pub fn port(&self) -> u16 {
+        self.listen_port.unwrap_or(EMBEDDED_PORT)
+    }
 }
 
 /// Start attempts after an unexpected exit before a restart counts as failed.
@@ -287,8 +298,14 @@ impl Cluster {
             .arg(pgdata)
             .arg("-k")
             .arg(pgdata)
-            .args(["-p", &EMBEDDED_PORT.to_string()])
-            .args(["-c", "listen_addresses="])
+            .args(["-p", &opts.port().to_string()])
+            .args([
+                "-c",
+                match opts.listen_port {
+                    Some(_) => "listen_addresses=127.0.0.1",
+                    None => "listen_addresses=",
+                },
+            ])
             // No JIT: it needs writable-and-executable memory, which the systemd unit's
             // MemoryDenyWriteExecute forbids (every query past jit_above_cost would fail),
             // and the daemon's short queries gain nothing from it.
@@ -369,7 +386,9 @@ impl Cluster {
     ) -> Result<Cluster, EmbeddedError> {
         let pid = cluster.pid();
         let deadline = Instant::now() + Duration::from_secs(60);
-        let socket = cluster.pgdata.join(format!(".s.PGSQL.{EMBEDDED_PORT}"));
+        let socket = cluster
+            .pgdata
+            .join(format!(".s.PGSQL.{}", cluster.opts.port()));
         let pid_file = cluster.pgdata.join("postmaster.pid");
         loop {
             if cluster.exited_within(Duration::ZERO) {
@@ -404,14 +423,15 @@ impl Cluster {
 
     /// Connection settings for this cluster's socket; `dbname` picks the database.
     pub fn pg_config(&self, dbname: &str) -> tokio_postgres::Config {
-        socket_config(&self.pgdata, dbname)
+        socket_config_at(&self.pgdata, self.opts.port(), dbname)
     }
 
     /// A libpq-style URL for this cluster, for tools and child processes.
     pub fn url(&self, dbname: &str) -> String {
         format!(
-            "postgresql://{EMBEDDED_USER}@/{dbname}?host={}&port={EMBEDDED_PORT}",
-            self.pgdata.display()
+            "postgresql://{EMBEDDED_USER}@/{dbname}?host={}&port={}",
+            self.pgdata.display(),
+            self.opts.port()
         )
     }
 
@@ -484,11 +504,21 @@ impl Cluster {
 }
 
 /// Connection settings for the embedded cluster whose `pgdata` this is (the socket lives
-/// there); used to reach a cluster another process owns.
+/// there); used to reach a cluster another process owns. The port (which names the socket)
+/// is the running server's, from `postmaster.pid`.
 pub fn socket_config(pgdata: &Path, dbname: &str) -> tokio_postgres::Config {
+    // postmaster.pid's 4th line is the port.
+    let port = fs::read_to_string(pgdata.join("postmaster.pid"))
+        .ok()
+        .and_then(|s| s.lines().nth(3).and_then(|l| l.trim().parse::<u16>().ok()))
+        .unwrap_or(EMBEDDED_PORT);
+    socket_config_at(pgdata, port, dbname)
+}
+
+fn socket_config_at(pgdata: &Path, port: u16, dbname: &str) -> tokio_postgres::Config {
     let mut c = tokio_postgres::Config::new();
     c.host_path(pgdata)
-        .port(EMBEDDED_PORT)
+        .port(port)
         .user(EMBEDDED_USER)
         .dbname(dbname);
     c
