@@ -36,8 +36,13 @@ impl Orchestrator {
         let i = &self.inner;
         let cfg = i.config.load();
         let agents = i.agents.load_full();
+        // Paused agents are skipped here; the claim statement refuses them regardless.
+        let paused = self.paused_agents().await?;
         let mut started = 0;
         for (name, entry) in agents.iter() {
+            if paused.contains(name) {
+                continue;
+            }
             let total_free =
                 (cfg.workers.concurrency as usize).saturating_sub(i.total.load(Ordering::Relaxed));
             if total_free == 0 {

@@ -9,7 +9,9 @@
 //! - [`runner`]: one attempt — agent, time limit, cancel, outcome — and [`planner`] for a
 //!   planner agent's reply; successes go to [`completions`], written in batches;
 //! - [`leases`]: keeps this instance's leases and `instances` row fresh;
-//! - [`elector`] and [`leader`]: leadership as a row with an expiry, and the leader's duties;
+//! - [`elector`] and [`leader`]: leadership as a row with an expiry, and the leader's duties,
+//!   among them [`retention`];
+//! - [`queue`]: pause and resume an agent, retry finished tasks;
 //! - [`registry`]: the tasks running here and their cancel tokens.
 //!
 //! A task runs as one future raced against its cancellation token and its time limit; on
@@ -23,7 +25,9 @@ mod leader;
 mod leases;
 mod notifications;
 mod planner;
+mod queue;
 pub mod registry;
+mod retention;
 mod runner;
 mod slots;
 mod submit;
@@ -50,9 +54,12 @@ use crate::orchestrator::elector::Elector;
 use crate::orchestrator::registry::{Registration, RunningTasks};
 use crate::periodic::{Periodic, Ran};
 use crate::store::{
-    NewObjective, NewStep, NewTask, Objective, Store, StoreError, Task, TaskStatus, TransitionArgs,
+    NewObjective, NewStep, NewTask, Objective, PausedAgent, RetryFilter, Store, StoreError, Task,
+    TaskStatus, TransitionArgs,
 };
+
 use crate::tracker::Owner;
+pub use retention::RetentionReport;
 
 /// The step a planner objective starts with.
 pub const PLAN_STEP: &str = "plan";
@@ -114,6 +121,8 @@ struct Inner {
     session_runs: Arc<Semaphore>,
     session_run_limit: usize,
     slots: Mutex<HashMap<String, SlotEntry>>,
+    /// The agents paused cluster-wide, as the claimer last read them.
+    paused: Mutex<queue::PausedCache>,
     /// Successful outcomes waiting to be written in one batch.
     completions: mpsc::Sender<Completion>,
     completions_rx: Mutex<Option<mpsc::Receiver<Completion>>>,
@@ -208,6 +217,7 @@ impl Orchestrator {
                 session_runs: Arc::new(Semaphore::new(limit)),
                 session_run_limit: limit,
                 slots: Mutex::new(HashMap::new()),
+                paused: Mutex::default(),
                 completions: ctx,
                 completions_rx: Mutex::new(Some(crx)),
                 claiming: p.shutdown.child_token(),
