@@ -277,6 +277,8 @@ async fn a_pause_on_one_instance_stops_claims_everywhere_and_resume_restarts_the
         assert_eq!((st, &v["was_paused"]), (200, &json!(false)), "{v}");
         let (st, v) = post(&http, format!("{base_a}/v1/agents/nobody/pause"), json!({})).await;
         assert_eq!((st, &v["field"]), (400, &json!("agent")), "{v}");
+        let (st, v) = post(&http, format!("{base_a}/v1/agents/a%00b/resume"), json!({})).await;
+        assert_eq!((st, &v["field"]), (400, &json!("agent")), "{v}");
 
         for d in [&a, &b] {
             d.signal(Signal::SIGTERM);
@@ -396,6 +398,16 @@ async fn retry_runs_a_failed_task_again_and_refuses_a_succeeded_one() {
         assert_eq!(st, 409, "{v}");
         let (st, _) = post(&http, format!("{base}/v1/tasks/999999/retry"), json!({})).await;
         assert_eq!(st, 404);
+        // By filter, a status no retry leaves is named; nothing retryable is left here.
+        let (st, v) = post(
+            &http,
+            format!("{base}/v1/tasks/retry"),
+            json!({"status": "succeeded"}),
+        )
+        .await;
+        assert_eq!((st, &v["field"]), (400, &json!("status")), "{v}");
+        let (st, v) = post(&http, format!("{base}/v1/tasks/retry"), json!({"agent": "rec"})).await;
+        assert_eq!((st, &v["count"]), (200, &json!(0)), "{v}");
 
         // Two attempts allowed: the first failure is a retry, not a final failure.
         let (st, v) = post(

@@ -9,6 +9,25 @@ pub(super) struct PauseBody {
     reason: Option<String>,
 }
 
+/// An agent name taken from the path: what the store accepts, NUL-free.
+fn check_agent_param(name: &str) -> Result<(), ApiError> {
+    if name.is_empty() || name.len() > crate::store::MAX_NAME_LEN {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "agent",
+            format!("must be 1..={} characters", crate::store::MAX_NAME_LEN),
+        ));
+    }
+    if name.contains('\0') {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "agent",
+            "contains a NUL character (%00)",
+        ));
+    }
+    Ok(())
+}
+
 /// Pauses a known agent: `{"agent", "paused": true, "paused_at", "paused_by", "reason"}`.
 /// Pausing a paused agent answers the same, with the first pause's time and reason.
 pub(super) async fn pause_agent(
@@ -16,6 +35,7 @@ pub(super) async fn pause_agent(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    check_agent_param(&name)?;
     let reason = if body.is_empty() {
         None
     } else {
@@ -34,6 +54,7 @@ pub(super) async fn resume_agent(
     State(s): State<ApiState>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
+    check_agent_param(&name)?;
     let was = s.orchestrator.resume(&name).await?;
     Ok(axum::Json(json!({ "agent": name, "paused": false, "was_paused": was })).into_response())
 }

@@ -56,16 +56,22 @@ impl Orchestrator {
         Ok(agents)
     }
 
-    fn paused_changed(&self, agent: &str, paused: bool) {
+    /// A local pause or resume: the pause list is read again at the next claim round, and
+    /// the gauge follows at once (the supervisor's next reading confirms it). The gauge is
+    /// only written for an agent that is known here or had a row, so resuming arbitrary
+    /// names cannot add series.
+    fn paused_changed(&self, agent: &str, paused: bool, had_row: bool) {
         let i = &self.inner;
         {
             let mut c = i.paused_cache();
             c.generation += 1;
             c.read_at = None;
         }
-        i.metrics
-            .gauge(m::AGENT_PAUSED, &[("agent", agent)])
-            .set(if paused { 1.0 } else { 0.0 });
+        if had_row || i.agents.load().get(agent).is_some() {
+            i.metrics
+                .gauge(m::AGENT_PAUSED, &[("agent", agent)])
+                .set(if paused { 1.0 } else { 0.0 });
+        }
     }
 
     /// Pauses a known agent's queue on every instance: its queued tasks stay queued and
@@ -83,7 +89,7 @@ impl Orchestrator {
             .store
             .pause_agent(agent, &self.inner.instance_id, reason)
             .await?;
-        self.paused_changed(agent, true);
+        self.paused_changed(agent, true, true);
         tracing::info!(agent, reason = ?p.reason, paused_at = %p.paused_at, "agent paused");
         Ok(p)
     }
@@ -93,7 +99,7 @@ impl Orchestrator {
     /// `poll_interval` elsewhere.
     pub async fn resume(&self, agent: &str) -> Result<bool, OrchestratorError> {
         let was = self.inner.store.resume_agent(agent).await?;
-        self.paused_changed(agent, false);
+        self.paused_changed(agent, false, was);
         self.inner.wake.notify_one();
         tracing::info!(agent, was_paused = was, "agent resumed");
         Ok(was)
