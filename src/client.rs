@@ -1,5 +1,6 @@
-//! The command-line clients (`status`, `submit`, `objective`): thin callers of the HTTP
-//! API that print tables for people, or the API's JSON with `--json`.
+//! The command-line clients (`status`, `submit`, `objective`, `pause`, `resume`, `retry`):
+//! thin callers of the HTTP API that print tables for people, or the API's JSON with
+//! `--json`.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -121,6 +122,36 @@ impl Client {
         }
     }
 
+    /// Pauses an agent's queue cluster-wide.
+    pub async fn pause(&self, agent: &str, reason: Option<&str>) -> Result<Value, ClientError> {
+        let path = format!("/v1/agents/{}/pause", urlencode(agent));
+        let body = serde_json::json!({ "reason": reason });
+        self.call(reqwest::Method::POST, &path, Some(&body)).await
+    }
+
+    pub async fn resume(&self, agent: &str) -> Result<Value, ClientError> {
+        let path = format!("/v1/agents/{}/resume", urlencode(agent));
+        self.call(reqwest::Method::POST, &path, None).await
+    }
+
+    /// Retries one task.
+    pub async fn retry(&self, id: i64, extra_attempts: Option<i32>) -> Result<Value, ClientError> {
+        let body = serde_json::json!({ "extra_attempts": extra_attempts });
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v1/tasks/{id}/retry"),
+            Some(&body),
+        )
+        .await
+    }
+
+    /// Retries the tasks matching a filter (`{"agent"?, "status"?, "limit"?,
+    /// "extra_attempts"?}`).
+    pub async fn retry_matching(&self, filter: &Value) -> Result<Value, ClientError> {
+        self.call(reqwest::Method::POST, "/v1/tasks/retry", Some(filter))
+            .await
+    }
+
     pub async fn objective(&self, objective: &Value) -> Result<Value, ClientError> {
         self.call(reqwest::Method::POST, "/v1/objectives", Some(objective))
             .await
@@ -203,6 +234,7 @@ pub fn render_status(v: &Value) -> String {
     render_pool(&mut out, &v["pool"]);
     render_sessions(&mut out, &v["sessions"]);
     render_tasks(&mut out, &v["tasks"]);
+    render_queues(&mut out, &v["queues"]);
     render_alerts(&mut out, &v["alerts_firing"]);
     render_instances(&mut out, &v["instances"]);
     out
@@ -285,6 +317,33 @@ fn render_tasks(out: &mut String, tasks: &Value) {
     });
     if !rows.is_empty() {
         out.push_str(&table(&["TASK", "AGENT", "RUNNING"], &rows));
+    }
+}
+
+/// Queued tasks per agent, with the age of the oldest and whether the queue is paused.
+fn render_queues(out: &mut String, queues: &Value) {
+    let queues: Vec<Vec<String>> = queues
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .map(|(agent, q)| {
+                    vec![
+                        agent.clone(),
+                        s(&q["queued"]),
+                        format!("{:.1}s", q["oldest_queued_seconds"].as_f64().unwrap_or(0.0)),
+                        if q["paused"] == Value::Bool(true) {
+                            format!("paused since {}", s(&q["paused_at"]))
+                        } else {
+                            String::new()
+                        },
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if !queues.is_empty() {
+        out.push_str("\nQUEUES\n");
+        out.push_str(&table(&["AGENT", "QUEUED", "OLDEST", "STATE"], &queues));
     }
 }
 
@@ -397,7 +456,8 @@ mod tests {
             "sessions": {"open": 1, "opened": 9, "force_closed": 0, "warn_age_seconds": 60.0, "max_age_seconds": 1800.0,
                 "live": [{"id": 4, "age_seconds": 1.5, "label": "store.x", "caller": "src/a.rs:1:2", "backend_pid": 77, "task_id": null}]},
             "tasks": {"by_status": {"queued": 2, "running": 1}, "running_here": [{"task_id": 5, "agent": "echo", "running_seconds": 2.0}]},
-            "alerts_firing": [], "instances": [{"id": "h:1:ab", "version": "0.1.0", "heartbeat_at": "t"}]
+            "alerts_firing": [], "instances": [{"id": "h:1:ab", "version": "0.1.0", "heartbeat_at": "t"}],
+            "queues": {"mailer": {"queued": 7, "oldest_queued_seconds": 12.5, "paused": true, "paused_at": "t0"}}
         });
         let out = render_status(&v);
         for needle in [
@@ -409,6 +469,9 @@ mod tests {
             "none firing",
             "echo",
             "h:1:ab",
+            "mailer  7",
+            "12.5s",
+            "paused since t0",
         ] {
             assert!(out.contains(needle), "{needle} missing from:\n{out}");
         }

@@ -78,6 +78,40 @@ enum Command {
         #[arg(long)]
         unique_for: Option<String>,
     },
+    /// Pause an agent's queue on every instance: its queued tasks stay queued, running ones finish.
+    Pause {
+        #[command(flatten)]
+        conn: ClientArgs,
+        agent: String,
+        /// Why (shown in the API's answer and kept with the pause).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Resume a paused agent's queue.
+    Resume {
+        #[command(flatten)]
+        conn: ClientArgs,
+        agent: String,
+    },
+    /// Queue a failed, cancelled or timed-out task again: one by ID, or those matching --agent/--status.
+    Retry {
+        #[command(flatten)]
+        conn: ClientArgs,
+        /// The task; without it, --agent and/or --status select the tasks.
+        #[arg(required_unless_present_any = ["agent", "status"], conflicts_with_all = ["agent", "status", "limit"])]
+        id: Option<i64>,
+        #[arg(long)]
+        agent: Option<String>,
+        /// failed, cancelled or timed_out (default: all three).
+        #[arg(long)]
+        status: Option<String>,
+        /// Most tasks retried by a filter (1..=1000).
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Attempts granted: max_attempts becomes at least attempts + this (default 1).
+        #[arg(long)]
+        extra_attempts: Option<i32>,
+    },
     /// Internal: run a command agent's program under the subreaper shim.
     #[command(name = "agent-shim", hide = true)]
     AgentShim {
@@ -170,6 +204,47 @@ fn main() -> ExitCode {
                 })
                 .await?;
             Ok((v.clone(), taskwarden::client::render_task(&v)))
+        })),
+        Command::Pause {
+            conn,
+            agent,
+            reason,
+        } => client_report(client(&conn, |c| async move {
+            let v = c.pause(&agent, reason.as_deref()).await?;
+            let text = format!("agent {agent} paused since {}", v["paused_at"]);
+            Ok((v, text))
+        })),
+        Command::Resume { conn, agent } => client_report(client(&conn, |c| async move {
+            let v = c.resume(&agent).await?;
+            let text = if v["was_paused"] == serde_json::Value::Bool(true) {
+                format!("agent {agent} resumed")
+            } else {
+                format!("agent {agent} was not paused")
+            };
+            Ok((v, text))
+        })),
+        Command::Retry {
+            conn,
+            id,
+            agent,
+            status,
+            limit,
+            extra_attempts,
+        } => client_report(client(&conn, |c| async move {
+            if let Some(id) = id {
+                let v = c.retry(id, extra_attempts).await?;
+                return Ok((v.clone(), taskwarden::client::render_task(&v)));
+            }
+            let filter = serde_json::json!({
+                "agent": agent, "status": status, "limit": limit, "extra_attempts": extra_attempts,
+            });
+            let v = c.retry_matching(&filter).await?;
+            let ids: Vec<String> = v["tasks"]
+                .as_array()
+                .map(|a| a.iter().map(|t| t["id"].to_string()).collect())
+                .unwrap_or_default();
+            let text = format!("{} task(s) queued again: {}", v["count"], ids.join(" "));
+            Ok((v, text))
         })),
         Command::Objective { conn, file } => client_report(client(&conn, |c| async move {
             let text = std::fs::read_to_string(&file).map_err(|e| {

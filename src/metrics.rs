@@ -57,7 +57,11 @@ metrics_table! {
     DB_SESSIONS_FORCE_CLOSED_TOTAL = "db_sessions_force_closed_total", Counter, Count, [], "DB sessions force-closed after session_max_age.";
     DB_BACKENDS_TERMINATED_TOTAL = "db_backends_terminated_total", Counter, Count, [], "PostgreSQL backends terminated by the supervisor (force-closes and orphans).";
     TASKS = "tasks", Gauge, Count, ["status"], "Tasks in the database by status.";
-    TASKS_FINISHED_TOTAL = "tasks_finished_total", Counter, Count, ["agent", "outcome"], "Task attempts finished, by agent and outcome.";
+    TASKS_FINISHED_TOTAL = "tasks_finished_total", Counter, Count, ["agent", "outcome"], "Task attempts finished, by agent and outcome: succeeded, failed (final: no attempt left or a fatal error), retried (failed, will run again after backoff), timed_out, cancelled.";
+    QUEUE_DEPTH = "queue_depth", Gauge, Count, ["agent"], "Queued tasks per agent, due or not (supervisor's last reading).";
+    QUEUE_OLDEST_SECONDS = "queue_oldest_seconds", Gauge, Seconds, ["agent"], "How long the agent's oldest due queued task has waited since it became due (queue latency; 0 when none; steps waiting for dependencies not counted).";
+    AGENT_PAUSED = "agent_paused", Gauge, Count, ["agent"], "1 while the agent's queue is paused cluster-wide (its queued tasks are not claimed), else 0.";
+    TASKS_DELETED_TOTAL = "tasks_deleted_total", Counter, Count, ["status"], "Finished tasks deleted by retention (with their events), by final status.";
     TASK_DURATION_SECONDS = "task_duration_seconds", Histogram, Seconds, ["agent"], "Run time of finished task attempts.";
     TASK_QUEUE_WAIT_SECONDS = "task_queue_wait_seconds", Histogram, Seconds, [], "Time from runnable to started.";
     TASKS_TIMED_OUT_TOTAL = "tasks_timed_out_total", Counter, Count, [], "Running tasks stopped for exceeding max_task_duration.";
@@ -160,6 +164,10 @@ impl Metrics {
             m.counter(LOOP_OVERRUNS_TOTAL, &[("loop", name)])
                 .absolute(0);
             m.counter(LOOP_DEADLINE_MISSES_TOTAL, &[("loop", name)])
+                .absolute(0);
+        }
+        for status in ["succeeded", "failed", "cancelled", "timed_out"] {
+            m.counter(TASKS_DELETED_TOTAL, &[("status", status)])
                 .absolute(0);
         }
         for result in ["ok", "error"] {

@@ -57,7 +57,7 @@ fn promtool_accepts_the_alert_rules() {
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("SUCCESS: 8 rules found"), "{text}");
+    assert!(text.contains("SUCCESS: 9 rules found"), "{text}");
 }
 
 #[test]
@@ -348,7 +348,7 @@ async fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() {
         .iter()
         .map(|g| g["rules"].as_array().unwrap().len())
         .sum();
-    assert_eq!(n, 8);
+    assert_eq!(n, 9);
     drop(prom);
     d.signal(Signal::SIGTERM);
     assert!(tokio::task::block_in_place(|| d.wait_exit(Duration::from_secs(120))).success());

@@ -84,9 +84,9 @@ impl From<StoreError> for ApiError {
             StoreError::TaskNotFound(_) | StoreError::ObjectiveNotFound(_) => {
                 ApiError::new(StatusCode::NOT_FOUND, e.to_string())
             }
-            StoreError::IllegalTransition { .. } | StoreError::LeaseLost { .. } => {
-                ApiError::new(StatusCode::CONFLICT, e.to_string())
-            }
+            StoreError::IllegalTransition { .. }
+            | StoreError::LeaseLost { .. }
+            | StoreError::NotRetryable { .. } => ApiError::new(StatusCode::CONFLICT, e.to_string()),
             StoreError::Invalid { field, message } => {
                 ApiError::field(StatusCode::BAD_REQUEST, field, message)
             }

@@ -61,6 +61,14 @@ pub(super) async fn status(State(s): State<ApiState>) -> Result<Response, ApiErr
     let view = live.or_else(|| s.heartbeat.view());
     let tasks_by_status = view.as_ref().map(|v| json!(v.tasks_by_status));
     let instances = view.as_ref().map(|v| json!(v.instances));
+    let queues = view.as_ref().map(|v| json!(v.queues));
+    let paused_agents = view.as_ref().map(|v| {
+        v.queues
+            .iter()
+            .filter(|(_, q)| q.paused)
+            .map(|(a, _)| a.clone())
+            .collect::<Vec<_>>()
+    });
     let as_of = view.as_ref().map(|v| v.as_of);
     let not_ready = not_ready(&s);
     Ok(axum::Json(json!({
@@ -87,6 +95,8 @@ pub(super) async fn status(State(s): State<ApiState>) -> Result<Response, ApiErr
             "running_here": s.running.snapshot(),
             "max_task_duration_seconds": cfg.supervisor.max_task_duration.get().as_secs_f64(),
         },
+        "queues": queues,
+        "paused_agents": paused_agents,
         "alerts_firing": s.alerts.firing(),
         "supervisor": {
             "ticks": s.heartbeat.ticks(),

@@ -7,6 +7,7 @@
 //! `http.max_body_bytes`; a request (not an event stream) is bounded by [`REQUEST_TIMEOUT`].
 //! Handlers only call the store, orchestrator and tracker; they hold no lock across an await.
 
+mod agents;
 mod auth;
 mod body;
 mod errors;
@@ -15,6 +16,7 @@ mod objectives;
 mod slots;
 mod tasks;
 
+use agents::*;
 use auth::*;
 pub use body::JsonBody;
 use body::*;
@@ -49,7 +51,7 @@ use crate::db::{Db, DbError};
 use crate::metrics::Metrics;
 use crate::orchestrator::registry::RunningTasks;
 use crate::orchestrator::{Orchestrator, OrchestratorError};
-use crate::store::{NewObjective, NewTask, Store, StoreError, TaskFilter, TaskStatus};
+use crate::store::{NewObjective, NewTask, RetryFilter, Store, StoreError, TaskFilter, TaskStatus};
 use crate::supervisor::Heartbeat;
 
 /// Longest time a request may take to produce its response head.
@@ -118,7 +120,11 @@ pub fn router(state: ApiState) -> Router {
     let v1 = Router::new()
         .route("/tasks", post(create_task).get(list_tasks))
         .route("/tasks/{id}", get(get_task))
+        .route("/tasks/retry", post(retry_tasks))
         .route("/tasks/{id}/cancel", post(cancel_task))
+        .route("/tasks/{id}/retry", post(retry_task))
+        .route("/agents/{name}/pause", post(pause_agent))
+        .route("/agents/{name}/resume", post(resume_agent))
         .route("/objectives", post(create_objective))
         .route("/objectives/{id}", get(get_objective))
         .route("/slots/{id}/run", post(run_in_slot))

@@ -1,4 +1,5 @@
-//! `/v1/tasks`: submit (one task or a bulk), read, list (bounded in rows and bytes), cancel.
+//! `/v1/tasks`: submit (one task or a bulk), read, list (bounded in rows and bytes),
+//! cancel, retry (one task or by filter).
 
 #[allow(unused_imports)]
 use super::*;
@@ -139,4 +140,60 @@ pub(super) async fn cancel_task(
     };
     let reason = reason.unwrap_or_else(|| "cancelled through the API".into());
     Ok(axum::Json(s.orchestrator.cancel(id, &reason).await?).into_response())
+}
+
+/// How many more attempts a retry grants when the body does not say.
+const DEFAULT_EXTRA_ATTEMPTS: i32 = 1;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RetryBody {
+    extra_attempts: Option<i32>,
+}
+
+/// `POST /v1/tasks/{id}/retry` `{"extra_attempts"?}` → the task, queued again; 409 unless
+/// it failed, was cancelled or timed out.
+pub(super) async fn retry_task(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id, "id")?;
+    let extra = if body.is_empty() {
+        None
+    } else {
+        parse_json::<RetryBody>(&body)?.extra_attempts
+    };
+    let task = s
+        .orchestrator
+        .retry(id, extra.unwrap_or(DEFAULT_EXTRA_ATTEMPTS))
+        .await?;
+    Ok(axum::Json(task).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct RetryFilterBody {
+    agent: Option<String>,
+    status: Option<TaskStatus>,
+    limit: Option<i64>,
+    extra_attempts: Option<i32>,
+}
+
+/// `POST /v1/tasks/retry` `{"agent"?, "status"?, "limit"?, "extra_attempts"?}` → `{"count",
+/// "tasks"}`: the tasks queued again (at most `limit`, 100 by default, in id order).
+pub(super) async fn retry_tasks(
+    State(s): State<ApiState>,
+    JsonBody(b): JsonBody<RetryFilterBody>,
+) -> Result<Response, ApiError> {
+    let filter = RetryFilter {
+        agent: b.agent,
+        status: b.status,
+        limit: b.limit.unwrap_or(100),
+    };
+    let tasks = s
+        .orchestrator
+        .retry_matching(&filter, b.extra_attempts.unwrap_or(DEFAULT_EXTRA_ATTEMPTS))
+        .await?;
+    Ok(axum::Json(json!({ "count": tasks.len(), "tasks": tasks })).into_response())
 }

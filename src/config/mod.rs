@@ -77,6 +77,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub alerts: AlertsConfig,
     pub logging: LoggingConfig,
+    pub retention: RetentionConfig,
 }
 
 impl Config {
@@ -138,6 +139,7 @@ impl Config {
         self.validate_workers(&mut bad);
         self.validate_agents(&mut bad);
         self.validate_edges(&mut bad);
+        self.validate_retention(&mut bad);
         v
     }
 
@@ -314,6 +316,20 @@ impl Config {
         }
     }
 
+    /// Retention: the run's period and bounds (ages may be zero: kept forever).
+    fn validate_retention(&self, bad: &mut dyn FnMut(&str, String)) {
+        let r = &self.retention;
+        if r.interval.get().is_zero() {
+            bad("retention.interval", "must be greater than zero".into());
+        }
+        if !(1..=10_000).contains(&r.batch_size) {
+            bad("retention.batch_size", "must be in 1..=10000".into());
+        }
+        if !(1..=1000).contains(&r.max_batches) {
+            bad("retention.max_batches", "must be in 1..=1000".into());
+        }
+    }
+
     /// HTTP, alerts and logging.
     fn validate_edges(&self, bad: &mut dyn FnMut(&str, String)) {
         if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
@@ -378,6 +394,7 @@ fn check_keys(table: &toml::Table, issues: &mut Vec<ConfigIssue>) {
             "http" => check_section::<HttpConfig>(section, value, issues),
             "alerts" => check_section::<AlertsConfig>(section, value, issues),
             "logging" => check_section::<LoggingConfig>(section, value, issues),
+            "retention" => check_section::<RetentionConfig>(section, value, issues),
             "agents" => match value.as_table() {
                 Some(agents) => {
                     for (name, agent) in agents {
@@ -469,6 +486,41 @@ mod tests {
         assert_eq!(c.workers, d.workers);
         assert_eq!(c.http, d.http);
         assert_eq!(c.logging, d.logging);
+        assert_eq!(c.retention, d.retention);
+    }
+
+    #[test]
+    fn retention_ages_zero_or_empty_keep_forever() {
+        let c =
+            Config::parse("[retention]\nsucceeded = \"0\"\nfailed = \"\"\ncancelled = \"90m\"\n")
+                .unwrap();
+        use crate::store::TaskStatus as T;
+        assert_eq!(
+            c.retention.ages(),
+            vec![
+                (T::Cancelled, Duration::from_secs(90 * 60)),
+                (T::TimedOut, Duration::from_secs(7 * 24 * 3600)),
+            ]
+        );
+        let d = Config::default().retention;
+        assert_eq!(d.succeeded.get(), Duration::from_secs(24 * 3600));
+        assert_eq!(d.failed.get(), Duration::from_secs(7 * 24 * 3600));
+        let found = issues(
+            "[retention]\nsucceeded = \"-1d\"\nbatch_size = 0\nmax_batches = 5000\ninterval = \"0s\"\n",
+        );
+        let keys: Vec<&str> = found.iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(keys, vec!["retention.succeeded"], "{found:?}");
+        let found = issues("[retention]\nbatch_size = 0\nmax_batches = 5000\ninterval = \"0s\"\n");
+        let keys: Vec<&str> = found.iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "retention.interval",
+                "retention.batch_size",
+                "retention.max_batches"
+            ],
+            "{found:?}"
+        );
     }
 
     #[test]

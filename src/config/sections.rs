@@ -283,3 +283,64 @@ impl Default for LoggingConfig {
         }
     }
 }
+
+/// How long finished tasks and their events are kept, per final status, and how the leader
+/// deletes them. An age of `"0"` (or `""`) keeps that status forever.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    #[serde(deserialize_with = "keep_or_age")]
+    pub succeeded: Dur,
+    #[serde(deserialize_with = "keep_or_age")]
+    pub failed: Dur,
+    #[serde(deserialize_with = "keep_or_age")]
+    pub cancelled: Dur,
+    #[serde(deserialize_with = "keep_or_age")]
+    pub timed_out: Dur,
+    /// How often the leader runs retention.
+    pub interval: Dur,
+    /// Tasks deleted per statement.
+    pub batch_size: u32,
+    /// Statements per run at most.
+    pub max_batches: u32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            succeeded: Dur::secs(24 * 3600),
+            failed: Dur::secs(7 * 24 * 3600),
+            cancelled: Dur::secs(7 * 24 * 3600),
+            timed_out: Dur::secs(7 * 24 * 3600),
+            interval: Dur::secs(60),
+            batch_size: 1000,
+            max_batches: 10,
+        }
+    }
+}
+
+impl RetentionConfig {
+    /// The age of each final status that is not kept forever.
+    pub fn ages(&self) -> Vec<(crate::store::TaskStatus, Duration)> {
+        use crate::store::TaskStatus as T;
+        [
+            (T::Succeeded, self.succeeded),
+            (T::Failed, self.failed),
+            (T::Cancelled, self.cancelled),
+            (T::TimedOut, self.timed_out),
+        ]
+        .into_iter()
+        .filter(|(_, d)| !d.get().is_zero())
+        .map(|(st, d)| (st, d.get()))
+        .collect()
+    }
+}
+
+/// A retention age: a duration, or `""` for zero (keep forever), like `"0"`.
+fn keep_or_age<'de, D: Deserializer<'de>>(d: D) -> Result<Dur, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.trim().is_empty() {
+        return Ok(Dur(Duration::ZERO));
+    }
+    Dur::deserialize(serde::de::value::StringDeserializer::<D::Error>::new(s))
+}

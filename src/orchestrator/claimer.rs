@@ -58,8 +58,16 @@ impl Orchestrator {
         let cfg = i.config.load();
         let agents = i.agents.load_full();
         let target = self.prefetch_target(cfg.workers.prefetch as usize);
+        // Paused agents are skipped here; the claim statement refuses them regardless.
+        let paused = self.paused_agents().await?;
         let mut moved = 0;
         for (name, entry) in agents.iter() {
+            if paused.contains(name) {
+                // What was claimed ahead goes back: a paused agent's tasks stay queued.
+                let held = self.take_prefetched(name, usize::MAX);
+                self.release_prefetched(held).await;
+                continue;
+            }
             let total_free =
                 (cfg.workers.concurrency as usize).saturating_sub(i.total.load(Ordering::Relaxed));
             let running_here = i.counts().get(name).copied().unwrap_or(0);
@@ -162,18 +170,29 @@ impl Orchestrator {
     /// At shutdown: prefetched tasks never started go back to the queue at once, for any
     /// instance to take (instead of waiting for their leases to lapse).
     pub(super) async fn hand_back_prefetched(&self) {
+        let all: Vec<Prefetched> = self
+            .inner
+            .prefetched()
+            .drain()
+            .flat_map(|(_, q)| q)
+            .collect();
+        self.release_prefetched(all).await;
+    }
+
+    /// Hands tasks claimed ahead back to the queue; their registrations (which keep the
+    /// leases extended) go only once that is written.
+    async fn release_prefetched(&self, held: Vec<Prefetched>) {
         let i = &self.inner;
-        let all: Vec<Prefetched> = i.prefetched().drain().flat_map(|(_, q)| q).collect();
-        if all.is_empty() {
+        if held.is_empty() {
             return;
         }
-        let ids: Vec<i64> = all.iter().map(|p| p.task.id).collect();
+        let ids: Vec<i64> = held.iter().map(|p| p.task.id).collect();
         match i.store.release(&ids, &i.instance_id).await {
             Ok(n) => tracing::info!(tasks = n, "prefetched tasks handed back to the queue"),
             Err(e) => {
                 tracing::warn!(tasks = ids.len(), error = %e, "handing back prefetched tasks failed; their leases will lapse and re-queue them")
             }
         }
-        drop(all);
+        drop(held);
     }
 }

@@ -1,5 +1,6 @@
 //! The leader's duties, done only while [`super::elector`] says this instance leads:
-//! re-queue expired leases, reap dead instances, cancel dependants of failed steps.
+//! re-queue expired leases, reap dead instances, cancel dependants of failed steps, and
+//! delete finished tasks past their retention age ([`super::retention`]).
 
 #[allow(unused_imports)]
 use super::*;
@@ -23,6 +24,7 @@ impl Orchestrator {
         let i = Arc::clone(&self.inner);
         let mut elector = Elector::new(i.instance_id.clone(), i.db.clone(), i.metrics.clone());
         let mut every = Periodic::new("leader", i.metrics.clone(), i.shutdown.clone());
+        let mut last_retention: Option<Instant> = None;
         loop {
             let cfg = i.config.load_full();
             let ttl = cfg.workers.lease.get();
@@ -31,7 +33,9 @@ impl Orchestrator {
             }
             let pass = async {
                 if elector.run_once(ttl).await {
-                    self.lead_once(&elector, &cfg).await
+                    self.lead_once(&elector, &cfg).await?;
+                    self.retain_if_due(&elector, &cfg, &mut last_retention)
+                        .await
                 } else {
                     Ok(())
                 }

@@ -10,7 +10,9 @@
 //!   planner agent's reply; [`outcome`] decides what the outcome writes; successes go to
 //!   [`completions`], written in batches;
 //! - [`leases`]: keeps this instance's leases and `instances` row fresh;
-//! - [`elector`] and [`leader`]: leadership as a row with an expiry, and the leader's duties;
+//! - [`elector`] and [`leader`]: leadership as a row with an expiry, and the leader's duties,
+//!   among them [`retention`];
+//! - [`queue`]: pause and resume an agent, retry finished tasks;
 //! - [`registry`]: the tasks running here and their cancel tokens.
 //!
 //! A task runs as one future raced against its cancellation token and its time limit; on
@@ -25,7 +27,9 @@ mod leases;
 mod notifications;
 mod outcome;
 mod planner;
+mod queue;
 pub mod registry;
+mod retention;
 mod runner;
 mod slots;
 mod submit;
@@ -52,10 +56,12 @@ use crate::orchestrator::elector::Elector;
 use crate::orchestrator::registry::{Registration, RunningTasks};
 use crate::periodic::{Periodic, Ran};
 use crate::store::{
-    Enqueued, NewObjective, NewStep, NewTask, Objective, Store, StoreError, Task, TaskStatus,
-    TransitionArgs,
+    Enqueued, NewObjective, NewStep, NewTask, Objective, PausedAgent, RetryFilter, Store,
+    StoreError, Task, TaskStatus, TransitionArgs,
 };
+
 use crate::tracker::Owner;
+pub use retention::RetentionReport;
 
 /// The step a planner objective starts with.
 pub const PLAN_STEP: &str = "plan";
@@ -122,6 +128,8 @@ struct Inner {
     prefetched: Mutex<HashMap<String, VecDeque<claimer::Prefetched>>>,
     /// When recent runs ended (at most `workers.prefetch` kept): the prefetch's measure.
     finishes: Mutex<VecDeque<Instant>>,
+    /// The agents paused cluster-wide, as the claimer last read them.
+    paused: Mutex<queue::PausedCache>,
     /// Successful outcomes waiting to be written in one batch.
     completions: mpsc::Sender<Completion>,
     completions_rx: Mutex<Option<mpsc::Receiver<Completion>>>,
@@ -280,6 +288,7 @@ impl Orchestrator {
                 slots: Mutex::new(HashMap::new()),
                 prefetched: Mutex::new(HashMap::new()),
                 finishes: Mutex::new(VecDeque::new()),
+                paused: Mutex::default(),
                 completions: ctx,
                 completions_rx: Mutex::new(Some(crx)),
                 claiming: p.shutdown.child_token(),

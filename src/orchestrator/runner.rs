@@ -224,11 +224,11 @@ impl Orchestrator {
     /// Bookkeeping after an outcome was written: metrics, log, objective follow-ups.
     pub(super) async fn finished(&self, task: &Task, to: TaskStatus, label: &str, ran: Duration) {
         let i = &self.inner;
-        let outcome = if label == "retried" { "failed" } else { label };
+        // "retried" is its own outcome: "failed" counts final failures only.
         i.metrics
             .counter(
                 m::TASKS_FINISHED_TOTAL,
-                &[("agent", &task.agent), ("outcome", outcome)],
+                &[("agent", &task.agent), ("outcome", label)],
             )
             .increment(1);
         i.metrics

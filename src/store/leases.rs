@@ -24,7 +24,9 @@ pub const TIME_OUT_OVERDUE_SQL: &str = "UPDATE tasks SET status = 'timed_out', \
 
 impl Store {
     /// Claims up to `limit` runnable tasks of `agent` for `owner` (priority, then age;
-    /// `run_after` due; dependencies succeeded), skipping rows other claimers hold.
+    /// `run_after` due; dependencies succeeded), skipping rows other claimers hold. Claims
+    /// nothing while the agent is paused (a row in `paused_agents`; one index probe, done
+    /// once per statement): a pause stops every instance's claims from the next statement.
     pub async fn claim(
         &self,
         agent: &str,
@@ -40,6 +42,7 @@ impl Store {
                     "WITH c AS ( \
                        SELECT t.id AS claim_id FROM tasks t \
                        WHERE t.status = 'queued' AND t.agent = $1 AND t.run_after <= now() \
+                         AND NOT EXISTS (SELECT 1 FROM paused_agents p WHERE p.agent = $1) \
                          AND (cardinality(t.depends_on) = 0 OR NOT EXISTS ( \
                            SELECT 1 FROM tasks d WHERE d.objective_id = t.objective_id \
                              AND d.step_key = ANY(t.depends_on) AND d.status <> 'succeeded')) \

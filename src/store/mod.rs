@@ -20,15 +20,19 @@ pub use enqueue::{Enqueued, MAX_BULK_ITEMS, UniqueScope};
 
 mod leases;
 mod objectives;
+mod queue;
+mod retention;
 mod state;
 mod view;
 
 pub use leases::{END_LEASE, NOTIFY_CHANNEL, TIME_OUT_OVERDUE_SQL};
 pub use objectives::{NewObjective, NewStep, Objective, ObjectiveStatus, validate_objective};
+pub use queue::{MAX_EXTRA_ATTEMPTS, PausedAgent, RetryFilter};
+pub use retention::{Deleted, RetentionAges};
 pub use state::TaskStatus;
-pub use view::DbView;
+pub use view::{DbView, QueueView};
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -52,6 +56,8 @@ pub enum StoreError {
         from: TaskStatus,
         to: TaskStatus,
     },
+    #[error("task {id} cannot be retried: {reason}")]
+    NotRetryable { id: i64, reason: String },
     #[error("task {id}: lease no longer ours (held by {holder:?})")]
     LeaseLost { id: i64, holder: Option<String> },
     #[error("{field}: {message}")]
@@ -520,6 +526,13 @@ mod tests {
             }
         }
         assert!(!Queued.can_transition_to(Succeeded));
+        // Out of a final status only an explicit retry leads, and only back to the queue.
+        assert_eq!(
+            TaskStatus::retry_allowed_from(),
+            vec!["failed", "cancelled", "timed_out"]
+        );
+        assert!(!Succeeded.can_retry());
+        assert!(!Queued.can_retry() && !Running.can_retry());
         assert!(!Queued.can_transition_to(Queued));
         assert_eq!(
             TaskStatus::allowed_from(Cancelled),

@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskStatus {
     Queued,
@@ -49,7 +49,8 @@ impl TaskStatus {
     }
 
     /// The state machine: queued → running → succeeded | failed | cancelled | timed_out;
-    /// running → queued (retry, lease expiry, shutdown); queued → cancelled.
+    /// running → queued (retry, lease expiry, shutdown); queued → cancelled. Final statuses
+    /// are left only by an explicit retry ([`TaskStatus::can_retry`]), never here.
     pub fn can_transition_to(self, to: TaskStatus) -> bool {
         use TaskStatus::*;
         matches!(
@@ -62,6 +63,26 @@ impl TaskStatus {
                 | (Running, TimedOut)
                 | (Running, Queued)
         )
+    }
+
+    /// The one edge out of a final status: an explicit retry (`Store::retry`, from the API
+    /// or the CLI) may put a failed, cancelled or timed-out task back in the queue. No other
+    /// writer may: [`TaskStatus::can_transition_to`] keeps final statuses final, so
+    /// `Store::transition` and every loop still refuse `failed -> queued`.
+    pub fn can_retry(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Failed | TaskStatus::Cancelled | TaskStatus::TimedOut
+        )
+    }
+
+    /// The statuses a retry moves to `queued` from (the allowed set of `Store::retry`).
+    pub fn retry_allowed_from() -> Vec<&'static str> {
+        TaskStatus::ALL
+            .iter()
+            .filter(|from| from.can_retry())
+            .map(|s| s.as_str())
+            .collect()
     }
 
     /// Every status from which `to` may be reached.

@@ -33,21 +33,51 @@ impl Store {
     }
 }
 
-/// Task counts and instances as read at one moment: what `/v1/status` shows and the
-/// supervisor's task gauges record. Kept with its time so a reader that cannot reach the
-/// database (pool exhausted, link down) can still answer, saying how old it is.
+/// Task counts, queues and instances as read at one moment: what `/v1/status` shows and
+/// the supervisor's task and queue gauges record. Kept with its time so a reader that
+/// cannot reach the database (pool exhausted, link down) can still answer, saying how old
+/// it is.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DbView {
     pub as_of: chrono::DateTime<chrono::Utc>,
     /// Every status, zero when none.
     pub tasks_by_status: std::collections::BTreeMap<String, i64>,
     pub oldest_running_seconds: f64,
+    /// Per agent with queued tasks or a pause: its queue.
+    pub queues: std::collections::BTreeMap<String, QueueView>,
     pub instances: Vec<serde_json::Value>,
 }
 
+/// One agent's queue.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct QueueView {
+    /// Queued tasks, due or not (backoff, `run_after`, steps waiting for dependencies).
+    pub queued: i64,
+    /// How long the oldest due task has waited since it became due (Sidekiq's latency):
+    /// queued tasks whose `run_after` has passed and that wait for no dependency; 0 when
+    /// none.
+    pub oldest_queued_seconds: f64,
+    pub paused: bool,
+    pub paused_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 impl DbView {
-    pub const COUNTS_SQL: &str = "SELECT status, count(*), \
-        extract(epoch FROM now() - min(started_at))::float8 FROM tasks GROUP BY status";
+    /// One statement, one row per figure (`kind`, `key`, count, seconds, paused_at): task
+    /// counts by status (with the oldest running task's age), queued tasks by agent (the
+    /// partial index `tasks_runnable_idx` holds exactly these rows), paused agents.
+    pub const COUNTS_SQL: &str = "\
+        SELECT 'status' AS kind, status AS key, count(*) AS n, \
+          extract(epoch FROM now() - min(started_at))::float8 AS secs, \
+          NULL::timestamptz AS paused_at \
+        FROM tasks GROUP BY status \
+        UNION ALL \
+        SELECT 'queue', agent, count(*), \
+          COALESCE(extract(epoch FROM now() - min(run_after) \
+            FILTER (WHERE run_after <= now() AND cardinality(depends_on) = 0))::float8, 0), \
+          NULL \
+        FROM tasks WHERE status = 'queued' GROUP BY agent \
+        UNION ALL \
+        SELECT 'paused', agent, 0, 0, paused_at FROM paused_agents";
     pub const INSTANCES_SQL: &str = "SELECT i.id, i.hostname, i.pid, i.version, i.started_at, \
         i.heartbeat_at, COALESCE(l.leader_id = i.id AND l.expires_at > now(), false) \
         FROM instances i LEFT JOIN leader l ON true ORDER BY i.started_at";
@@ -58,17 +88,38 @@ impl DbView {
             .map(|st| (st.as_str().to_string(), 0))
             .collect();
         let mut oldest_running_seconds = 0.0;
+        let mut queues: std::collections::BTreeMap<String, QueueView> = Default::default();
         for r in counts {
-            let status: String = r.get(0);
-            if status == "running" {
-                oldest_running_seconds = r.get::<_, Option<f64>>(2).unwrap_or(0.0);
+            let (Ok(kind), Ok(key)) = (r.try_get::<_, &str>(0), r.try_get::<_, String>(1)) else {
+                continue;
+            };
+            let n: i64 = r.try_get(2).unwrap_or(0);
+            let secs: f64 = r.try_get::<_, Option<f64>>(3).ok().flatten().unwrap_or(0.0);
+            match kind {
+                "status" => {
+                    if key == "running" {
+                        oldest_running_seconds = secs;
+                    }
+                    tasks_by_status.insert(key, n);
+                }
+                "queue" => {
+                    let q = queues.entry(key).or_default();
+                    q.queued = n;
+                    q.oldest_queued_seconds = secs.max(0.0);
+                }
+                "paused" => {
+                    let q = queues.entry(key).or_default();
+                    q.paused = true;
+                    q.paused_at = r.try_get(4).ok().flatten();
+                }
+                _ => {}
             }
-            tasks_by_status.insert(status, r.get(1));
         }
         DbView {
             as_of: chrono::Utc::now(),
             tasks_by_status,
             oldest_running_seconds,
+            queues,
             instances: instances
                 .iter()
                 .map(|r| {

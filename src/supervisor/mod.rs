@@ -100,6 +100,8 @@ pub struct Supervisor {
     pid: sysinfo::Pid,
     last_cpu_sample: Option<Instant>,
     last_resource_log: Option<Instant>,
+    /// Agents whose queue gauges have been written.
+    queue_agents: std::collections::BTreeSet<String>,
 }
 
 impl Supervisor {
@@ -125,6 +127,7 @@ impl Supervisor {
             pid: sysinfo::Pid::from_u32(std::process::id()),
             last_cpu_sample: None,
             last_resource_log: None,
+            queue_agents: Default::default(),
         }
     }
 
@@ -321,8 +324,31 @@ impl Supervisor {
         self.metrics
             .gauge(m::TASK_RUNNING_OLDEST_SECONDS, &[])
             .set(view.oldest_running_seconds);
+        self.record_queue_gauges(cfg, &view);
         self.heartbeat.set_view(view);
         Ok(())
+    }
+
+    /// Queue depth, latency and pause per agent: every configured agent, every agent the
+    /// view names, and every agent seen before (set to 0 once its queue is gone, so no
+    /// series keeps a stale value).
+    fn record_queue_gauges(&mut self, cfg: &Config, view: &DbView) {
+        self.queue_agents.extend(cfg.agents.keys().cloned());
+        self.queue_agents.extend(view.queues.keys().cloned());
+        let empty = crate::store::QueueView::default();
+        for agent in &self.queue_agents {
+            let q = view.queues.get(agent).unwrap_or(&empty);
+            let labels = [("agent", agent.as_str())];
+            self.metrics
+                .gauge(m::QUEUE_DEPTH, &labels)
+                .set(q.queued as f64);
+            self.metrics
+                .gauge(m::QUEUE_OLDEST_SECONDS, &labels)
+                .set(q.oldest_queued_seconds);
+            self.metrics
+                .gauge(m::AGENT_PAUSED, &labels)
+                .set(if q.paused { 1.0 } else { 0.0 });
+        }
     }
 
     async fn check_backends(
