@@ -669,3 +669,49 @@ async fn a_pause_and_resume_made_elsewhere_reach_this_claimer() {
     );
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_never_takes_an_active_unique_key_another_task_holds() {
+    let t = TestDb::new().await;
+    let db: Db = t.pool(2, 0, Duration::from_secs(5));
+    let store = Store::new(db, 3);
+    let c = t.admin().await;
+    // A failed task that held key k, and a newer queued task that holds k now.
+    let mut ids = Vec::new();
+    for status in ["failed", "queued"] {
+        let id: i64 = c
+            .query_one(
+                "INSERT INTO tasks (agent, status, attempts, max_attempts, error, finished_at, unique_key, unique_scope) \
+                 VALUES ('a', $1, 1, 1, CASE WHEN $1 = 'failed' THEN 'boom' END, \
+                         CASE WHEN $1 = 'failed' THEN now() END, 'k', 'active') RETURNING id",
+                &[&status],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        ids.push(id);
+    }
+    match store.retry_task(ids[0], 1).await {
+        Err(StoreError::NotRetryable { id, reason }) => {
+            assert_eq!(id, ids[0]);
+            assert!(reason.contains("unique_key"), "{reason}");
+        }
+        other => panic!("retry while the key is held elsewhere: {other:?}"),
+    }
+    // By filter it is skipped, not an error.
+    let f = RetryFilter {
+        agent: Some("a".into()),
+        status: Some(TaskStatus::Failed),
+        limit: 10,
+    };
+    assert!(store.retry_tasks(&f, 1).await.unwrap().is_empty());
+    // Once the holder has finished, the retry goes through.
+    c.execute(
+        "UPDATE tasks SET status = 'succeeded', finished_at = now() WHERE id = $1",
+        &[&ids[1]],
+    )
+    .await
+    .unwrap();
+    let again = store.retry_task(ids[0], 1).await.unwrap();
+    assert_eq!(again.status, TaskStatus::Queued);
+}

@@ -137,7 +137,8 @@ impl Store {
                 ),
                 &[&allowed, &extra_attempts, &MAX_EVENTS_PER_TASK, &id],
             )
-            .await?;
+            .await
+            .map_err(|e| key_taken(e, id))?;
         if let Some(row) = rows.first() {
             let t = Task::from_row(row)?;
             s.execute("SELECT pg_notify($1, '')", &[&NOTIFY_CHANNEL])
@@ -177,7 +178,8 @@ impl Store {
     }
 
     /// [`Store::retry_task`] for every task matching `f` (run-slot tasks left out), in id
-    /// order, skipping rows another writer holds. Returns the retried tasks.
+    /// order, skipping rows another writer holds and tasks whose `active` unique key another
+    /// task holds now. Returns the retried tasks.
     pub async fn retry_tasks(
         &self,
         f: &RetryFilter,
@@ -204,10 +206,14 @@ impl Store {
         let rows = s
             .query(
                 &retry_sql(
-                    "SELECT id AS pick_id, status AS was, error AS was_error FROM tasks \
+                    &"SELECT id AS pick_id, status AS was, error AS was_error FROM tasks \
                      WHERE status = ANY($1) AND session_id IS NULL \
                        AND ($4::text IS NULL OR agent = $4) \
-                     ORDER BY id LIMIT $5 FOR UPDATE SKIP LOCKED",
+                       AND NOT (unique_scope = 'active' AND EXISTS ( \
+                         SELECT 1 FROM tasks o WHERE o.unique_key = tasks.unique_key \
+                           AND o.id <> tasks.id AND (KEY_HELD))) \
+                     ORDER BY id LIMIT $5 FOR UPDATE SKIP LOCKED"
+                        .replace("KEY_HELD", KEY_HELD_BY_O),
                 ),
                 &[
                     &allowed,
@@ -217,7 +223,8 @@ impl Store {
                     &f.limit,
                 ],
             )
-            .await?;
+            .await
+            .map_err(|e| key_taken(e, 0))?;
         let tasks: Vec<Task> = rows.iter().map(Task::from_row).collect::<Result<_, _>>()?;
         if !tasks.is_empty() {
             s.execute("SELECT pg_notify($1, '')", &[&NOTIFY_CHANNEL])
@@ -246,4 +253,22 @@ fn validate_extra_attempts(n: i32) -> Result<(), StoreError> {
         ));
     }
     Ok(())
+}
+
+/// "Another task holds this unique key" as `tasks_unique_key_idx` (migration V4) defines
+/// holding it, for a row aliased `o`.
+const KEY_HELD_BY_O: &str = "(o.unique_scope = 'queued' AND o.status = 'queued' AND o.started_at IS NULL) \
+     OR (o.unique_scope = 'active' AND o.status IN ('queued', 'running')) \
+     OR (o.unique_scope = 'period' AND o.unique_until IS NOT NULL)";
+
+/// A retry that would put a task back in the queue while another task holds its `active`
+/// unique key breaks `tasks_unique_key_idx` (23505): a conflict, not a server error.
+fn key_taken(e: crate::db::DbError, id: i64) -> StoreError {
+    if e.sqlstate() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+        return StoreError::NotRetryable {
+            id,
+            reason: "another task holds its unique_key now".into(),
+        };
+    }
+    StoreError::from(e)
 }
