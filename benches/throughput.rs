@@ -83,6 +83,25 @@ async fn baseline(c: &tokio_postgres::Client, n: i64) -> Duration {
     t.elapsed()
 }
 
+/// The plain-SQL loop on `conns` connections at once, until every task succeeded.
+async fn baseline_on(pg: &tokio_postgres::Config, n: i64, conns: usize) -> Duration {
+    let mut clients = Vec::new();
+    for _ in 0..conns {
+        let (client, conn) = pg.connect(tokio_postgres::NoTls).await.expect("connect");
+        tokio::spawn(conn);
+        clients.push(client);
+    }
+    let t = Instant::now();
+    let runs: Vec<_> = clients
+        .into_iter()
+        .map(|c| tokio::spawn(async move { baseline(&c, n).await }))
+        .collect();
+    for r in runs {
+        r.await.expect("baseline connection");
+    }
+    t.elapsed()
+}
+
 async fn orchestrated(
     pg: &tokio_postgres::Config,
     c: &tokio_postgres::Client,
@@ -98,6 +117,45 @@ async fn orchestrated(
     let took = t.elapsed();
     run.stop().await.expect("stop");
     took
+}
+
+/// Where the database's write-transaction counter (the next transaction id: only a
+/// transaction that writes takes one) and its WAL stood.
+struct Mark {
+    xid: i64,
+    lsn: String,
+}
+
+async fn mark(c: &tokio_postgres::Client) -> Mark {
+    let r = c
+        .query_one(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint, pg_current_wal_lsn()::text",
+            &[],
+        )
+        .await
+        .expect("mark");
+    Mark {
+        xid: r.get(0),
+        lsn: r.get(1),
+    }
+}
+
+/// Write transactions per 1,000 tasks and WAL bytes per task since `m`.
+async fn cost(c: &tokio_postgres::Client, m: &Mark, n: i64) -> String {
+    let r = c
+        .query_one(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint - $1, \
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), $2::text::pg_lsn)::float8",
+            &[&m.xid, &m.lsn],
+        )
+        .await
+        .expect("cost");
+    let (xacts, wal): (i64, f64) = (r.get(0), r.get(1));
+    format!(
+        "{:>6.1} write tx/1000 tasks {:>7.0} WAL B/task",
+        xacts as f64 * 1000.0 / n as f64,
+        wal / n as f64
+    )
 }
 
 fn rate(n: i64, d: Duration) -> f64 {
@@ -119,7 +177,18 @@ async fn main() {
          table is truncated, refilled and VACUUM ANALYZEd"
     );
     let e1 = prepare(c, n).await;
+    let m = mark(c).await;
     let base = baseline(c, n).await;
+    let base_cost = cost(c, &m, n).await;
+    prepare(c, n).await;
+    let m4 = mark(c).await;
+    let base4 = baseline_on(pg, n, 4).await;
+    let base4_cost = cost(c, &m4, n).await;
+    assert_eq!(
+        succeeded(c).await,
+        n,
+        "the 4-connection baseline did not finish"
+    );
     assert_eq!(
         succeeded(c).await,
         n,
@@ -131,13 +200,20 @@ async fn main() {
         rate(n, e1)
     );
     println!(
-        "{:<52} {:>10.0} tasks/s  (baseline)",
-        "plain SQL claim 100 + complete",
+        "{:<52} {:>10.0} tasks/s  (baseline)  {base_cost}",
+        "plain SQL claim 100 + complete, 1 connection",
         rate(n, base)
+    );
+    println!(
+        "{:<52} {:>10.0} tasks/s  (baseline 4)  {base4_cost}",
+        "plain SQL claim 100 + complete, 4 connections",
+        rate(n, base4)
     );
     for conc in [None, Some(100u32)] {
         prepare(c, n).await;
+        let m = mark(c).await;
         let orch = orchestrated(pg, c, n, conc).await;
+        let spent = cost(c, &m, n).await;
         let label = match conc {
             None => format!(
                 "defaults (concurrency {}, pool {}+{})",
@@ -148,10 +224,11 @@ async fn main() {
             Some(k) => format!("concurrency {k}"),
         };
         println!(
-            "{:<52} {:>10.0} tasks/s  ({:.2} of baseline)",
+            "{:<52} {:>10.0} tasks/s  ({:.2} of baseline, {:.2} of baseline 4)  {spent}",
             format!("taskwarden, {label}"),
             rate(n, orch),
-            base.as_secs_f64() / orch.as_secs_f64()
+            base.as_secs_f64() / orch.as_secs_f64(),
+            base4.as_secs_f64() / orch.as_secs_f64()
         );
     }
 
@@ -171,6 +248,7 @@ async fn main() {
                 label.push_str(" + direct_url");
             }
             let before = succeeded(c).await;
+            let m = mark(c).await;
             let t = Instant::now();
             let run = orchestrator_with(&via, cfg, "noop", Duration::ZERO).await;
             while succeeded(c).await - before < n {
@@ -178,11 +256,13 @@ async fn main() {
             }
             let took = t.elapsed();
             run.stop().await.expect("stop");
+            let spent = cost(c, &m, n).await;
             println!(
-                "{:<52} {:>10.0} tasks/s  ({:.2} of baseline)",
+                "{:<52} {:>10.0} tasks/s  ({:.2} of baseline, {:.2} of baseline 4)  {spent}",
                 label,
                 rate(n, took),
-                base.as_secs_f64() / took.as_secs_f64()
+                base.as_secs_f64() / took.as_secs_f64(),
+                base4.as_secs_f64() / took.as_secs_f64()
             );
         }
     } else {
