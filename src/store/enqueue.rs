@@ -178,136 +178,13 @@ impl Store {
 
     /// Writes validated items in one statement.
     async fn write_bulk(&self, items: &[NewTask]) -> Result<Vec<Enqueued>, StoreError> {
-        let agents: Vec<&str> = items.iter().map(|t| t.agent.as_str()).collect();
-        let payloads: Vec<&serde_json::Value> = items.iter().map(|t| &t.payload).collect();
-        let sessions: Vec<Option<&str>> = items.iter().map(|t| t.slot_id.as_deref()).collect();
-        let priorities: Vec<i32> = items.iter().map(|t| t.priority).collect();
-        let max_attempts: Vec<i32> = items
-            .iter()
-            .map(|t| t.max_attempts.unwrap_or(self.default_max_attempts))
-            .collect();
-        let run_after: Vec<Option<DateTime<Utc>>> = items.iter().map(|t| t.run_after).collect();
+        let cols = Columns::of(items, self.default_max_attempts);
         let s = self.session("store.enqueue_many").await?;
         if items.iter().all(|t| t.unique_key.is_none()) {
-            // No keys: one plain INSERT. Ids come from the sequence in the SELECT's order,
-            // so sorting by id gives the items' order back.
-            let rows = s
-                .query(
-                    &format!(
-                        "INSERT INTO tasks (agent, payload, session_id, priority, max_attempts, run_after) \
-                         SELECT agent, payload, session_id, priority, max_attempts, COALESCE(run_after, now()) \
-                         FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::int4[], $5::int4[], \
-                                     $6::timestamptz[]) WITH ORDINALITY \
-                              AS i(agent, payload, session_id, priority, max_attempts, run_after, n) \
-                         ORDER BY n RETURNING {TASK_COLUMNS}"
-                    ),
-                    &[
-                        &agents,
-                        &payloads,
-                        &sessions,
-                        &priorities,
-                        &max_attempts,
-                        &run_after,
-                    ],
-                )
-                .await?;
-            let mut tasks = rows
-                .iter()
-                .map(Task::from_row)
-                .collect::<Result<Vec<_>, _>>()?;
-            if tasks.len() != items.len() {
-                return Err(StoreError::Corrupt(format!(
-                    "bulk insert wrote {} rows for {} items",
-                    tasks.len(),
-                    items.len()
-                )));
-            }
-            tasks.sort_by_key(|t| t.id);
-            tracing::debug!(count = tasks.len(), "tasks created in bulk");
-            return Ok(tasks
-                .into_iter()
-                .map(|task| Enqueued {
-                    task,
-                    duplicate: false,
-                })
-                .collect());
+            insert_plain(&s, &cols, items.len()).await
+        } else {
+            insert_keyed(&s, &cols, items).await
         }
-        let keys: Vec<Option<&str>> = items.iter().map(|t| t.unique_key.as_deref()).collect();
-        let scopes: Vec<Option<&str>> = items
-            .iter()
-            .map(|t| t.scope().map(|s| s.as_str()))
-            .collect();
-        let periods: Vec<Option<f64>> = items
-            .iter()
-            .map(|t| t.unique_for.map(|d| d.get().as_secs_f64()))
-            .collect();
-        // One statement: the function runs per item in the items' order, each call seeing
-        // the rows of the calls before it, so a key repeated within the bulk is a duplicate
-        // of its first item.
-        let rows = s
-            .query(
-                "SELECT e.task_id, e.duplicate \
-                 FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::int4[], $5::int4[], \
-                             $6::timestamptz[], $7::text[], $8::text[], $9::float8[]) WITH ORDINALITY \
-                      AS i(agent, payload, session_id, priority, max_attempts, run_after, \
-                           unique_key, unique_scope, unique_for, n) \
-                 CROSS JOIN LATERAL taskwarden_enqueue_detailed( \
-                     i.agent, i.payload, i.priority, i.max_attempts, COALESCE(i.run_after, now()), \
-                     i.unique_key, i.unique_scope, make_interval(secs => i.unique_for), i.session_id) e \
-                 ORDER BY i.n",
-                &[
-                    &agents,
-                    &payloads,
-                    &sessions,
-                    &priorities,
-                    &max_attempts,
-                    &run_after,
-                    &keys,
-                    &scopes,
-                    &periods,
-                ],
-            )
-            .await?;
-        let mut answers = Vec::with_capacity(rows.len());
-        for r in &rows {
-            answers.push((r.try_get::<_, i64>(0)?, r.try_get::<_, bool>(1)?));
-        }
-        if answers.len() != items.len() {
-            return Err(StoreError::Corrupt(format!(
-                "enqueue answered {} rows for {} items",
-                answers.len(),
-                items.len()
-            )));
-        }
-        let ids: Vec<i64> = answers.iter().map(|(id, _)| *id).collect();
-        // A fresh statement sees the rows the function wrote and the holders it found.
-        let rows = s
-            .query(
-                &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY($1)"),
-                &[&ids],
-            )
-            .await?;
-        let mut by_id = HashMap::with_capacity(rows.len());
-        for r in &rows {
-            let t = Task::from_row(r)?;
-            by_id.insert(t.id, t);
-        }
-        let duplicates = answers.iter().filter(|(_, d)| *d).count();
-        tracing::debug!(
-            count = answers.len(),
-            duplicates,
-            "tasks enqueued with unique keys"
-        );
-        answers
-            .into_iter()
-            .map(|(id, duplicate)| {
-                by_id
-                    .get(&id)
-                    .cloned()
-                    .map(|task| Enqueued { task, duplicate })
-                    .ok_or(StoreError::TaskNotFound(id))
-            })
-            .collect()
     }
 
     /// Records this instance's `workers.max_attempts` as the default of enqueues from SQL
@@ -323,4 +200,157 @@ impl Store {
         .await?;
         Ok(())
     }
+}
+
+/// The items' fields as column arrays, for `unnest`.
+struct Columns<'a> {
+    agents: Vec<&'a str>,
+    payloads: Vec<&'a serde_json::Value>,
+    sessions: Vec<Option<&'a str>>,
+    priorities: Vec<i32>,
+    max_attempts: Vec<i32>,
+    run_after: Vec<Option<DateTime<Utc>>>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(items: &'a [NewTask], default_max_attempts: i32) -> Self {
+        Columns {
+            agents: items.iter().map(|t| t.agent.as_str()).collect(),
+            payloads: items.iter().map(|t| &t.payload).collect(),
+            sessions: items.iter().map(|t| t.slot_id.as_deref()).collect(),
+            priorities: items.iter().map(|t| t.priority).collect(),
+            max_attempts: items
+                .iter()
+                .map(|t| t.max_attempts.unwrap_or(default_max_attempts))
+                .collect(),
+            run_after: items.iter().map(|t| t.run_after).collect(),
+        }
+    }
+}
+
+/// No unique keys: one plain INSERT. Ids come from the sequence in the SELECT's order, so
+/// sorting by id gives the items' order back.
+async fn insert_plain(s: &Session, c: &Columns<'_>, n: usize) -> Result<Vec<Enqueued>, StoreError> {
+    let rows = s
+        .query(
+            &format!(
+                "INSERT INTO tasks (agent, payload, session_id, priority, max_attempts, run_after) \
+                 SELECT agent, payload, session_id, priority, max_attempts, COALESCE(run_after, now()) \
+                 FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::int4[], $5::int4[], \
+                             $6::timestamptz[]) WITH ORDINALITY \
+                      AS i(agent, payload, session_id, priority, max_attempts, run_after, n) \
+                 ORDER BY n RETURNING {TASK_COLUMNS}"
+            ),
+            &[
+                &c.agents,
+                &c.payloads,
+                &c.sessions,
+                &c.priorities,
+                &c.max_attempts,
+                &c.run_after,
+            ],
+        )
+        .await?;
+    let mut tasks = rows
+        .iter()
+        .map(Task::from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    if tasks.len() != n {
+        return Err(StoreError::Corrupt(format!(
+            "bulk insert wrote {} rows for {n} items",
+            tasks.len()
+        )));
+    }
+    tasks.sort_by_key(|t| t.id);
+    tracing::debug!(count = tasks.len(), "tasks created in bulk");
+    Ok(tasks
+        .into_iter()
+        .map(|task| Enqueued {
+            task,
+            duplicate: false,
+        })
+        .collect())
+}
+
+/// With unique keys: one statement in which the SQL function runs per item in the items'
+/// order, each call seeing the rows of the calls before it, so a key repeated within the
+/// bulk is a duplicate of its first item; then the tasks it answered, read afresh.
+async fn insert_keyed(
+    s: &Session,
+    c: &Columns<'_>,
+    items: &[NewTask],
+) -> Result<Vec<Enqueued>, StoreError> {
+    let keys: Vec<Option<&str>> = items.iter().map(|t| t.unique_key.as_deref()).collect();
+    let scopes: Vec<Option<&str>> = items
+        .iter()
+        .map(|t| t.scope().map(|s| s.as_str()))
+        .collect();
+    let periods: Vec<Option<f64>> = items
+        .iter()
+        .map(|t| t.unique_for.map(|d| d.get().as_secs_f64()))
+        .collect();
+    let rows = s
+        .query(
+            "SELECT e.task_id, e.duplicate \
+             FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::int4[], $5::int4[], \
+                         $6::timestamptz[], $7::text[], $8::text[], $9::float8[]) WITH ORDINALITY \
+                  AS i(agent, payload, session_id, priority, max_attempts, run_after, \
+                       unique_key, unique_scope, unique_for, n) \
+             CROSS JOIN LATERAL taskwarden_enqueue_detailed( \
+                 i.agent, i.payload, i.priority, i.max_attempts, COALESCE(i.run_after, now()), \
+                 i.unique_key, i.unique_scope, make_interval(secs => i.unique_for), i.session_id) e \
+             ORDER BY i.n",
+            &[
+                &c.agents,
+                &c.payloads,
+                &c.sessions,
+                &c.priorities,
+                &c.max_attempts,
+                &c.run_after,
+                &keys,
+                &scopes,
+                &periods,
+            ],
+        )
+        .await?;
+    let mut answers = Vec::with_capacity(rows.len());
+    for r in &rows {
+        answers.push((r.try_get::<_, i64>(0)?, r.try_get::<_, bool>(1)?));
+    }
+    if answers.len() != items.len() {
+        return Err(StoreError::Corrupt(format!(
+            "enqueue answered {} rows for {} items",
+            answers.len(),
+            items.len()
+        )));
+    }
+    let ids: Vec<i64> = answers.iter().map(|(id, _)| *id).collect();
+    // A fresh statement sees the rows the function wrote and the holders it found.
+    let rows = s
+        .query(
+            &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY($1)"),
+            &[&ids],
+        )
+        .await?;
+    let mut by_id = HashMap::with_capacity(rows.len());
+    for r in &rows {
+        let t = Task::from_row(r)?;
+        by_id.insert(t.id, t);
+    }
+    let duplicates = answers.iter().filter(|(_, d)| *d).count();
+    tracing::debug!(
+        count = answers.len(),
+        duplicates,
+        "tasks enqueued with unique keys"
+    );
+    answers
+        .into_iter()
+        .map(|(id, duplicate)| {
+            by_id
+                .get(&id)
+                .cloned()
+                .map(|task| Enqueued { task, duplicate })
+                .ok_or(StoreError::TaskNotFound(id))
+        })
+        .collect()
 }
