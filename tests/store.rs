@@ -568,3 +568,40 @@ async fn a_task_list_stops_at_its_byte_budget_and_says_where_to_go_on() {
     assert_eq!(page.len(), 3);
     assert!(!cut);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completion_batches_and_lease_extensions_over_the_same_rows_never_deadlock() {
+    // The completion writer finishes tasks in the order they ended; the lease keeper
+    // extends every lease at once. Both lock rows in id order, so running them side by side
+    // over the same rows, batch after batch, never trips the deadlock detector.
+    let t = TestDb::new().await;
+    let s = Store::new(t.pool(4, 0, Duration::from_secs(5)), 3);
+    let c = t.admin().await;
+    c.batch_execute(
+        "INSERT INTO tasks (agent, status, attempts, started_at, lease_owner, lease_expires_at) \
+         SELECT 'a', 'running', 1, now(), 'x', now() + interval '1 minute' \
+         FROM generate_series(1, 600)",
+    )
+    .await
+    .unwrap();
+    let mut ids: Vec<i64> = c
+        .query("SELECT id FROM tasks ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    while ids.len() > 30 {
+        // The batch in descending order, the extension over everything left.
+        let batch: Vec<i64> = ids.split_off(ids.len() - 30).into_iter().rev().collect();
+        let results = vec![None; batch.len()];
+        let everything: Vec<i64> = ids.iter().chain(batch.iter()).copied().collect();
+        let (done, extended) = tokio::join!(
+            s.complete_batch(&batch, &results, "x"),
+            s.extend_leases(&everything, "x", Duration::from_secs(60)),
+        );
+        let done = done.expect("completion batch");
+        extended.expect("lease extension");
+        assert_eq!(done.len(), batch.len());
+    }
+}

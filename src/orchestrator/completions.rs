@@ -72,7 +72,11 @@ impl Orchestrator {
                     break;
                 }
                 Err(e) => {
-                    tracing::error!(tasks = ids.len(), attempt, error = %e, "writing task completions failed; retrying");
+                    if e.is_transient() {
+                        tracing::warn!(tasks = ids.len(), attempt, error = %e, "writing task completions failed; retrying");
+                    } else {
+                        tracing::error!(tasks = ids.len(), attempt, error = %e, "writing task completions failed; retrying");
+                    }
                     if !self.retry_pause(&mut attempt).await {
                         break;
                     }

@@ -1,6 +1,9 @@
 //! The SQL of claiming, leasing and finishing tasks: what the orchestrator's claimer,
 //! lease keeper, leader, completion writer and session slots do to `tasks` and
 //! `instances`. Every status write names the state machine's allowed set for its target.
+//! A statement that writes several rows this instance may also touch in another statement
+//! (completion batch, lease extension, re-queue, hand-back) locks them in id order first
+//! (`ORDER BY id FOR UPDATE` in a CTE), so two such writers never deadlock.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -71,10 +74,11 @@ impl Store {
         let n = s
             .execute(
                 &format!(
-                    "UPDATE tasks SET status = 'queued', attempts = greatest(attempts - 1, 0), \
+                    "WITH l AS (SELECT id FROM tasks WHERE id = ANY($1) AND lease_owner = $2 \
+                       AND status = 'running' AND status = ANY($3) ORDER BY id FOR UPDATE) \
+                     UPDATE tasks t SET status = 'queued', attempts = greatest(t.attempts - 1, 0), \
                        started_at = NULL, {END_LEASE}, updated_at = now() \
-                     WHERE id = ANY($1) AND lease_owner = $2 AND status = 'running' \
-                       AND status = ANY($3)"
+                     FROM l WHERE t.id = l.id"
                 ),
                 &[&ids, &owner, &allowed],
             )
@@ -113,8 +117,10 @@ impl Store {
         let s = self.session("store.extend_leases").await?;
         let rows = s
             .query(
-                "UPDATE tasks SET lease_expires_at = now() + make_interval(secs => $3) \
-                 WHERE id = ANY($1) AND lease_owner = $2 AND status = 'running' RETURNING id",
+                "WITH l AS (SELECT id FROM tasks WHERE id = ANY($1) AND lease_owner = $2 \
+                   AND status = 'running' ORDER BY id FOR UPDATE) \
+                 UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => $3) \
+                 FROM l WHERE t.id = l.id RETURNING t.id",
                 &[&ids, &owner, &lease.as_secs_f64()],
             )
             .await?;
@@ -136,14 +142,16 @@ impl Store {
         let rows = s
             .query(
                 &format!(
-                    "UPDATE tasks SET \
+                    "WITH l AS (SELECT id FROM tasks WHERE status = 'running' \
+                       AND status = ANY($3) AND status = ANY($4) AND lease_expires_at < now() \
+                       AND NOT (lease_owner = $1 AND id = ANY($2)) \
+                       ORDER BY id FOR UPDATE SKIP LOCKED) \
+                     UPDATE tasks t SET \
                        status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END, \
                        finished_at = CASE WHEN attempts >= max_attempts THEN now() END, \
                        error = 'lease expired (held by ' || COALESCE(lease_owner, '?') || ')', \
                        {END_LEASE}, run_after = now(), updated_at = now() \
-                     WHERE status = 'running' AND status = ANY($3) AND status = ANY($4) \
-                       AND lease_expires_at < now() \
-                       AND NOT (lease_owner = $1 AND id = ANY($2)) RETURNING id"
+                     FROM l WHERE t.id = l.id RETURNING t.id"
                 ),
                 &[&owner, &local, &to_queued, &to_failed],
             )
@@ -182,11 +190,12 @@ impl Store {
         let rows = s
             .query(
                 &format!(
-                    "UPDATE tasks t SET status = 'succeeded', finished_at = now(), \
+                    "WITH l AS (SELECT id FROM tasks WHERE id = ANY($1) AND status = ANY($3) \
+                       AND lease_owner = $4 ORDER BY id FOR UPDATE) \
+                     UPDATE tasks t SET status = 'succeeded', finished_at = now(), \
                        updated_at = now(), {END_LEASE}, result = v.result \
-                     FROM unnest($1::bigint[], $2::jsonb[]) AS v(id, result) \
-                     WHERE t.id = v.id AND t.status = ANY($3) AND t.lease_owner = $4 \
-                     RETURNING t.id"
+                     FROM unnest($1::bigint[], $2::jsonb[]) AS v(id, result), l \
+                     WHERE t.id = v.id AND t.id = l.id RETURNING t.id"
                 ),
                 &[&ids, &results, &allowed, &owner],
             )
