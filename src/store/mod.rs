@@ -22,13 +22,15 @@ mod leases;
 mod objectives;
 mod queue;
 mod retention;
+mod schedules;
 mod state;
 mod view;
 
-pub use leases::{END_LEASE, NOTIFY_CHANNEL, TIME_OUT_OVERDUE_SQL};
+pub use leases::{Claimed, END_LEASE, NOTIFY_CHANNEL, TIME_OUT_OVERDUE_SQL};
 pub use objectives::{NewObjective, NewStep, Objective, ObjectiveStatus, validate_objective};
 pub use queue::{MAX_EXTRA_ATTEMPTS, PausedAgent, RetryFilter};
 pub use retention::{Deleted, RetentionAges};
+pub use schedules::{Fired, ScheduledTask};
 pub use state::TaskStatus;
 pub use view::{DbView, QueueView};
 
