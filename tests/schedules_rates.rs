@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::daemon::Daemon;
-use common::{TestDb, count};
+use common::{TestDb, count, eventually};
 use nix::sys::signal::Signal;
 
 const READY: &str = "taskwarden ready";
@@ -320,4 +320,78 @@ fn promtool_check_metrics(text: &str) {
         out.status.success() && said.trim().is_empty(),
         "promtool: {said}"
     );
+}
+
+/// A command agent that snoozes once (`{"snooze": 2}`) and then succeeds: the task ends
+/// succeeded with one counted attempt, ran twice, the second time not before the snooze
+/// time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snooze_runs_again_later_without_using_an_attempt() {
+    let t = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let script = "read p; echo \"$TASKWARDEN_ATTEMPT\" >> LOG; \
+                  if [ -e LOG.snoozed ]; then echo '{\"result\": \"done\"}'; \
+                  else touch LOG.snoozed; echo '{\"snooze\": 2}'; fi";
+    let cfg = config(&t, &log, script, "", "");
+    let url = t.url();
+    let d = tokio::task::block_in_place(|| start(dir.path(), &cfg, &url));
+    let c = t.admin().await;
+    // One attempt only: were the snooze counted, the second run would be a second attempt.
+    let id: i64 = c
+        .query_one(
+            "INSERT INTO tasks (agent, payload, max_attempts) VALUES ('rec', '{}', 1) RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // Snoozed: back in the queue, the attempt given back, due 2 s after the snooze.
+    let snoozed = format!(
+        "SELECT count(*) FROM tasks WHERE id = {id} AND status = 'queued' AND attempts = 0 \
+         AND run_after > now() + interval '1 s'"
+    );
+    let seen = eventually(Duration::from_secs(30), || async {
+        count(&c, &snoozed).await == 1
+    })
+    .await;
+    assert!(seen, "never seen snoozed");
+    let snooze_until: chrono::DateTime<chrono::Utc> = c
+        .query_one("SELECT run_after FROM tasks WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    let done = eventually(Duration::from_secs(30), || async {
+        count(
+            &c,
+            &format!("SELECT count(*) FROM tasks WHERE id = {id} AND status = 'succeeded'"),
+        )
+        .await
+            == 1
+    })
+    .await;
+    assert!(done, "never succeeded");
+    let row = c
+        .query_one(
+            "SELECT attempts, started_at, result, \
+             (SELECT count(*) FROM task_events WHERE task_id = $1 AND kind = 'snoozed') \
+             FROM tasks WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 1, "one counted attempt");
+    let second_start: chrono::DateTime<chrono::Utc> = row.get(1);
+    assert!(
+        second_start >= snooze_until,
+        "ran again at {second_start}, before the snooze time {snooze_until}"
+    );
+    assert_eq!(
+        row.get::<_, serde_json::Value>(2),
+        serde_json::json!("done")
+    );
+    assert_eq!(row.get::<_, i64>(3), 1, "one snoozed event");
+    // Ran twice, each time as attempt 1.
+    assert_eq!(lines(&log), ["1", "1"]);
+    stop(vec![d]);
 }
