@@ -398,3 +398,93 @@ async fn a_snooze_runs_again_later_without_using_an_attempt() {
     assert_eq!(lines(&log), ["1", "1"]);
     stop(vec![d]);
 }
+
+/// A library agent snoozes with `AgentOutput::snooze` on its first call and succeeds on its
+/// second: the same outcome as a command agent's `{"snooze": N}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_library_agent_snoozes_with_agent_output_snooze() {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use arc_swap::ArcSwap;
+    use taskwarden::agents::{Agent, AgentEntry, AgentError, AgentOutput, BoxFuture, TaskContext};
+    use taskwarden::config::Config;
+    use taskwarden::db::Db;
+    use taskwarden::orchestrator::registry::RunningTasks;
+    use taskwarden::orchestrator::{Orchestrator, OrchestratorParts};
+    use taskwarden::store::{NewTask, Store, TaskStatus};
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    struct SnoozeOnce(Arc<AtomicUsize>);
+    impl Agent for SnoozeOnce {
+        fn run(&self, _ctx: TaskContext) -> BoxFuture<Result<AgentOutput, AgentError>> {
+            let n = self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                Ok(if n == 0 {
+                    AgentOutput::snooze(Duration::from_millis(1500))
+                } else {
+                    AgentOutput::result(serde_json::json!("done"))
+                })
+            })
+        }
+    }
+
+    let db_admin = TestDb::new().await;
+    let t = &db_admin;
+    let mut cfg = Config::parse("[workers]\nlease = \"5s\"\npoll_interval = \"100ms\"\n").unwrap();
+    cfg.database = t.config(4, 0, Duration::from_secs(5));
+    let metrics = taskwarden::metrics::Metrics::new();
+    let db = Db::new(t.pg.clone(), &cfg.database, &metrics).unwrap();
+    let store = Store::new(db.clone(), 3);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let orch = Orchestrator::new(OrchestratorParts {
+        config: Arc::new(ArcSwap::from_pointee(cfg)),
+        pg: t.pg.clone(),
+        db,
+        store: store.clone(),
+        running: RunningTasks::new(),
+        hub: Default::default(),
+        metrics,
+        instance_id: "here".into(),
+        shutdown,
+        tasks: TaskTracker::new(),
+        extra_agents: BTreeMap::from([(
+            "lib".to_string(),
+            AgentEntry {
+                agent: Arc::new(SnoozeOnce(Arc::clone(&runs))),
+                concurrency: 1,
+                timeout: Duration::from_secs(60),
+                planner: false,
+            },
+        )]),
+    });
+    orch.start();
+    let mut task = NewTask::new("lib", serde_json::json!({}));
+    task.max_attempts = Some(1);
+    let id = orch.submit(&task).await.unwrap().id;
+    let done = eventually(Duration::from_secs(30), || async {
+        store.get_task(id).await.unwrap().status == TaskStatus::Succeeded
+    })
+    .await;
+    assert!(done, "never succeeded");
+    let task = store.get_task(id).await.unwrap();
+    assert_eq!(task.attempts, 1, "the snoozed attempt is not counted");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    // The second start came at least the snooze's delay after the snooze was recorded.
+    let c = db_admin.admin().await;
+    let gap: f64 = c
+        .query_one(
+            "SELECT extract(epoch FROM t.started_at - e.created_at)::float8 \
+             FROM tasks t JOIN task_events e ON e.task_id = t.id AND e.kind = 'snoozed' \
+             WHERE t.id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(gap >= 1.4, "ran again {gap} s after the snooze");
+}
