@@ -28,9 +28,7 @@ impl Agent for Shout {
                 .to_uppercase();
             ctx.event("progress", serde_json::json!({ "chars": text.len() }))
                 .await?;
-            Ok(AgentOutput {
-                result: Some(serde_json::json!({ "text": text })),
-            })
+            Ok(AgentOutput::result(serde_json::json!({ "text": text })))
         })
     }
 }

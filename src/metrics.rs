@@ -57,11 +57,14 @@ metrics_table! {
     DB_SESSIONS_FORCE_CLOSED_TOTAL = "db_sessions_force_closed_total", Counter, Count, [], "DB sessions force-closed after session_max_age.";
     DB_BACKENDS_TERMINATED_TOTAL = "db_backends_terminated_total", Counter, Count, [], "PostgreSQL backends terminated by the supervisor (force-closes and orphans).";
     TASKS = "tasks", Gauge, Count, ["status"], "Tasks in the database by status.";
-    TASKS_FINISHED_TOTAL = "tasks_finished_total", Counter, Count, ["agent", "outcome"], "Task attempts finished, by agent and outcome: succeeded, failed (final: no attempt left or a fatal error), retried (failed, will run again after backoff), timed_out, cancelled.";
+    TASKS_FINISHED_TOTAL = "tasks_finished_total", Counter, Count, ["agent", "outcome"], "Task attempts finished, by agent and outcome: succeeded, failed (final: no attempt left or a fatal error), retried (failed, will run again after backoff), timed_out, cancelled, snoozed (the agent asked to run again later; the attempt is not counted).";
     QUEUE_DEPTH = "queue_depth", Gauge, Count, ["agent"], "Queued tasks per agent, due or not (supervisor's last reading).";
     QUEUE_OLDEST_SECONDS = "queue_oldest_seconds", Gauge, Seconds, ["agent"], "How long the agent's oldest due queued task has waited since it became due (queue latency; 0 when none; steps waiting for dependencies not counted).";
     AGENT_PAUSED = "agent_paused", Gauge, Count, ["agent"], "1 while the agent's queue is paused cluster-wide (its queued tasks are not claimed), else 0.";
     TASKS_DELETED_TOTAL = "tasks_deleted_total", Counter, Count, ["status"], "Finished tasks deleted by retention (with their events), by final status.";
+    SCHEDULE_RUNS_TOTAL = "schedule_runs_total", Counter, Count, ["schedule"], "Runs of a periodic task this instance queued (each due time is queued by one instance: sum over instances).";
+    SCHEDULE_SKIPPED_TOTAL = "schedule_skipped_total", Counter, Count, ["schedule"], "Due times of a periodic task not run because they were missed (downtime): only the latest missed one runs.";
+    CLAIMS_THROTTLED_TOTAL = "claims_throttled_total", Counter, Count, ["agent"], "Claims of an agent cut short by its cluster-wide rate limit (the window had fewer starts left than asked for).";
     TASK_DURATION_SECONDS = "task_duration_seconds", Histogram, Seconds, ["agent"], "Run time of finished task attempts.";
     TASK_QUEUE_WAIT_SECONDS = "task_queue_wait_seconds", Histogram, Seconds, [], "Time from runnable to started.";
     TASKS_TIMED_OUT_TOTAL = "tasks_timed_out_total", Counter, Count, [], "Running tasks stopped for exceeding max_task_duration.";

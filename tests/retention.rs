@@ -75,26 +75,24 @@ async fn task(
     objective: Option<i64>,
     key: &str,
 ) -> i64 {
-    let id: i64 = c
-        .query_one(
-            "INSERT INTO tasks (agent, status, objective_id, step_key, created_at, run_after, \
-               started_at, finished_at) \
-             VALUES ('a', $1, $2, CASE WHEN $2::bigint IS NULL THEN NULL ELSE $3 END, \
-               now() - interval '20 years', now() - interval '20 years', \
-               CASE WHEN $1 = 'queued' THEN NULL ELSE now() - interval '20 years' END, \
-               now() - make_interval(secs => $4::float8 * 60)) RETURNING id",
-            &[&status, &objective, &key, &finished_min],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    c.execute(
-        "INSERT INTO task_events (task_id, kind) VALUES ($1, 'one'), ($1, 'two')",
-        &[&id],
+    // One statement: a leader running retention meanwhile must not delete the task
+    // between its insert and its events'.
+    c.query_one(
+        "WITH t AS ( \
+           INSERT INTO tasks (agent, status, objective_id, step_key, created_at, run_after, \
+             started_at, finished_at) \
+           VALUES ('a', $1, $2, CASE WHEN $2::bigint IS NULL THEN NULL ELSE $3 END, \
+             now() - interval '20 years', now() - interval '20 years', \
+             CASE WHEN $1 = 'queued' THEN NULL ELSE now() - interval '20 years' END, \
+             now() - make_interval(secs => $4::float8 * 60)) RETURNING id), \
+         e AS (INSERT INTO task_events (task_id, kind) \
+           SELECT id, k FROM t, (VALUES ('one'), ('two')) AS v(k)) \
+         SELECT id FROM t",
+        &[&status, &objective, &key, &finished_min],
     )
     .await
-    .unwrap();
-    id
+    .unwrap()
+    .get(0)
 }
 
 async fn objective(c: &tokio_postgres::Client) -> i64 {

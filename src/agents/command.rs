@@ -1,7 +1,9 @@
 //! A local program as an agent. The payload JSON goes to its stdin (one line, then EOF);
 //! each stdout line that is a JSON object is a task event, `{"usage": {...}}` is token
 //! usage, and an object's `result` field (the last one seen) is the task's result. Exit 0
-//! is success; anything else fails the attempt with the tail of stderr.
+//! is success; anything else fails the attempt with the tail of stderr. An object with a
+//! `snooze` field (`{"snooze": SECONDS}`, 0 to 30 days) ends a successful exit as snoozed:
+//! the task runs again after that delay, and the attempt is not counted.
 //!
 //! The program runs under the agent shim ([`super::shim`], `taskwarden agent-shim`), a
 //! subreaper in its own process group: when the attempt ends — finished, cancelled, timed
@@ -184,13 +186,13 @@ async fn run(argv: Vec<String>, ctx: TaskContext) -> Result<AgentOutput, AgentEr
         stderr_tail(child.stderr.take()),
         read_stdout(child.stdout.take(), &ctx),
     );
-    let result = result?;
+    let (result, snooze) = result?;
     let status = child
         .wait()
         .await
         .map_err(|e| AgentError::retryable(format!("waiting for the command: {e}")))?;
     if status.success() {
-        Ok(AgentOutput { result })
+        Ok(AgentOutput { result, snooze })
     } else {
         let mut msg = format!("command {prog:?} exited with {status}");
         if !stderr_tail.is_empty() {
@@ -232,12 +234,13 @@ async fn stderr_tail(stderr: Option<tokio::process::ChildStderr>) -> String {
 }
 
 /// Each stdout line that is a JSON object goes to the task context; the last `result`
-/// seen is the task's.
+/// seen is the task's, the last `snooze` its snooze.
 async fn read_stdout(
     stdout: Option<tokio::process::ChildStdout>,
     ctx: &TaskContext,
-) -> Result<Option<serde_json::Value>, AgentError> {
+) -> Result<(Option<serde_json::Value>, Option<std::time::Duration>), AgentError> {
     let mut result = None;
+    let mut snooze = None;
     if let Some(out) = stdout {
         let mut lines = FramedRead::new(out, LinesCodec::new_with_max_length(MAX_LINE_BYTES));
         while let Some(line) = lines.next().await {
@@ -246,12 +249,15 @@ async fn read_stdout(
             if !line.starts_with('{') {
                 continue;
             }
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line)
-                && let Some(r) = ctx.emit_json(v).await?
-            {
-                result = Some(r);
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                if let Some(s) = v.get("snooze") {
+                    snooze = Some(super::snooze_seconds(s)?);
+                }
+                if let Some(r) = ctx.emit_json(v).await? {
+                    result = Some(r);
+                }
             }
         }
     }
-    Ok(result)
+    Ok((result, snooze))
 }

@@ -79,7 +79,7 @@ async fn run(req: reqwest::RequestBuilder, ctx: TaskContext) -> Result<AgentOutp
     }
     let bytes = read_limited(resp).await?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Ok(AgentOutput { result: None });
+        return Ok(AgentOutput::default());
     }
     let mut v: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|e| AgentError::fatal(format!("http agent reply is not JSON: {e}")))?;
@@ -90,7 +90,7 @@ async fn run(req: reqwest::RequestBuilder, ctx: TaskContext) -> Result<AgentOutp
             .map_err(|e| AgentError::fatal(format!("malformed usage object: {e}")))?;
         ctx.usage(usage).await?;
     }
-    Ok(AgentOutput { result: Some(v) })
+    Ok(AgentOutput::result(v))
 }
 
 async fn read_limited(resp: reqwest::Response) -> Result<Vec<u8>, AgentError> {
@@ -145,5 +145,8 @@ async fn read_sse(resp: reqwest::Response, ctx: &TaskContext) -> Result<AgentOut
     {
         result = Some(r);
     }
-    Ok(AgentOutput { result })
+    Ok(AgentOutput {
+        result,
+        snooze: None,
+    })
 }

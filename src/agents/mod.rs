@@ -61,6 +61,44 @@ impl From<StoreError> for AgentError {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct AgentOutput {
     pub result: Option<Value>,
+    /// "Run me again in this long": the attempt ends as snoozed — the task goes back to the
+    /// queue, due after this delay (at most [`MAX_SNOOZE`]; longer is cut to it), and the
+    /// attempt is not counted. `result` is then ignored.
+    pub snooze: Option<Duration>,
+}
+
+/// Longest snooze an agent may ask for (30 days).
+pub const MAX_SNOOZE: Duration = Duration::from_secs(30 * 24 * 3600);
+
+impl AgentOutput {
+    /// A successful attempt with this result.
+    pub fn result(result: Value) -> Self {
+        AgentOutput {
+            result: Some(result),
+            snooze: None,
+        }
+    }
+
+    /// Ends the attempt as snoozed: run the task again after `delay`, without using up an
+    /// attempt (River's `JobSnooze`, Oban's `{:snooze, seconds}`).
+    pub fn snooze(delay: Duration) -> Self {
+        AgentOutput {
+            result: None,
+            snooze: Some(delay),
+        }
+    }
+}
+
+/// The delay of a `{"snooze": SECONDS}` line: a number of seconds in 0..=[`MAX_SNOOZE`]
+/// (fractions allowed); anything else is refused with the reason.
+pub fn snooze_seconds(v: &Value) -> Result<Duration, AgentError> {
+    let max = MAX_SNOOZE.as_secs_f64();
+    match v.as_f64() {
+        Some(s) if (0.0..=max).contains(&s) => Ok(Duration::from_secs_f64(s)),
+        _ => Err(AgentError::retryable(format!(
+            "snooze must be a number of seconds in 0..={max}, got {v}"
+        ))),
+    }
 }
 
 /// A task's work. Implementations must be cancel-safe: the orchestrator drops the future
@@ -424,5 +462,29 @@ fn build(name: &str, a: &AgentConfig) -> Option<Arc<dyn Agent>> {
                 None
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snooze_seconds_are_bounded() {
+        let secs = |v: Value| snooze_seconds(&v).map(|d| d.as_secs_f64());
+        assert_eq!(secs(serde_json::json!(5)), Ok(5.0));
+        assert_eq!(secs(serde_json::json!(0.5)), Ok(0.5));
+        assert_eq!(secs(serde_json::json!(0)), Ok(0.0));
+        assert_eq!(secs(serde_json::json!(2_592_000)), Ok(2_592_000.0));
+        for bad in [
+            serde_json::json!(2_592_001),
+            serde_json::json!(-1),
+            serde_json::json!("5"),
+            serde_json::json!(null),
+            serde_json::json!({"s": 5}),
+        ] {
+            let e = snooze_seconds(&bad).unwrap_err();
+            assert!(e.message.contains("snooze must be"), "{e}");
+        }
     }
 }

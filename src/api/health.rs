@@ -97,6 +97,7 @@ pub(super) async fn status(State(s): State<ApiState>) -> Result<Response, ApiErr
         },
         "queues": queues,
         "paused_agents": paused_agents,
+        "schedules": s.orchestrator.schedules_status(),
         "alerts_firing": s.alerts.firing(),
         "supervisor": {
             "ticks": s.heartbeat.ticks(),

@@ -7,6 +7,7 @@
 //! relations between keys, such as the clear ratio being below the alert ratio).
 
 mod duration;
+mod schedule;
 
 /// Bound of `workers.prefetch`.
 pub const MAX_PREFETCH: u32 = 10_000;
@@ -14,6 +15,7 @@ pub mod reload;
 mod sections;
 
 pub use duration::{Dur, MAX_DURATION};
+pub use schedule::{MAX_RATE_COUNT, Rate, ScheduleConfig, parse_cron};
 pub use sections::*;
 
 use std::collections::BTreeMap;
@@ -78,6 +80,8 @@ pub struct Config {
     pub alerts: AlertsConfig,
     pub logging: LoggingConfig,
     pub retention: RetentionConfig,
+    /// `[schedules.NAME]`: periodic tasks.
+    pub schedules: BTreeMap<String, ScheduleConfig>,
 }
 
 impl Config {
@@ -140,6 +144,7 @@ impl Config {
         self.validate_agents(&mut bad);
         self.validate_edges(&mut bad);
         self.validate_retention(&mut bad);
+        self.validate_schedules(&mut bad);
         v
     }
 
@@ -395,6 +400,17 @@ fn check_keys(table: &toml::Table, issues: &mut Vec<ConfigIssue>) {
             "alerts" => check_section::<AlertsConfig>(section, value, issues),
             "logging" => check_section::<LoggingConfig>(section, value, issues),
             "retention" => check_section::<RetentionConfig>(section, value, issues),
+            "schedules" => match value.as_table() {
+                Some(schedules) => {
+                    for (name, s) in schedules {
+                        check_section::<ScheduleConfig>(&format!("schedules.{name}"), s, issues);
+                    }
+                }
+                None => issues.push(ConfigIssue {
+                    key: "schedules".into(),
+                    message: "must be a table of [schedules.NAME] sections".into(),
+                }),
+            },
             "agents" => match value.as_table() {
                 Some(agents) => {
                     for (name, agent) in agents {
@@ -487,6 +503,7 @@ mod tests {
         assert_eq!(c.http, d.http);
         assert_eq!(c.logging, d.logging);
         assert_eq!(c.retention, d.retention);
+        assert_eq!(c.schedules, d.schedules);
     }
 
     #[test]

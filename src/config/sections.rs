@@ -213,6 +213,9 @@ pub struct AgentConfig {
     pub timeout: Dur,
     /// The agent's reply is the list of steps of an objective.
     pub planner: bool,
+    /// Cluster-wide rate limit on claims of this agent's tasks (`"N/sec|min|hour"`);
+    /// none when absent.
+    pub rate: Option<Rate>,
 }
 
 impl Default for AgentConfig {
@@ -224,6 +227,7 @@ impl Default for AgentConfig {
             concurrency: 4,
             timeout: Dur::secs(1800),
             planner: false,
+            rate: None,
         }
     }
 }

@@ -92,17 +92,28 @@ impl Orchestrator {
             if free + ahead == 0 {
                 continue;
             }
+            // A rate-limited agent claims at most what its window has left, prefetch
+            // included: the rate counts claims, not starts.
+            let rate = cfg.agents.get(name).and_then(|a| a.rate);
             let claimed = i
                 .store
-                .claim(
+                .claim_rated(
                     name,
                     (free + ahead) as i64,
                     &i.instance_id,
                     cfg.workers.lease.get(),
+                    rate,
                 )
                 .await;
-            i.record_write("claimer", &claimed, Vec::len);
+            i.record_write("claimer", &claimed, |c| c.tasks.len());
             let claimed = claimed?;
+            if claimed.throttled {
+                i.metrics
+                    .counter(m::CLAIMS_THROTTLED_TOTAL, &[("agent", name.as_str())])
+                    .increment(1);
+                tracing::debug!(agent = %name, claimed = claimed.tasks.len(), rate = ?rate.map(|r| r.to_string()), "claim cut short by the agent's rate limit");
+            }
+            let claimed = claimed.tasks;
             let mut ahead_claimed = Vec::new();
             for t in claimed {
                 moved += 1;

@@ -12,6 +12,8 @@
 //! - [`leases`]: keeps this instance's leases and `instances` row fresh;
 //! - [`elector`] and [`leader`]: leadership as a row with an expiry, and the leader's duties,
 //!   among them [`retention`];
+//! - [`scheduler`]: queues the runs of `[schedules.NAME]` at their due times (every
+//!   instance; once per due time through the schedule's row);
 //! - [`queue`]: pause and resume an agent, retry finished tasks;
 //! - [`registry`]: the tasks running here and their cancel tokens.
 //!
@@ -31,6 +33,7 @@ mod queue;
 pub mod registry;
 mod retention;
 mod runner;
+mod scheduler;
 mod slots;
 mod submit;
 
@@ -62,6 +65,7 @@ use crate::store::{
 
 use crate::tracker::Owner;
 pub use retention::RetentionReport;
+pub use scheduler::ScheduleState;
 
 /// The step a planner objective starts with.
 pub const PLAN_STEP: &str = "plan";
@@ -140,6 +144,8 @@ struct Inner {
     /// Since when this instance's writes have found the database unreachable or silent, and
     /// the latest such failure; `None` once one succeeds. See [`Orchestrator::write_stall`].
     write_stall: Mutex<Option<(Instant, String)>>,
+    /// The schedules as the scheduler last saw them (for `/v1/status`).
+    schedules: Mutex<BTreeMap<String, scheduler::ScheduleState>>,
 }
 
 /// A succeeded attempt waiting for the batch writer.
@@ -214,6 +220,9 @@ impl Inner {
     }
     fn finishes(&self) -> MutexGuard<'_, VecDeque<Instant>> {
         self.finishes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn schedules(&self) -> MutexGuard<'_, BTreeMap<String, scheduler::ScheduleState>> {
+        self.schedules.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records how one of the loops' writes (a claim, a completion batch, a lease beat)
@@ -295,11 +304,12 @@ impl Orchestrator {
                 shutdown: p.shutdown,
                 tasks: p.tasks,
                 write_stall: Mutex::new(None),
+                schedules: Mutex::default(),
             }),
         }
     }
 
-    /// Starts the claimer, listener, heartbeat and leader loops.
+    /// Starts the claimer, listener, heartbeat, leader and scheduler loops.
     pub fn start(&self) {
         let i = &self.inner;
         let rx = i
@@ -322,6 +332,7 @@ impl Orchestrator {
         }
         i.tasks.spawn(self.clone().keep_leases());
         i.tasks.spawn(self.clone().leader());
+        i.tasks.spawn(self.clone().scheduler());
     }
 
     /// Stops taking new work (claims and slot runs); running tasks go on.

@@ -46,7 +46,9 @@ pub(super) enum Decision {
 /// Maps an attempt's outcome to the state transition it makes, without the database: a
 /// retryable failure with attempts left goes back to the queue after `backoff(attempt)`,
 /// any other failure fails the task, a time-out times it out, a cancel (not by shutdown)
-/// cancels it. `now` dates the retry.
+/// cancels it. A snooze goes back to the queue after its delay (at most
+/// [`crate::agents::MAX_SNOOZE`]) and gives the attempt back, even at shutdown. `now`
+/// dates the retry or the snooze.
 pub(super) fn decide(
     outcome: Outcome,
     attempt: &AttemptOf<'_>,
@@ -60,6 +62,22 @@ pub(super) fn decide(
         ..Default::default()
     };
     let (to, args, label) = match outcome {
+        Outcome::Succeeded(AgentOutput {
+            snooze: Some(delay),
+            ..
+        }) => {
+            let run_after = chrono::Duration::from_std(delay.min(crate::agents::MAX_SNOOZE))
+                .ok()
+                .and_then(|d| now.checked_add_signed(d))
+                .unwrap_or(now);
+            let args = TransitionArgs {
+                expected_owner: Some(attempt.owner.to_string()),
+                run_after: Some(run_after),
+                give_back_attempt: true,
+                ..Default::default()
+            };
+            (TaskStatus::Queued, args, "snoozed")
+        }
         Outcome::Succeeded(out) => return Decision::Complete(out.result),
         Outcome::Failed(e) => {
             let error = format!("attempt {}: {}", attempt.number, e.message);
@@ -127,9 +145,7 @@ mod tests {
     #[test]
     fn success_goes_to_the_completion_writer_even_at_shutdown() {
         for shutting_down in [false, true] {
-            let out = AgentOutput {
-                result: Some(serde_json::json!({"answer": 42})),
-            };
+            let out = AgentOutput::result(serde_json::json!({"answer": 42}));
             match decide(
                 Outcome::Succeeded(out),
                 &attempt(1, 3),
@@ -141,6 +157,40 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_snooze_requeues_after_its_delay_and_gives_the_attempt_back() {
+        for (shutting_down, n, max) in [(false, 1, 3), (true, 3, 3)] {
+            let out = AgentOutput {
+                result: Some(serde_json::json!("ignored")),
+                snooze: Some(Duration::from_secs(90)),
+            };
+            let (to, args, label) = write(decide(
+                Outcome::Succeeded(out),
+                &attempt(n, max),
+                shutting_down,
+                now(),
+                no_backoff,
+            ));
+            assert_eq!((to, label), (TaskStatus::Queued, "snoozed"));
+            assert!(args.give_back_attempt);
+            assert_eq!(args.run_after, Some(now() + chrono::Duration::seconds(90)));
+            assert_eq!((args.error, args.result), (None, None));
+        }
+        // A library agent's snooze longer than the bound is cut to it.
+        let (_, args, _) = write(decide(
+            Outcome::Succeeded(AgentOutput::snooze(Duration::from_secs(u64::MAX))),
+            &attempt(1, 3),
+            false,
+            now(),
+            no_backoff,
+        ));
+        assert_eq!(
+            args.run_after,
+            Some(now() + chrono::Duration::days(30)),
+            "capped at MAX_SNOOZE"
+        );
     }
 
     #[test]

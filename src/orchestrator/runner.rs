@@ -30,8 +30,10 @@ impl Orchestrator {
             // Whatever happens, the slot's waiters learn that this run ended.
             let _done = slot.as_ref().map(|(_, done, _)| done.clone().drop_guard());
             let mut outcome = this.attempt(&task, &entry, &cancel).await;
+            // A snoozed planner has no plan yet: it runs again later.
             if entry.planner
                 && let Outcome::Succeeded(out) = &outcome
+                && out.snooze.is_none()
                 && let Err(e) = this.apply_plan(&task, &out.result).await
             {
                 outcome = Outcome::Failed(e);
@@ -128,6 +130,19 @@ impl Orchestrator {
             .started_at
             .map(|s| (chrono::Utc::now() - s).to_std().unwrap_or_default())
             .unwrap_or_default();
+        if let Outcome::Succeeded(AgentOutput {
+            snooze: Some(d), ..
+        }) = &outcome
+        {
+            let _ = i
+                .store
+                .add_event(
+                    task.id,
+                    "snoozed",
+                    &serde_json::json!({ "attempt": task.attempts, "seconds": d.min(&crate::agents::MAX_SNOOZE).as_secs_f64() }),
+                )
+                .await;
+        }
         if let Outcome::Failed(e) = &outcome {
             let _ = i
                 .store

@@ -25,6 +25,35 @@ pub const TIME_OUT_OVERDUE_SQL: &str = "UPDATE tasks SET status = 'timed_out', \
      WHERE status = ANY($2) AND started_at < now() - make_interval(secs => $1) \
      RETURNING id, agent, extract(epoch FROM now() - started_at)::float8";
 
+/// The claim statement: `$1` agent, `$2` limit, `$3` owner, `$4` lease in seconds, `$5`
+/// the allowed set into `running`.
+fn claim_sql() -> String {
+    format!(
+        "WITH c AS ( \
+           SELECT t.id AS claim_id FROM tasks t \
+           WHERE t.status = 'queued' AND t.agent = $1 AND t.run_after <= now() \
+             AND NOT EXISTS (SELECT 1 FROM paused_agents p WHERE p.agent = $1) \
+             AND (cardinality(t.depends_on) = 0 OR NOT EXISTS ( \
+               SELECT 1 FROM tasks d WHERE d.objective_id = t.objective_id \
+                 AND d.step_key = ANY(t.depends_on) AND d.status <> 'succeeded')) \
+           ORDER BY t.priority DESC, t.run_after, t.id \
+           LIMIT $2 FOR UPDATE SKIP LOCKED) \
+         UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = now(), \
+           updated_at = now(), lease_owner = $3, \
+           lease_expires_at = now() + make_interval(secs => $4) \
+         FROM c WHERE tasks.id = c.claim_id AND tasks.status = ANY($5) \
+         RETURNING {TASK_COLUMNS}"
+    )
+}
+
+/// What a rate-limited claim got.
+#[derive(Debug)]
+pub struct Claimed {
+    pub tasks: Vec<Task>,
+    /// The rate's window had less left than was asked for.
+    pub throttled: bool,
+}
+
 impl Store {
     /// Claims up to `limit` runnable tasks of `agent` for `owner` (priority, then age;
     /// `run_after` due; dependencies succeeded), skipping rows other claimers hold. Claims
@@ -41,26 +70,75 @@ impl Store {
         let s = self.session("store.claim").await?;
         let rows = s
             .query(
-                &format!(
-                    "WITH c AS ( \
-                       SELECT t.id AS claim_id FROM tasks t \
-                       WHERE t.status = 'queued' AND t.agent = $1 AND t.run_after <= now() \
-                         AND NOT EXISTS (SELECT 1 FROM paused_agents p WHERE p.agent = $1) \
-                         AND (cardinality(t.depends_on) = 0 OR NOT EXISTS ( \
-                           SELECT 1 FROM tasks d WHERE d.objective_id = t.objective_id \
-                             AND d.step_key = ANY(t.depends_on) AND d.status <> 'succeeded')) \
-                       ORDER BY t.priority DESC, t.run_after, t.id \
-                       LIMIT $2 FOR UPDATE SKIP LOCKED) \
-                     UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = now(), \
-                       updated_at = now(), lease_owner = $3, \
-                       lease_expires_at = now() + make_interval(secs => $4) \
-                     FROM c WHERE tasks.id = c.claim_id AND tasks.status = ANY($5) \
-                     RETURNING {TASK_COLUMNS}"
-                ),
+                &claim_sql(),
                 &[&agent, &limit, &owner, &lease.as_secs_f64(), &allowed],
             )
             .await?;
         rows.iter().map(Task::from_row).collect()
+    }
+
+    /// [`Store::claim`] under a cluster-wide rate limit (`rate`, if any): in one
+    /// transaction, the agent's `rate_windows` row is upserted and locked (a new fixed
+    /// window starts with nothing used; a window never moves back), at most what the
+    /// window has left is claimed, and the claimed count is added. Every instance's
+    /// claims of the agent go through that row, so together they claim at most
+    /// `rate.count` per window. `throttled` says the window left less than `limit`.
+    pub async fn claim_rated(
+        &self,
+        agent: &str,
+        limit: i64,
+        owner: &str,
+        lease: Duration,
+        rate: Option<crate::config::Rate>,
+    ) -> Result<Claimed, StoreError> {
+        let Some(rate) = rate else {
+            let tasks = self.claim(agent, limit, owner, lease).await?;
+            return Ok(Claimed {
+                tasks,
+                throttled: false,
+            });
+        };
+        let allowed = TaskStatus::allowed_from(TaskStatus::Running);
+        let mut s = self.session("store.claim_rated").await?;
+        let tx = s.transaction().await?;
+        let used: i64 = tx
+            .query_one(
+                "INSERT INTO rate_windows AS w (agent, window_start, used) \
+                 VALUES ($1, to_timestamp(floor(extract(epoch FROM now()) / $2::bigint) * $2::bigint), 0) \
+                 ON CONFLICT (agent) DO UPDATE SET \
+                   used = CASE WHEN EXCLUDED.window_start > w.window_start THEN 0 ELSE w.used END, \
+                   window_start = GREATEST(w.window_start, EXCLUDED.window_start) \
+                 RETURNING used",
+                &[&agent, &(rate.window.as_secs() as i64)],
+            )
+            .await?
+            .try_get(0)?;
+        let left = (i64::from(rate.count) - used).max(0);
+        let take = limit.min(left);
+        let throttled = take < limit;
+        if take <= 0 {
+            tx.commit().await?;
+            return Ok(Claimed {
+                tasks: Vec::new(),
+                throttled,
+            });
+        }
+        let rows = tx
+            .query(
+                &claim_sql(),
+                &[&agent, &take, &owner, &lease.as_secs_f64(), &allowed],
+            )
+            .await?;
+        let tasks: Vec<Task> = rows.iter().map(Task::from_row).collect::<Result<_, _>>()?;
+        if !tasks.is_empty() {
+            tx.execute(
+                "UPDATE rate_windows SET used = used + $2 WHERE agent = $1",
+                &[&agent, &(tasks.len() as i64)],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Claimed { tasks, throttled })
     }
 
     /// Hands claimed tasks that never started back to the queue (prefetched tasks at

@@ -22,14 +22,16 @@ mod leases;
 mod objectives;
 mod queue;
 mod retention;
+mod schedules;
 mod state;
 mod task;
 mod view;
 
-pub use leases::{END_LEASE, NOTIFY_CHANNEL, TIME_OUT_OVERDUE_SQL};
+pub use leases::{Claimed, END_LEASE, NOTIFY_CHANNEL, TIME_OUT_OVERDUE_SQL};
 pub use objectives::{NewObjective, NewStep, Objective, ObjectiveStatus, validate_objective};
 pub use queue::{MAX_EXTRA_ATTEMPTS, PausedAgent, RetryFilter};
 pub use retention::{Deleted, RetentionAges};
+pub use schedules::{Fired, ScheduledTask};
 pub use state::TaskStatus;
 pub(crate) use task::TASK_COLUMNS;
 pub use task::{MAX_NAME_LEN, MAX_STEPS, NewTask, Task};
@@ -103,6 +105,9 @@ pub struct TransitionArgs {
     pub expected_owner: Option<String>,
     /// For → succeeded: the agent's reply.
     pub result: Option<serde_json::Value>,
+    /// For running → queued: the attempt that ends is not counted (a snooze): `attempts`
+    /// goes back down by one.
+    pub give_back_attempt: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -291,7 +296,8 @@ impl Store {
             .query_opt(
                 &format!(
                     "UPDATE tasks SET status = $2, updated_at = now(), \
-                       attempts = attempts + CASE WHEN $2 = 'running' THEN 1 ELSE 0 END, \
+                       attempts = greatest(attempts + CASE WHEN $2 = 'running' THEN 1 ELSE 0 END \
+                         - CASE WHEN $10 AND $2 = 'queued' THEN 1 ELSE 0 END, 0), \
                        started_at = CASE WHEN $2 = 'running' THEN now() ELSE started_at END, \
                        finished_at = CASE WHEN $2 IN ('succeeded','failed','cancelled','timed_out') THEN now() END, \
                        lease_owner = CASE WHEN $2 = 'running' THEN $4 END, \
@@ -312,6 +318,7 @@ impl Store {
                     &args.run_after,
                     &args.expected_owner,
                     &args.result,
+                    &args.give_back_attempt,
                 ],
             )
             .await?;
