@@ -151,7 +151,7 @@ async fn a_submitted_task_is_picked_up_and_finished() {
     assert_eq!(done.attempts, 1);
     assert!(matches!(
         r.orch.submit(&task("nobody", serde_json::json!({}))).await,
-        Err(OrchestratorError::UnknownAgent(_))
+        Err(OrchestratorError::UnknownAgent { .. })
     ));
 }
 
