@@ -377,6 +377,41 @@ impl Client {
     }
 }
 
+/// Where the install puts the config; client commands read it when given no `--config`
+/// and there is no `./config.toml`.
+pub const SYSTEM_CONFIG: &str = "/etc/taskwarden/config.toml";
+
+/// The config file a client command reads when given none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientConfig {
+    File(std::path::PathBuf),
+    /// The built-in defaults, and why (for the 401 hint).
+    Defaults(String),
+}
+
+/// `local` (./config.toml) when it exists, else `system` when it exists and this user may
+/// read it, else the defaults with the reason.
+pub fn pick_client_config(local: &std::path::Path, system: &std::path::Path) -> ClientConfig {
+    if local.exists() {
+        return ClientConfig::File(local.to_path_buf());
+    }
+    if !system.exists() {
+        return ClientConfig::Defaults(format!(
+            "the defaults; no {} or {}",
+            local.display(),
+            system.display()
+        ));
+    }
+    match std::fs::File::open(system) {
+        Ok(_) => ClientConfig::File(system.to_path_buf()),
+        // Readable by the service's group only: say so when the token is missing.
+        Err(e) => ClientConfig::Defaults(format!(
+            "the defaults; {} is not readable by this user: {e}",
+            system.display()
+        )),
+    }
+}
+
 /// How often `follow` and `submit --wait` poll.
 pub const POLL: Duration = Duration::from_secs(1);
 
@@ -776,6 +811,27 @@ pub fn render_objective(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_config_is_local_then_system_then_defaults() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let local = dir.path().join("config.toml");
+        let system = dir.path().join("etc.toml");
+        assert!(matches!(
+            pick_client_config(&local, &system),
+            ClientConfig::Defaults(why) if why.contains("etc.toml")
+        ));
+        std::fs::write(&system, "").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            pick_client_config(&local, &system),
+            ClientConfig::File(system.clone())
+        );
+        std::fs::write(&local, "").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            pick_client_config(&local, &system),
+            ClientConfig::File(local.clone())
+        );
+    }
 
     #[test]
     fn tables_align_and_status_renders_every_section() {

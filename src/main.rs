@@ -204,30 +204,16 @@ struct ClientArgs {
     json: bool,
 }
 
-/// Where a client command finds its config without --config: ./config.toml, else this
-/// (where the README's install puts it), else the built-in defaults.
-const SYSTEM_CONFIG: &str = "/etc/taskwarden/config.toml";
-
-/// The config a client command uses, and a name for where it came from (for hints).
+/// The config a client command uses, and a name for where it came from (for hints):
+/// --config, else ./config.toml, else /etc/taskwarden/config.toml, else the defaults.
 fn load_client(arg: &ConfigArg) -> Result<(String, Config), ConfigError> {
-    if arg.config.is_some() || Path::new("config.toml").exists() {
-        let (p, c) = load(arg)?;
-        return Ok((p.display().to_string(), c));
+    use taskwarden::client::{ClientConfig, SYSTEM_CONFIG, pick_client_config};
+    if let Some(p) = &arg.config {
+        return Ok((p.display().to_string(), Config::load(p)?));
     }
-    let system = Path::new(SYSTEM_CONFIG);
-    match std::fs::metadata(system) {
-        Ok(_) => match std::fs::File::open(system) {
-            Ok(_) => Ok((SYSTEM_CONFIG.to_string(), Config::load(system)?)),
-            // Readable by the service's group only: say so when the token is missing.
-            Err(e) => Ok((
-                format!("the defaults; {SYSTEM_CONFIG} is not readable by this user: {e}"),
-                Config::default(),
-            )),
-        },
-        Err(_) => Ok((
-            format!("the defaults; no ./config.toml or {SYSTEM_CONFIG}"),
-            Config::default(),
-        )),
+    match pick_client_config(Path::new("config.toml"), Path::new(SYSTEM_CONFIG)) {
+        ClientConfig::File(p) => Ok((p.display().to_string(), Config::load(&p)?)),
+        ClientConfig::Defaults(why) => Ok((why, Config::default())),
     }
 }
 

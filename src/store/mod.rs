@@ -30,7 +30,7 @@ pub use objectives::{NewObjective, NewStep, Objective, ObjectiveStatus, validate
 pub use queue::{MAX_EXTRA_ATTEMPTS, PausedAgent, RetryFilter};
 pub use retention::{Deleted, RetentionAges};
 pub use state::TaskStatus;
-pub use view::{DbView, QueueView};
+pub use view::{DbView, QueueView, STATUS_INSTANCE_SILENCE};
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
