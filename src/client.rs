@@ -11,25 +11,83 @@ use crate::config::Config;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach taskwarden at {url}: {message}")]
-    Unreachable { url: String, message: String },
-    #[error("taskwarden answered {status}: {message}")]
-    Api { status: u16, message: String },
+    #[error("cannot reach taskwarden at {url}: {message}{hint}")]
+    Unreachable {
+        url: String,
+        /// The whole cause chain (e.g. "... tcp connect error: Connection refused").
+        message: String,
+        hint: String,
+    },
+    #[error("taskwarden answered {status}: {message}{hint}")]
+    Api {
+        status: u16,
+        message: String,
+        hint: String,
+    },
+    #[error("task {id} ended {status}")]
+    NotSucceeded { id: i64, status: String },
+    #[error("gave up after {waited:?}: task {id} is still {status}")]
+    StillRunning {
+        id: i64,
+        status: String,
+        waited: Duration,
+    },
     #[error("{0}")]
     Input(String),
+}
+
+/// The exit code of a client command (documented in README, "Commands").
+impl ClientError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::NotSucceeded { .. } => 1,
+            ClientError::StillRunning { .. } => 3,
+            ClientError::Unreachable { .. } | ClientError::Api { .. } => 2,
+            ClientError::Input(_) => 2,
+        }
+    }
 }
 
 /// Where the daemon is and how to authenticate.
 pub struct Client {
     base: String,
     token: Option<String>,
+    /// Where the token came from, for the hint on a 401.
+    token_source: String,
     http: reqwest::Client,
+}
+
+/// The final statuses a task can reach (it may still be retried by hand).
+pub fn is_final(status: &str) -> bool {
+    matches!(status, "succeeded" | "failed" | "cancelled" | "timed_out")
+}
+
+/// The error and its causes, each once ("error sending request: ... tcp connect error:
+/// Connection refused (os error 111)").
+fn cause_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        cur = c.source();
+    }
+    out
 }
 
 impl Client {
     /// `url` (or `$TASKWARDEN_URL`) wins; else the config's `http.listen`. The token is
-    /// `$TASKWARDEN_API_TOKEN`, else the config's.
-    pub fn new(url: Option<String>, config: &Config) -> Result<Client, ClientError> {
+    /// `token` (`--token`, or `$TASKWARDEN_API_TOKEN` through it), else the config's;
+    /// `config_path` names the file it was read from, for hints.
+    pub fn new(
+        url: Option<String>,
+        token: Option<String>,
+        config: &Config,
+        config_path: &str,
+    ) -> Result<Client, ClientError> {
         let base = url
             .or_else(|| {
                 std::env::var("TASKWARDEN_URL")
@@ -37,10 +95,20 @@ impl Client {
                     .filter(|v| !v.is_empty())
             })
             .unwrap_or_else(|| format!("http://{}", config.http.listen));
-        let token = match std::env::var("TASKWARDEN_API_TOKEN") {
-            Ok(t) if !t.is_empty() => Some(t),
-            _ => crate::api::resolve_token(config)
-                .map_err(|e| ClientError::Input(format!("http.api_token_file: {e}")))?,
+        let (token, token_source) = match token.filter(|t| !t.is_empty()) {
+            Some(t) => (Some(t), "--token/TASKWARDEN_API_TOKEN".to_string()),
+            None => {
+                let t = crate::api::resolve_token(config)
+                    .map_err(|e| ClientError::Input(format!("http.api_token_file: {e}")))?;
+                let source = if t.is_some() {
+                    format!("http.api_token in {config_path}")
+                } else {
+                    format!(
+                        "none given (no --token, TASKWARDEN_API_TOKEN or http.api_token in {config_path})"
+                    )
+                };
+                (t, source)
+            }
         };
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
@@ -49,8 +117,13 @@ impl Client {
         Ok(Client {
             base: base.trim_end_matches('/').to_string(),
             token,
+            token_source,
             http,
         })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
     }
 
     async fn call(
@@ -67,9 +140,20 @@ impl Client {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req.send().await.map_err(|e| ClientError::Unreachable {
-            url: self.base.clone(),
-            message: e.without_url().to_string(),
+        let resp = req.send().await.map_err(|e| {
+            let message = cause_chain(&e.without_url());
+            let hint = if message.contains("Connection refused") {
+                " (connection refused: is the daemon running there? `systemctl status taskwarden`; \
+                 another address: --url or TASKWARDEN_URL)"
+                    .to_string()
+            } else {
+                String::new()
+            };
+            ClientError::Unreachable {
+                url: self.base.clone(),
+                message,
+                hint,
+            }
         })?;
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
@@ -82,7 +166,20 @@ impl Client {
             if let Some(f) = v["field"].as_str() {
                 message = format!("{f}: {message}");
             }
-            return Err(ClientError::Api { status, message });
+            let hint = if status == 401 {
+                format!(
+                    " — the daemon wants its API token: give --token or set TASKWARDEN_API_TOKEN \
+                     (token used: {})",
+                    self.token_source
+                )
+            } else {
+                String::new()
+            };
+            return Err(ClientError::Api {
+                status,
+                message,
+                hint,
+            });
         }
         Ok(v)
     }
@@ -94,6 +191,11 @@ impl Client {
     /// Queues a task (`POST /v1/tasks`), or runs it now in a run slot.
     pub async fn submit(&self, t: &Submit) -> Result<Value, ClientError> {
         let mut body = serde_json::json!({ "agent": t.agent, "payload": t.payload });
+        let queue_only = [
+            ("priority", t.priority.map(Value::from)),
+            ("max_attempts", t.max_attempts.map(Value::from)),
+            ("run_after", t.run_after.clone().map(Value::from)),
+        ];
         let unique = [
             ("unique_key", &t.unique_key),
             ("unique_scope", &t.unique_scope),
@@ -107,6 +209,12 @@ impl Client {
                         k.replace('_', "-")
                     )));
                 }
+                if let Some((k, _)) = queue_only.iter().find(|(_, v)| v.is_some()) {
+                    return Err(ClientError::Input(format!(
+                        "--{} does not apply to --slot (a run slot's task runs at once)",
+                        k.replace('_', "-")
+                    )));
+                }
                 let path = format!("/v1/slots/{}/run", urlencode(s));
                 self.call(reqwest::Method::POST, &path, Some(&body)).await
             }
@@ -114,6 +222,11 @@ impl Client {
                 for (k, v) in unique {
                     if let Some(v) = v {
                         body[k] = Value::String(v.clone());
+                    }
+                }
+                for (k, v) in queue_only {
+                    if let Some(v) = v {
+                        body[k] = v;
                     }
                 }
                 self.call(reqwest::Method::POST, "/v1/tasks", Some(&body))
@@ -152,11 +265,158 @@ impl Client {
             .await
     }
 
+    /// One task.
+    pub async fn task(&self, id: i64) -> Result<Value, ClientError> {
+        self.call(reqwest::Method::GET, &format!("/v1/tasks/{id}"), None)
+            .await
+    }
+
+    /// A page of tasks (`{"tasks", "truncated", "next_after"}`).
+    pub async fn tasks(
+        &self,
+        status: Option<&str>,
+        agent: Option<&str>,
+        limit: i64,
+    ) -> Result<Value, ClientError> {
+        let mut q = format!("?limit={limit}");
+        if let Some(s) = status {
+            q.push_str(&format!("&status={}", urlencode(s)));
+        }
+        if let Some(a) = agent {
+            q.push_str(&format!("&agent={}", urlencode(a)));
+        }
+        self.call(reqwest::Method::GET, &format!("/v1/tasks{q}"), None)
+            .await
+    }
+
+    /// A page of a task's events after event `after`.
+    pub async fn task_events(&self, id: i64, after: i64, limit: i64) -> Result<Value, ClientError> {
+        self.call(
+            reqwest::Method::GET,
+            &format!("/v1/tasks/{id}/events?after={after}&limit={limit}"),
+            None,
+        )
+        .await
+    }
+
+    /// Every event of a task after `after` (pages followed, at most [`MAX_EVENT_PAGES`]),
+    /// with the task's status as read before the first page.
+    pub async fn all_task_events(
+        &self,
+        id: i64,
+        mut after: i64,
+    ) -> Result<(String, Vec<Value>), ClientError> {
+        let mut out = Vec::new();
+        let mut status = None;
+        for _ in 0..MAX_EVENT_PAGES {
+            let page = self.task_events(id, after, 1000).await?;
+            status.get_or_insert_with(|| s(&page["status"]));
+            let events = page["events"].as_array().cloned().unwrap_or_default();
+            if let Some(last) = events.last().and_then(|e| e["id"].as_i64()) {
+                after = last;
+            }
+            out.extend(events);
+            if page["next_after"].is_null() {
+                break;
+            }
+        }
+        Ok((status.unwrap_or_default(), out))
+    }
+
+    pub async fn cancel(&self, id: i64, reason: Option<&str>) -> Result<Value, ClientError> {
+        let body = serde_json::json!({ "reason": reason });
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v1/tasks/{id}/cancel"),
+            Some(&body),
+        )
+        .await
+    }
+
+    /// Polls a task every [`POLL`] until its status is final (or `limit` passed), calling
+    /// `on_events` with each batch of new events (none when `events` is false). The task
+    /// as last read; [`ClientError::StillRunning`] past the limit.
+    pub async fn follow(
+        &self,
+        id: i64,
+        limit: Duration,
+        events: bool,
+        mut on_events: impl FnMut(&[Value]),
+    ) -> Result<Value, ClientError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut after = 0;
+        loop {
+            let status = if events {
+                let (status, batch) = self.all_task_events(id, after).await?;
+                if let Some(last) = batch.last().and_then(|e| e["id"].as_i64()) {
+                    after = last;
+                }
+                on_events(&batch);
+                status
+            } else {
+                s(&self.task(id).await?["status"])
+            };
+            // The status was read before the events: final means every event was seen.
+            if is_final(&status) {
+                return self.task(id).await;
+            }
+            if tokio::time::Instant::now() + POLL > deadline {
+                return Err(ClientError::StillRunning {
+                    id,
+                    status,
+                    waited: limit,
+                });
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
     pub async fn objective(&self, objective: &Value) -> Result<Value, ClientError> {
         self.call(reqwest::Method::POST, "/v1/objectives", Some(objective))
             .await
     }
 }
+
+/// Where the install puts the config; client commands read it when given no `--config`
+/// and there is no `./config.toml`.
+pub const SYSTEM_CONFIG: &str = "/etc/taskwarden/config.toml";
+
+/// The config file a client command reads when given none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientConfig {
+    File(std::path::PathBuf),
+    /// The built-in defaults, and why (for the 401 hint).
+    Defaults(String),
+}
+
+/// `local` (./config.toml) when it exists, else `system` when it exists and this user may
+/// read it, else the defaults with the reason.
+pub fn pick_client_config(local: &std::path::Path, system: &std::path::Path) -> ClientConfig {
+    if local.exists() {
+        return ClientConfig::File(local.to_path_buf());
+    }
+    if !system.exists() {
+        return ClientConfig::Defaults(format!(
+            "the defaults; no {} or {}",
+            local.display(),
+            system.display()
+        ));
+    }
+    match std::fs::File::open(system) {
+        Ok(_) => ClientConfig::File(system.to_path_buf()),
+        // Readable by the service's group only: say so when the token is missing.
+        Err(e) => ClientConfig::Defaults(format!(
+            "the defaults; {} is not readable by this user: {e}",
+            system.display()
+        )),
+    }
+}
+
+/// How often `follow` and `submit --wait` poll.
+pub const POLL: Duration = Duration::from_secs(1);
+
+/// Most pages of events one read follows (1,000 events each; a task keeps at most 1,000).
+pub const MAX_EVENT_PAGES: usize = 10;
 
 /// What `taskwarden submit` sends: a task, optionally with a unique key (its scope and
 /// period as the API takes them), or a run in a session's slot.
@@ -169,6 +429,10 @@ pub struct Submit {
     pub unique_key: Option<String>,
     pub unique_scope: Option<String>,
     pub unique_for: Option<String>,
+    pub priority: Option<i32>,
+    pub max_attempts: Option<i32>,
+    /// RFC 3339 time the task may run from.
+    pub run_after: Option<String>,
 }
 
 fn urlencode(s: &str) -> String {
@@ -407,6 +671,108 @@ pub fn render_task(v: &Value) -> String {
     out
 }
 
+/// A page of tasks, for `tasks list`.
+pub fn render_task_list(v: &Value) -> String {
+    let rows = rows_of(&v["tasks"], usize::MAX, |t| {
+        vec![
+            s(&t["id"]),
+            s(&t["status"]),
+            s(&t["agent"]),
+            format!("{}/{}", s(&t["attempts"]), s(&t["max_attempts"])),
+            s(&t["priority"]),
+            s(&t["created_at"]),
+            one_line(&t["error"], 60),
+        ]
+    });
+    let mut out = table(
+        &[
+            "ID", "STATUS", "AGENT", "ATTEMPTS", "PRIO", "CREATED", "ERROR",
+        ],
+        &rows,
+    );
+    if let Some(n) = v["next_after"].as_i64() {
+        let _ = writeln!(out, "(more: the API pages on with after={n})");
+    }
+    out
+}
+
+/// A value on one line, cut to `max` characters.
+fn one_line(v: &Value, max: usize) -> String {
+    let t = s(v).replace(['\n', '\r'], " ");
+    if t.chars().count() > max {
+        format!("{}…", t.chars().take(max).collect::<String>())
+    } else {
+        t
+    }
+}
+
+/// Events as table rows (time, kind, data).
+pub fn render_events(events: &[Value]) -> String {
+    let rows: Vec<Vec<String>> = events
+        .iter()
+        .map(|e| {
+            vec![
+                s(&e["id"]),
+                s(&e["created_at"]),
+                s(&e["kind"]),
+                one_line(&e["data"], 120),
+            ]
+        })
+        .collect();
+    table(&["EVENT", "AT", "KIND", "DATA"], &rows)
+}
+
+/// One event on a line, for `tasks follow`.
+pub fn render_event_line(e: &Value) -> String {
+    format!(
+        "{}  {}  {}",
+        s(&e["created_at"]),
+        s(&e["kind"]),
+        one_line(&e["data"], 200)
+    )
+}
+
+/// A task with its events, for `tasks show`.
+pub fn render_task_detail(t: &Value, events: &[Value]) -> String {
+    let mut out = String::new();
+    for (k, label) in [
+        ("id", "task"),
+        ("status", "status"),
+        ("agent", "agent"),
+        ("attempts", "attempts"),
+        ("max_attempts", "max attempts"),
+        ("priority", "priority"),
+        ("session_id", "run slot"),
+        ("objective_id", "objective"),
+        ("created_at", "created"),
+        ("run_after", "run after"),
+        ("started_at", "started"),
+        ("finished_at", "finished"),
+        ("error", "error"),
+    ] {
+        if !t[k].is_null() {
+            let _ = writeln!(out, "{label:<13} {}", s(&t[k]));
+        }
+    }
+    let _ = writeln!(out, "{:<13} {}", "payload", t["payload"]);
+    if !t["result"].is_null() {
+        let _ = writeln!(out, "{:<13} {}", "result", t["result"]);
+    }
+    if t["prompt_tokens"].as_i64().unwrap_or(0) > 0 || t["cost_usd"].as_f64().unwrap_or(0.0) > 0.0 {
+        let _ = writeln!(
+            out,
+            "{:<13} {} prompt + {} completion tokens, ${}",
+            "usage",
+            s(&t["prompt_tokens"]),
+            s(&t["completion_tokens"]),
+            t["cost_usd"]
+        );
+    }
+    let _ = writeln!(out, "\nEVENTS ({})", events.len());
+    out.push_str(&render_events(events));
+    out
+}
+
 /// An objective and its steps, for `objective`.
 pub fn render_objective(v: &Value) -> String {
     let mut out = format!(
@@ -445,6 +811,27 @@ pub fn render_objective(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_config_is_local_then_system_then_defaults() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let local = dir.path().join("config.toml");
+        let system = dir.path().join("etc.toml");
+        assert!(matches!(
+            pick_client_config(&local, &system),
+            ClientConfig::Defaults(why) if why.contains("etc.toml")
+        ));
+        std::fs::write(&system, "").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            pick_client_config(&local, &system),
+            ClientConfig::File(system.clone())
+        );
+        std::fs::write(&local, "").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            pick_client_config(&local, &system),
+            ClientConfig::File(local.clone())
+        );
+    }
 
     #[test]
     fn tables_align_and_status_renders_every_section() {

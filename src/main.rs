@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use taskwarden::client::ClientError;
 use taskwarden::config::{Config, ConfigError};
 
 #[derive(Parser)]
@@ -77,6 +78,27 @@ enum Command {
         /// Hold the key for this long after creation, e.g. "1h" (implies --unique-scope period).
         #[arg(long)]
         unique_for: Option<String>,
+        /// Higher runs first among due tasks of the agent (default 0).
+        #[arg(long, allow_hyphen_values = true)]
+        priority: Option<i32>,
+        /// Attempts before the task fails (default: the daemon's workers.max_attempts).
+        #[arg(long)]
+        max_attempts: Option<i32>,
+        /// Not before this time: RFC 3339 ("2026-01-02T03:04:05Z") or a delay from now ("10m").
+        #[arg(long)]
+        run_after: Option<String>,
+        /// Wait until the task ends and print its final state: exit 0 if it succeeded, 1 if
+        /// it failed, was cancelled or timed out, 3 if --wait-limit passed first.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits at most.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        wait_limit: std::time::Duration,
+    },
+    /// List, show, cancel or follow tasks.
+    Tasks {
+        #[command(subcommand)]
+        command: TasksCommand,
     },
     /// Pause an agent's queue on every instance: its queued tasks stay queued, running ones finish.
     Pause {
@@ -126,6 +148,47 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum TasksCommand {
+    /// A page of tasks, oldest first.
+    List {
+        #[command(flatten)]
+        conn: ClientArgs,
+        /// queued, running, succeeded, failed, cancelled or timed_out.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        agent: Option<String>,
+        /// Most tasks listed (1..=1000).
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// One task with its events (progress lines, per-attempt errors).
+    Show {
+        #[command(flatten)]
+        conn: ClientArgs,
+        id: i64,
+    },
+    /// Cancel a queued or running task.
+    Cancel {
+        #[command(flatten)]
+        conn: ClientArgs,
+        id: i64,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Print a task's events as they come until it ends: exit 0 if it succeeded, 1 if it
+    /// failed, was cancelled or timed out, 3 if --limit passed first.
+    Follow {
+        #[command(flatten)]
+        conn: ClientArgs,
+        id: i64,
+        /// How long to follow at most.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        limit: std::time::Duration,
+    },
+}
+
 #[derive(clap::Args)]
 struct ClientArgs {
     #[command(flatten)]
@@ -133,9 +196,25 @@ struct ClientArgs {
     /// The daemon's base URL; default from http.listen in the config.
     #[arg(long, env = "TASKWARDEN_URL")]
     url: Option<String>,
+    /// The API token (http.api_token); default $TASKWARDEN_API_TOKEN, else the config's.
+    #[arg(long, env = "TASKWARDEN_API_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Print the API's JSON instead of tables.
     #[arg(long)]
     json: bool,
+}
+
+/// The config a client command uses, and a name for where it came from (for hints):
+/// --config, else ./config.toml, else /etc/taskwarden/config.toml, else the defaults.
+fn load_client(arg: &ConfigArg) -> Result<(String, Config), ConfigError> {
+    use taskwarden::client::{ClientConfig, SYSTEM_CONFIG, pick_client_config};
+    if let Some(p) = &arg.config {
+        return Ok((p.display().to_string(), Config::load(p)?));
+    }
+    match pick_client_config(Path::new("config.toml"), Path::new(SYSTEM_CONFIG)) {
+        ClientConfig::File(p) => Ok((p.display().to_string(), Config::load(&p)?)),
+        ClientConfig::Defaults(why) => Ok((why, Config::default())),
+    }
 }
 
 fn load(arg: &ConfigArg) -> Result<(PathBuf, Config), ConfigError> {
@@ -189,22 +268,45 @@ fn main() -> ExitCode {
             unique_key,
             unique_scope,
             unique_for,
-        } => client_report(client(&conn, |c| async move {
-            let payload: serde_json::Value = serde_json::from_str(&payload).map_err(|e| {
-                taskwarden::client::ClientError::Input(format!("--payload is not JSON: {e}"))
-            })?;
-            let v = c
-                .submit(&taskwarden::client::Submit {
-                    agent,
-                    payload,
-                    slot,
-                    unique_key,
-                    unique_scope,
-                    unique_for,
-                })
-                .await?;
-            Ok((v.clone(), taskwarden::client::render_task(&v)))
-        })),
+            priority,
+            max_attempts,
+            run_after,
+            wait,
+            wait_limit,
+        } => client_report(
+            client(&conn, |c| async move {
+                let payload: serde_json::Value = serde_json::from_str(&payload)
+                    .map_err(|e| ClientError::Input(format!("--payload is not JSON: {e}")))?;
+                let run_after = run_after.as_deref().map(parse_run_after).transpose()?;
+                let v = c
+                    .submit(&taskwarden::client::Submit {
+                        agent,
+                        payload,
+                        slot,
+                        unique_key,
+                        unique_scope,
+                        unique_for,
+                        priority,
+                        max_attempts,
+                        run_after,
+                    })
+                    .await?;
+                if !wait {
+                    return Ok((v.clone(), taskwarden::client::render_task(&v)));
+                }
+                let id = v["id"]
+                    .as_i64()
+                    .ok_or_else(|| ClientError::Input(format!("no task id in the answer: {v}")))?;
+                eprintln!(
+                    "{}; waiting for it to end",
+                    taskwarden::client::render_task(&v)
+                );
+                let done = c.follow(id, wait_limit, false, |_| {}).await?;
+                Ok((done.clone(), taskwarden::client::render_task(&done)))
+            })
+            .and_then(|v| succeeded(&v, wait)),
+        ),
+        Command::Tasks { command } => tasks(command),
         Command::Pause {
             conn,
             agent,
@@ -262,34 +364,127 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs a client call; prints JSON or the rendered text.
-fn client<F, Fut>(args: &ClientArgs, call: F) -> anyhow::Result<()>
+/// `tasks list|show|cancel|follow`.
+fn tasks(command: TasksCommand) -> ExitCode {
+    use taskwarden::client::{
+        render_event_line, render_task, render_task_detail, render_task_list,
+    };
+    match command {
+        TasksCommand::List {
+            conn,
+            status,
+            agent,
+            limit,
+        } => client_report(client(&conn, |c| async move {
+            let v = c.tasks(status.as_deref(), agent.as_deref(), limit).await?;
+            Ok((v.clone(), render_task_list(&v)))
+        })),
+        TasksCommand::Show { conn, id } => client_report(client(&conn, |c| async move {
+            let mut t = c.task(id).await?;
+            let (_, events) = c.all_task_events(id, 0).await?;
+            let text = render_task_detail(&t, &events);
+            t["events"] = serde_json::Value::Array(events);
+            Ok((t, text))
+        })),
+        TasksCommand::Cancel { conn, id, reason } => client_report(client(&conn, |c| async move {
+            let v = c.cancel(id, reason.as_deref()).await?;
+            Ok((v.clone(), render_task(&v)))
+        })),
+        TasksCommand::Follow { conn, id, limit } => {
+            let json = conn.json;
+            client_report(
+                client(&conn, |c| async move {
+                    let done = c
+                        .follow(id, limit, true, |events| {
+                            for e in events {
+                                if json {
+                                    println!("{e}");
+                                } else {
+                                    println!("{}", render_event_line(e));
+                                }
+                            }
+                        })
+                        .await?;
+                    if json {
+                        println!("{done}");
+                        return Ok((done, String::new()));
+                    }
+                    let text = render_task(&done);
+                    Ok((done, text))
+                })
+                .and_then(|v| succeeded(&v, true)),
+            )
+        }
+    }
+}
+
+/// With `wait`, an error (exit 1) unless the task succeeded.
+fn succeeded(v: &serde_json::Value, wait: bool) -> anyhow::Result<()> {
+    let status = v["status"].as_str().unwrap_or("");
+    if wait && status != "succeeded" {
+        return Err(ClientError::NotSucceeded {
+            id: v["id"].as_i64().unwrap_or(0),
+            status: status.to_string(),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// `--run-after`: RFC 3339, or a delay from now ("10m").
+fn parse_run_after(v: &str) -> Result<String, ClientError> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(v) {
+        return Ok(t.to_rfc3339());
+    }
+    let d = humantime::parse_duration(v).map_err(|e| {
+        ClientError::Input(format!(
+            "--run-after {v:?} is neither an RFC 3339 time nor a delay like 10m: {e}"
+        ))
+    })?;
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| chrono::Utc::now().checked_add_signed(d))
+        .map(|t| t.to_rfc3339())
+        .ok_or_else(|| ClientError::Input(format!("--run-after {v:?} is too far away")))
+}
+
+/// Runs a client call; prints JSON (unless the call printed it: `Null`) or the rendered
+/// text. The JSON, for the caller's exit status.
+fn client<F, Fut>(args: &ClientArgs, call: F) -> anyhow::Result<serde_json::Value>
 where
     F: FnOnce(taskwarden::client::Client) -> Fut,
-    Fut: std::future::Future<
-            Output = Result<(serde_json::Value, String), taskwarden::client::ClientError>,
-        >,
+    Fut: std::future::Future<Output = Result<(serde_json::Value, String), ClientError>>,
 {
-    let (_, config) = load(&args.config)?;
-    let c = taskwarden::client::Client::new(args.url.clone(), &config)?;
+    let (source, config) = load_client(&args.config)?;
+    let c =
+        taskwarden::client::Client::new(args.url.clone(), args.token.clone(), &config, &source)?;
     let (json, text) = runtime()?.block_on(call(c))?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&json)?);
-    } else {
+        if !text.is_empty() {
+            println!("{}", serde_json::to_string_pretty(&json)?);
+        }
+    } else if !text.is_empty() {
         print!("{text}");
         if !text.ends_with('\n') {
             println!();
         }
     }
-    Ok(())
+    Ok(json)
 }
 
-fn client_report(r: anyhow::Result<()>) -> ExitCode {
+/// Exit status of a client command: 0; 1 when a waited-for task did not succeed (and for
+/// `reload`'s refused file); 3 when waiting gave up; 2 when the daemon was unreachable or
+/// refused the request, or the input was bad.
+fn client_report<T>(r: anyhow::Result<T>) -> ExitCode {
     match r {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("taskwarden: {e:#}");
-            ExitCode::FAILURE
+            let code = e
+                .downcast_ref::<ClientError>()
+                .map(ClientError::exit_code)
+                .unwrap_or(1);
+            ExitCode::from(code)
         }
     }
 }

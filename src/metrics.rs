@@ -4,7 +4,9 @@
 //! The registry is an instance, not the process-global `metrics` recorder: a daemon owns
 //! one, and so does each test, so figures never leak between them. `/metrics` renders it.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use metrics::{
     Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit,
@@ -16,6 +18,9 @@ use metrics_exporter_prometheus::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Counter,
+    /// A counter whose increments are fractional (dollars): the `metrics` crate's counters
+    /// are integers, so these are kept and rendered by [`Metrics`] itself.
+    FloatCounter,
     Gauge,
     Histogram,
 }
@@ -67,10 +72,10 @@ metrics_table! {
     CLAIMS_THROTTLED_TOTAL = "claims_throttled_total", Counter, Count, ["agent"], "Claims of an agent cut short by its cluster-wide rate limit (the window had fewer starts left than asked for).";
     TASK_DURATION_SECONDS = "task_duration_seconds", Histogram, Seconds, ["agent"], "Run time of finished task attempts.";
     TASK_QUEUE_WAIT_SECONDS = "task_queue_wait_seconds", Histogram, Seconds, [], "Time from runnable to started.";
-    TASKS_TIMED_OUT_TOTAL = "tasks_timed_out_total", Counter, Count, [], "Running tasks stopped for exceeding max_task_duration.";
+    TASKS_TIMED_OUT_TOTAL = "tasks_timed_out_total", Counter, Count, [], "Tasks that ended timed_out: past their agent's timeout or supervisor.max_task_duration.";
     TASK_RUNNING_OLDEST_SECONDS = "task_running_oldest_seconds", Gauge, Seconds, [], "Run time so far of the oldest running task (0 when none).";
     LLM_TOKENS_TOTAL = "llm_tokens_total", Counter, Count, ["agent", "kind"], "LLM tokens reported by agents, kind = prompt or completion.";
-    LLM_COST_USD_TOTAL = "llm_cost_usd_total", Gauge, Count, ["agent"], "LLM cost reported by agents since start, in US dollars (only increases; a float, hence a gauge).";
+    LLM_COST_USD_TOTAL = "llm_cost_usd_total", FloatCounter, Count, ["agent"], "LLM cost reported by agents to this instance since it started, in US dollars.";
     ALERTS_FIRING = "alerts_firing", Gauge, Count, ["alert"], "1 while the alert is firing, else 0.";
     ALERTS_TOTAL = "alerts_total", Counter, Count, ["alert"], "Times the alert fired.";
     SUPERVISOR_TICK_SECONDS = "supervisor_tick_seconds", Histogram, Seconds, [], "Duration of one supervisor tick.";
@@ -80,16 +85,58 @@ metrics_table! {
     LOOP_RUN_SECONDS = "loop_run_seconds", Histogram, Seconds, ["loop"], "Duration of one pass of a periodic loop.";
     LOOP_OVERRUNS_TOTAL = "loop_overruns_total", Counter, Count, ["loop"], "Passes of a periodic loop that took longer than its period.";
     LOOP_DEADLINE_MISSES_TOTAL = "loop_deadline_misses_total", Counter, Count, ["loop"], "Passes of a periodic loop dropped for missing their deadline.";
-    PROCESS_RESIDENT_MEMORY_BYTES = "process_resident_memory_bytes", Gauge, Bytes, [], "Resident memory of the daemon process.";
     PROCESS_MEMORY_LIMIT_BYTES = "process_memory_limit_bytes", Gauge, Bytes, [], "Memory the alert ratio is measured against (cgroup limit or machine total).";
-    PROCESS_CPU_RATIO = "process_cpu_ratio", Gauge, Percent, [], "CPU used by the daemon over the last tick, in cores (1.0 = one core).";
     EMERGENCY_CLEANUPS_TOTAL = "emergency_cleanups_total", Counter, Count, [], "Emergency cleanups run on memory pressure.";
     LEADER = "leader", Gauge, Count, [], "1 while this instance holds cluster leadership (re-queueing expired leases, reaping dead instances), else 0.";
     EMBEDDED_POSTGRES_RESTARTS_TOTAL = "embedded_postgres_restarts_total", Counter, Count, [], "Times the embedded PostgreSQL exited unexpectedly and was started again.";
     CONFIG_RELOADS_TOTAL = "config_reloads_total", Counter, Count, ["result"], "SIGHUP reloads, result = ok or error.";
+    CONFIG_LAST_RELOAD_SUCCESSFUL = "config_last_reload_successful", Gauge, Count, [], "1 when the last SIGHUP reload was applied (or none happened since start), 0 when it was refused.";
     ALERT_WEBHOOK_FAILURES_TOTAL = "alert_webhook_failures_total", Counter, Count, [], "Alert webhook deliveries given up after retries, or dropped because the queue was full.";
     BUILD_INFO = "build_info", Gauge, Count, ["version"], "Always 1; the version label says which build runs.";
 }
+
+/// The standard process metrics (the names every Prometheus client library exports, so
+/// stock dashboards and rules work), read from `/proc/self` at each scrape.
+pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "process_resident_memory_bytes";
+pub const PROCESS_VIRTUAL_MEMORY_BYTES: &str = "process_virtual_memory_bytes";
+pub const PROCESS_CPU_SECONDS_TOTAL: &str = "process_cpu_seconds_total";
+pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
+pub const PROCESS_MAX_FDS: &str = "process_max_fds";
+pub const PROCESS_START_TIME_SECONDS: &str = "process_start_time_seconds";
+
+/// The process metrics: name, Prometheus type, help.
+pub const PROCESS_DEFS: &[(&str, &str, &str)] = &[
+    (
+        PROCESS_CPU_SECONDS_TOTAL,
+        "counter",
+        "Total user and system CPU time spent in seconds.",
+    ),
+    (
+        PROCESS_OPEN_FDS,
+        "gauge",
+        "Number of open file descriptors.",
+    ),
+    (
+        PROCESS_MAX_FDS,
+        "gauge",
+        "Maximum number of open file descriptors.",
+    ),
+    (
+        PROCESS_VIRTUAL_MEMORY_BYTES,
+        "gauge",
+        "Virtual memory size in bytes.",
+    ),
+    (
+        PROCESS_RESIDENT_MEMORY_BYTES,
+        "gauge",
+        "Resident memory size in bytes.",
+    ),
+    (
+        PROCESS_START_TIME_SECONDS,
+        "gauge",
+        "Start time of the process since unix epoch in seconds.",
+    ),
+];
 
 /// Bucket bounds for second-valued histograms: 1 ms to 30 min.
 const SECONDS_BUCKETS: &[f64] = &[
@@ -97,11 +144,15 @@ const SECONDS_BUCKETS: &[f64] = &[
     300.0, 900.0, 1800.0,
 ];
 
+/// Series of [`Kind::FloatCounter`] metrics: (name, labels) to value.
+type FloatSeries = BTreeMap<(&'static str, Vec<(&'static str, String)>), f64>;
+
 /// A metrics registry. Cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
     recorder: Arc<PrometheusRecorder>,
     handle: PrometheusHandle,
+    floats: Arc<Mutex<FloatSeries>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -133,12 +184,16 @@ impl Metrics {
                 Kind::Counter => recorder.describe_counter(name, Some(d.unit), help),
                 Kind::Gauge => recorder.describe_gauge(name, Some(d.unit), help),
                 Kind::Histogram => recorder.describe_histogram(name, Some(d.unit), help),
+                // Rendered by `render` with its help.
+                Kind::FloatCounter => {}
             }
         }
         let m = Metrics {
             recorder: Arc::new(recorder),
             handle,
+            floats: Arc::default(),
         };
+        m.gauge(CONFIG_LAST_RELOAD_SUCCESSFUL, &[]).set(1.0);
         m.gauge(BUILD_INFO, &[("version", env!("CARGO_PKG_VERSION"))])
             .set(1.0);
         // Series that should exist from the start, at zero, so rates and alerts work
@@ -205,6 +260,19 @@ impl Metrics {
             .register_histogram(&Self::key(name, labels), &META)
     }
 
+    /// Adds `by` (negative or NaN: ignored) to a [`Kind::FloatCounter`] series.
+    pub fn add_float(&self, name: &'static str, labels: &[(&'static str, &str)], by: f64) {
+        if !(by >= 0.0 && by.is_finite()) {
+            return;
+        }
+        let key = (
+            name,
+            labels.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+        );
+        let mut floats = self.floats.lock().unwrap_or_else(PoisonError::into_inner);
+        *floats.entry(key).or_insert(0.0) += by;
+    }
+
     /// Folds recorded histogram samples into their buckets; the supervisor calls this every
     /// tick so sample buffers stay bounded between scrapes.
     pub fn upkeep(&self) {
@@ -213,13 +281,150 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        self.handle.render()
+        let mut text = self.handle.render();
+        self.render_floats(&mut text);
+        render_process(&mut text);
+        text
+    }
+
+    fn render_floats(&self, out: &mut String) {
+        let floats = self
+            .floats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        for d in DEFS.iter().filter(|d| d.kind == Kind::FloatCounter) {
+            let series: Vec<_> = floats.iter().filter(|((n, _), _)| *n == d.name).collect();
+            if series.is_empty() {
+                continue;
+            }
+            let _ = writeln!(out, "# HELP {} {}", d.name, d.help);
+            let _ = writeln!(out, "# TYPE {} counter", d.name);
+            for ((name, labels), v) in series {
+                let labels: Vec<String> = labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}=\"{}\"", escape_label(v)))
+                    .collect();
+                if labels.is_empty() {
+                    let _ = writeln!(out, "{name} {v}");
+                } else {
+                    let _ = writeln!(out, "{name}{{{}}} {v}", labels.join(","));
+                }
+            }
+            out.push('\n');
+        }
     }
 
     /// The value of one series in the rendered output (for tests and `status`): the sum of
     /// all lines of `name` whose labels include every pair in `labels`.
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         parse_value(&self.render(), name, labels)
+    }
+}
+
+/// A label value escaped for the text format.
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// What `/proc/self` says of the process, for [`PROCESS_DEFS`]; `None` where it cannot
+/// be read (not Linux), and then the family is left out.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct ProcessFigures {
+    pub cpu_seconds: Option<f64>,
+    pub open_fds: Option<f64>,
+    pub max_fds: Option<f64>,
+    pub virtual_memory_bytes: Option<f64>,
+    pub resident_memory_bytes: Option<f64>,
+    pub start_time_seconds: Option<f64>,
+}
+
+impl ProcessFigures {
+    /// Reads the figures of this process.
+    pub fn read() -> ProcessFigures {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok();
+        let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        });
+        let limits = std::fs::read_to_string("/proc/self/limits").ok();
+        let open_fds = std::fs::read_dir("/proc/self/fd")
+            .ok()
+            .map(|d| d.count() as f64);
+        let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .filter(|t| *t > 0)
+            .unwrap_or(100) as f64;
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .filter(|t| *t > 0)
+            .unwrap_or(4096) as f64;
+        let mut f = parse_proc_stat(stat.as_deref().unwrap_or(""), ticks, page, boot);
+        f.open_fds = open_fds;
+        f.max_fds = limits.as_deref().and_then(parse_max_fds);
+        f
+    }
+}
+
+/// The CPU, memory and start-time figures of a `/proc/<pid>/stat` line.
+pub fn parse_proc_stat(stat: &str, ticks: f64, page: f64, boot: Option<f64>) -> ProcessFigures {
+    // The command name (field 2) may hold spaces and parentheses: fields start after the
+    // last ')', with field 3 (state) first.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return ProcessFigures::default();
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<f64>().ok());
+    let cpu = match (field(14), field(15)) {
+        (Some(u), Some(s)) => Some((u + s) / ticks),
+        _ => None,
+    };
+    ProcessFigures {
+        cpu_seconds: cpu,
+        virtual_memory_bytes: field(23),
+        resident_memory_bytes: field(24).map(|p| p * page),
+        start_time_seconds: match (boot, field(22)) {
+            (Some(b), Some(s)) => Some(b + s / ticks),
+            _ => None,
+        },
+        ..ProcessFigures::default()
+    }
+}
+
+/// The soft limit of open files from `/proc/<pid>/limits`.
+fn parse_max_fds(limits: &str) -> Option<f64> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let soft = line
+        .trim_start_matches("Max open files")
+        .split_whitespace()
+        .next()?;
+    soft.parse::<f64>().ok()
+}
+
+/// Appends the process families to an exposition.
+fn render_process(out: &mut String) {
+    let f = ProcessFigures::read();
+    for (name, kind, help) in PROCESS_DEFS {
+        let v = match *name {
+            PROCESS_CPU_SECONDS_TOTAL => f.cpu_seconds,
+            PROCESS_OPEN_FDS => f.open_fds,
+            PROCESS_MAX_FDS => f.max_fds,
+            PROCESS_VIRTUAL_MEMORY_BYTES => f.virtual_memory_bytes,
+            PROCESS_RESIDENT_MEMORY_BYTES => f.resident_memory_bytes,
+            PROCESS_START_TIME_SECONDS => f.start_time_seconds,
+            _ => None,
+        };
+        if let Some(v) = v {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+            );
+        }
     }
 }
 
@@ -265,10 +470,32 @@ mod tests {
         for d in DEFS {
             assert!(d.name.starts_with("taskwarden_"));
             assert!(!d.help.is_empty());
-            if d.kind == Kind::Counter {
+            if matches!(d.kind, Kind::Counter | Kind::FloatCounter) {
                 assert!(d.name.ends_with("_total"), "{}", d.name);
             }
         }
+    }
+
+    #[test]
+    fn proc_stat_fields_are_read_after_the_command_name() {
+        // A command name with a space and a parenthesis.
+        let line = "42 (a b) c) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 1000 \
+                    123456 7 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0";
+        let f = parse_proc_stat(line, 100.0, 4096.0, Some(1_000_000.0));
+        assert_eq!(f.cpu_seconds, Some(3.0));
+        assert_eq!(f.virtual_memory_bytes, Some(123456.0));
+        assert_eq!(f.resident_memory_bytes, Some(7.0 * 4096.0));
+        assert_eq!(f.start_time_seconds, Some(1_000_010.0));
+        assert_eq!(
+            parse_proc_stat("garbage", 100.0, 4096.0, None),
+            ProcessFigures::default()
+        );
+        assert_eq!(
+            parse_max_fds(
+                "Limit Soft Hard Units\nMax open files            1024                 524288               files\n"
+            ),
+            Some(1024.0)
+        );
     }
 
     #[test]
@@ -291,6 +518,20 @@ mod tests {
             Some(1.0)
         );
         assert_eq!(m.value(BUILD_INFO, &[]), Some(1.0));
+        m.add_float(LLM_COST_USD_TOTAL, &[("agent", "a")], 0.25);
+        m.add_float(LLM_COST_USD_TOTAL, &[("agent", "a")], 0.5);
+        m.add_float(LLM_COST_USD_TOTAL, &[("agent", "a")], -1.0);
+        let text = m.render();
+        assert!(
+            text.contains("# TYPE taskwarden_llm_cost_usd_total counter"),
+            "{text}"
+        );
+        assert_eq!(m.value(LLM_COST_USD_TOTAL, &[("agent", "a")]), Some(0.75));
+        assert!(
+            m.value(PROCESS_RESIDENT_MEMORY_BYTES, &[])
+                .is_some_and(|v| v > 0.0)
+        );
+        assert!(m.value(PROCESS_CPU_SECONDS_TOTAL, &[]).is_some());
         // A second registry is independent.
         assert_eq!(Metrics::new().value(DB_POOL_IN_USE, &[]), None);
     }

@@ -509,7 +509,11 @@ async fn resident_memory(http: &reqwest::Client, base: &str) -> Option<f64> {
         .text()
         .await
         .ok()?;
-    taskwarden::metrics::parse_value(&text, "taskwarden_process_resident_memory_bytes", &[])
+    taskwarden::metrics::parse_value(
+        &text,
+        taskwarden::metrics::PROCESS_RESIDENT_MEMORY_BYTES,
+        &[],
+    )
 }
 
 /// The kernel's record of the daemon's peak resident set (VmHWM), in bytes.

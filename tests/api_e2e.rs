@@ -463,8 +463,9 @@ async fn post_task_and_wait(a: &Api) -> i64 {
 }
 
 /// The start of the debug line the worker logs when it starts task `id` (pretty format).
+/// The command agent's debug line for a task ("task started" is at info).
 fn started_line(id: i64) -> String {
-    format!("task started task_id={id} ")
+    format!("command agent started task_id={id} ")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -532,6 +533,27 @@ async fn sighup_applies_live_keys_and_keeps_the_old_config_when_broken() {
         taskwarden::metrics::parse_value(m, "taskwarden_config_reloads_total", &[("result", "ok")]),
         Some(1.0)
     );
+    // The last reload's result is what the ConfigReloadFailed alert reads: 0 now, and 1
+    // again as soon as a good file is reloaded.
+    assert_eq!(
+        taskwarden::metrics::parse_value(m, "taskwarden_config_last_reload_successful", &[]),
+        Some(0.0)
+    );
+    std::fs::write(&cfg_path, &changed).unwrap();
+    a.d.signal(Signal::SIGHUP);
+    let fixed = eventually(LIMIT, || async {
+        let metrics = a.call(reqwest::Method::GET, "/metrics", None, None).await.1;
+        let m = metrics.as_str().unwrap_or("").to_string();
+        taskwarden::metrics::parse_value(&m, "taskwarden_config_last_reload_successful", &[])
+            == Some(1.0)
+            && taskwarden::metrics::parse_value(
+                &m,
+                "taskwarden_config_reloads_total",
+                &[("result", "ok")],
+            ) == Some(2.0)
+    })
+    .await;
+    assert!(fixed, "the good reload did not set the gauge back to 1");
     // No secret in logs, status or metrics.
     assert!(!a.d.output().contains(TOKEN));
     assert!(!still.to_string().contains(TOKEN));

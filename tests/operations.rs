@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use common::daemon::Daemon;
-use common::{TestDb, bin, eventually};
+use common::{TestDb, bin, eventually, promtool_check_metrics};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use taskwarden::config::{Config, Dur};
@@ -58,6 +58,43 @@ fn promtool_accepts_the_alert_rules() {
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("SUCCESS: 9 rules found"), "{text}");
+    // Every rule links its runbook (README anchors) under the standard annotation.
+    let rules = std::fs::read_to_string(root().join("dashboards/alerts.yml")).unwrap();
+    assert!(!rules.contains(" runbook:"), "a rule carries `runbook`");
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let tests = std::fs::read_to_string(root().join("dashboards/alerts_test.yml")).unwrap();
+    let names: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert_eq!(names.len(), 9);
+    for name in names {
+        let anchor = format!("runbook_url: \"README.md#{}\"", name.to_lowercase());
+        assert!(rules.contains(&anchor), "{name}: no {anchor}");
+        assert!(
+            readme.contains(&format!("#### {name}\n")),
+            "{name}: no runbook"
+        );
+        assert!(
+            tests.contains(&format!("alertname: {name}\n")),
+            "{name}: no promtool unit test"
+        );
+    }
+}
+
+/// `promtool test rules`: each rule fires on synthetic series and resolves after, the
+/// reload alert as soon as a reload succeeded.
+#[test]
+fn promtool_unit_tests_of_the_alert_rules_pass() {
+    let out = Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(root().join("dashboards/alerts_test.yml"))
+        .output()
+        .expect("promtool (Debian package prometheus; scripts/test.sh installs it)");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("SUCCESS"), "{text}");
 }
 
 #[test]
@@ -333,6 +370,32 @@ async fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() {
         "dashboard queries without data (or failing) within the limit:\n{}",
         missing.join("\n")
     );
+    // The exposition, with LLM usage recorded (cost, tokens) and the process metrics,
+    // passes promtool's checks.
+    let text = http
+        .get(format!("{api}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("# TYPE taskwarden_llm_cost_usd_total counter"),
+        "{text}"
+    );
+    for name in [
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(
+            text.contains(&format!("\n{name} ")),
+            "{name} missing:\n{text}"
+        );
+    }
+    promtool_check_metrics(&text);
     // The alert rules load in the same Prometheus.
     let rules: Value = http
         .get(format!("{base}/api/v1/rules"))

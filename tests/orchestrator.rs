@@ -151,7 +151,7 @@ async fn a_submitted_task_is_picked_up_and_finished() {
     assert_eq!(done.attempts, 1);
     assert!(matches!(
         r.orch.submit(&task("nobody", serde_json::json!({}))).await,
-        Err(OrchestratorError::UnknownAgent(_))
+        Err(OrchestratorError::UnknownAgent { .. })
     ));
 }
 
@@ -440,6 +440,24 @@ async fn a_timeout_kills_the_whole_process_group() {
         .unwrap();
     let done = r.wait_status(t.id, TaskStatus::TimedOut).await;
     assert!(done.error.unwrap().contains("time limit"));
+    // The agent's own timeout counts as a timeout (the TasksTimingOut alert reads it), not
+    // only the supervisor's max_task_duration.
+    let m = r.parts.metrics.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            m.value(taskwarden::metrics::TASKS_TIMED_OUT_TOTAL, &[]) == Some(1.0)
+        })
+        .await,
+        "timed_out_total: {:?}",
+        m.value(taskwarden::metrics::TASKS_TIMED_OUT_TOTAL, &[])
+    );
+    assert_eq!(
+        m.value(
+            taskwarden::metrics::TASKS_FINISHED_TOTAL,
+            &[("agent", "hang"), ("outcome", "timed_out")]
+        ),
+        Some(1.0)
+    );
     let read = |f: &str| -> i32 {
         std::fs::read_to_string(r.dir.path().join(f))
             .unwrap()

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use common::daemon::{Daemon, bounded, http_client, submit_task, task_status};
-use common::{TestDb, bin, eventually};
+use common::{TestDb, bin, eventually, promtool_check_metrics};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use taskwarden::agents::{Agent, AgentEntry, AgentError, AgentOutput, BoxFuture, TaskContext};
@@ -289,31 +289,6 @@ async fn a_pause_on_one_instance_stops_claims_everywhere_and_resume_restarts_the
         });
     })
     .await;
-}
-
-/// `promtool check metrics` on an exposition; fails the test on any complaint.
-fn promtool_check_metrics(text: &str) {
-    use std::io::Write;
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus; scripts/test.sh installs it)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let said =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && said.trim().is_empty(),
-        "promtool: {said}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -231,7 +231,9 @@ async fn concurrent_migrations_through_a_transaction_pooler_apply_once() {
     // No advisory lock is left behind on any server connection.
     let locks: i64 = c
         .query_one(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+            // pg_locks is server-wide: other tests take the same key in their databases.
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             &[],
         )
         .await

@@ -605,3 +605,31 @@ async fn completion_batches_and_lease_extensions_over_the_same_rows_never_deadlo
         assert_eq!(done.len(), batch.len());
     }
 }
+
+/// Status lists an instance silent for less than 10 minutes (STATUS_INSTANCE_SILENCE), not
+/// one silent for longer, whether or not a leader reaped it.
+#[tokio::test]
+async fn status_hides_instances_silent_past_the_bound() {
+    let t = TestDb::new().await;
+    let s = store(&t);
+    let admin = t.admin().await;
+    admin
+        .batch_execute(
+            "INSERT INTO instances (id, hostname, pid, version, heartbeat_at) VALUES \
+             ('quiet', 'h', 1, 'v', now() - interval '9 minutes'), \
+             ('dead', 'h', 2, 'v', now() - interval '11 minutes')",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        taskwarden::store::STATUS_INSTANCE_SILENCE,
+        Duration::from_secs(600)
+    );
+    let view = s.read_view(Duration::from_secs(5)).await.unwrap();
+    let ids: Vec<&str> = view
+        .instances
+        .iter()
+        .filter_map(|i| i["id"].as_str())
+        .collect();
+    assert_eq!(ids, vec!["quiet"], "{:?}", view.instances);
+}

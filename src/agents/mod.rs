@@ -372,11 +372,9 @@ impl TaskContext {
                 &[("agent", a), ("kind", "completion")],
             )
             .increment(u.completion_tokens.max(0) as u64);
-        // The metrics crate's counters are integers; dollars need a float, so this is a
-        // gauge that only ever increases (see metrics::LLM_COST_USD_TOTAL).
+        // Dollars are fractional: a float counter the registry renders itself.
         self.metrics
-            .gauge(metrics::LLM_COST_USD_TOTAL, &[("agent", a)])
-            .increment(u.cost_usd.max(0.0));
+            .add_float(metrics::LLM_COST_USD_TOTAL, &[("agent", a)], u.cost_usd);
         Ok(())
     }
 

@@ -101,10 +101,13 @@ impl From<StoreError> for ApiError {
 impl From<OrchestratorError> for ApiError {
     fn from(e: OrchestratorError) -> Self {
         match e {
-            OrchestratorError::UnknownAgent(a) => ApiError::field(
+            OrchestratorError::UnknownAgent { agent, known } => ApiError::field(
                 StatusCode::BAD_REQUEST,
                 "agent",
-                format!("unknown agent {a:?}"),
+                format!(
+                    "unknown agent {agent:?}; {}",
+                    crate::orchestrator::known_agents(&known)
+                ),
             ),
             OrchestratorError::NoRunSlot(_) | OrchestratorError::ShuttingDown => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())

@@ -121,6 +121,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/tasks", post(create_task).get(list_tasks))
         .route("/tasks/{id}", get(get_task))
         .route("/tasks/retry", post(retry_tasks))
+        .route("/tasks/{id}/events", get(task_events))
         .route("/tasks/{id}/cancel", post(cancel_task))
         .route("/tasks/{id}/retry", post(retry_task))
         .route("/agents/{name}/pause", post(pause_agent))

@@ -80,6 +80,7 @@ pub(super) struct ListQuery {
     #[serde(alias = "session")]
     slot: Option<String>,
     objective: Option<i64>,
+    agent: Option<String>,
     after: Option<i64>,
     limit: Option<i64>,
 }
@@ -104,6 +105,7 @@ pub(super) async fn list_tasks(
                 status,
                 slot_id: q.slot.filter(|v| !v.is_empty()),
                 objective_id: q.objective,
+                agent: q.agent.filter(|v| !v.is_empty()),
                 after_id: q.after,
                 limit: Some(limit),
             },
@@ -118,6 +120,52 @@ pub(super) async fn list_tasks(
         axum::Json(json!({ "tasks": tasks, "truncated": truncated, "next_after": next_after }))
             .into_response(),
     )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct EventsQuery {
+    after: Option<i64>,
+    limit: Option<i64>,
+}
+
+/// `GET /v1/tasks/{id}/events?after=&limit=` → `{"task_id", "status", "events",
+/// "truncated", "next_after"}`: the task's events after `after` (an event id), oldest
+/// first, at most `limit` (100 by default, 1..=1000) and `http.max_response_bytes` of data.
+/// `status` is read before the events, so once it is final the page holds every event up
+/// to the end (a follower stops when it is final and no page is left).
+pub(super) async fn task_events(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    q: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id, "id")?;
+    let Query(q) = q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let after = q.after.unwrap_or(0);
+    if after < 0 {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "after",
+            "must be an event id (0 or more)",
+        ));
+    }
+    let limit = q.limit.unwrap_or(100);
+    let task = s.store.get_task(id).await?;
+    let (events, truncated) = s
+        .store
+        .task_events_page(id, after, limit, s.config.load().http.max_response_bytes)
+        .await?;
+    let next_after = (truncated || events.len() as i64 == limit)
+        .then(|| events.last().map(|e| e.id))
+        .flatten();
+    Ok(axum::Json(json!({
+        "task_id": id,
+        "status": task.status,
+        "events": events,
+        "truncated": truncated,
+        "next_after": next_after,
+    }))
+    .into_response())
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -471,6 +471,9 @@ fn reload(d: &Daemon, log: &LogHandle) -> bool {
         Ok(c) => c,
         Err(e) => {
             d.metrics
+                .gauge(metrics::CONFIG_LAST_RELOAD_SUCCESSFUL, &[])
+                .set(0.0);
+            d.metrics
                 .counter(metrics::CONFIG_RELOADS_TOTAL, &[("result", "error")])
                 .increment(1);
             tracing::error!(path = %d.config_path.display(), error = %e, "config reload failed; keeping the running config");
@@ -479,6 +482,9 @@ fn reload(d: &Daemon, log: &LogHandle) -> bool {
     };
     // Counted only once it is in force, so a reader that sees the count sees the config.
     let counted = || {
+        d.metrics
+            .gauge(metrics::CONFIG_LAST_RELOAD_SUCCESSFUL, &[])
+            .set(1.0);
         d.metrics
             .counter(metrics::CONFIG_RELOADS_TOTAL, &[("result", "ok")])
             .increment(1)

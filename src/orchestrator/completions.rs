@@ -86,7 +86,7 @@ impl Orchestrator {
         let written = written.unwrap_or_default();
         for c in batch.drain(..) {
             if written.contains(&c.task.id) {
-                self.finished(&c.task, TaskStatus::Succeeded, "succeeded", c.ran)
+                self.finished(&c.task, TaskStatus::Succeeded, "succeeded", c.ran, None)
                     .await;
             } else {
                 tracing::info!(

@@ -81,10 +81,19 @@ pub use crate::store::NOTIFY_CHANNEL;
 /// How long a slot run waits for the task it replaced to end before answering.
 pub const REPLACE_WAIT: Duration = Duration::from_secs(10);
 
+/// "known agents: a, b" (or that none is configured), for unknown-agent errors.
+pub fn known_agents(known: &[String]) -> String {
+    if known.is_empty() {
+        "no agent is configured on this instance ([agents.NAME] in the config)".to_string()
+    } else {
+        format!("known agents: {}", known.join(", "))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum OrchestratorError {
-    #[error("agent: unknown agent {0:?}")]
-    UnknownAgent(String),
+    #[error("agent: unknown agent {agent:?}; {}", known_agents(known))]
+    UnknownAgent { agent: String, known: Vec<String> },
     #[error("no run slot free: {0} slot runs already running (workers.concurrency)")]
     NoRunSlot(usize),
     #[error("shutting down: not starting new work")]
@@ -348,6 +357,14 @@ impl Orchestrator {
             &self.inner.extra_agents,
         )));
         self.inner.wake.notify_one();
+    }
+
+    /// The error for a request naming an agent this instance does not run.
+    pub(crate) fn unknown_agent(&self, agent: &str) -> OrchestratorError {
+        OrchestratorError::UnknownAgent {
+            agent: agent.to_string(),
+            known: self.inner.agents.load().names().into_iter().collect(),
+        }
     }
 
     pub fn agents(&self) -> Arc<Agents> {

@@ -82,7 +82,7 @@ impl Orchestrator {
         reason: Option<&str>,
     ) -> Result<PausedAgent, OrchestratorError> {
         if self.inner.agents.load().get(agent).is_none() {
-            return Err(OrchestratorError::UnknownAgent(agent.to_string()));
+            return Err(self.unknown_agent(agent));
         }
         let p = self
             .inner

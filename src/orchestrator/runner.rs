@@ -77,7 +77,7 @@ impl Orchestrator {
             i.hub.clone(),
             i.metrics.clone(),
         );
-        tracing::debug!(task_id = task.id, agent = %task.agent, attempt = task.attempts, "task started");
+        tracing::info!(task_id = task.id, agent = %task.agent, attempt = task.attempts, max_attempts = task.max_attempts, "task started");
         let output = ctx.output();
         let outcome = tokio::select! {
             biased;
@@ -184,7 +184,8 @@ impl Orchestrator {
                 let written = self.record_outcome(task, to, &args, label).await;
                 drop(registration);
                 if written {
-                    self.finished(task, to, label, ran).await;
+                    self.finished(task, to, label, ran, args.error.as_deref())
+                        .await;
                 }
             }
         }
@@ -237,7 +238,14 @@ impl Orchestrator {
     }
 
     /// Bookkeeping after an outcome was written: metrics, log, objective follow-ups.
-    pub(super) async fn finished(&self, task: &Task, to: TaskStatus, label: &str, ran: Duration) {
+    pub(super) async fn finished(
+        &self,
+        task: &Task,
+        to: TaskStatus,
+        label: &str,
+        ran: Duration,
+        error: Option<&str>,
+    ) {
         let i = &self.inner;
         // "retried" is its own outcome: "failed" counts final failures only.
         i.metrics
@@ -249,7 +257,19 @@ impl Orchestrator {
         i.metrics
             .histogram(m::TASK_DURATION_SECONDS, &[("agent", &task.agent)])
             .record(ran.as_secs_f64());
-        tracing::debug!(task_id = task.id, agent = %task.agent, outcome = label, ran_ms = ran.as_millis() as u64, "task finished");
+        if to == TaskStatus::TimedOut {
+            // Past the agent's own timeout here; the supervisor counts its own timeouts
+            // (max_task_duration), which never reach this write.
+            i.metrics
+                .counter(m::TASKS_TIMED_OUT_TOTAL, &[])
+                .increment(1);
+        }
+        let error = error.unwrap_or("");
+        if to == TaskStatus::Queued {
+            tracing::info!(task_id = task.id, agent = %task.agent, attempt = task.attempts, outcome = label, ran_ms = ran.as_millis() as u64, error, "task attempt failed; will retry");
+        } else {
+            tracing::info!(task_id = task.id, agent = %task.agent, attempt = task.attempts, outcome = label, ran_ms = ran.as_millis() as u64, error, "task finished");
+        }
         if task.objective_id.is_some() {
             if to != TaskStatus::Succeeded && to != TaskStatus::Queued {
                 self.cascade().await;

@@ -15,7 +15,7 @@ impl Orchestrator {
         let i = &self.inner;
         t.slot_id = Some(slot_id.to_string());
         let Some(entry) = i.agents.load().get(&t.agent).cloned() else {
-            return Err(OrchestratorError::UnknownAgent(t.agent.clone()));
+            return Err(self.unknown_agent(&t.agent));
         };
         if i.claiming.is_cancelled() {
             return Err(OrchestratorError::ShuttingDown);

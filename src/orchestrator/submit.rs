@@ -13,7 +13,7 @@ impl Orchestrator {
     /// Queues a task (agent must be known), or answers the task holding its unique key.
     pub async fn enqueue(&self, t: &NewTask) -> Result<Enqueued, OrchestratorError> {
         if self.inner.agents.load().get(&t.agent).is_none() {
-            return Err(OrchestratorError::UnknownAgent(t.agent.clone()));
+            return Err(self.unknown_agent(&t.agent));
         }
         let e = self.inner.store.enqueue(t).await?;
         if e.duplicate {
@@ -38,7 +38,11 @@ impl Orchestrator {
         {
             return Err(invalid(
                 &format!("items[{i}].agent"),
-                format!("unknown agent {:?}", t.agent),
+                format!(
+                    "unknown agent {:?}; {}",
+                    t.agent,
+                    super::known_agents(&agents.names().into_iter().collect::<Vec<_>>())
+                ),
             ));
         }
         let out = self.inner.store.enqueue_many(items).await?;

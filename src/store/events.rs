@@ -67,6 +67,44 @@ impl Store {
         rows.iter().map(TaskEvent::from_row).collect()
     }
 
+    /// A page of one task's events after `after_id`, oldest first: at most `limit` rows
+    /// and, past the first row, at most `max_bytes` of event data (measured by the server,
+    /// as [`Store::list_tasks`] does). Returns the page and whether the byte budget cut it.
+    pub async fn task_events_page(
+        &self,
+        task_id: i64,
+        after_id: i64,
+        limit: i64,
+        max_bytes: u64,
+    ) -> Result<(Vec<TaskEvent>, bool), StoreError> {
+        if !(1..=MAX_LIST_LIMIT).contains(&limit) {
+            return Err(invalid("limit", format!("must be in 1..={MAX_LIST_LIMIT}")));
+        }
+        let budget = i64::try_from(max_bytes).unwrap_or(i64::MAX);
+        let s = self.session("store.task_events_page").await?;
+        let rows = s
+            .query(
+                "WITH page AS ( \
+                   SELECT id, octet_length(data::text) + octet_length(kind) AS bytes \
+                   FROM task_events WHERE task_id = $1 AND id > $2 ORDER BY id LIMIT $3), \
+                 sized AS (SELECT id, sum(bytes) OVER (ORDER BY id) - bytes AS before, \
+                                  count(*) OVER () AS n FROM page) \
+                 SELECT e.id, e.task_id, e.kind, e.data, e.created_at, sized.n \
+                 FROM sized JOIN task_events e USING (id) \
+                 WHERE sized.before < $4 OR sized.before = 0 ORDER BY e.id",
+                &[&task_id, &after_id, &limit, &budget],
+            )
+            .await?;
+        let cut = rows
+            .first()
+            .is_some_and(|r| r.get::<_, i64>("n") > rows.len() as i64);
+        let events = rows
+            .iter()
+            .map(TaskEvent::from_row)
+            .collect::<Result<_, _>>()?;
+        Ok((events, cut))
+    }
+
     /// Events of every task of run slot `slot_id` after `after_id` (resuming an event
     /// stream).
     pub async fn slot_events(

@@ -35,7 +35,7 @@ pub use schedules::{Fired, ScheduledTask};
 pub use state::TaskStatus;
 pub(crate) use task::TASK_COLUMNS;
 pub use task::{MAX_NAME_LEN, MAX_STEPS, NewTask, Task};
-pub use view::{DbView, QueueView};
+pub use view::{DbView, QueueView, STATUS_INSTANCE_SILENCE};
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -116,6 +116,8 @@ pub struct TaskFilter {
     /// Only tasks of this run slot.
     pub slot_id: Option<String>,
     pub objective_id: Option<i64>,
+    /// Only tasks of this agent.
+    pub agent: Option<String>,
     /// Return tasks with id greater than this (keyset pagination).
     pub after_id: Option<i64>,
     pub limit: Option<i64>,
@@ -256,6 +258,7 @@ impl Store {
                        WHERE ($1::text IS NULL OR status = $1) \
                          AND ($2::text IS NULL OR session_id = $2) \
                          AND ($3::bigint IS NULL OR objective_id = $3) \
+                         AND ($7::text IS NULL OR agent = $7) \
                          AND id > COALESCE($4::bigint, 0) \
                        ORDER BY id LIMIT $5), \
                      sized AS (SELECT id, sum(bytes) OVER (ORDER BY id) - bytes AS before, \
@@ -270,6 +273,7 @@ impl Store {
                     &f.after_id,
                     &limit,
                     &budget,
+                    &f.agent,
                 ],
             )
             .await?;

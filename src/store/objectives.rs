@@ -114,7 +114,11 @@ fn check_steps<'a>(
         {
             return Err(invalid(
                 format!("steps[{i}].agent"),
-                format!("unknown agent {:?}", s.task.agent),
+                format!(
+                    "unknown agent {:?}; known agents: {}",
+                    s.task.agent,
+                    agents.iter().cloned().collect::<Vec<_>>().join(", ")
+                ),
             ));
         }
     }

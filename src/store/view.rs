@@ -61,6 +61,10 @@ pub struct QueueView {
     pub paused_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
+/// How long an instance may be silent (no heartbeat) and still be listed in status;
+/// [`DbView::INSTANCES_SQL`] says the same in SQL.
+pub const STATUS_INSTANCE_SILENCE: Duration = Duration::from_secs(600);
+
 impl DbView {
     /// One statement, one row per figure (`kind`, `key`, count, seconds, paused_at): task
     /// counts by status (with the oldest running task's age), queued tasks by agent (the
@@ -78,9 +82,13 @@ impl DbView {
         FROM tasks WHERE status = 'queued' GROUP BY agent \
         UNION ALL \
         SELECT 'paused', agent, 0, 0, paused_at FROM paused_agents";
+    /// Instances heard from within [`STATUS_INSTANCE_SILENCE`] (10 minutes): the leader
+    /// reaps a dead one after 3 × `workers.lease`, but with no leader running (or one
+    /// that cannot write) status does not list the dead for ever.
     pub const INSTANCES_SQL: &str = "SELECT i.id, i.hostname, i.pid, i.version, i.started_at, \
         i.heartbeat_at, COALESCE(l.leader_id = i.id AND l.expires_at > now(), false) \
-        FROM instances i LEFT JOIN leader l ON true ORDER BY i.started_at";
+        FROM instances i LEFT JOIN leader l ON true \
+        WHERE i.heartbeat_at > now() - interval '10 minutes' ORDER BY i.started_at";
 
     pub fn from_rows(counts: &[Row], instances: &[Row]) -> DbView {
         let mut tasks_by_status: std::collections::BTreeMap<String, i64> = TaskStatus::ALL

@@ -98,7 +98,6 @@ pub struct Supervisor {
     application_name: String,
     sys: sysinfo::System,
     pid: sysinfo::Pid,
-    last_cpu_sample: Option<Instant>,
     last_resource_log: Option<Instant>,
     /// Agents whose queue gauges have been written.
     queue_agents: std::collections::BTreeSet<String>,
@@ -125,7 +124,6 @@ impl Supervisor {
             admin: None,
             sys: sysinfo::System::new(),
             pid: sysinfo::Pid::from_u32(std::process::id()),
-            last_cpu_sample: None,
             last_resource_log: None,
             queue_agents: Default::default(),
         }

@@ -1,4 +1,4 @@
-//! The process itself: resident memory against the cgroup limit or the machine, CPU, the
+//! The process itself: resident memory against the cgroup limit or the machine, the
 //! memory alert and its emergency cleanup, and the periodic resource status line.
 
 #[allow(unused_imports)]
@@ -10,19 +10,13 @@ impl Supervisor {
         self.sys.refresh_processes_specifics(
             ProcessesToUpdate::Some(&[self.pid]),
             false,
-            ProcessRefreshKind::nothing().with_memory().with_cpu(),
+            ProcessRefreshKind::nothing().with_memory(),
         );
         self.sys.refresh_memory();
         let Some(p) = self.sys.process(self.pid) else {
             return;
         };
         let rss = p.memory();
-        let cpu = if self.last_cpu_sample.is_some() {
-            p.cpu_usage() as f64 / 100.0
-        } else {
-            0.0
-        };
-        self.last_cpu_sample = Some(Instant::now());
         let limit = self
             .sys
             .cgroup_limits()
@@ -30,13 +24,11 @@ impl Supervisor {
             .filter(|t| *t > 0)
             .unwrap_or_else(|| self.sys.total_memory());
         report.resident_memory_bytes = rss;
-        self.metrics
-            .gauge(m::PROCESS_RESIDENT_MEMORY_BYTES, &[])
-            .set(rss as f64);
+        // process_resident_memory_bytes and process_cpu_seconds_total are read from /proc
+        // at each scrape (metrics::ProcessFigures); the limit is ours.
         self.metrics
             .gauge(m::PROCESS_MEMORY_LIMIT_BYTES, &[])
             .set(limit as f64);
-        self.metrics.gauge(m::PROCESS_CPU_RATIO, &[]).set(cpu);
         if limit == 0 {
             return;
         }
