@@ -81,7 +81,7 @@ metrics_table! {
     SUPERVISOR_TICK_SECONDS = "supervisor_tick_seconds", Histogram, Seconds, [], "Duration of one supervisor tick.";
     SUPERVISOR_LAST_TICK_TIMESTAMP_SECONDS = "supervisor_last_tick_timestamp_seconds", Gauge, Seconds, [], "Unix time the last supervisor tick finished.";
     SUPERVISOR_TICKS_TOTAL = "supervisor_ticks_total", Counter, Count, ["result"], "Supervisor ticks, result = ok or error.";
-    LOOP_LATENESS_SECONDS = "loop_lateness_seconds", Gauge, Seconds, ["loop"], "How late the periodic loop's last pass started against its schedule (supervisor, lease_keeper, leader).";
+    LOOP_LATENESS_SECONDS = "loop_lateness_seconds", Gauge, Seconds, ["loop"], "How late the periodic loop's last pass started against its schedule (supervisor, lease_keeper, leader, scheduler).";
     LOOP_RUN_SECONDS = "loop_run_seconds", Histogram, Seconds, ["loop"], "Duration of one pass of a periodic loop.";
     LOOP_OVERRUNS_TOTAL = "loop_overruns_total", Counter, Count, ["loop"], "Passes of a periodic loop that took longer than its period.";
     LOOP_DEADLINE_MISSES_TOTAL = "loop_deadline_misses_total", Counter, Count, ["loop"], "Passes of a periodic loop dropped for missing their deadline.";

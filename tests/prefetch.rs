@@ -67,7 +67,7 @@ async fn prefetched_tasks_are_handed_back_at_shutdown_and_run_once() {
         d.output()
     );
     // Nothing is left leased to the stopped instance, and what was handed back looks
-    // untouched: no attempt used, not started.
+    // untouched: no attempt used, no lease.
     assert_eq!(
         count(&c, "SELECT count(*) FROM tasks WHERE status = 'running'").await,
         0
@@ -81,7 +81,7 @@ async fn prefetched_tasks_are_handed_back_at_shutdown_and_run_once() {
         count(
             &c,
             "SELECT count(*) FROM tasks WHERE status = 'queued' \
-             AND (attempts <> 0 OR started_at IS NOT NULL OR lease_owner IS NOT NULL)"
+             AND (attempts <> 0 OR lease_owner IS NOT NULL OR lease_expires_at IS NOT NULL)"
         )
         .await,
         0

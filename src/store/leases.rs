@@ -142,7 +142,9 @@ impl Store {
     }
 
     /// Hands claimed tasks that never started back to the queue (prefetched tasks at
-    /// shutdown): the claim's attempt is given back too, since nothing ran.
+    /// shutdown or on pause): the claim's attempt is given back too, since nothing ran.
+    /// `started_at` stays, as everywhere: the claim counted as the first start, so a
+    /// `queued`-scope unique key it let go is not taken again (docs/state_machine.md).
     pub async fn release(&self, ids: &[i64], owner: &str) -> Result<u64, StoreError> {
         if ids.is_empty() {
             return Ok(0);
@@ -155,7 +157,7 @@ impl Store {
                     "WITH l AS (SELECT id FROM tasks WHERE id = ANY($1) AND lease_owner = $2 \
                        AND status = 'running' AND status = ANY($3) ORDER BY id FOR UPDATE) \
                      UPDATE tasks t SET status = 'queued', attempts = greatest(t.attempts - 1, 0), \
-                       started_at = NULL, {END_LEASE}, updated_at = now() \
+                       {END_LEASE}, updated_at = now() \
                      FROM l WHERE t.id = l.id"
                 ),
                 &[&ids, &owner, &allowed],

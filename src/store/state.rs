@@ -65,7 +65,7 @@ impl TaskStatus {
         )
     }
 
-    /// The one edge out of a final status: an explicit retry (`Store::retry`, from the API
+    /// The one edge out of a final status: an explicit retry (`Store::retry_task` / `Store::retry_tasks`, from the API
     /// or the CLI) may put a failed, cancelled or timed-out task back in the queue. No other
     /// writer may: [`TaskStatus::can_transition_to`] keeps final statuses final, so
     /// `Store::transition` and every loop still refuse `failed -> queued`.
@@ -76,7 +76,7 @@ impl TaskStatus {
         )
     }
 
-    /// The statuses a retry moves to `queued` from (the allowed set of `Store::retry`).
+    /// The statuses a retry moves to `queued` from (the allowed set of `Store::retry_task` / `Store::retry_tasks`).
     pub fn retry_allowed_from() -> Vec<&'static str> {
         TaskStatus::ALL
             .iter()
