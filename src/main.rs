@@ -4,205 +4,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser;
+
+mod cli;
+
+use cli::{Cli, ClientArgs, Command, ConfigArg, RetryArgs, SubmitArgs, TasksCommand};
 use taskwarden::client::ClientError;
 use taskwarden::config::{Config, ConfigError};
-
-#[derive(Parser)]
-#[command(
-    name = "taskwarden",
-    version,
-    about = "Runs agent tasks on PostgreSQL and watches its own DB sessions, pool and tasks"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(clap::Args)]
-struct ConfigArg {
-    /// Config file; without it ./config.toml is used if present, else the built-in defaults.
-    #[arg(long, short = 'c', env = "TASKWARDEN_CONFIG")]
-    config: Option<PathBuf>,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the daemon in the foreground.
-    Run(ConfigArg),
-    /// Parse and validate the config; report every problem by key.
-    CheckConfig(ConfigArg),
-    /// Apply schema migrations and exit.
-    Migrate(ConfigArg),
-    /// Reload a running daemon's config and wait for its verdict (the unit's ExecReload):
-    /// SIGHUP, then exit 0 once the file is in force, or 1 with its problems when refused.
-    Reload {
-        #[command(flatten)]
-        config: ConfigArg,
-        /// The daemon's pid; systemd passes it as $MAINPID.
-        #[arg(long, env = "MAINPID", value_parser = clap::value_parser!(i32).range(2..))]
-        pid: i32,
-        /// The daemon's base URL; default from http.listen in the config.
-        #[arg(long, env = "TASKWARDEN_URL")]
-        url: Option<String>,
-        /// How long to wait for the daemon's verdict.
-        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-        timeout: std::time::Duration,
-    },
-    /// Show pool, DB sessions, tasks, alerts and instances of a running daemon.
-    Status {
-        #[command(flatten)]
-        conn: ClientArgs,
-    },
-    /// Queue a task, or with --slot run it now in that run slot.
-    Submit {
-        #[command(flatten)]
-        conn: ClientArgs,
-        #[arg(long)]
-        agent: String,
-        /// JSON payload given to the agent.
-        #[arg(long, default_value = "{}")]
-        payload: String,
-        /// Run now in this run slot, replacing its running task (`--session` is the
-        /// option's older name).
-        #[arg(long, alias = "session")]
-        slot: Option<String>,
-        /// A duplicate submit (this key held by a task) answers that task instead of
-        /// queueing another.
-        #[arg(long)]
-        unique_key: Option<String>,
-        /// How long a task holds its key: queued (until it starts), active (while queued
-        /// or running; the default) or period (with --unique-for).
-        #[arg(long, value_parser = ["queued", "active", "period"])]
-        unique_scope: Option<String>,
-        /// Hold the key for this long after creation, e.g. "1h" (implies --unique-scope period).
-        #[arg(long)]
-        unique_for: Option<String>,
-        /// Higher runs first among due tasks of the agent (default 0).
-        #[arg(long, allow_hyphen_values = true)]
-        priority: Option<i32>,
-        /// Attempts before the task fails (default: the daemon's workers.max_attempts).
-        #[arg(long)]
-        max_attempts: Option<i32>,
-        /// Not before this time: RFC 3339 ("2026-01-02T03:04:05Z") or a delay from now ("10m").
-        #[arg(long)]
-        run_after: Option<String>,
-        /// Wait until the task ends and print its final state: exit 0 if it succeeded, 1 if
-        /// it failed, was cancelled or timed out, 3 if --wait-limit passed first.
-        #[arg(long)]
-        wait: bool,
-        /// How long --wait waits at most.
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
-        wait_limit: std::time::Duration,
-    },
-    /// List, show, cancel or follow tasks.
-    Tasks {
-        #[command(subcommand)]
-        command: TasksCommand,
-    },
-    /// Pause an agent's queue on every instance: its queued tasks stay queued, running ones finish.
-    Pause {
-        #[command(flatten)]
-        conn: ClientArgs,
-        agent: String,
-        /// Why (shown in the API's answer and kept with the pause).
-        #[arg(long)]
-        reason: Option<String>,
-    },
-    /// Resume a paused agent's queue.
-    Resume {
-        #[command(flatten)]
-        conn: ClientArgs,
-        agent: String,
-    },
-    /// Queue a failed, cancelled or timed-out task again: one by ID, or those matching --agent/--status.
-    Retry {
-        #[command(flatten)]
-        conn: ClientArgs,
-        /// The task; without it, --agent and/or --status select the tasks.
-        #[arg(required_unless_present_any = ["agent", "status"], conflicts_with_all = ["agent", "status", "limit"])]
-        id: Option<i64>,
-        #[arg(long)]
-        agent: Option<String>,
-        /// failed, cancelled or timed_out (default: all three).
-        #[arg(long)]
-        status: Option<String>,
-        /// Most tasks retried by a filter (1..=1000).
-        #[arg(long, default_value_t = 100)]
-        limit: i64,
-        /// Attempts granted: max_attempts becomes at least attempts + this (default 1).
-        #[arg(long)]
-        extra_attempts: Option<i32>,
-    },
-    /// Internal: run a command agent's program under the subreaper shim.
-    #[command(name = "agent-shim", hide = true)]
-    AgentShim {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
-        argv: Vec<String>,
-    },
-    /// Create an objective from a JSON file: {"title": ..., "steps": [{"key", "agent", "payload", "depends_on"}]}.
-    Objective {
-        #[command(flatten)]
-        conn: ClientArgs,
-        file: PathBuf,
-    },
-}
-
-#[derive(Subcommand)]
-enum TasksCommand {
-    /// A page of tasks, oldest first.
-    List {
-        #[command(flatten)]
-        conn: ClientArgs,
-        /// queued, running, succeeded, failed, cancelled or timed_out.
-        #[arg(long)]
-        status: Option<String>,
-        #[arg(long)]
-        agent: Option<String>,
-        /// Most tasks listed (1..=1000).
-        #[arg(long, default_value_t = 100)]
-        limit: i64,
-    },
-    /// One task with its events (progress lines, per-attempt errors).
-    Show {
-        #[command(flatten)]
-        conn: ClientArgs,
-        id: i64,
-    },
-    /// Cancel a queued or running task.
-    Cancel {
-        #[command(flatten)]
-        conn: ClientArgs,
-        id: i64,
-        #[arg(long)]
-        reason: Option<String>,
-    },
-    /// Print a task's events as they come until it ends: exit 0 if it succeeded, 1 if it
-    /// failed, was cancelled or timed out, 3 if --limit passed first.
-    Follow {
-        #[command(flatten)]
-        conn: ClientArgs,
-        id: i64,
-        /// How long to follow at most.
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
-        limit: std::time::Duration,
-    },
-}
-
-#[derive(clap::Args)]
-struct ClientArgs {
-    #[command(flatten)]
-    config: ConfigArg,
-    /// The daemon's base URL; default from http.listen in the config.
-    #[arg(long, env = "TASKWARDEN_URL")]
-    url: Option<String>,
-    /// The API token (http.api_token); default $TASKWARDEN_API_TOKEN, else the config's.
-    #[arg(long, env = "TASKWARDEN_API_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// Print the API's JSON instead of tables.
-    #[arg(long)]
-    json: bool,
-}
 
 /// The config a client command uses, and a name for where it came from (for hints):
 /// --config, else ./config.toml, else /etc/taskwarden/config.toml, else the defaults.
@@ -260,52 +68,7 @@ fn main() -> ExitCode {
             let v = c.status().await?;
             Ok((v.clone(), taskwarden::client::render_status(&v)))
         })),
-        Command::Submit {
-            conn,
-            agent,
-            payload,
-            slot,
-            unique_key,
-            unique_scope,
-            unique_for,
-            priority,
-            max_attempts,
-            run_after,
-            wait,
-            wait_limit,
-        } => client_report(
-            client(&conn, |c| async move {
-                let payload: serde_json::Value = serde_json::from_str(&payload)
-                    .map_err(|e| ClientError::Input(format!("--payload is not JSON: {e}")))?;
-                let run_after = run_after.as_deref().map(parse_run_after).transpose()?;
-                let v = c
-                    .submit(&taskwarden::client::Submit {
-                        agent,
-                        payload,
-                        slot,
-                        unique_key,
-                        unique_scope,
-                        unique_for,
-                        priority,
-                        max_attempts,
-                        run_after,
-                    })
-                    .await?;
-                if !wait {
-                    return Ok((v.clone(), taskwarden::client::render_task(&v)));
-                }
-                let id = v["id"]
-                    .as_i64()
-                    .ok_or_else(|| ClientError::Input(format!("no task id in the answer: {v}")))?;
-                eprintln!(
-                    "{}; waiting for it to end",
-                    taskwarden::client::render_task(&v)
-                );
-                let done = c.follow(id, wait_limit, false, |_| {}).await?;
-                Ok((done.clone(), taskwarden::client::render_task(&done)))
-            })
-            .and_then(|v| succeeded(&v, wait)),
-        ),
+        Command::Submit(args) => submit(args),
         Command::Tasks { command } => tasks(command),
         Command::Pause {
             conn,
@@ -325,29 +88,7 @@ fn main() -> ExitCode {
             };
             Ok((v, text))
         })),
-        Command::Retry {
-            conn,
-            id,
-            agent,
-            status,
-            limit,
-            extra_attempts,
-        } => client_report(client(&conn, |c| async move {
-            if let Some(id) = id {
-                let v = c.retry(id, extra_attempts).await?;
-                return Ok((v.clone(), taskwarden::client::render_task(&v)));
-            }
-            let filter = serde_json::json!({
-                "agent": agent, "status": status, "limit": limit, "extra_attempts": extra_attempts,
-            });
-            let v = c.retry_matching(&filter).await?;
-            let ids: Vec<String> = v["tasks"]
-                .as_array()
-                .map(|a| a.iter().map(|t| t["id"].to_string()).collect())
-                .unwrap_or_default();
-            let text = format!("{} task(s) queued again: {}", v["count"], ids.join(" "));
-            Ok((v, text))
-        })),
+        Command::Retry(args) => retry(args),
         Command::Objective { conn, file } => client_report(client(&conn, |c| async move {
             let text = std::fs::read_to_string(&file).map_err(|e| {
                 taskwarden::client::ClientError::Input(format!("{}: {e}", file.display()))
@@ -362,6 +103,85 @@ fn main() -> ExitCode {
             Ok((v.clone(), taskwarden::client::render_objective(&v)))
         })),
     }
+}
+
+/// `submit`: queue a task (or run it in a slot), and with `--wait` follow it to its end.
+fn submit(args: SubmitArgs) -> ExitCode {
+    let SubmitArgs {
+        conn,
+        agent,
+        payload,
+        slot,
+        unique_key,
+        unique_scope,
+        unique_for,
+        priority,
+        max_attempts,
+        run_after,
+        wait,
+        wait_limit,
+    } = args;
+    client_report(
+        client(&conn, |c| async move {
+            let payload: serde_json::Value = serde_json::from_str(&payload)
+                .map_err(|e| ClientError::Input(format!("--payload is not JSON: {e}")))?;
+            let run_after = run_after.as_deref().map(parse_run_after).transpose()?;
+            let v = c
+                .submit(&taskwarden::client::Submit {
+                    agent,
+                    payload,
+                    slot,
+                    unique_key,
+                    unique_scope,
+                    unique_for,
+                    priority,
+                    max_attempts,
+                    run_after,
+                })
+                .await?;
+            if !wait {
+                return Ok((v.clone(), taskwarden::client::render_task(&v)));
+            }
+            let id = v["id"]
+                .as_i64()
+                .ok_or_else(|| ClientError::Input(format!("no task id in the answer: {v}")))?;
+            eprintln!(
+                "{}; waiting for it to end",
+                taskwarden::client::render_task(&v)
+            );
+            let done = c.follow(id, wait_limit, false, |_| {}).await?;
+            Ok((done.clone(), taskwarden::client::render_task(&done)))
+        })
+        .and_then(|v| succeeded(&v, wait)),
+    )
+}
+
+/// `retry`: one task by id, or those matching a filter.
+fn retry(args: RetryArgs) -> ExitCode {
+    let RetryArgs {
+        conn,
+        id,
+        agent,
+        status,
+        limit,
+        extra_attempts,
+    } = args;
+    client_report(client(&conn, |c| async move {
+        if let Some(id) = id {
+            let v = c.retry(id, extra_attempts).await?;
+            return Ok((v.clone(), taskwarden::client::render_task(&v)));
+        }
+        let filter = serde_json::json!({
+            "agent": agent, "status": status, "limit": limit, "extra_attempts": extra_attempts,
+        });
+        let v = c.retry_matching(&filter).await?;
+        let ids: Vec<String> = v["tasks"]
+            .as_array()
+            .map(|a| a.iter().map(|t| t["id"].to_string()).collect())
+            .unwrap_or_default();
+        let text = format!("{} task(s) queued again: {}", v["count"], ids.join(" "));
+        Ok((v, text))
+    }))
 }
 
 /// `tasks list|show|cancel|follow`.
