@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::daemon::Daemon;
-use common::{TestDb, count, eventually};
+use common::{TestDb, count, eventually, promtool_check_metrics};
 use nix::sys::signal::Signal;
 
 const READY: &str = "taskwarden ready";
@@ -298,31 +298,6 @@ async fn missed_due_times_queue_one_run_for_the_latest() {
         Fired::NotDue { .. }
     ));
     assert_eq!(count(&c, "SELECT count(*) FROM schedules").await, 2);
-}
-
-/// `promtool check metrics` on an exposition; fails the test on any complaint.
-fn promtool_check_metrics(text: &str) {
-    use std::io::Write;
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus; scripts/test.sh installs it)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let said =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && said.trim().is_empty(),
-        "promtool: {said}"
-    );
 }
 
 /// A command agent that snoozes once (`{"snooze": 2}`) and then succeeds: the task ends
