@@ -45,6 +45,26 @@ ensure_pgbouncer() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends pgbouncer
 }
 
+# Installs schemathesis (PyPI, pinned) into a virtualenv under the user's cache for
+# tests/openapi.rs and exports TASKWARDEN_SCHEMATHESIS with its path.
+SCHEMATHESIS_VERSION=4.32.5
+ensure_schemathesis() {
+  local venv="${XDG_CACHE_HOME:-$HOME/.cache}/taskwarden/schemathesis-$SCHEMATHESIS_VERSION"
+  if [ ! -x "$venv/bin/schemathesis" ]; then
+    echo "installing schemathesis $SCHEMATHESIS_VERSION from PyPI into $venv" >&2
+    if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+      local sudo=""
+      if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+      $sudo apt-get update -q
+      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends python3-venv
+    fi
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q "schemathesis==$SCHEMATHESIS_VERSION"
+  fi
+  export TASKWARDEN_SCHEMATHESIS="$venv/bin/schemathesis"
+}
+
 # Prints the newest PostgreSQL bin directory.
 pg_bindir() {
   if [ -n "${TASKWARDEN_PG_BINDIR:-}" ]; then echo "$TASKWARDEN_PG_BINDIR"; return; fi

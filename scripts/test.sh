@@ -4,7 +4,7 @@
 # database. Set TASKWARDEN_TEST_DATABASE_URL to use an existing server instead.
 # Installs PostgreSQL, Prometheus (the operations tests scrape with a real one),
 # systemd-analyze (they verify the unit with it) and pgbouncer (the pooler tests) with
-# apt-get when they are missing.
+# apt-get when they are missing, and schemathesis (the OpenAPI test) from PyPI.
 # Extra arguments go to the test runner. Last, scripts/systemd-e2e.sh tests the systemd
 # unit on a booted minimal Debian (see there).
 set -euo pipefail
@@ -14,6 +14,7 @@ ensure_postgres
 ensure_prometheus
 ensure_systemd_analyze
 ensure_pgbouncer
+ensure_schemathesis
 
 if [ -z "${TASKWARDEN_TEST_DATABASE_URL:-}" ]; then
   bindir=$(pg_bindir)

@@ -36,7 +36,7 @@ pub const WEBHOOK_ATTEMPTS: u32 = 3;
 /// Per-attempt time limit.
 pub const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
     Warning,
@@ -63,8 +63,9 @@ pub struct AlertEvent {
 }
 
 /// A firing alert as status output shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct FiringAlert {
+    #[schema(value_type = String)]
     pub alert: &'static str,
     pub severity: Severity,
     pub summary: String,

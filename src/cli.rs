@@ -53,7 +53,7 @@ pub enum Command {
     },
     /// Queue a task, or with --slot run it now in that run slot.
     Submit(SubmitArgs),
-    /// List, show, cancel or follow tasks.
+    /// List, show, cancel, retry or follow tasks, or print a task's events.
     Tasks {
         #[command(subcommand)]
         command: TasksCommand,
@@ -75,6 +75,8 @@ pub enum Command {
     },
     /// Queue a failed, cancelled or timed-out task again: one by ID, or those matching --agent/--status.
     Retry(RetryArgs),
+    /// Print the HTTP API's OpenAPI 3.1 document (the one served at /openapi.json).
+    Openapi,
     /// Internal: run a command agent's program under the subreaper shim.
     #[command(name = "agent-shim", hide = true)]
     AgentShim {
@@ -117,6 +119,29 @@ pub enum TasksCommand {
         id: i64,
         #[arg(long)]
         reason: Option<String>,
+    },
+    /// Queue a failed, cancelled or timed-out task again (`taskwarden retry ID`).
+    Retry {
+        #[command(flatten)]
+        conn: ClientArgs,
+        id: i64,
+        /// Attempts granted: max_attempts becomes at least attempts + this (default 1).
+        #[arg(long)]
+        extra_attempts: Option<i32>,
+    },
+    /// A task's events (progress lines, per-attempt errors), oldest first; with --follow,
+    /// as they come until the task ends (then as `tasks follow`).
+    Events {
+        #[command(flatten)]
+        conn: ClientArgs,
+        id: i64,
+        /// Keep printing until the task ends: exit 0 if it succeeded, 1 if it failed, was
+        /// cancelled or timed out, 3 if --limit passed first.
+        #[arg(long)]
+        follow: bool,
+        /// With --follow: how long to follow at most.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        limit: std::time::Duration,
     },
     /// Print a task's events as they come until it ends: exit 0 if it succeeded, 1 if it
     /// failed, was cancelled or timed out, 3 if --limit passed first.

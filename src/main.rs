@@ -70,6 +70,10 @@ fn main() -> ExitCode {
         })),
         Command::Submit(args) => submit(args),
         Command::Tasks { command } => tasks(command),
+        Command::Openapi => {
+            print!("{}", taskwarden::api::openapi_document());
+            ExitCode::SUCCESS
+        }
         Command::Pause {
             conn,
             agent,
@@ -184,7 +188,7 @@ fn retry(args: RetryArgs) -> ExitCode {
     }))
 }
 
-/// `tasks list|show|cancel|follow`.
+/// `tasks list|show|cancel|retry|events|follow`.
 fn tasks(command: TasksCommand) -> ExitCode {
     use taskwarden::client::{
         render_event_line, render_task, render_task_detail, render_task_list,
@@ -210,7 +214,35 @@ fn tasks(command: TasksCommand) -> ExitCode {
             let v = c.cancel(id, reason.as_deref()).await?;
             Ok((v.clone(), render_task(&v)))
         })),
-        TasksCommand::Follow { conn, id, limit } => {
+        TasksCommand::Retry {
+            conn,
+            id,
+            extra_attempts,
+        } => client_report(client(&conn, |c| async move {
+            let v = c.retry(id, extra_attempts).await?;
+            Ok((v.clone(), render_task(&v)))
+        })),
+        TasksCommand::Events {
+            conn,
+            id,
+            follow: false,
+            ..
+        } => client_report(client(&conn, |c| async move {
+            let (_, events) = c.all_task_events(id, 0).await?;
+            let text = events
+                .iter()
+                .map(render_event_line)
+                .collect::<Vec<_>>()
+                .join("\n");
+            Ok((serde_json::Value::Array(events), text))
+        })),
+        TasksCommand::Events {
+            conn,
+            id,
+            follow: true,
+            limit,
+        }
+        | TasksCommand::Follow { conn, id, limit } => {
             let json = conn.json;
             client_report(
                 client(&conn, |c| async move {

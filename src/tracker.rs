@@ -85,10 +85,11 @@ impl SessionInfo {
 }
 
 /// A point-in-time copy of one session for status output.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct SessionSnapshot {
     pub id: u64,
     pub caller: String,
+    #[schema(value_type = String)]
     pub label: &'static str,
     pub age_seconds: f64,
     pub backend_pid: i32,

@@ -1,6 +1,6 @@
 //! Issue 17: a task's events through the API (paged, bounded in bytes) and the task
 //! commands of the built CLI against a running daemon — `submit --wait/--priority/
-//! --max-attempts/--run-after`, `tasks list|show|cancel|follow` — with their exit codes, the
+//! --max-attempts/--run-after`, `tasks list|show|cancel|retry|events|follow` — with their exit codes, the
 //! errors a user meets (daemon down, no token, unknown agent), and the task lifecycle in
 //! the daemon's info log.
 
@@ -169,6 +169,29 @@ async fn task_events_route_and_task_commands_end_to_end() {
         assert!(out.contains("cancelled"), "{out}");
         let o = run(&["tasks", "follow", &slow_id.to_string()]);
         assert_eq!(o.status.code(), Some(1), "{:?}", text(&o));
+        // `tasks events --follow` is `tasks follow`; plain `tasks events` prints them once.
+        let o = run(&["tasks", "events", &slow_id.to_string(), "--follow"]);
+        assert_eq!(o.status.code(), Some(1), "{:?}", text(&o));
+        let o = run(&["tasks", "events", &steps_id.to_string()]);
+        let (out, err) = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+        assert_eq!(out.matches("\"step\"").count(), 3, "{out}");
+        let o = run(&["tasks", "events", &steps_id.to_string(), "--json"]);
+        assert_eq!(json_of(&o).as_array().map(Vec::len), Some(3), "the 3 step lines");
+        // `tasks retry`: the cancelled task is queued again, with an attempt left.
+        let o = run(&["tasks", "retry", &slow_id.to_string(), "--json"]);
+        let (out, err) = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
+        let retried = json_of(&o);
+        assert_eq!(retried["status"], "queued", "{retried}");
+        let (attempts, max) = (retried["attempts"].as_i64(), retried["max_attempts"].as_i64());
+        assert!(max >= attempts.map(|a| a + 1), "{retried}");
+        let o = run(&["tasks", "retry", &steps_id.to_string()]);
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(2), "a succeeded task is not retried: {err}");
+        assert!(err.contains("409"), "{err}");
+        let o = run(&["tasks", "cancel", &slow_id.to_string()]);
+        assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
         let o = run(&["submit", "--agent", "ok", "--run-after", "1h", "--json"]);
         let later = json_of(&o);
         let run_after = chrono::DateTime::parse_from_rfc3339(later["run_after"].as_str().unwrap())

@@ -4,13 +4,33 @@
 #[allow(unused_imports)]
 use super::*;
 
-/// A JSON body whose errors name the offending field (serde_path_to_error).
+/// A JSON object body whose errors name the offending field (serde_path_to_error).
 pub struct JsonBody<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = json_bytes(req, state).await?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+/// Any JSON body (an object or an array: the submit route takes either), NUL-free.
+pub(super) struct AnyJson(pub serde_json::Value);
+
+impl<S: Send + Sync> FromRequest<S> for AnyJson {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = json_bytes(req, state).await?;
+        parse_json_value(&bytes).map(AnyJson)
+    }
+}
+
+/// The body of a request that says it is JSON, bounded by `http.max_body_bytes`.
+async fn json_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    {
         let is_json = req
             .headers()
             .get(header::CONTENT_TYPE)
@@ -22,7 +42,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 "send Content-Type: application/json",
             ));
         }
-        let bytes = Bytes::from_request(req, state)
+        Bytes::from_request(req, state)
             .await
             .map_err(|e: BytesRejection| {
                 let status = e.status();
@@ -31,14 +51,30 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 } else {
                     ApiError::new(status, e.body_text())
                 }
-            })?;
-        parse_json(&bytes).map(JsonBody)
+            })
     }
 }
 
-/// Parses a JSON body into `T`: a syntax error, a NUL character anywhere, or a field of
-/// the wrong shape is a 400 that names where it was.
+/// Parses a JSON object body into `T`: a syntax error, a NUL character anywhere, a body
+/// that is not an object, or a field of the wrong shape is a 400 that names where it was.
 pub(super) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    from_object_named(parse_json_value(bytes)?, "")
+}
+
+/// An optional JSON object body: empty or `null` is `T::default()`, else as [`parse_json`].
+pub(super) fn parse_optional_json<T: DeserializeOwned + Default>(
+    bytes: &[u8],
+) -> Result<T, ApiError> {
+    let text = bytes.trim_ascii();
+    if text.is_empty() || text == b"null" {
+        return Ok(T::default());
+    }
+    parse_json(text)
+}
+
+/// Parses any JSON body: a syntax error or a NUL character anywhere is a 400 that names
+/// where it was.
+pub(super) fn parse_json_value(bytes: &[u8]) -> Result<serde_json::Value, ApiError> {
     let value: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")))?;
     if let Some(path) = nul_in(&value, String::new()) {
@@ -54,7 +90,24 @@ pub(super) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
             "contains a NUL character (\\u0000), which PostgreSQL cannot store",
         ));
     }
-    from_value_named(value, "")
+    Ok(value)
+}
+
+/// [`from_value_named`] for a value that must be a JSON object (serde would also take a
+/// struct from an array of its fields in order, which no client means).
+pub(super) fn from_object_named<T: DeserializeOwned>(
+    value: serde_json::Value,
+    prefix: &str,
+) -> Result<T, ApiError> {
+    if !value.is_object() {
+        return Err(match prefix.strip_suffix('.') {
+            Some(item) if !item.is_empty() => {
+                ApiError::field(StatusCode::BAD_REQUEST, item, "must be a JSON object")
+            }
+            _ => ApiError::new(StatusCode::BAD_REQUEST, "the body must be a JSON object"),
+        });
+    }
+    from_value_named(value, prefix)
 }
 
 /// Deserializes `T` from a parsed body (or one item of it); a field of the wrong shape is
@@ -160,6 +213,36 @@ pub(super) async fn method_not_allowed() -> ApiError {
     )
 }
 
+/// A task's or objective's id in the path.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)] // the document's shape; handlers read the segment with parse_id
+pub(super) struct IdParam {
+    /// A positive integer id (anything else is a 400 naming `id`).
+    #[param(minimum = 1)]
+    id: i64,
+}
+
+/// A run slot's id in the path.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub(super) struct SlotParam {
+    /// The run slot: 1 to 200 characters, no NUL.
+    #[param(min_length = 1, max_length = 200)]
+    id: String,
+}
+
+/// An agent's name in the path.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub(super) struct AgentParam {
+    /// One of the daemon's configured agents: 1 to 200 characters, no NUL.
+    #[param(min_length = 1, max_length = 200)]
+    name: String,
+}
+
 pub(super) fn parse_id(raw: &str, what: &str) -> Result<i64, ApiError> {
     raw.parse::<i64>().ok().filter(|v| *v > 0).ok_or_else(|| {
         ApiError::field(
@@ -168,4 +251,26 @@ pub(super) fn parse_id(raw: &str, what: &str) -> Result<i64, ApiError> {
             format!("{raw:?} is not a positive integer id"),
         )
     })
+}
+
+/// An optional integer field that also takes an integral JSON number written as a float
+/// (`98.0`): JSON Schema's `integer` admits it, and serde's integers would not.
+pub(super) fn opt_integer<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<i64>,
+{
+    use serde::de::Error;
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let whole = n.as_i64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+            .map(|f| f as i64)
+    });
+    whole
+        .and_then(|v| T::try_from(v).ok())
+        .map(Some)
+        .ok_or_else(|| D::Error::custom(format!("{n} is not an integer in range")))
 }

@@ -32,12 +32,22 @@ impl ApiError {
     }
 }
 
+/// Every error's body.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong and, where there is one, what to do about it.
+    pub error: String,
+    /// The input to blame, when one is (`agent`, `items[3].payload`, `limit`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = json!({ "error": self.message });
-        if let Some(f) = self.field {
-            body["field"] = json!(f);
-        }
+        let body = ErrorBody {
+            error: self.message,
+            field: self.field,
+        };
         (self.status, axum::Json(body)).into_response()
     }
 }

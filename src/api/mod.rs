@@ -13,6 +13,7 @@ mod body;
 mod errors;
 mod health;
 mod objectives;
+mod openapi;
 mod slots;
 mod tasks;
 
@@ -21,8 +22,11 @@ use auth::*;
 pub use body::JsonBody;
 use body::*;
 pub use errors::ApiError;
+use errors::ErrorBody;
 use health::*;
 use objectives::*;
+pub use openapi::document as openapi_document;
+use openapi::openapi_json;
 use slots::*;
 use tasks::*;
 
@@ -41,8 +45,8 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::alerts::Alerts;
@@ -51,14 +55,16 @@ use crate::db::{Db, DbError};
 use crate::metrics::Metrics;
 use crate::orchestrator::registry::RunningTasks;
 use crate::orchestrator::{Orchestrator, OrchestratorError};
-use crate::store::{NewObjective, NewTask, RetryFilter, Store, StoreError, TaskFilter, TaskStatus};
+use crate::store::{
+    NewObjective, NewTask, RetryFilter, Store, StoreError, Task, TaskFilter, TaskStatus,
+};
 use crate::supervisor::Heartbeat;
 
 /// Longest time a request may take to produce its response head.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Which config is in force, for status output (never the content: it holds secrets).
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct ConfigMeta {
     pub version: String,
     pub loaded_at: DateTime<Utc>,
@@ -115,6 +121,7 @@ pub struct ApiState {
 }
 
 /// Builds the router.
+#[allow(deprecated)] // the run slots' older paths are served, and documented as deprecated
 pub fn router(state: ApiState) -> Router {
     let max_body = state.config.load().http.max_body_bytes as usize;
     let v1 = Router::new()
@@ -131,8 +138,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/slots/{id}/run", post(run_in_slot))
         .route("/slots/{id}/events", get(slot_events))
         // The run slots' paths before they were called slots; kept for existing clients.
-        .route("/sessions/{id}/run", post(run_in_slot))
-        .route("/sessions/{id}/events", get(slot_events))
+        .route("/sessions/{id}/run", post(run_in_session))
+        .route("/sessions/{id}/events", get(session_events))
         .route("/status", get(status))
         .method_not_allowed_fallback(method_not_allowed)
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
@@ -140,6 +147,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi_json))
         .nest("/v1", v1)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .method_not_allowed_fallback(method_not_allowed)

@@ -3,6 +3,12 @@
 #[allow(unused_imports)]
 use super::*;
 
+/// Creates an objective from its steps (or a planner's), written whole or not at all.
+#[utoipa::path(post, path = "/v1/objectives", tag = "objectives", request_body = NewObjective,
+    responses((status = 201, body = crate::store::Objective),
+        (status = 400, description = "Bad steps (keys, dependencies, cycle) or agent, named by field", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 415, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(super) async fn create_objective(
     State(s): State<ApiState>,
     JsonBody(o): JsonBody<NewObjective>,
@@ -11,6 +17,9 @@ pub(super) async fn create_objective(
     Ok((StatusCode::CREATED, axum::Json(obj)).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/objectives/{id}", tag = "objectives", params(IdParam),
+    responses((status = 200, body = crate::store::Objective), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(super) async fn get_objective(
     State(s): State<ApiState>,
     Path(id): Path<String>,

@@ -8,18 +8,27 @@ use super::*;
 /// Events replayed per database page when a subscriber resumes.
 pub(super) const REPLAY_PAGE: i64 = 500;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RunBody {
+    /// One of the daemon's configured agents.
+    #[schema(min_length = 1, max_length = 200)]
     agent: String,
     #[serde(default)]
     payload: serde_json::Value,
     #[serde(default)]
     priority: i32,
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1000)]
     max_attempts: Option<i32>,
 }
 
+/// Runs a task now in a run slot, cancelling the task the slot runs (chat-style: the
+/// newest message wins).
+#[utoipa::path(post, path = "/v1/slots/{id}/run", tag = "slots", params(SlotParam), request_body = RunBody,
+    responses((status = 201, body = Task), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+        (status = 503, description = "No run slot free, or the database is down", body = ErrorBody)))]
 pub(super) async fn run_in_slot(
     State(s): State<ApiState>,
     OriginalUri(uri): OriginalUri,
@@ -42,6 +51,12 @@ pub(super) async fn run_in_slot(
 /// Server-sent events of a run slot's tasks. `Last-Event-ID` (or `?after=`) resumes after
 /// that event: missed events are read from the database, then live ones follow. A
 /// subscriber that falls behind the live buffer is caught up from the database again.
+#[utoipa::path(get, path = "/v1/slots/{id}/events", tag = "slots",
+    params(SlotParam,
+        ("after" = Option<i64>, Query, nullable = false, minimum = 0, description = "Resume after this event id (or the Last-Event-ID header)"),
+        ("Last-Event-ID" = Option<i64>, Header, nullable = false, minimum = 0, description = "Resume after this event id")),
+    responses((status = 200, description = "Server-sent events: each `id:` an event id, `data:` a task event as JSON", content_type = "text/event-stream", body = SseEvent),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(super) async fn slot_events(
     State(s): State<ApiState>,
     OriginalUri(uri): OriginalUri,
@@ -50,20 +65,26 @@ pub(super) async fn slot_events(
     Query(q): Query<std::collections::HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     check_slot_param(&slot, slot_param_name(&uri))?;
-    let after = headers
+    // Each is checked when given; the header (what a reconnecting EventSource sends) wins.
+    let event_id = |v: Option<&str>, field: &str| {
+        v.map(|v| v.trim().parse::<i64>().ok().filter(|id| *id >= 0))
+            .map(|id| {
+                id.ok_or_else(|| {
+                    ApiError::field(
+                        StatusCode::BAD_REQUEST,
+                        field,
+                        "must be an event id (0 or more)",
+                    )
+                })
+            })
+            .transpose()
+    };
+    let header = headers
         .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .or(q.get("after").map(String::as_str))
-        .map(|v| v.trim().parse::<i64>())
-        .transpose()
-        .map_err(|_| {
-            ApiError::field(
-                StatusCode::BAD_REQUEST,
-                "Last-Event-ID",
-                "must be an event id",
-            )
-        })?
-        .unwrap_or(0);
+        .map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    let from_header = event_id(header, "Last-Event-ID")?;
+    let from_query = event_id(q.get("after").map(String::as_str), "after")?;
+    let after = from_header.or(from_query).unwrap_or(0);
     // Subscribe before replaying, so nothing falls between the two.
     let mut live = s.orchestrator.hub().subscribe();
     let store = s.store.clone();
@@ -124,6 +145,18 @@ fn slot_param_name(uri: &axum::http::Uri) -> &'static str {
     }
 }
 
+/// One server-sent event of a run slot's stream.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // the document's shape; to_sse writes it
+pub(super) struct SseEvent {
+    /// The event's id: send it back as Last-Event-ID (or `after=`) to resume after it.
+    id: String,
+    /// The event's kind (`progress`, `attempt_failed`, `succeeded`, ...).
+    event: String,
+    /// JSON: `{"task_id", "kind", "data", "at"}`.
+    data: String,
+}
+
 pub(super) fn to_sse(e: &crate::store::TaskEvent) -> Result<Event, Infallible> {
     let data = json!({ "task_id": e.task_id, "kind": e.kind, "data": e.data, "at": e.created_at });
     Ok(Event::default()
@@ -151,4 +184,37 @@ where
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// `POST /v1/sessions/{id}/run`: the run slot's path before slots were called slots.
+#[utoipa::path(post, path = "/v1/sessions/{id}/run", tag = "slots", params(SlotParam), request_body = RunBody,
+    responses((status = 201, body = Task), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+        (status = 503, description = "No run slot free, or the database is down", body = ErrorBody)))]
+#[deprecated(note = "use POST /v1/slots/{id}/run")]
+pub(super) async fn run_in_session(
+    state: State<ApiState>,
+    uri: OriginalUri,
+    slot: Path<String>,
+    body: JsonBody<RunBody>,
+) -> Result<Response, ApiError> {
+    run_in_slot(state, uri, slot, body).await
+}
+
+/// `GET /v1/sessions/{id}/events`: the run slot's path before slots were called slots.
+#[utoipa::path(get, path = "/v1/sessions/{id}/events", tag = "slots",
+    params(SlotParam,
+        ("after" = Option<i64>, Query, nullable = false, minimum = 0, description = "Resume after this event id (or the Last-Event-ID header)"),
+        ("Last-Event-ID" = Option<i64>, Header, nullable = false, minimum = 0, description = "Resume after this event id")),
+    responses((status = 200, description = "Server-sent events: each `id:` an event id, `data:` a task event as JSON", content_type = "text/event-stream", body = SseEvent),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
+#[deprecated(note = "use GET /v1/slots/{id}/events")]
+pub(super) async fn session_events(
+    state: State<ApiState>,
+    uri: OriginalUri,
+    slot: Path<String>,
+    headers: HeaderMap,
+    q: Query<std::collections::HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    slot_events(state, uri, slot, headers, q).await
 }

@@ -4,13 +4,41 @@
 #[allow(unused_imports)]
 use super::*;
 
+/// The body of `POST /v1/tasks`: one task, or a bulk (an array, written all or none).
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // the document's shape; the handler reads a serde_json::Value
+pub(super) enum SubmitBody {
+    One(NewTask),
+    Many(Vec<NewTask>),
+}
+
+/// The answer of `POST /v1/tasks`: the task (or one per item of a bulk), each with
+/// `duplicate`.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub(super) enum SubmitAnswer {
+    One(Box<crate::store::Enqueued>),
+    Many(Vec<crate::store::Enqueued>),
+}
+
 /// `POST /v1/tasks`: a task object, or an array of them (a bulk, at most
 /// `http.max_bulk_items`, written all or none). One task answers 201 with the task, or 200
 /// with the task already holding its unique key; both carry `"duplicate"`. A bulk answers
 /// an array of those, 201 when it created any task, else 200.
+#[utoipa::path(post, path = "/v1/tasks", tag = "tasks",
+    request_body(content = SubmitBody, description = "A task, or an array of at most http.max_bulk_items tasks"),
+    responses(
+        (status = 201, description = "Created (a bulk: at least one task created)", body = SubmitAnswer),
+        (status = 200, description = "Every task was a duplicate: the holders of the unique keys", body = SubmitAnswer),
+        (status = 400, description = "Bad input, named by field (`items[i].` in a bulk); an unknown agent lists the known ones", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 415, body = ErrorBody), (status = 503, body = ErrorBody),
+    ))]
 pub(super) async fn create_task(
     State(s): State<ApiState>,
-    JsonBody(body): JsonBody<serde_json::Value>,
+    AnyJson(body): AnyJson,
 ) -> Result<Response, ApiError> {
     match body {
         serde_json::Value::Array(items) => create_tasks(s, items).await,
@@ -53,7 +81,7 @@ async fn create_tasks(s: ApiState, items: Vec<serde_json::Value>) -> Result<Resp
     let tasks = items
         .into_iter()
         .enumerate()
-        .map(|(i, v)| from_value_named::<NewTask>(v, &format!("items[{i}].")))
+        .map(|(i, v)| from_object_named::<NewTask>(v, &format!("items[{i}].")))
         .collect::<Result<Vec<_>, _>>()?;
     let out = s.orchestrator.enqueue_many(&tasks).await?;
     let status = if out.iter().any(|e| !e.duplicate) {
@@ -64,6 +92,9 @@ async fn create_tasks(s: ApiState, items: Vec<serde_json::Value>) -> Result<Resp
     Ok((status, axum::Json(out)).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks", params(IdParam),
+    responses((status = 200, body = Task), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(super) async fn get_task(
     State(s): State<ApiState>,
     Path(id): Path<String>,
@@ -72,26 +103,47 @@ pub(super) async fn get_task(
     Ok(axum::Json(s.store.get_task(id).await?).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(super) struct ListQuery {
+    /// Only tasks in this status.
+    #[param(value_type = Option<TaskStatus>)]
     status: Option<String>,
     /// Tasks of one run slot; `?session=` is its older name.
     #[serde(alias = "session")]
     slot: Option<String>,
+    /// Steps of one objective.
     objective: Option<i64>,
+    /// Tasks of one agent.
     agent: Option<String>,
+    /// Tasks with a greater id (the previous page's `next_after`).
     after: Option<i64>,
+    /// Most tasks listed (100 by default).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
 }
 
+/// A page of tasks, oldest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct TaskPage {
+    tasks: Vec<Task>,
+    /// The page stopped at `http.max_response_bytes` before `limit`.
+    truncated: bool,
+    /// Where the next page starts (`after=`), when there may be one.
+    next_after: Option<i64>,
+}
+
+#[utoipa::path(get, path = "/v1/tasks", tag = "tasks", params(ListQuery),
+    responses((status = 200, body = TaskPage), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(super) async fn list_tasks(
     State(s): State<ApiState>,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let status = match q.status.as_deref() {
-        None | Some("") => None,
+        None => None,
         Some(v) => Some(
             v.parse::<TaskStatus>()
                 .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, "status", e))?,
@@ -116,17 +168,37 @@ pub(super) async fn list_tasks(
     let next_after = (truncated || tasks.len() as i64 == limit)
         .then(|| tasks.last().map(|t| t.id))
         .flatten();
-    Ok(
-        axum::Json(json!({ "tasks": tasks, "truncated": truncated, "next_after": next_after }))
-            .into_response(),
-    )
+    Ok(axum::Json(TaskPage {
+        tasks,
+        truncated,
+        next_after,
+    })
+    .into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(super) struct EventsQuery {
+    /// Events after this event id (the previous page's `next_after`).
+    #[param(minimum = 0)]
     after: Option<i64>,
+    /// Most events in the page (100 by default).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
+}
+
+/// A page of a task's events, oldest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct EventPage {
+    task_id: i64,
+    /// The task's status, read before the events: once final, no event follows the page.
+    status: TaskStatus,
+    events: Vec<crate::store::TaskEvent>,
+    /// The page stopped at `http.max_response_bytes` before `limit`.
+    truncated: bool,
+    /// Where the next page starts (`after=`), when there may be one.
+    next_after: Option<i64>,
 }
 
 /// `GET /v1/tasks/{id}/events?after=&limit=` → `{"task_id", "status", "events",
@@ -134,6 +206,9 @@ pub(super) struct EventsQuery {
 /// first, at most `limit` (100 by default, 1..=1000) and `http.max_response_bytes` of data.
 /// `status` is read before the events, so once it is final the page holds every event up
 /// to the end (a follower stops when it is final and no page is left).
+#[utoipa::path(get, path = "/v1/tasks/{id}/events", tag = "tasks", params(IdParam, EventsQuery),
+    responses((status = 200, body = EventPage), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(super) async fn task_events(
     State(s): State<ApiState>,
     Path(id): Path<String>,
@@ -158,34 +233,37 @@ pub(super) async fn task_events(
     let next_after = (truncated || events.len() as i64 == limit)
         .then(|| events.last().map(|e| e.id))
         .flatten();
-    Ok(axum::Json(json!({
-        "task_id": id,
-        "status": task.status,
-        "events": events,
-        "truncated": truncated,
-        "next_after": next_after,
-    }))
+    Ok(axum::Json(EventPage {
+        task_id: id,
+        status: task.status,
+        events,
+        truncated,
+        next_after,
+    })
     .into_response())
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub(super) struct CancelBody {
+    /// Kept as the task's error ("cancelled through the API" when absent).
     reason: Option<String>,
 }
 
+/// Cancels a queued or running task (a running one's process tree is stopped).
+#[utoipa::path(post, path = "/v1/tasks/{id}/cancel", tag = "tasks", params(IdParam),
+    request_body(content = Option<CancelBody>, description = "Optional"),
+    responses((status = 200, body = Task), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "The task already ended", body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(super) async fn cancel_task(
     State(s): State<ApiState>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id, "id")?;
-    let reason = if body.is_empty() {
-        None
-    } else {
-        let b: CancelBody = parse_json(&body)?;
-        b.reason
-    };
+    let reason = parse_optional_json::<CancelBody>(&body)?.reason;
     let reason = reason.unwrap_or_else(|| "cancelled through the API".into());
     Ok(axum::Json(s.orchestrator.cancel(id, &reason).await?).into_response())
 }
@@ -193,25 +271,30 @@ pub(super) async fn cancel_task(
 /// How many more attempts a retry grants when the body does not say.
 const DEFAULT_EXTRA_ATTEMPTS: i32 = 1;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub(super) struct RetryBody {
+    /// Attempts granted: max_attempts becomes at least attempts + this (1 by default).
+    #[schema(minimum = 1, maximum = 1000)]
+    #[serde(deserialize_with = "opt_integer")]
     extra_attempts: Option<i32>,
 }
 
 /// `POST /v1/tasks/{id}/retry` `{"extra_attempts"?}` → the task, queued again; 409 unless
 /// it failed, was cancelled or timed out.
+#[utoipa::path(post, path = "/v1/tasks/{id}/retry", tag = "tasks", params(IdParam),
+    request_body(content = Option<RetryBody>, description = "Optional"),
+    responses((status = 200, description = "The task, queued again", body = Task),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "Not failed, cancelled or timed out, or its unique key is held by another task", body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(super) async fn retry_task(
     State(s): State<ApiState>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id, "id")?;
-    let extra = if body.is_empty() {
-        None
-    } else {
-        parse_json::<RetryBody>(&body)?.extra_attempts
-    };
+    let extra = parse_optional_json::<RetryBody>(&body)?.extra_attempts;
     let task = s
         .orchestrator
         .retry(id, extra.unwrap_or(DEFAULT_EXTRA_ATTEMPTS))
@@ -219,17 +302,49 @@ pub(super) async fn retry_task(
     Ok(axum::Json(task).into_response())
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub(super) struct RetryFilterBody {
+    /// Only this agent's tasks.
+    #[schema(min_length = 1, max_length = 200)]
     agent: Option<String>,
+    /// failed, cancelled or timed_out (all three when absent).
+    #[schema(value_type = Option<RetryableStatus>)]
     status: Option<TaskStatus>,
+    /// Most tasks retried (100 by default), in id order.
+    #[schema(minimum = 1, maximum = 1000)]
+    #[serde(deserialize_with = "opt_integer")]
     limit: Option<i64>,
+    /// Attempts granted to each (1 by default).
+    #[schema(minimum = 1, maximum = 1000)]
+    #[serde(deserialize_with = "opt_integer")]
     extra_attempts: Option<i32>,
+}
+
+/// The statuses a retry leaves (the document's name for them; the body reads a TaskStatus
+/// and refuses the others).
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub(super) enum RetryableStatus {
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+/// The tasks a retry by filter queued again.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct Retried {
+    count: usize,
+    tasks: Vec<Task>,
 }
 
 /// `POST /v1/tasks/retry` `{"agent"?, "status"?, "limit"?, "extra_attempts"?}` → `{"count",
 /// "tasks"}`: the tasks queued again (at most `limit`, 100 by default, in id order).
+#[utoipa::path(post, path = "/v1/tasks/retry", tag = "tasks", request_body = RetryFilterBody,
+    responses((status = 200, body = Retried), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 415, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(super) async fn retry_tasks(
     State(s): State<ApiState>,
     JsonBody(b): JsonBody<RetryFilterBody>,
@@ -243,5 +358,9 @@ pub(super) async fn retry_tasks(
         .orchestrator
         .retry_matching(&filter, b.extra_attempts.unwrap_or(DEFAULT_EXTRA_ATTEMPTS))
         .await?;
-    Ok(axum::Json(json!({ "count": tasks.len(), "tasks": tasks })).into_response())
+    Ok(axum::Json(Retried {
+        count: tasks.len(),
+        tasks,
+    })
+    .into_response())
 }

@@ -23,7 +23,7 @@ struct Entry {
 }
 
 /// A running task as seen by status output and the supervisor.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct RunningTask {
     pub task_id: i64,
     pub agent: String,

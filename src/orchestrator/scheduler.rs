@@ -27,7 +27,7 @@ const AFTER_DUE: Duration = Duration::from_millis(5);
 const BUSY_RETRY: Duration = Duration::from_millis(200);
 
 /// What this instance knows of one schedule, for `/v1/status`.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, utoipa::ToSchema)]
 pub struct ScheduleState {
     pub cron: String,
     pub agent: String,

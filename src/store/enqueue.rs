@@ -20,7 +20,7 @@ pub const MAX_BULK_ITEMS: usize = 10_000;
 const MIN_UNIQUE_FOR: Duration = Duration::from_secs(1);
 
 /// How long a task holds its unique key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum UniqueScope {
     /// Until it first starts running (a retry back in the queue does not take it again).
@@ -54,7 +54,7 @@ impl std::str::FromStr for UniqueScope {
 }
 
 /// A submit's answer: the task, and whether it already existed (its unique key was held).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Enqueued {
     #[serde(flatten)]
     pub task: Task,

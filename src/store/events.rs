@@ -7,7 +7,7 @@ use super::*;
 pub const MAX_EVENTS_PER_TASK: i64 = 1000;
 
 /// One stored task event.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct TaskEvent {
     pub id: i64,
     pub task_id: i64,

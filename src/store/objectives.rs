@@ -8,19 +8,24 @@ use serde::{Deserialize, Serialize};
 
 use super::*;
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct NewStep {
+    /// Unique within the objective.
+    #[schema(min_length = 1, max_length = 200)]
     pub key: String,
+    /// Keys of other steps that must succeed first (no duplicates, no cycle).
     pub depends_on: Vec<String>,
     #[serde(flatten)]
     pub task: NewTask,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct NewObjective {
     pub title: String,
+    /// At most 1,000 steps; at least one unless a `planner` gives them.
+    #[schema(max_items = 1000)]
     pub steps: Vec<NewStep>,
     /// A planner agent that returns the steps, instead of `steps`.
     pub planner: Option<String>,
@@ -28,7 +33,7 @@ pub struct NewObjective {
     pub input: serde_json::Value,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ObjectiveStatus {
     Queued,
@@ -60,7 +65,7 @@ impl ObjectiveStatus {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Objective {
     pub id: i64,
     pub title: String,

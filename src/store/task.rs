@@ -4,7 +4,7 @@
 #[allow(unused_imports)]
 use super::*;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Task {
     pub id: i64,
     pub objective_id: Option<i64>,
@@ -92,25 +92,33 @@ pub const MAX_NAME_LEN: usize = 200;
 /// Most steps one objective may have.
 pub const MAX_STEPS: usize = 1000;
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct NewTask {
+    /// One of the daemon's configured agents (an unknown one is a 400 that lists them).
+    #[schema(min_length = 1, max_length = 200)]
     pub agent: String,
+    /// Given to the agent as it is.
     pub payload: serde_json::Value,
     /// Set by a run slot (`Orchestrator::run_in_slot`); `session_id` on the wire.
     #[serde(rename = "session_id")]
+    #[schema(min_length = 1, max_length = 200)]
     pub slot_id: Option<String>,
+    /// Higher runs first among the agent's due tasks.
     pub priority: i32,
     /// Defaults to `[workers] max_attempts` when absent.
+    #[schema(minimum = 1, maximum = 1000)]
     pub max_attempts: Option<i32>,
-    /// Earliest start; now when absent.
+    /// Earliest start (between the years 1970 and 9999); now when absent.
     pub run_after: Option<DateTime<Utc>>,
     /// A duplicate submit (same key, held by a task) returns the holder instead of a new
     /// task; see [`UniqueScope`] for how long a task holds its key.
+    #[schema(min_length = 1, max_length = 200)]
     pub unique_key: Option<String>,
     /// Absent: `period` when `unique_for` is given, else `active`.
     pub unique_scope: Option<UniqueScope>,
-    /// The period of `unique_scope = "period"` (1 s to 365 days).
+    /// The period of `unique_scope = "period"` (1 s to 365 days), e.g. `"1h"`.
+    #[schema(value_type = Option<String>)]
     pub unique_for: Option<crate::config::Dur>,
 }
 

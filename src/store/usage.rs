@@ -4,7 +4,7 @@
 use super::*;
 
 /// Token usage reported by an agent, added to the task's totals.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default)]
 pub struct Usage {
     pub prompt_tokens: i64,

@@ -49,7 +49,7 @@ pub struct DbView {
 }
 
 /// One agent's queue.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct QueueView {
     /// Queued tasks, due or not (backoff, `run_after`, steps waiting for dependencies).
     pub queued: i64,
