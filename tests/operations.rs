@@ -135,6 +135,26 @@ fn the_dashboard_is_complete_and_names_only_exported_metrics() {
     {
         let title = p["title"].as_str().unwrap_or("");
         assert!(!title.is_empty(), "panel without a title: {p}");
+        let description = p["description"].as_str().unwrap_or("");
+        assert!(description.len() > 20, "{title}: no description");
+        // A threshold line (the 80 % pool line, the 30-minute limits) is inside the
+        // y axis even while the series sits far below it.
+        let defaults = &p["fieldConfig"]["defaults"];
+        let line = defaults["thresholds"]["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s["value"].as_f64())
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+        if let Some(line) = line {
+            let top = defaults["max"]
+                .as_f64()
+                .or(defaults["custom"]["axisSoftMax"].as_f64());
+            assert!(
+                top.is_some_and(|t| t >= line),
+                "{title}: the line at {line} is off the axis ({top:?})"
+            );
+        }
         let targets = p["targets"].as_array().unwrap();
         assert!(!targets.is_empty(), "{title}: no query");
         for t in targets {
@@ -255,7 +275,9 @@ async fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() {
     let script = r#"cat >/dev/null; echo '{"step": 1}'; echo '{"usage": {"prompt_tokens": 12, "completion_tokens": 3, "cost_usd": 0.002}}'"#;
     let config = format!(
         "[database]\napplication_name = {:?}\n[supervisor]\ninterval = \"500ms\"\n\
-         [agents.llm]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", {script:?}]\n",
+         [workers]\nretry_backoff = \"10ms\"\nretry_backoff_max = \"20ms\"\n\
+         [agents.llm]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", {script:?}]\n\
+         [agents.flaky]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"cat >/dev/null; exit 1\"]\n",
         t.application_name
     );
     let url = t.url();
@@ -319,12 +341,13 @@ async fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() {
     })
     .await;
     assert!(up, "Prometheus never scraped the daemon");
-    // More work after the first scrapes, so rates see it change.
+    // More work after the first scrapes, so rates see it change; and a task that fails
+    // (twice retried, then failed) for the failures panel.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    for _ in 0..5 {
+    for agent in ["llm", "llm", "llm", "llm", "llm", "flaky"] {
         let r = http
             .post(format!("{api}/v1/tasks"))
-            .json(&serde_json::json!({"agent": "llm"}))
+            .json(&serde_json::json!({"agent": agent}))
             .send()
             .await
             .unwrap();
