@@ -243,6 +243,50 @@ async fn task_events_route_and_task_commands_end_to_end() {
         let (st, v) = get(format!("/v1/tasks/{bad_id}/events?bogus=1")).await;
         assert_eq!(st, 400, "{v}");
 
+        // With Accept: text/event-stream the route follows the task: each event as it is
+        // stored (ids to resume by), and the stream ends by itself when the task ends.
+        let o = run(&["submit", "--agent", "steps", "--json"]);
+        let live = json_of(&o)["id"].as_i64().unwrap();
+        let started = std::time::Instant::now();
+        let r = http
+            .get(format!("{base}/v1/tasks/{live}/events"))
+            .bearer_auth(TOKEN)
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+        let body = r.text().await.unwrap();
+        let data: Vec<Value> = body
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        let steps: Vec<i64> = data.iter().filter_map(|d| d["data"]["step"].as_i64()).collect();
+        assert_eq!(steps, vec![1, 2, 3], "{body}");
+        assert!(data.iter().all(|d| d["task_id"] == live), "{body}");
+        // It followed the task as it ran (the agent prints a step a second).
+        assert!(started.elapsed() >= Duration::from_millis(1500), "{body}");
+        let ids: Vec<i64> = body
+            .lines()
+            .filter_map(|l| l.strip_prefix("id: "))
+            .map(|i| i.parse().unwrap())
+            .collect();
+        assert_eq!(ids.len(), 3, "{body}");
+        // Resumed after the first event, the stream of the ended task holds the other two.
+        let r = http
+            .get(format!("{base}/v1/tasks/{live}/events"))
+            .bearer_auth(TOKEN)
+            .header("accept", "text/event-stream")
+            .header("last-event-id", ids[0].to_string())
+            .send()
+            .await
+            .unwrap();
+        let rest = r.text().await.unwrap();
+        assert_eq!(rest.matches("\"step\"").count(), 2, "{rest}");
+        assert!(!rest.contains("\"step\":1"), "{rest}");
+
         // Errors that say what to do. Unknown agent: the valid ones are listed.
         let o = run(&["submit", "--agent", "nope"]);
         let (_, err) = text(&o);

@@ -207,11 +207,14 @@ pub(super) struct EventPage {
 /// `status` is read before the events, so once it is final the page holds every event up
 /// to the end (a follower stops when it is final and no page is left).
 #[utoipa::path(get, path = "/v1/tasks/{id}/events", tag = "tasks", params(IdParam, EventsQuery),
-    responses((status = 200, body = EventPage), (status = 400, body = ErrorBody),
+    responses((status = 200, description = "A page of events; with `Accept: text/event-stream`, every event after `after` (or `Last-Event-ID`) as it is stored, until the task ends",
+            content((EventPage = "application/json"), (super::slots::SseEvent = "text/event-stream"))),
+        (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub(super) async fn task_events(
     State(s): State<ApiState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     q: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id, "id")?;
@@ -226,6 +229,29 @@ pub(super) async fn task_events(
     }
     let limit = q.limit.unwrap_or(100);
     let task = s.store.get_task(id).await?;
+    let wants_stream = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if wants_stream {
+        let resume = headers
+            .get("last-event-id")
+            .map(|v| {
+                v.to_str()
+                    .ok()
+                    .and_then(|v| v.trim().parse::<i64>().ok())
+                    .filter(|v| *v >= 0)
+                    .ok_or_else(|| {
+                        ApiError::field(
+                            StatusCode::BAD_REQUEST,
+                            "Last-Event-ID",
+                            "must be an event id (0 or more)",
+                        )
+                    })
+            })
+            .transpose()?;
+        return Ok(follow_task_events(s, id, resume.unwrap_or(after)));
+    }
     let (events, truncated) = s
         .store
         .task_events_page(id, after, limit, s.config.load().http.max_response_bytes)
@@ -363,4 +389,56 @@ pub(super) async fn retry_tasks(
         tasks,
     })
     .into_response())
+}
+
+/// How often a task's event stream reads the database for new events. Events are read from
+/// the table, not from this instance's memory, so a task running on another instance is
+/// followed the same way.
+const FOLLOW_POLL: Duration = Duration::from_millis(250);
+
+/// The events of task `id` after event `after`, as server-sent events, until the task is
+/// final and every event up to its end was sent (or the client leaves, or shutdown).
+fn follow_task_events(s: ApiState, id: i64, after: i64) -> Response {
+    let store = s.store.clone();
+    let max_bytes = s.config.load().http.max_response_bytes;
+    let stream = super::slots::async_stream(s.shutdown.clone(), move |tx| async move {
+        let mut last = after;
+        loop {
+            // The status first: once it is final, the page read after it holds the end.
+            let done = match store.get_task(id).await {
+                Ok(t) => t.status.is_terminal(),
+                Err(e) => {
+                    tracing::warn!(task_id = id, error = %e, "event stream: task read failed");
+                    return;
+                }
+            };
+            loop {
+                let (page, truncated) = match store.task_events_page(id, last, 500, max_bytes).await
+                {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(task_id = id, error = %e, "event stream: read failed");
+                        return;
+                    }
+                };
+                let n = page.len();
+                for e in page {
+                    last = e.id;
+                    if tx.send(super::slots::to_sse(&e)).await.is_err() {
+                        return;
+                    }
+                }
+                if !truncated && n < 500 {
+                    break;
+                }
+            }
+            if done {
+                return;
+            }
+            tokio::time::sleep(FOLLOW_POLL).await;
+        }
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
