@@ -62,7 +62,12 @@ metrics_table! {
     DB_SESSIONS_FORCE_CLOSED_TOTAL = "db_sessions_force_closed_total", Counter, Count, [], "DB sessions force-closed after session_max_age.";
     DB_BACKENDS_TERMINATED_TOTAL = "db_backends_terminated_total", Counter, Count, [], "PostgreSQL backends terminated by the supervisor (force-closes and orphans).";
     TASKS = "tasks", Gauge, Count, ["status"], "Tasks in the database by status.";
-    TASKS_FINISHED_TOTAL = "tasks_finished_total", Counter, Count, ["agent", "outcome"], "Task attempts finished, by agent and outcome: succeeded, failed (final: no attempt left or a fatal error), retried (failed, will run again after backoff), timed_out, cancelled, snoozed (the agent asked to run again later; the attempt is not counted).";
+    TASKS_FINISHED_TOTAL = "tasks_finished_total", Counter, Count, ["agent", "outcome"], "Task attempts finished, by agent and outcome: succeeded, failed (final: no attempt left or a fatal error), retried (failed, will run again after backoff), timed_out, cancelled, snoozed (the agent asked to run again later; the attempt is not counted), over_limit (killed for passing its agent's memory_max, processes_max or cpu_time_max; final).";
+    AGENT_RESIDENT_MEMORY_BYTES = "agent_resident_memory_bytes", Gauge, Bytes, ["agent"], "Resident memory of the process trees of the agent's tasks running here (sum over tasks; supervisor's last sample).";
+    AGENT_PROCESSES = "agent_processes", Gauge, Count, ["agent"], "Processes in the trees of the agent's tasks running here (the shim not counted).";
+    AGENT_CPU_SECONDS_TOTAL = "agent_cpu_seconds_total", FloatCounter, Seconds, ["agent"], "CPU time used by the process trees of the agent's tasks here (grows by each sample's increase).";
+    AGENT_DB_SESSIONS = "agent_db_sessions", Gauge, Count, ["agent"], "The agent's own PostgreSQL sessions (application_name taskwarden/task/<id>) of its tasks running here.";
+    AGENT_LIMITS_HIT_TOTAL = "agent_limits_hit_total", Counter, Count, ["agent", "limit"], "Tasks killed for passing a limit of their agent (memory_max, processes_max, cpu_time_max, session_max_age), and agent sessions terminated (idle_in_transaction, task_ended).";
     QUEUE_DEPTH = "queue_depth", Gauge, Count, ["agent"], "Queued tasks per agent, due or not (supervisor's last reading).";
     QUEUE_OLDEST_SECONDS = "queue_oldest_seconds", Gauge, Seconds, ["agent"], "How long the agent's oldest due queued task has waited since it became due (queue latency; 0 when none; steps waiting for dependencies not counted).";
     AGENT_PAUSED = "agent_paused", Gauge, Count, ["agent"], "1 while the agent's queue is paused cluster-wide (its queued tasks are not claimed), else 0.";

@@ -25,6 +25,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::daemon::Daemon;
+use common::marked;
 use common::{TestDb, eventually};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -837,30 +838,6 @@ fn the_sqlstate_matcher_knows_one_when_it_sees_one() {
     assert!(!has_sqlstate(
         "2026-08-04T10:11:12.5Z ERROR x: database error: timed out"
     ));
-}
-
-/// Live processes whose command line holds `marker`.
-fn marked(marker: &str) -> Vec<i32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        if !common::daemon::alive(pid) {
-            continue;
-        }
-        // An argv element of its own: the shell script that mentions it does not count.
-        if cmd
-            .split(|b| *b == 0)
-            .any(|a| String::from_utf8_lossy(a).starts_with(marker))
-        {
-            out.push(pid);
-        }
-    }
-    out
 }
 
 /// An agent that leaves a `setsid` grandchild behind (left alone by a process-group kill)

@@ -23,6 +23,15 @@ use tokio_util::codec::{FramedRead, LinesCodec};
 
 use super::{Agent, AgentError, AgentOutput, BoxFuture, TaskContext};
 
+/// The `application_name` an agent's own database sessions carry (`PGAPPNAME`), which the
+/// supervisor reads back in `pg_stat_activity`.
+pub fn task_application_name(task_id: i64) -> String {
+    format!("{TASK_APPLICATION_PREFIX}{task_id}")
+}
+
+/// What every agent session's `application_name` starts with.
+pub const TASK_APPLICATION_PREFIX: &str = "taskwarden/task/";
+
 /// Longest stdout line accepted; a longer one fails the attempt.
 pub const MAX_LINE_BYTES: usize = 1024 * 1024;
 /// How much of stderr is kept for the error message.
@@ -136,6 +145,9 @@ fn command(
         .stderr(Stdio::piped())
         .env("TASKWARDEN_TASK_ID", ctx.task_id.to_string())
         .env("TASKWARDEN_ATTEMPT", ctx.attempt.to_string())
+        // libpq, psycopg, node-postgres, JDBC (via PGAPPNAME in their drivers) label the
+        // agent's own backends with it: the supervisor finds them in pg_stat_activity.
+        .env("PGAPPNAME", task_application_name(ctx.task_id))
         .env(
             "TASKWARDEN_SESSION_ID",
             ctx.slot_id.clone().unwrap_or_default(),
@@ -178,6 +190,7 @@ async fn run(argv: Vec<String>, ctx: TaskContext) -> Result<AgentOutput, AgentEr
         pid: Pid::from_raw(pid as i32),
         shim: shim.is_some(),
     };
+    ctx.track_process_tree(pid);
     tracing::debug!(task_id = ctx.task_id, pid, program = %prog, "command agent started");
 
     let payload = serde_json::to_vec(&ctx.payload).map_err(|e| AgentError::fatal(e.to_string()))?;

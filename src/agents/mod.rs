@@ -199,7 +199,13 @@ pub struct TaskContext {
     pub cancel: CancellationToken,
     metrics: Metrics,
     out: OutputWriter,
+    /// Told the root pid of a process tree the agent starts, so the supervisor can sample
+    /// and limit it.
+    process_tree: Option<ProcessTreeHook>,
 }
+
+/// Receives the root pid of an agent's process tree.
+pub type ProcessTreeHook = Arc<dyn Fn(u32) + Send + Sync>;
 
 /// Writes an attempt's events and usage, keeping them in [`PendingOutput`] while the
 /// database is unreachable. Cheap to clone: the orchestrator keeps one to flush what is
@@ -238,6 +244,21 @@ impl TaskContext {
                 truncated: Arc::new(AtomicBool::new(false)),
                 pending: Arc::default(),
             },
+            process_tree: None,
+        }
+    }
+
+    /// Where the agent reports the root of a process tree it starts.
+    pub fn on_process_tree(mut self, hook: ProcessTreeHook) -> TaskContext {
+        self.process_tree = Some(hook);
+        self
+    }
+
+    /// Reports the root pid of the process tree this attempt started (a command agent's
+    /// shim); its processes, memory and CPU are then sampled and limited.
+    pub fn track_process_tree(&self, pid: u32) {
+        if let Some(hook) = &self.process_tree {
+            hook(pid);
         }
     }
 

@@ -131,14 +131,41 @@ fn render_tasks(out: &mut String, tasks: &Value) {
     .collect();
     let _ = writeln!(out, "\nTASKS  {}", counts.join("  "));
     let rows = rows_of(&tasks["running_here"], 20, |t| {
+        let u = &t["usage"];
+        let sessions = match u["oldest_db_session_seconds"].as_f64() {
+            Some(age) => format!(
+                "{} (oldest {age:.0}s, {} idle in tx)",
+                s(&u["db_sessions"]),
+                s(&u["db_sessions_idle_in_transaction"])
+            ),
+            None => s(&u["db_sessions"]),
+        };
         vec![
             s(&t["task_id"]),
             s(&t["agent"]),
             seconds(&t["running_seconds"]),
+            s(&u["processes"]),
+            format!(
+                "{:.1} MiB",
+                u["resident_memory_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64
+            ),
+            seconds(&u["cpu_seconds"]),
+            sessions,
         ]
     });
     if !rows.is_empty() {
-        out.push_str(&table(&["TASK", "AGENT", "RUNNING"], &rows));
+        out.push_str(&table(
+            &[
+                "TASK",
+                "AGENT",
+                "RUNNING",
+                "PROCS",
+                "MEMORY",
+                "CPU",
+                "DB SESSIONS",
+            ],
+            &rows,
+        ));
     }
 }
 

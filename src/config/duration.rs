@@ -52,3 +52,87 @@ impl Serialize for Dur {
         s.serialize_str(&humantime::format_duration(self.0).to_string())
     }
 }
+
+/// A size in bytes, written as an integer or a string with a binary unit: `"512MiB"`,
+/// `"2GiB"`, `"64KiB"`, `"1048576"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses `"512MiB"`, `"2 GiB"`, `"100KiB"`, `"1048576"` (KiB/MiB/GiB/TiB, or B).
+    pub fn parse(s: &str) -> Result<ByteSize, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("invalid size {s:?}; write e.g. \"512MiB\" or \"2GiB\""))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "TiB" => 1 << 40,
+            u => {
+                return Err(format!(
+                    "unknown unit {u:?} in {s:?}; use B, KiB, MiB, GiB or TiB"
+                ));
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size {s:?} is too large"))
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = self.0 as f64;
+        if self.0 >= 1 << 30 {
+            write!(f, "{:.1} GiB", b / (1u64 << 30) as f64)
+        } else if self.0 >= 1 << 20 {
+            write!(f, "{:.1} MiB", b / (1u64 << 20) as f64)
+        } else if self.0 >= 1 << 10 {
+            write!(f, "{:.1} KiB", b / 1024.0)
+        } else {
+            write!(f, "{} B", self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+#[cfg(test)]
+mod byte_size_tests {
+    use super::ByteSize;
+
+    #[test]
+    fn sizes_parse_with_binary_units_and_refuse_the_rest() {
+        assert_eq!(ByteSize::parse("512MiB"), Ok(ByteSize(512 << 20)));
+        assert_eq!(ByteSize::parse("2 GiB"), Ok(ByteSize(2 << 30)));
+        assert_eq!(ByteSize::parse("1048576"), Ok(ByteSize(1 << 20)));
+        assert!(ByteSize::parse("512MB").is_err());
+        assert!(ByteSize::parse("-1").is_err());
+        assert!(ByteSize::parse("99999999999TiB").is_err());
+        assert_eq!(ByteSize(3 << 20).to_string(), "3.0 MiB");
+    }
+}

@@ -15,7 +15,7 @@ pub mod reload;
 mod sections;
 mod validate;
 
-pub use duration::{Dur, MAX_DURATION};
+pub use duration::{ByteSize, Dur, MAX_DURATION};
 pub use schedule::{MAX_RATE_COUNT, Rate, ScheduleConfig, parse_cron};
 pub use sections::*;
 

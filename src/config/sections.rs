@@ -131,6 +131,9 @@ pub struct SupervisorConfig {
     pub memory_alert_ratio: f64,
     pub log_resource_usage: bool,
     pub resource_log_interval: Dur,
+    /// An agent's own database session (application_name `taskwarden/task/<id>`) idle in
+    /// a transaction longer than this is terminated; the task goes on.
+    pub agent_idle_in_transaction_max: Dur,
 }
 
 impl Default for SupervisorConfig {
@@ -145,6 +148,7 @@ impl Default for SupervisorConfig {
             memory_alert_ratio: 0.90,
             log_resource_usage: false,
             resource_log_interval: Dur::secs(300),
+            agent_idle_in_transaction_max: Dur::secs(60),
         }
     }
 }
@@ -216,6 +220,14 @@ pub struct AgentConfig {
     /// Cluster-wide rate limit on claims of this agent's tasks (`"N/sec|min|hour"`);
     /// none when absent.
     pub rate: Option<Rate>,
+    /// A task whose process tree holds more resident memory than this (summed over the
+    /// tree, sampled every supervisor.interval) is killed, whole tree, and fails; none
+    /// when absent.
+    pub memory_max: Option<ByteSize>,
+    /// The same for the number of processes in the tree.
+    pub processes_max: Option<u64>,
+    /// The same for the tree's CPU time (live processes and the children they reaped).
+    pub cpu_time_max: Option<Dur>,
 }
 
 impl Default for AgentConfig {
@@ -228,6 +240,9 @@ impl Default for AgentConfig {
             timeout: Dur::secs(1800),
             planner: false,
             rate: None,
+            memory_max: None,
+            processes_max: None,
+            cpu_time_max: None,
         }
     }
 }

@@ -175,6 +175,15 @@ impl Config {
             if a.timeout.get().is_zero() {
                 bad(&key("timeout"), "must be greater than zero".into());
             }
+            if a.memory_max.is_some_and(|m| m.0 < 1 << 20) {
+                bad(&key("memory_max"), "must be at least 1MiB".into());
+            }
+            if a.processes_max == Some(0) {
+                bad(&key("processes_max"), "must be at least 1".into());
+            }
+            if a.cpu_time_max.is_some_and(|c| c.get().is_zero()) {
+                bad(&key("cpu_time_max"), "must be greater than zero".into());
+            }
         }
     }
 

@@ -110,6 +110,9 @@ enum Outcome {
     Failed(AgentError),
     TimedOut(Duration),
     Cancelled,
+    /// Ended by the supervisor: a resource limit of the agent, or one of its database
+    /// sessions past `session_max_age`.
+    Killed(registry::Kill),
 }
 
 struct SlotEntry {

@@ -101,6 +101,7 @@ pub(super) fn decide(
             args(format!("exceeded its time limit ({}s)", limit.as_secs())),
             "timed_out",
         ),
+        Outcome::Killed(k) => (k.status, args(k.reason), k.label),
         Outcome::Cancelled if shutting_down => return Decision::LeaveToShutdown,
         Outcome::Cancelled => (TaskStatus::Cancelled, args("cancelled".into()), "cancelled"),
     };

@@ -6,6 +6,11 @@
 //! inside it, and whoever waits for a cancelled task to end does so after releasing it.
 //! Registrations are removed by their guard, and only the registration that created an
 //! entry can remove it, so a late-finishing old run never unregisters its replacement.
+//!
+//! An entry also holds what the supervisor learns of the attempt's agent: the root of its
+//! process tree (set by a command agent when it starts one), the latest sample of that
+//! tree and of the agent's own database sessions, and why the supervisor ended it when a
+//! limit did ([`Kill`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +25,39 @@ struct Entry {
     agent: String,
     started: Instant,
     cancel: CancellationToken,
+    /// The pid at the root of the agent's process tree (the shim, or the program).
+    tree_root: Option<u32>,
+    usage: AgentUsage,
+    kill: Option<Kill>,
+}
+
+/// What the supervisor last saw of a running task's agent: its process tree (every
+/// process under the root, the shim itself not counted) and its own database sessions
+/// (backends whose `application_name` is `taskwarden/task/<id>`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct AgentUsage {
+    /// Processes in the tree (none sampled yet, or an in-process agent: 0).
+    pub processes: u64,
+    pub resident_memory_bytes: u64,
+    /// CPU time of the tree: live processes and the children they have reaped.
+    pub cpu_seconds: f64,
+    pub db_sessions: u64,
+    /// Age of the oldest of those sessions.
+    pub oldest_db_session_seconds: Option<f64>,
+    /// How many of them are idle in a transaction.
+    pub db_sessions_idle_in_transaction: u64,
+}
+
+/// Why the supervisor ended a running task, and how it is to be recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Kill {
+    /// `Failed` for a resource limit (`over_limit` in metrics), `Cancelled` for an agent
+    /// session past `session_max_age`.
+    pub status: crate::store::TaskStatus,
+    /// The outcome label in metrics and logs.
+    pub label: &'static str,
+    /// The task's error: which limit, and the figure.
+    pub reason: String,
 }
 
 /// A running task as seen by status output and the supervisor.
@@ -28,6 +66,8 @@ pub struct RunningTask {
     pub task_id: i64,
     pub agent: String,
     pub running_seconds: f64,
+    /// Its agent's processes and database sessions, as last sampled.
+    pub usage: AgentUsage,
 }
 
 #[derive(Debug, Default)]
@@ -89,6 +129,9 @@ impl RunningTasks {
                 agent: agent.to_string(),
                 started: Instant::now(),
                 cancel: cancel.clone(),
+                tree_root: None,
+                usage: AgentUsage::default(),
+                kill: None,
             },
         );
         if let Some(old) = old {
@@ -112,6 +155,48 @@ impl RunningTasks {
             }
             None => false,
         }
+    }
+
+    /// Records the root of the task's process tree (a command agent's shim or program).
+    pub fn set_tree_root(&self, task_id: i64, pid: u32) {
+        if let Some(e) = self.lock().get_mut(&task_id) {
+            e.tree_root = Some(pid);
+        }
+    }
+
+    /// Running tasks with their agent and process-tree root, for the supervisor's sample.
+    pub fn trees(&self) -> Vec<(i64, String, Option<u32>)> {
+        self.lock()
+            .iter()
+            .map(|(id, e)| (*id, e.agent.clone(), e.tree_root))
+            .collect()
+    }
+
+    /// Stores the supervisor's latest sample of a task's agent.
+    pub fn set_usage(&self, task_id: i64, usage: AgentUsage) {
+        if let Some(e) = self.lock().get_mut(&task_id) {
+            e.usage = usage;
+        }
+    }
+
+    /// Ends a running task for the reason given (the first reason stands): the runner
+    /// records it as `kill.status` with `kill.reason`. False if it is not running here.
+    pub fn kill(&self, task_id: i64, kill: Kill) -> bool {
+        let token = {
+            let mut entries = self.lock();
+            let Some(e) = entries.get_mut(&task_id) else {
+                return false;
+            };
+            e.kill.get_or_insert(kill);
+            e.cancel.clone()
+        };
+        token.cancel();
+        true
+    }
+
+    /// Why the supervisor ended the task, if it did.
+    pub fn kill_reason(&self, task_id: i64) -> Option<Kill> {
+        self.lock().get(&task_id).and_then(|e| e.kill.clone())
     }
 
     /// Cancels everything (shutdown).
@@ -143,6 +228,7 @@ impl RunningTasks {
                         task_id: *id,
                         agent: e.agent.clone(),
                         running_seconds: d.as_secs_f64(),
+                        usage: e.usage.clone(),
                     },
                 )
             })

@@ -70,18 +70,24 @@ impl Orchestrator {
             task_id: task.id,
             cancel: cancel.clone(),
         };
+        let running = Arc::clone(&i.running);
+        let task_id = task.id;
         let ctx = TaskContext::new(
             task,
             cancel.clone(),
             i.store.for_task(owner),
             i.hub.clone(),
             i.metrics.clone(),
-        );
+        )
+        .on_process_tree(Arc::new(move |pid| running.set_tree_root(task_id, pid)));
         tracing::info!(task_id = task.id, agent = %task.agent, attempt = task.attempts, max_attempts = task.max_attempts, "task started");
         let output = ctx.output();
         let outcome = tokio::select! {
             biased;
-            _ = cancel.cancelled() => Outcome::Cancelled,
+            _ = cancel.cancelled() => match i.running.kill_reason(task.id) {
+                Some(k) => Outcome::Killed(k),
+                None => Outcome::Cancelled,
+            },
             r = tokio::time::timeout(limit, entry.agent.run(ctx)) => match r {
                 Ok(Ok(out)) => Outcome::Succeeded(out),
                 Ok(Err(e)) => Outcome::Failed(e),

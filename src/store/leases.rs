@@ -19,6 +19,11 @@ pub const NOTIFY_CHANNEL: &str = "taskwarden_tasks";
 /// Marks tasks running past `max_task_duration` as timed out. `$1` the limit in seconds,
 /// `$2` the allowed set into `timed_out`, `$3` the error text. Returns id, agent, seconds
 /// run. Shared by the supervisor's admin connection.
+/// Which of the task ids `$1` are running (anywhere): the supervisor leaves an agent's
+/// database sessions alone while their task runs on another instance.
+pub const RUNNING_AMONG_SQL: &str =
+    "SELECT id FROM tasks WHERE id = ANY($1) AND status = 'running'";
+
 pub const TIME_OUT_OVERDUE_SQL: &str = "UPDATE tasks SET status = 'timed_out', \
      finished_at = now(), updated_at = now(), lease_owner = NULL, lease_expires_at = NULL, \
      error = $3 \

@@ -10,7 +10,9 @@
 //! - a backend with our `application_name` that no guard and no idle pooled connection
 //!   accounts for, and that sits idle in a transaction or unchanged past `session_max_age`,
 //!   is terminated;
-//! - above `memory_alert_ratio`, idle connections are closed (emergency cleanup).
+//! - above `memory_alert_ratio`, idle connections are closed (emergency cleanup);
+//! - each running task's agent — its process tree and its own database sessions — is
+//!   sampled and held to its agent's limits (`agents.rs`).
 //!
 //! The DB-session duties are in `sessions.rs`, the process's in `process.rs`, and what the
 //! API and systemd read of the supervisor in `liveness.rs`.
@@ -19,6 +21,8 @@
 //! being exhausted is exactly when it must keep working. It may cancel tasks and flag
 //! guards, but it never holds a pooled connection and never waits on a task it cancelled.
 //! A failing tick is logged and counted; the loop itself never stops until shutdown.
+
+mod agents;
 
 mod process;
 
@@ -101,6 +105,11 @@ pub struct Supervisor {
     last_resource_log: Option<Instant>,
     /// Agents whose queue gauges have been written.
     queue_agents: std::collections::BTreeSet<String>,
+    /// Each running task's tree CPU seconds at the last sample (the counter grows by the
+    /// difference); pruned to running tasks every tick.
+    agent_cpu: std::collections::HashMap<i64, f64>,
+    /// Agent sessions already warned about (pruned to live ones every tick).
+    agent_sessions_warned: std::collections::HashSet<i32>,
 }
 
 impl Supervisor {
@@ -126,6 +135,8 @@ impl Supervisor {
             pid: sysinfo::Pid::from_u32(std::process::id()),
             last_resource_log: None,
             queue_agents: Default::default(),
+            agent_cpu: Default::default(),
+            agent_sessions_warned: Default::default(),
         }
     }
 
@@ -219,7 +230,8 @@ impl Supervisor {
         let admin_err = self.check_sessions(&cfg, &mut report).await.err();
         let db_result = async {
             self.check_tasks(&cfg, &mut report).await?;
-            self.check_backends(&cfg, &mut report).await
+            self.check_backends(&cfg, &mut report).await?;
+            self.check_agents(&cfg).await
         }
         .await;
         self.check_process(&cfg, &mut report).await;

@@ -253,3 +253,27 @@ pub fn promtool_check_metrics(text: &str) {
         "promtool: {said}"
     );
 }
+
+/// Live processes whose command line holds `marker`.
+pub fn marked(marker: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if !daemon::alive(pid) {
+            continue;
+        }
+        // An argv element of its own: the shell script that mentions it does not count.
+        if cmd
+            .split(|b| *b == 0)
+            .any(|a| String::from_utf8_lossy(a).starts_with(marker))
+        {
+            out.push(pid);
+        }
+    }
+    out
+}

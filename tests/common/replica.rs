@@ -55,7 +55,9 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
-fn bindir() -> PathBuf {
+/// The PostgreSQL bin directory the tests use: $TASKWARDEN_PG_BINDIR, else the newest
+/// under /usr/lib/postgresql.
+pub fn bindir() -> PathBuf {
     if let Ok(d) = std::env::var("TASKWARDEN_PG_BINDIR")
         && !d.is_empty()
     {
