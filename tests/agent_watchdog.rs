@@ -215,7 +215,9 @@ async fn an_agents_own_sessions_are_seen_held_to_the_rules_and_gone_with_the_tas
              (echo 'BEGIN; SELECT 1;'; sleep 60) | {psql} -X -q -d \"$TASKWARDEN_DATABASE_URL\" >/dev/null & \
              sleep 60"
         );
-        let agents = format!("[agents.db]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", {script:?}]\n");
+        let agents = format!(
+            "[agents.db]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", {script:?}]\ndb_sessions_max = 2\n"
+        );
         let url = t.url();
         let mut d = Daemon::start(
             dir.path(),
@@ -237,6 +239,21 @@ async fn an_agents_own_sessions_are_seen_held_to_the_rules_and_gone_with_the_tas
             "status never showed three sessions: {seen:?} / {:?}",
             agent_backends(&admin, id).await
         );
+        // Per agent: three sessions against a budget of two (the alert's two series).
+        let metrics = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        for line in [
+            "taskwarden_agent_db_sessions{agent=\"db\"} 3",
+            "taskwarden_agent_db_sessions_max{agent=\"db\"} 2",
+        ] {
+            assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+        }
         let idle: Vec<i32> = agent_backends(&admin, id)
             .await
             .into_iter()

@@ -228,6 +228,10 @@ pub struct AgentConfig {
     pub processes_max: Option<u64>,
     /// The same for the tree's CPU time (live processes and the children they reaped).
     pub cpu_time_max: Option<Dur>,
+    /// A budget of the agent's own database sessions over its running tasks here,
+    /// exported as `taskwarden_agent_db_sessions_max` for the alert
+    /// TaskwardenAgentSessionsOverBudget; nothing is terminated for it. None when absent.
+    pub db_sessions_max: Option<u64>,
 }
 
 impl Default for AgentConfig {
@@ -243,6 +247,7 @@ impl Default for AgentConfig {
             memory_max: None,
             processes_max: None,
             cpu_time_max: None,
+            db_sessions_max: None,
         }
     }
 }

@@ -200,6 +200,11 @@ impl Supervisor {
             self.metrics
                 .gauge(m::AGENT_DB_SESSIONS, &l)
                 .set(u.db_sessions as f64);
+            if let Some(max) = cfg.agents.get(agent).and_then(|a| a.db_sessions_max) {
+                self.metrics
+                    .gauge(m::AGENT_DB_SESSIONS_MAX, &l)
+                    .set(max as f64);
+            }
         }
         self.terminate_agent_sessions(&terminate, &sessions, &here)
             .await
