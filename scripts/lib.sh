@@ -65,6 +65,23 @@ ensure_schemathesis() {
   export TASKWARDEN_SCHEMATHESIS="$venv/bin/schemathesis"
 }
 
+# Installs Debian's Chromium (the console test drives it; never a downloaded browser).
+ensure_chromium() {
+  if [ -x /usr/bin/chromium ]; then return 0; fi
+  echo "chromium not found; installing the Debian package 'chromium'" >&2
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends chromium
+}
+
+# Installs playwright-core (npm, pinned by tests/ui/package-lock.json) for tests/ui.rs.
+ensure_playwright() {
+  if [ -d tests/ui/node_modules/playwright-core ]; then return 0; fi
+  echo "installing playwright-core into tests/ui/node_modules (npm ci)" >&2
+  npm ci --prefix tests/ui --no-audit --no-fund
+}
+
 # Prints the newest PostgreSQL bin directory.
 pg_bindir() {
   if [ -n "${TASKWARDEN_PG_BINDIR:-}" ]; then echo "$TASKWARDEN_PG_BINDIR"; return; fi

@@ -4,7 +4,8 @@
 # database. Set TASKWARDEN_TEST_DATABASE_URL to use an existing server instead.
 # Installs PostgreSQL, Prometheus (the operations tests scrape with a real one),
 # systemd-analyze (they verify the unit with it) and pgbouncer (the pooler tests) with
-# apt-get when they are missing, and schemathesis (the OpenAPI test) from PyPI.
+# apt-get when they are missing, schemathesis (the OpenAPI test) from PyPI, and Chromium
+# (Debian's) with playwright-core (npm) for the console test.
 # Extra arguments go to the test runner. Last, scripts/systemd-e2e.sh tests the systemd
 # unit on a booted minimal Debian (see there).
 set -euo pipefail
@@ -15,6 +16,8 @@ ensure_prometheus
 ensure_systemd_analyze
 ensure_pgbouncer
 ensure_schemathesis
+ensure_chromium
+ensure_playwright
 
 if [ -z "${TASKWARDEN_TEST_DATABASE_URL:-}" ]; then
   bindir=$(pg_bindir)

@@ -96,7 +96,7 @@ async fn the_served_document_is_committed_routed_and_schemathesis_finds_no_fault
                 operations += 1;
             }
         }
-        assert_eq!(operations, 20, "operations in the document");
+        assert_eq!(operations, 21, "operations in the document");
 
         // Something to read: a task that succeeded, one that failed, one queued far ahead.
         for body in [

@@ -112,6 +112,24 @@ pub(super) struct LoggingReport {
     level: String,
 }
 
+/// A configured agent, as the console's agents page shows it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(super) struct AgentReport {
+    /// `command` or `http`.
+    kind: Option<String>,
+    concurrency: u32,
+    timeout_seconds: f64,
+    planner: bool,
+    /// Cluster-wide claim rate limit (`N/sec|min|hour`), if any.
+    rate: Option<String>,
+    memory_max_bytes: Option<u64>,
+    processes_max: Option<u64>,
+    cpu_time_max_seconds: Option<f64>,
+    db_sessions_max: Option<u64>,
+    /// Its tasks running on this instance now.
+    running_here: usize,
+}
+
 /// What an operator reads first in an incident. Cluster-wide parts (tasks, queues,
 /// instances) are live when the database answers within 400 ms, else the supervisor's
 /// last reading, dated by `database_view_as_of`.
@@ -136,12 +154,83 @@ pub(super) struct StatusReport {
     instances: Option<Vec<serde_json::Value>>,
     config: ConfigMeta,
     logging: LoggingReport,
+    /// The agents this instance runs, with their limits.
+    agents: std::collections::BTreeMap<String, AgentReport>,
 }
 
 /// What an operator reads first in an incident.
 #[utoipa::path(get, path = "/v1/status", tag = "operations",
     responses((status = 200, body = StatusReport), (status = 401, body = ErrorBody)))]
 pub(super) async fn status(State(s): State<ApiState>) -> Result<Response, ApiError> {
+    Ok(axum::Json(status_report(&s).await).into_response())
+}
+
+/// One event of `/v1/status/stream`.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // the document's shape; status_stream writes it
+pub(super) struct StatusEvent {
+    /// Always `status`.
+    event: String,
+    /// The `/v1/status` answer (a StatusReport) as JSON.
+    data: String,
+}
+
+/// How often `/v1/status/stream` sends the status.
+pub(super) const STATUS_STREAM_EVERY: Duration = Duration::from_secs(2);
+
+/// The status as server-sent events (`event: status`, `data:` the `/v1/status` answer),
+/// one at once and then one every 2 s, until the client leaves or the daemon stops: what
+/// the web console's overview follows instead of polling.
+#[utoipa::path(get, path = "/v1/status/stream", tag = "operations",
+    responses((status = 200, description = "Server-sent events, `event: status`, `data:` a StatusReport as JSON", content_type = "text/event-stream", body = StatusEvent),
+        (status = 401, body = ErrorBody)))]
+pub(super) async fn status_stream(State(s): State<ApiState>) -> Response {
+    let shutdown = s.shutdown.clone();
+    let stream = super::slots::async_stream(shutdown, move |tx| async move {
+        loop {
+            let report = status_report(&s).await;
+            let data = serde_json::to_string(&report).unwrap_or_default();
+            if tx
+                .send(Ok(Event::default().event("status").data(data)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(STATUS_STREAM_EVERY).await;
+        }
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+fn agents_report(s: &ApiState, cfg: &Config) -> std::collections::BTreeMap<String, AgentReport> {
+    let running = s.running.snapshot();
+    cfg.agents
+        .iter()
+        .map(|(name, a)| {
+            let report = AgentReport {
+                kind: a.kind.map(|k| match k {
+                    crate::config::AgentKind::Command => "command".to_string(),
+                    crate::config::AgentKind::Http => "http".to_string(),
+                }),
+                concurrency: a.concurrency,
+                timeout_seconds: a.timeout.get().as_secs_f64(),
+                planner: a.planner,
+                rate: a.rate.as_ref().map(|r| r.to_string()),
+                memory_max_bytes: a.memory_max.map(|m| m.0),
+                processes_max: a.processes_max,
+                cpu_time_max_seconds: a.cpu_time_max.map(|c| c.get().as_secs_f64()),
+                db_sessions_max: a.db_sessions_max,
+                running_here: running.iter().filter(|t| &t.agent == name).count(),
+            };
+            (name.clone(), report)
+        })
+        .collect()
+}
+
+async fn status_report(s: &ApiState) -> StatusReport {
     let cfg = s.config.load();
     let pool = s.db.status();
     let sessions = s.db.tracker().snapshot();
@@ -162,8 +251,8 @@ pub(super) async fn status(State(s): State<ApiState>) -> Result<Response, ApiErr
             .map(|(a, _)| a.clone())
             .collect::<Vec<_>>()
     });
-    let not_ready = not_ready(&s);
-    Ok(axum::Json(StatusReport {
+    let not_ready = not_ready(s);
+    StatusReport {
         instance: s.orchestrator.instance_id().to_string(),
         version: env!("CARGO_PKG_VERSION"),
         pool: PoolReport {
@@ -209,6 +298,6 @@ pub(super) async fn status(State(s): State<ApiState>) -> Result<Response, ApiErr
         logging: LoggingReport {
             level: cfg.logging.level.clone(),
         },
-    })
-    .into_response())
+        agents: agents_report(s, &cfg),
+    }
 }

@@ -16,6 +16,7 @@ mod objectives;
 mod openapi;
 mod slots;
 mod tasks;
+mod ui;
 
 use agents::*;
 use auth::*;
@@ -141,6 +142,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/sessions/{id}/run", post(run_in_session))
         .route("/sessions/{id}/events", get(session_events))
         .route("/status", get(status))
+        .route("/status/stream", get(status_stream))
         .method_not_allowed_fallback(method_not_allowed)
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
@@ -148,6 +150,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi_json))
+        .route("/ui", get(ui::page))
+        .route("/ui/assets/app.js", get(ui::script))
+        .route("/ui/assets/app.css", get(ui::style))
+        .route("/ui/{*page}", get(ui::page))
         .nest("/v1", v1)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .method_not_allowed_fallback(method_not_allowed)

@@ -35,6 +35,7 @@ api_token_file) is set; /metrics, /healthz, /readyz and /openapi.json never do."
         super::slots::run_in_session,
         super::slots::session_events,
         super::health::status,
+        super::health::status_stream,
         super::health::metrics,
         super::health::healthz,
         super::health::readyz,
