@@ -10,7 +10,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::daemon::{Daemon, bounded, http_client};
+use common::daemon::{Daemon, bounded, http_client, scrape};
 use common::{TestDb, eventually, marked};
 use serde_json::Value;
 
@@ -162,14 +162,7 @@ async fn a_tree_over_memory_max_or_processes_max_is_killed_whole_and_the_task_na
         let c = ended(&http, &base, calm_id).await;
         assert_eq!(c["status"], "succeeded", "{c}");
 
-        let metrics = http
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = scrape(&http, &base).await;
         for line in [
             "taskwarden_agent_limits_hit_total{agent=\"hog\",limit=\"memory_max\"} 1",
             "taskwarden_agent_limits_hit_total{agent=\"fork\",limit=\"processes_max\"} 1",
@@ -240,14 +233,7 @@ async fn an_agents_own_sessions_are_seen_held_to_the_rules_and_gone_with_the_tas
             agent_backends(&admin, id).await
         );
         // Per agent: three sessions against a budget of two (the alert's two series).
-        let metrics = http
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = scrape(&http, &base).await;
         for line in [
             "taskwarden_agent_db_sessions{agent=\"db\"} 3",
             "taskwarden_agent_db_sessions_max{agent=\"db\"} 2",

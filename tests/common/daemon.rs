@@ -224,3 +224,14 @@ pub async fn task_status(http: &reqwest::Client, base: &str, id: i64) -> Option<
         .as_str()
         .map(str::to_string)
 }
+
+/// The daemon's `/metrics` text.
+pub async fn scrape(http: &reqwest::Client, base: &str) -> String {
+    http.get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
