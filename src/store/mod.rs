@@ -136,6 +136,29 @@ pub struct Store {
     owner: Option<Owner>,
 }
 
+/// The task list's statement: `$1` status, `$2` run slot, `$3` objective, `$4` after id,
+/// `$5` limit, `$6` byte budget, `$7` agent (each filter NULL for none). Public so a test can
+/// EXPLAIN it at 100,000 rows: every filter walks an index in id order
+/// (`tasks_status_idx`, `tasks_session_idx`, `tasks_objective_idx`, `tasks_agent_idx`).
+pub fn list_tasks_sql() -> String {
+    format!(
+        "WITH page AS ( \
+           SELECT id, octet_length(payload::text) \
+                  + COALESCE(octet_length(result::text), 0) AS bytes \
+           FROM tasks \
+           WHERE ($1::text IS NULL OR status = $1) \
+             AND ($2::text IS NULL OR session_id = $2) \
+             AND ($3::bigint IS NULL OR objective_id = $3) \
+             AND ($7::text IS NULL OR agent = $7) \
+             AND id > COALESCE($4::bigint, 0) \
+           ORDER BY id LIMIT $5), \
+         sized AS (SELECT id, sum(bytes) OVER (ORDER BY id) - bytes AS before, \
+                          count(*) OVER () AS n FROM page) \
+         SELECT {TASK_COLUMNS}, sized.n FROM sized JOIN tasks USING (id) \
+         WHERE sized.before < $6 OR sized.before = 0 ORDER BY id"
+    )
+}
+
 impl Store {
     pub fn new(db: Db, default_max_attempts: u32) -> Self {
         Store {
@@ -250,22 +273,7 @@ impl Store {
         let s = self.session("store.list_tasks").await?;
         let rows = s
             .query(
-                &format!(
-                    "WITH page AS ( \
-                       SELECT id, octet_length(payload::text) \
-                              + COALESCE(octet_length(result::text), 0) AS bytes \
-                       FROM tasks \
-                       WHERE ($1::text IS NULL OR status = $1) \
-                         AND ($2::text IS NULL OR session_id = $2) \
-                         AND ($3::bigint IS NULL OR objective_id = $3) \
-                         AND ($7::text IS NULL OR agent = $7) \
-                         AND id > COALESCE($4::bigint, 0) \
-                       ORDER BY id LIMIT $5), \
-                     sized AS (SELECT id, sum(bytes) OVER (ORDER BY id) - bytes AS before, \
-                                      count(*) OVER () AS n FROM page) \
-                     SELECT {TASK_COLUMNS}, sized.n FROM sized JOIN tasks USING (id) \
-                     WHERE sized.before < $6 OR sized.before = 0 ORDER BY id"
-                ),
+                &list_tasks_sql(),
                 &[
                     &status,
                     &f.slot_id,
