@@ -90,11 +90,7 @@ fn is_our_shim(pid: Pid) -> bool {
         .rsplit_once(')')
         .and_then(|(_, r)| r.split_whitespace().nth(1))
         .and_then(|p| p.parse::<u32>().ok());
-    let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.as_raw())).unwrap_or_default();
-    ppid == Some(std::process::id())
-        && cmdline
-            .split(|b| *b == 0)
-            .any(|a| a == super::shim::SUBCOMMAND.as_bytes())
+    ppid == Some(std::process::id()) && u32::try_from(pid.as_raw()).is_ok_and(super::shim::is_shim)
 }
 
 fn shim_path() -> Option<&'static std::path::Path> {

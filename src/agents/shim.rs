@@ -31,6 +31,14 @@ const KILL_LIMIT: Duration = Duration::from_secs(5);
 /// The subcommand name the daemon runs the shim with.
 pub const SUBCOMMAND: &str = "agent-shim";
 
+/// Whether process `pid` runs the shim (its argv holds [`SUBCOMMAND`]).
+pub fn is_shim(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .any(|a| a == SUBCOMMAND.as_bytes())
+}
+
 /// Runs the program under the shim; returns the exit code to exit with.
 pub fn run(argv: &[String]) -> i32 {
     let Some((prog, args)) = argv.split_first() else {

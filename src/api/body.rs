@@ -243,6 +243,33 @@ pub(super) struct AgentParam {
     name: String,
 }
 
+/// An event id given as `field` (a `Last-Event-ID` header or an `after=` parameter): none,
+/// or a non-negative integer; anything else is a 400 naming the field.
+pub(super) fn event_id(v: Option<&str>, field: &str) -> Result<Option<i64>, ApiError> {
+    v.map(|v| {
+        v.trim()
+            .parse::<i64>()
+            .ok()
+            .filter(|id| *id >= 0)
+            .ok_or_else(|| {
+                ApiError::field(
+                    StatusCode::BAD_REQUEST,
+                    field,
+                    "must be an event id (0 or more)",
+                )
+            })
+    })
+    .transpose()
+}
+
+/// The `Last-Event-ID` a reconnecting client sends, checked as [`event_id`].
+pub(super) fn last_event_id(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
+    let header = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    event_id(header, "Last-Event-ID")
+}
+
 pub(super) fn parse_id(raw: &str, what: &str) -> Result<i64, ApiError> {
     raw.parse::<i64>().ok().filter(|v| *v > 0).ok_or_else(|| {
         ApiError::field(

@@ -66,23 +66,7 @@ pub(super) async fn slot_events(
 ) -> Result<Response, ApiError> {
     check_slot_param(&slot, slot_param_name(&uri))?;
     // Each is checked when given; the header (what a reconnecting EventSource sends) wins.
-    let event_id = |v: Option<&str>, field: &str| {
-        v.map(|v| v.trim().parse::<i64>().ok().filter(|id| *id >= 0))
-            .map(|id| {
-                id.ok_or_else(|| {
-                    ApiError::field(
-                        StatusCode::BAD_REQUEST,
-                        field,
-                        "must be an event id (0 or more)",
-                    )
-                })
-            })
-            .transpose()
-    };
-    let header = headers
-        .get("last-event-id")
-        .map(|v| v.to_str().unwrap_or("\u{fffd}"));
-    let from_header = event_id(header, "Last-Event-ID")?;
+    let from_header = last_event_id(&headers)?;
     let from_query = event_id(q.get("after").map(String::as_str), "after")?;
     let after = from_header.or(from_query).unwrap_or(0);
     // Subscribe before replaying, so nothing falls between the two.

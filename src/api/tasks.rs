@@ -234,22 +234,7 @@ pub(super) async fn task_events(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
     if wants_stream {
-        let resume = headers
-            .get("last-event-id")
-            .map(|v| {
-                v.to_str()
-                    .ok()
-                    .and_then(|v| v.trim().parse::<i64>().ok())
-                    .filter(|v| *v >= 0)
-                    .ok_or_else(|| {
-                        ApiError::field(
-                            StatusCode::BAD_REQUEST,
-                            "Last-Event-ID",
-                            "must be an event id (0 or more)",
-                        )
-                    })
-            })
-            .transpose()?;
+        let resume = last_event_id(&headers)?;
         return Ok(follow_task_events(s, id, resume.unwrap_or(after)));
     }
     let (events, truncated) = s

@@ -64,13 +64,6 @@ fn all_procs() -> HashMap<u32, Proc> {
         .collect()
 }
 
-fn is_shim(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .unwrap_or_default()
-        .split(|b| *b == 0)
-        .any(|a| a == crate::agents::shim::SUBCOMMAND.as_bytes())
-}
-
 /// The tree under `root` as a usage figure: processes, resident bytes, CPU seconds. The
 /// shim at the root is not counted as a process of the agent, but what it reaped is CPU
 /// time of the agent.
@@ -87,7 +80,7 @@ fn tree_usage(
     let Some(r) = procs.get(&root) else {
         return AgentUsage::default();
     };
-    let shim = is_shim(root);
+    let shim = crate::agents::shim::is_shim(root);
     let mut u = AgentUsage::default();
     let mut ticks = r.reaped_ticks;
     if !shim {
