@@ -300,15 +300,34 @@ async fn main() {
     )
     .await
     .expect("backlog");
-    while succeeded(c).await < 10_000 {
+    // While the backlog drains, 20 higher-priority tasks arrive one by one: each should
+    // start after at most what was already claimed ahead, not after the whole backlog.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..20 {
+        c.execute(
+            "INSERT INTO tasks (agent, priority) VALUES ('noop', 10)",
+            &[],
+        )
+        .await
+        .expect("insert");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    print_latency(
+    while succeeded(c).await < 10_020 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    print_latency_of(
         c,
         &format!(
             "10,000-task backlog, concurrency {}",
             defaults.workers.concurrency
         ),
+        "priority = 0",
+    )
+    .await;
+    print_latency_of(
+        c,
+        "  20 higher-priority tasks arriving during it",
+        "priority = 10",
     )
     .await;
     run.stop().await.expect("stop");
@@ -332,11 +351,18 @@ fn cluster_url(pg: &tokio_postgres::Config) -> String {
 }
 
 async fn print_latency(c: &tokio_postgres::Client, label: &str) {
+    print_latency_of(c, label, "true").await
+}
+
+/// p50/p99 of `started_at - created_at` over the succeeded tasks matching `filter` (SQL).
+async fn print_latency_of(c: &tokio_postgres::Client, label: &str, filter: &str) {
     let r = c
         .query_one(
-            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - created_at)), \
-                    percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - created_at)) \
-             FROM tasks WHERE status = 'succeeded'",
+            &format!(
+                "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - created_at)), \
+                        percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - created_at)) \
+                 FROM tasks WHERE status = 'succeeded' AND {filter}"
+            ),
             &[],
         )
         .await
