@@ -36,7 +36,7 @@ if [ -z "${TASKWARDEN_TEST_DATABASE_URL:-}" ]; then
   trap cleanup EXIT
   "${as[@]}" "$bindir/initdb" -D "$dir/pgdata" -U taskwarden --auth=trust -E UTF8 --locale=C --no-instructions >/dev/null
   "${as[@]}" "$bindir/pg_ctl" -D "$dir/pgdata" -l "$dir/postgresql.log" -w -t 60 \
-    -o "-k $dir -p 5432 -c listen_addresses= -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+    -o "-k $dir -p 5432 -c listen_addresses= -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_wal_size=96MB -c min_wal_size=32MB" \
     start >/dev/null
   export TASKWARDEN_TEST_DATABASE_URL="postgresql://taskwarden@/postgres?host=$dir&port=5432"
 fi

@@ -80,6 +80,44 @@ pub struct TestDb {
     pub application_name: String,
 }
 
+/// The database goes with the test. Kept, each test's database (8 MB from the template
+/// plus what the test wrote) would stay until the cluster stops: gigabytes over the suite,
+/// on a CI machine whose free disk nobody promised. `WITH (FORCE)` ends the sessions a
+/// daemon under test may still hold. Set `TASKWARDEN_KEEP_TEST_DATABASES=1` to look at
+/// one after a failure.
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if std::env::var_os("TASKWARDEN_KEEP_TEST_DATABASES").is_some() {
+            return;
+        }
+        let mut admin = self.pg.clone();
+        admin.dbname("postgres");
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        // Drop cannot await, and may run inside the test's runtime: a thread of its own
+        // with its own runtime, bounded, and a failure here never fails the test.
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async move {
+                tokio::time::timeout(Duration::from_secs(15), async move {
+                    let (client, conn) = admin.connect(tokio_postgres::NoTls).await.ok()?;
+                    tokio::spawn(conn);
+                    client.batch_execute(&sql).await.ok()
+                })
+                .await
+                .ok()
+                .flatten()
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Some(()))) {
+            eprintln!("test database {} was not dropped", self.name);
+        }
+    }
+}
+
 impl TestDb {
     pub async fn new() -> TestDb {
         let db = Self::new_unmigrated().await;
