@@ -5,7 +5,8 @@
 //! queued rows and `VACUUM ANALYZE`d.
 //!
 //! Run: `cargo bench --bench throughput` (starts its own throwaway PostgreSQL).
-//! `TASKWARDEN_BENCH_TASKS` sets N (default 100,000).
+//! `TASKWARDEN_BENCH_TASKS` sets N (default 100,000); `TASKWARDEN_BENCH_QUICK=1` runs
+//! only the baselines and the defaults (for profiling one change at a time).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -14,7 +15,9 @@ mod pgbouncer;
 
 use std::time::{Duration, Instant};
 
-use common::{count, database, orchestrator, orchestrator_with};
+use common::{
+    count, database, orchestrator, orchestrator_with, print_statements, reset_statements,
+};
 
 /// N when `TASKWARDEN_BENCH_TASKS` is not set.
 const DEFAULT_TASKS: i64 = 100_000;
@@ -46,6 +49,26 @@ async fn prepare(c: &tokio_postgres::Client, n: i64) -> Duration {
         .await
         .expect("vacuum analyze");
     took
+}
+
+/// Waits until `run` has recorded `n` successes, read from its own metrics: the counter
+/// moves only once a completion is committed, and reading it costs the database nothing.
+/// (Counting the table every 20 ms instead cost PostgreSQL ~13 µs per task at N = 100,000,
+/// a quarter of a core the baselines, which never poll, did not pay.)
+async fn wait_finished(run: &taskwarden::daemon::Parts, n: i64) {
+    loop {
+        let done = run
+            .metrics
+            .value(
+                taskwarden::metrics::TASKS_FINISHED_TOTAL,
+                &[("outcome", "succeeded")],
+            )
+            .unwrap_or(0.0);
+        if done >= n as f64 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn succeeded(c: &tokio_postgres::Client) -> i64 {
@@ -109,13 +132,33 @@ async fn orchestrated(
     concurrency: Option<u32>,
 ) -> Duration {
     let before = succeeded(c).await;
+    let started: f64 = c
+        .query_one("SELECT extract(epoch FROM clock_timestamp())::float8", &[])
+        .await
+        .expect("clock")
+        .get(0);
     let t = Instant::now();
     let run = orchestrator(pg, concurrency, "noop", Duration::ZERO).await;
-    while succeeded(c).await - before < n {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_finished(&run, n).await;
     let took = t.elapsed();
     run.stop().await.expect("stop");
+    assert_eq!(
+        succeeded(c).await - before,
+        n,
+        "tasks reported finished are not succeeded"
+    );
+    let first: f64 = c
+        .query_one(
+            "SELECT extract(epoch FROM min(started_at))::float8 - $1 FROM tasks",
+            &[&started],
+        )
+        .await
+        .expect("first start")
+        .get(0);
+    println!(
+        "  (first task started {:.0} ms after the start)",
+        first * 1e3
+    );
     took
 }
 
@@ -177,9 +220,11 @@ async fn main() {
          table is truncated, refilled and VACUUM ANALYZEd"
     );
     let e1 = prepare(c, n).await;
+    reset_statements(c).await;
     let m = mark(c).await;
     let base = baseline(c, n).await;
     let base_cost = cost(c, &m, n).await;
+    print_statements(c).await;
     prepare(c, n).await;
     let m4 = mark(c).await;
     let base4 = baseline_on(pg, n, 4).await;
@@ -209,8 +254,11 @@ async fn main() {
         "plain SQL claim 100 + complete, 4 connections",
         rate(n, base4)
     );
-    for conc in [None, Some(100u32)] {
+    let quick = std::env::var_os("TASKWARDEN_BENCH_QUICK").is_some();
+    let contenders: &[Option<u32>] = if quick { &[None] } else { &[None, Some(100)] };
+    for &conc in contenders {
         prepare(c, n).await;
+        reset_statements(c).await;
         let m = mark(c).await;
         let orch = orchestrated(pg, c, n, conc).await;
         let spent = cost(c, &m, n).await;
@@ -230,6 +278,12 @@ async fn main() {
             base.as_secs_f64() / orch.as_secs_f64(),
             base4.as_secs_f64() / orch.as_secs_f64()
         );
+        print_statements(c).await;
+    }
+    if quick {
+        drop(b.admin);
+        b.cluster.stop().await;
+        return;
     }
 
     // The defaults again, through pgbouncer in transaction mode (unnamed statements, SET
@@ -251,11 +305,14 @@ async fn main() {
             let m = mark(c).await;
             let t = Instant::now();
             let run = orchestrator_with(&via, cfg, "noop", Duration::ZERO).await;
-            while succeeded(c).await - before < n {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            wait_finished(&run, n).await;
             let took = t.elapsed();
             run.stop().await.expect("stop");
+            assert_eq!(
+                succeeded(c).await - before,
+                n,
+                "tasks reported finished are not succeeded"
+            );
             let spent = cost(c, &m, n).await;
             println!(
                 "{:<52} {:>10.0} tasks/s  ({:.2} of baseline, {:.2} of baseline 4)  {spent}",

@@ -46,6 +46,11 @@ pub async fn database() -> Bench {
     )
     .await
     .expect("start PostgreSQL");
+    let cluster = if statements_enabled() {
+        with_statement_stats(cluster, dir.path()).await
+    } else {
+        cluster
+    };
     let pg = cluster.pg_config("taskwarden");
     taskwarden::db::migrate::run(&pg, &DatabaseConfig::default())
         .await
@@ -114,4 +119,75 @@ pub fn rss_bytes() -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     pages * 4096
+}
+
+/// `TASKWARDEN_BENCH_STATEMENTS=1`: the cluster loads pg_stat_statements, and the benches
+/// print what each contender's statements cost (calls, rows, time).
+pub fn statements_enabled() -> bool {
+    std::env::var_os("TASKWARDEN_BENCH_STATEMENTS").is_some()
+}
+
+async fn with_statement_stats(cluster: Cluster, dir: &std::path::Path) -> Cluster {
+    let (c, conn) = cluster
+        .pg_config("taskwarden")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    c.batch_execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+        .await
+        .expect("preload pg_stat_statements");
+    drop(c);
+    cluster.stop().await;
+    let cluster = Cluster::start(
+        dir,
+        ClusterOptions {
+            unsafe_fast: false,
+            max_connections: Some(200),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("restart PostgreSQL");
+    let (c, conn) = cluster
+        .pg_config("taskwarden")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    c.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .await
+        .expect("create extension");
+    cluster
+}
+
+/// Forgets the statement statistics so far (with `TASKWARDEN_BENCH_STATEMENTS`).
+pub async fn reset_statements(c: &tokio_postgres::Client) {
+    if statements_enabled() {
+        c.batch_execute("SELECT pg_stat_statements_reset()")
+            .await
+            .expect("reset statements");
+    }
+}
+
+/// Prints the statements run since the last reset, most total time first (with
+/// `TASKWARDEN_BENCH_STATEMENTS`).
+pub async fn print_statements(c: &tokio_postgres::Client) {
+    if !statements_enabled() {
+        return;
+    }
+    let rows = c
+        .query(
+            "SELECT calls, rows, total_exec_time, left(regexp_replace(query, '\\s+', ' ', 'g'), 110) \
+             FROM pg_stat_statements WHERE query NOT LIKE '%pg_stat_statements%' \
+             ORDER BY total_exec_time DESC LIMIT 12",
+            &[],
+        )
+        .await
+        .expect("statements");
+    println!("    {:>8} {:>9} {:>9}  statement", "calls", "rows", "ms");
+    for r in rows {
+        let (calls, n, ms, q): (i64, i64, f64, String) = (r.get(0), r.get(1), r.get(2), r.get(3));
+        println!("    {calls:>8} {n:>9} {ms:>9.0}  {q}");
+    }
 }
