@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use common::{TestDb, eventually};
+use common::{TestDb, count, eventually};
 use taskwarden::agents::{Agent, AgentEntry, AgentError, AgentOutput, BoxFuture, TaskContext};
 use taskwarden::config::Config;
 use taskwarden::daemon::Parts;
@@ -26,6 +26,21 @@ struct Noop;
 impl Agent for Noop {
     fn run(&self, _ctx: TaskContext) -> BoxFuture<Result<AgentOutput, AgentError>> {
         Box::pin(async { Ok(AgentOutput::default()) })
+    }
+}
+
+/// A library agent whose every attempt fails at once, for good or retryably as the
+/// payload's `retry` says.
+struct FailNow;
+impl Agent for FailNow {
+    fn run(&self, ctx: TaskContext) -> BoxFuture<Result<AgentOutput, AgentError>> {
+        let retry = ctx.payload["retry"].as_bool().unwrap_or(false);
+        Box::pin(async move {
+            Err(AgentError {
+                message: "no".into(),
+                retryable: retry,
+            })
+        })
     }
 }
 
@@ -68,6 +83,15 @@ async fn rig_with(agents: &str, extra: &str, tweak: impl FnOnce(&mut Config)) ->
         "noop".to_string(),
         AgentEntry {
             agent: Arc::new(Noop),
+            concurrency: 20,
+            timeout: Duration::from_secs(60),
+            planner: false,
+        },
+    );
+    extra_agents.insert(
+        "fail".to_string(),
+        AgentEntry {
+            agent: Arc::new(FailNow),
             concurrency: 20,
             timeout: Duration::from_secs(60),
             planner: false,
@@ -808,4 +832,42 @@ async fn a_planner_agent_supplies_the_steps() {
     assert!(
         matches!(err, OrchestratorError::Store(StoreError::Invalid { ref field, .. }) if field == "planner")
     );
+}
+
+/// Failures are written like successes: in batches, one statement each, with their
+/// `attempt_failed` events in the same statement (issue 15). Each task's `finished_at`
+/// and its event's `created_at` are the writing transaction's time, so a batch shows as
+/// many tasks sharing one; written one by one (as before), 300 failures had 300.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_and_their_events_are_written_in_batches() {
+    let r = rig_with("", "", |c| {
+        c.workers.completion_window = taskwarden::config::Dur::millis(100);
+    })
+    .await;
+    let c = r.t.admin().await;
+    c.batch_execute(
+        "INSERT INTO tasks (agent, max_attempts, payload) \
+         SELECT 'fail', 1, jsonb_build_object('retry', false) FROM generate_series(1, 300)",
+    )
+    .await
+    .unwrap();
+    let done = eventually(Duration::from_secs(60), || async {
+        count(&c, "SELECT count(*) FROM tasks WHERE status = 'failed'").await == 300
+    })
+    .await;
+    assert!(done, "not all 300 failed");
+    let writes = count(&c, "SELECT count(DISTINCT finished_at) FROM tasks").await;
+    assert!(writes <= 30, "300 failures took {writes} writes");
+    // One event per failure, stored by the statement that wrote the failure.
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM tasks t JOIN task_events e ON e.task_id = t.id \
+             WHERE e.kind = 'attempt_failed' AND e.created_at = t.finished_at \
+               AND t.error = 'attempt 1: no' AND t.lease_owner IS NULL"
+        )
+        .await,
+        300
+    );
+    assert_eq!(count(&c, "SELECT count(*) FROM task_events").await, 300);
 }

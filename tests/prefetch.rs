@@ -109,3 +109,35 @@ async fn prefetched_tasks_are_handed_back_at_shutdown_and_run_once() {
         0
     );
 }
+
+/// Work queued before the daemon starts sends no notification: the claimer's first round
+/// must not wait for `poll_interval` (here a minute; it did, costing a second per start
+/// at the default and the whole interval at a long one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_queued_before_the_start_runs_without_waiting_a_poll_interval() {
+    let t = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let cfg = config(&t, &log).replace("[workers]\n", "[workers]\npoll_interval = \"60s\"\n");
+    let c = t.admin().await;
+    c.batch_execute(
+        "INSERT INTO tasks (agent, payload) SELECT 'rec', jsonb_build_object('n', i) \
+         FROM generate_series(1, 20) i",
+    )
+    .await
+    .unwrap();
+    let url = t.url();
+    let env = [("TASKWARDEN_DATABASE_URL", url.as_str())];
+    let mut d = Daemon::start(dir.path(), &cfg, &env);
+    assert!(
+        d.wait_for("taskwarden ready", LIMIT).is_some(),
+        "{}",
+        d.output()
+    );
+    // Half the poll interval: generous for 20 shell commands, short of the first poll.
+    let done = eventually(Duration::from_secs(30), || async {
+        count(&c, "SELECT count(*) FROM tasks WHERE status = 'succeeded'").await == 20
+    })
+    .await;
+    assert!(done, "the backlog waited for a poll:\n{}", d.drain());
+}

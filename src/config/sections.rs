@@ -177,7 +177,7 @@ pub struct WorkersConfig {
     /// Most tasks claimed ahead per agent, beyond the free slots, held here until a slot
     /// frees (see `orchestrator::claimer`). 0: claim only for free slots.
     pub prefetch: u32,
-    /// How long the completion writer gathers successes before writing them in one
+    /// How long the outcome writer gathers outcomes before writing them in one
     /// statement (0: write whatever is queued at once).
     pub completion_window: Dur,
 }
@@ -192,7 +192,7 @@ impl Default for WorkersConfig {
             retry_backoff: Dur::secs(1),
             retry_backoff_max: Dur::secs(300),
             shutdown_grace: Dur::secs(10),
-            prefetch: 200,
+            prefetch: 400,
             completion_window: Dur::millis(5),
         }
     }

@@ -26,13 +26,19 @@ pub(super) struct Prefetched {
 impl Orchestrator {
     pub(super) async fn claimer(self) {
         let i = Arc::clone(&self.inner);
+        // The first round runs at once: work queued before the start would otherwise
+        // wait a whole poll interval (no notification comes for it).
+        let mut first = true;
         loop {
-            let poll = i.config.load().workers.poll_interval.get();
-            tokio::select! {
-                _ = i.claiming.cancelled() => break,
-                _ = i.wake.notified() => {}
-                _ = tokio::time::sleep(poll) => {}
+            if !first {
+                let poll = i.config.load().workers.poll_interval.get();
+                tokio::select! {
+                    _ = i.claiming.cancelled() => break,
+                    _ = i.wake.notified() => {}
+                    _ = tokio::time::sleep(poll) => {}
+                }
             }
+            first = false;
             // Keep claiming while there is both capacity and work.
             loop {
                 if i.claiming.is_cancelled() {
@@ -158,6 +164,39 @@ impl Orchestrator {
         out
     }
 
+    /// For a run that just ended in a slot of `agent`: the next task claimed ahead for
+    /// it, to run in the same slot, unless claiming stopped (shutdown), the agent is
+    /// paused or gone, or the slot is no longer within the limits (a reload lowered
+    /// them). Wakes the claimer when the local queue is down to its refill mark.
+    pub(super) fn next_prefetched(
+        &self,
+        agent: &str,
+    ) -> Option<(Task, AgentEntry, CancellationToken, Registration)> {
+        let i = &self.inner;
+        if i.claiming.is_cancelled() || i.paused_as_last_read(agent) {
+            return None;
+        }
+        let cfg = i.config.load();
+        let entry = i.agents.load().get(agent).cloned()?;
+        let here = i.counts().get(agent).copied().unwrap_or(0);
+        if here > entry.concurrency
+            || i.total.load(Ordering::Relaxed) > cfg.workers.concurrency as usize
+        {
+            return None;
+        }
+        let p = self.take_prefetched(agent, 1).pop();
+        i.note_finish();
+        if self.prefetched_len(agent) * 2 <= self.prefetch_target(cfg.workers.prefetch as usize) {
+            i.wake.notify_one();
+        }
+        let p = p?;
+        // Its own registration replaces the prefetch one (as in claim_once).
+        drop(p.registration);
+        let cancel = CancellationToken::new();
+        let registration = i.running.register(p.task.id, &p.task.agent, cancel.clone());
+        Some((p.task, entry, cancel, registration))
+    }
+
     fn prefetched_len(&self, agent: &str) -> usize {
         self.inner.prefetched().get(agent).map_or(0, |q| q.len())
     }
@@ -170,12 +209,11 @@ impl Orchestrator {
         }
         let finishes = self.inner.finishes();
         let now = Instant::now();
-        finishes
-            .iter()
-            .rev()
-            .take_while(|t| now.saturating_duration_since(**t) <= PREFETCH_HORIZON)
-            .count()
-            .min(max)
+        // Oldest first: a binary search, not a walk over every recent finish (this runs
+        // once per task started).
+        let old =
+            finishes.partition_point(|t| now.saturating_duration_since(*t) > PREFETCH_HORIZON);
+        (finishes.len() - old).min(max)
     }
 
     /// At shutdown: prefetched tasks never started go back to the queue at once, for any

@@ -1,5 +1,6 @@
-//! The completion writer: succeeded outcomes written in batches, one statement each,
-//! retried with backoff while the database is unreachable; drained at shutdown.
+//! The outcome writer: attempts' outcomes (successes, retries, failures, snoozes, and
+//! their events) written in batches, one statement each, retried with backoff while the
+//! database is unreachable; drained at shutdown.
 
 #[allow(unused_imports)]
 use super::*;
@@ -58,13 +59,11 @@ impl Orchestrator {
 
     pub(super) async fn write_completions(&self, batch: &mut Vec<Completion>) {
         let i = &self.inner;
-        let ids: Vec<i64> = batch.iter().map(|c| c.task.id).collect();
-        let results: Vec<Option<serde_json::Value>> =
-            batch.iter().map(|c| c.result.clone()).collect();
+        let rows: Vec<crate::store::OutcomeRow> = batch.iter().map(|c| c.row.clone()).collect();
         let mut written: Option<HashSet<i64>> = None;
         let mut attempt = 0u32;
         loop {
-            let r = i.store.complete_batch(&ids, &results, &i.instance_id).await;
+            let r = i.store.write_outcomes(&rows, &i.instance_id).await;
             i.record_write("completion writer", &r, HashSet::len);
             match r {
                 Ok(ids) => {
@@ -73,9 +72,9 @@ impl Orchestrator {
                 }
                 Err(e) => {
                     if e.is_transient() {
-                        tracing::warn!(tasks = ids.len(), attempt, error = %e, "writing task completions failed; retrying");
+                        tracing::warn!(tasks = rows.len(), attempt, error = %e, "writing task outcomes failed; retrying");
                     } else {
-                        tracing::error!(tasks = ids.len(), attempt, error = %e, "writing task completions failed; retrying");
+                        tracing::error!(tasks = rows.len(), attempt, error = %e, "writing task outcomes failed; retrying");
                     }
                     if !self.retry_pause(&mut attempt).await {
                         break;
@@ -86,12 +85,14 @@ impl Orchestrator {
         let written = written.unwrap_or_default();
         for c in batch.drain(..) {
             if written.contains(&c.task.id) {
-                self.finished(&c.task, TaskStatus::Succeeded, "succeeded", c.ran, None)
+                self.finished(&c.task, c.row.to, c.label, c.ran, c.row.error.as_deref())
                     .await;
             } else {
                 tracing::info!(
                     task_id = c.task.id,
-                    "task success not recorded: status or lease changed meanwhile"
+                    agent = %c.task.agent,
+                    outcome = c.label,
+                    "task outcome not recorded: status or lease changed meanwhile"
                 );
             }
         }

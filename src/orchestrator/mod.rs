@@ -160,17 +160,19 @@ struct Inner {
     schedules: Mutex<BTreeMap<String, scheduler::ScheduleState>>,
 }
 
-/// A succeeded attempt waiting for the batch writer.
+/// An attempt's outcome waiting for the batch writer.
 struct Completion {
     task: Task,
-    result: Option<serde_json::Value>,
+    /// What to write; `row.to` with `label` names the outcome in logs and metrics.
+    row: crate::store::OutcomeRow,
+    label: &'static str,
     ran: Duration,
     /// Kept until the outcome is written, so the heartbeat keeps the lease alive (and the
     /// leader does not re-queue it) while the database is unreachable.
     _registration: Registration,
 }
 
-/// Most completions written in one statement; also the queue's bound (a runner waits when
+/// Most outcomes written in one statement; also the queue's bound (a runner waits when
 /// it is full, which holds its concurrency slot: backpressure, not loss).
 pub const COMPLETION_BATCH: usize = 512;
 
@@ -188,14 +190,7 @@ struct RunCount {
 
 impl Drop for RunCount {
     fn drop(&mut self) {
-        let keep = self.inner.config.load().workers.prefetch as usize;
-        {
-            let mut f = self.inner.finishes();
-            f.push_back(Instant::now());
-            while f.len() > keep {
-                f.pop_front();
-            }
-        }
+        self.inner.note_finish();
         self.inner.total.fetch_sub(1, Ordering::Relaxed);
         if let Some(n) = self.inner.counts().get_mut(&self.agent) {
             *n = n.saturating_sub(1);
@@ -230,6 +225,16 @@ impl Inner {
     fn prefetched(&self) -> MutexGuard<'_, HashMap<String, VecDeque<claimer::Prefetched>>> {
         self.prefetched.lock().unwrap_or_else(|p| p.into_inner())
     }
+    /// A run ended: counted for the prefetch horizon ([`claimer::PREFETCH_HORIZON`]).
+    fn note_finish(&self) {
+        let keep = self.config.load().workers.prefetch as usize;
+        let mut f = self.finishes();
+        f.push_back(Instant::now());
+        while f.len() > keep {
+            f.pop_front();
+        }
+    }
+
     fn finishes(&self) -> MutexGuard<'_, VecDeque<Instant>> {
         self.finishes.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -51,6 +51,7 @@ impl Orchestrator {
         let sql = format!("LISTEN {NOTIFY_CHANNEL}");
         let mut round_trip = Some(client.batch_execute(&sql).boxed());
         let mut next_probe = tokio::time::Instant::now() + deadline;
+        let mut listening = false;
         loop {
             match round_trip.as_mut() {
                 Some(rt) => {
@@ -63,6 +64,11 @@ impl Orchestrator {
                             m = messages.next() => if !on_message(m)? { return Ok(()) },
                             _ = &mut expires => return Err(DbError::Deadline(deadline)),
                         }
+                    }
+                    if !listening {
+                        // Notifications sent while nothing listened are lost: look now.
+                        listening = true;
+                        i.wake.notify_one();
                     }
                     round_trip = None;
                     next_probe = tokio::time::Instant::now() + deadline;

@@ -21,6 +21,12 @@ pub(super) struct PausedCache {
 }
 
 impl Inner {
+    /// Whether `agent` was paused at the last read of the pause list (no round trip; the
+    /// claim statement refuses paused agents regardless).
+    pub(super) fn paused_as_last_read(&self, agent: &str) -> bool {
+        self.paused_cache().agents.contains(agent)
+    }
+
     fn paused_cache(&self) -> MutexGuard<'_, PausedCache> {
         self.paused.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -1,11 +1,12 @@
 //! One attempt of one task: run the agent under its cancel token and time limit, write
-//! the output it kept during an outage, then record the outcome (successes go to the
-//! batched completion writer; the rest through the state machine, retried while the
-//! database is unreachable, with the lease held).
+//! the output it kept during an outage, then hand the outcome (what the state machine
+//! writes for it, and its event) to the batched outcome writer, which keeps the lease
+//! until it is written; a slot whose run ended starts the next prefetched task.
 
 use super::outcome::{AttemptOf, Decision, decide, retry_backoff, write_retry_pause};
 #[allow(unused_imports)]
 use super::*;
+use crate::store::OutcomeRow;
 
 impl Orchestrator {
     /// Runs one attempt of `task` (already running under our lease) on its own task.
@@ -27,25 +28,46 @@ impl Orchestrator {
         let this = self.clone();
         i.tasks.spawn(async move {
             let _count = count;
-            // Whatever happens, the slot's waiters learn that this run ended.
-            let _done = slot.as_ref().map(|(_, done, _)| done.clone().drop_guard());
-            let mut outcome = this.attempt(&task, &entry, &cancel).await;
-            // A snoozed planner has no plan yet: it runs again later.
-            if entry.planner
-                && let Outcome::Succeeded(out) = &outcome
-                && out.snooze.is_none()
-                && let Err(e) = this.apply_plan(&task, &out.result).await
-            {
-                outcome = Outcome::Failed(e);
-            }
-            this.finish(&task, outcome, registration).await;
-            if let Some((slot_id, _, _permit)) = &slot {
-                let mut slots = this.inner.slots();
-                if slots.get(slot_id).is_some_and(|e| e.task_id == task.id) {
-                    slots.remove(slot_id);
+            let Some((slot_id, done, _permit)) = slot else {
+                this.run_attempt(&task, &entry, &cancel, registration).await;
+                // The slot this run held starts the next task claimed ahead at once:
+                // waiting for the claimer would stall every freed slot behind its claim
+                // round trip, about a third of the time with short tasks.
+                let mut agent = task.agent;
+                while let Some((task, entry, cancel, registration)) = this.next_prefetched(&agent) {
+                    this.run_attempt(&task, &entry, &cancel, registration).await;
+                    agent = task.agent;
                 }
+                return;
+            };
+            // Whatever happens, the run slot's waiters learn that this run ended.
+            let _done = done.drop_guard();
+            this.run_attempt(&task, &entry, &cancel, registration).await;
+            let mut slots = this.inner.slots();
+            if slots.get(&slot_id).is_some_and(|e| e.task_id == task.id) {
+                slots.remove(&slot_id);
             }
         });
+    }
+
+    /// One attempt and its outcome, written (or queued for the completion writer).
+    async fn run_attempt(
+        &self,
+        task: &Task,
+        entry: &AgentEntry,
+        cancel: &CancellationToken,
+        registration: Registration,
+    ) {
+        let mut outcome = self.attempt(task, entry, cancel).await;
+        // A snoozed planner has no plan yet: it runs again later.
+        if entry.planner
+            && let Outcome::Succeeded(out) = &outcome
+            && out.snooze.is_none()
+            && let Err(e) = self.apply_plan(task, &out.result).await
+        {
+            outcome = Outcome::Failed(e);
+        }
+        self.finish(task, outcome, registration).await;
     }
 
     pub(super) async fn attempt(
@@ -129,36 +151,28 @@ impl Orchestrator {
         }
     }
 
-    /// Records an attempt's outcome. `registration` lives until the write is done.
+    /// Records an attempt's outcome: queued for the batch writer with the event it
+    /// carries (`attempt_failed`, `snoozed`). `registration` lives until the write is
+    /// done, so the lease is kept meanwhile.
     pub(super) async fn finish(&self, task: &Task, outcome: Outcome, registration: Registration) {
         let i = &self.inner;
         let ran = task
             .started_at
             .map(|s| (chrono::Utc::now() - s).to_std().unwrap_or_default())
             .unwrap_or_default();
-        if let Outcome::Succeeded(AgentOutput {
-            snooze: Some(d), ..
-        }) = &outcome
-        {
-            let _ = i
-                .store
-                .add_event(
-                    task.id,
-                    "snoozed",
-                    &serde_json::json!({ "attempt": task.attempts, "seconds": d.min(&crate::agents::MAX_SNOOZE).as_secs_f64() }),
-                )
-                .await;
-        }
-        if let Outcome::Failed(e) = &outcome {
-            let _ = i
-                .store
-                .add_event(
-                    task.id,
-                    "attempt_failed",
-                    &serde_json::json!({ "attempt": task.attempts, "error": e.message }),
-                )
-                .await;
-        }
+        let event = match &outcome {
+            Outcome::Succeeded(AgentOutput {
+                snooze: Some(d), ..
+            }) => Some((
+                "snoozed",
+                serde_json::json!({ "attempt": task.attempts, "seconds": d.min(&crate::agents::MAX_SNOOZE).as_secs_f64() }),
+            )),
+            Outcome::Failed(e) => Some((
+                "attempt_failed",
+                serde_json::json!({ "attempt": task.attempts, "error": e.message }),
+            )),
+            _ => None,
+        };
         let attempt = AttemptOf {
             number: task.attempts,
             max: task.max_attempts,
@@ -168,79 +182,42 @@ impl Orchestrator {
         let decision = decide(outcome, &attempt, shutting_down, chrono::Utc::now(), |a| {
             self.backoff(a)
         });
-        match decision {
-            Decision::Complete(result) => {
-                let c = Completion {
-                    task: task.clone(),
-                    result,
-                    ran,
-                    _registration: registration,
-                };
-                if i.completions.send(c).await.is_err() {
-                    tracing::warn!(
-                        task_id = task.id,
-                        "completion writer gone (shutting down); the lease will re-queue the task"
-                    );
-                }
-            }
+        let (row, label) = match decision {
+            Decision::Complete(result) => (OutcomeRow::succeeded(task.id, result), "succeeded"),
             Decision::LeaveToShutdown => {
                 tracing::debug!(task_id = task.id, "task interrupted by shutdown");
+                return;
             }
-            Decision::Write { to, args, label } => {
-                let written = self.record_outcome(task, to, &args, label).await;
-                drop(registration);
-                if written {
-                    self.finished(task, to, label, ran, args.error.as_deref())
-                        .await;
-                }
-            }
+            Decision::Write { to, args, label } => (
+                OutcomeRow {
+                    id: task.id,
+                    to,
+                    result: None,
+                    error: args.error,
+                    run_after: args.run_after,
+                    give_back_attempt: args.give_back_attempt,
+                    event,
+                },
+                label,
+            ),
+        };
+        let c = Completion {
+            task: task.clone(),
+            row,
+            label,
+            ran,
+            _registration: registration,
+        };
+        if c.row.to == TaskStatus::Cancelled {
+            // Written here, at once: whoever cancelled (a run slot replacing its run, an
+            // API call) waits for the run to end, and it ends when its outcome is written.
+            self.write_completions(&mut vec![c]).await;
+            return;
         }
-    }
-
-    /// Writes a non-success outcome through the state machine, retrying while the
-    /// database is unreachable (the caller holds the lease meanwhile); gives up when someone
-    /// else decided first, the lease was lost, or the daemon stops. True when written.
-    async fn record_outcome(
-        &self,
-        task: &Task,
-        to: TaskStatus,
-        args: &TransitionArgs,
-        label: &str,
-    ) -> bool {
-        let i = &self.inner;
-        let mut written = false;
-        let mut attempt = 0u32;
-        loop {
-            match i.store.transition(task.id, to, args).await {
-                Ok(_) => {
-                    written = true;
-                    break;
-                }
-                Err(StoreError::IllegalTransition { from, .. }) => {
-                    // Someone else decided first (cancel, supervisor timeout, lease expiry).
-                    tracing::info!(task_id = task.id, outcome = label, now = %from, "task outcome not recorded: status already changed");
-                    break;
-                }
-                Err(StoreError::LeaseLost { holder, .. }) => {
-                    tracing::warn!(
-                        task_id = task.id,
-                        outcome = label,
-                        ?holder,
-                        "task outcome not recorded: lease lost"
-                    );
-                    break;
-                }
-                Err(e) => {
-                    // The database may be restarting: keep the outcome (and the lease,
-                    // through the registration) until it can be written, or until shutdown.
-                    tracing::error!(task_id = task.id, outcome = label, attempt, error = %e, "recording task outcome failed; retrying");
-                    if !self.retry_pause(&mut attempt).await {
-                        break;
-                    }
-                }
-            }
+        if let Err(tokio::sync::mpsc::error::SendError(c)) = i.completions.send(c).await {
+            // The writer has stopped (shutdown): write this one here, once.
+            self.write_completions(&mut vec![c]).await;
         }
-        written
     }
 
     /// Bookkeeping after an outcome was written: metrics, log, objective follow-ups.

@@ -27,7 +27,9 @@ mod state;
 mod task;
 mod view;
 
-pub use leases::{Claimed, END_LEASE, NOTIFY_CHANNEL, RUNNING_AMONG_SQL, TIME_OUT_OVERDUE_SQL};
+pub use leases::{
+    Claimed, END_LEASE, NOTIFY_CHANNEL, OutcomeRow, RUNNING_AMONG_SQL, TIME_OUT_OVERDUE_SQL,
+};
 pub use objectives::{NewObjective, NewStep, Objective, ObjectiveStatus, validate_objective};
 pub use queue::{MAX_EXTRA_ATTEMPTS, PausedAgent, RetryFilter};
 pub use retention::{Deleted, RetentionAges};
