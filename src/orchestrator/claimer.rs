@@ -185,7 +185,11 @@ impl Orchestrator {
             return None;
         }
         let p = self.take_prefetched(agent, 1).pop();
-        i.note_finish();
+        if p.is_some() {
+            // The run that ended keeps its slot; without a next task, the slot's RunCount
+            // counts the finish as it drops.
+            i.note_finish();
+        }
         if self.prefetched_len(agent) * 2 <= self.prefetch_target(cfg.workers.prefetch as usize) {
             i.wake.notify_one();
         }
