@@ -34,18 +34,30 @@ pub struct Bench {
     _dir: tempfile::TempDir,
 }
 
+/// The bench cluster: default durability (fsync and synchronous_commit on).
+async fn start_cluster(dir: &std::path::Path) -> Cluster {
+    let opts = ClusterOptions {
+        unsafe_fast: false,
+        max_connections: Some(200),
+        ..Default::default()
+    };
+    Cluster::start(dir, opts).await.expect("start PostgreSQL")
+}
+
+/// One statement as the cluster's superuser, on a connection of its own.
+async fn run_sql(cluster: &Cluster, sql: &str) {
+    let (c, conn) = cluster
+        .pg_config("taskwarden")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    c.batch_execute(sql).await.expect(sql);
+}
+
 pub async fn database() -> Bench {
     let dir = tempfile::tempdir().expect("temp dir");
-    let cluster = Cluster::start(
-        dir.path(),
-        ClusterOptions {
-            unsafe_fast: false,
-            max_connections: Some(200),
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("start PostgreSQL");
+    let cluster = start_cluster(dir.path()).await;
     let cluster = if statements_enabled() {
         with_statement_stats(cluster, dir.path()).await
     } else {
@@ -128,36 +140,18 @@ pub fn statements_enabled() -> bool {
 }
 
 async fn with_statement_stats(cluster: Cluster, dir: &std::path::Path) -> Cluster {
-    let (c, conn) = cluster
-        .pg_config("taskwarden")
-        .connect(tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(conn);
-    c.batch_execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
-        .await
-        .expect("preload pg_stat_statements");
-    drop(c);
-    cluster.stop().await;
-    let cluster = Cluster::start(
-        dir,
-        ClusterOptions {
-            unsafe_fast: false,
-            max_connections: Some(200),
-            ..Default::default()
-        },
+    run_sql(
+        &cluster,
+        "ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'",
     )
-    .await
-    .expect("restart PostgreSQL");
-    let (c, conn) = cluster
-        .pg_config("taskwarden")
-        .connect(tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(conn);
-    c.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-        .await
-        .expect("create extension");
+    .await;
+    cluster.stop().await;
+    let cluster = start_cluster(dir).await;
+    run_sql(
+        &cluster,
+        "CREATE EXTENSION IF NOT EXISTS pg_stat_statements",
+    )
+    .await;
     cluster
 }
 
