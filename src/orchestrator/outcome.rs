@@ -30,7 +30,7 @@ pub(super) struct AttemptOf<'a> {
 /// What an attempt's outcome asks to be written.
 #[derive(Debug)]
 pub(super) enum Decision {
-    /// Succeeded: the result goes to the batched completion writer.
+    /// Succeeded: the result goes to the batched outcome writer.
     Complete(Option<serde_json::Value>),
     /// Cancelled by shutdown: nothing is written; shutdown re-queues the task.
     LeaveToShutdown,

@@ -50,7 +50,7 @@ impl Orchestrator {
         });
     }
 
-    /// One attempt and its outcome, written (or queued for the completion writer).
+    /// One attempt and its outcome, queued for the outcome writer (a cancel: written at once).
     async fn run_attempt(
         &self,
         task: &Task,

@@ -1,5 +1,5 @@
 //! The SQL of claiming, leasing and finishing tasks: what the orchestrator's claimer,
-//! lease keeper, leader, completion writer and session slots do to `tasks` and
+//! lease keeper, leader, outcome writer and session slots do to `tasks` and
 //! `instances`. Every status write names the state machine's allowed set for its target
 //! (the outcome batch, whose rows all leave `running`, checks each target against it
 //! before it asks the database). Of the statements that write several rows this
@@ -229,7 +229,7 @@ impl Store {
     }
 
     /// Extends `owner`'s leases on `ids`; returns the ids still running under its lease as
-    /// of the last commit. A row another transaction is writing (the completion writer
+    /// of the last commit. A row another transaction is writing (the outcome writer
     /// finishing it, an API cancel) is skipped, not waited for: the lease keeper never
     /// waits for a row lock, so it cannot deadlock with a completion batch however either
     /// orders its rows, and a row that is being finished needs no longer lease. Such a
