@@ -25,6 +25,17 @@ fn config(t: &TestDb, log: &Path) -> String {
     )
 }
 
+/// A daemon on `cfg`, once it says it is ready.
+fn start_ready(dir: &Path, cfg: &str, env: &[(&str, &str)]) -> Daemon {
+    let mut d = Daemon::start(dir, cfg, env);
+    assert!(
+        d.wait_for("taskwarden ready", LIMIT).is_some(),
+        "{}",
+        d.output()
+    );
+    d
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefetched_tasks_are_handed_back_at_shutdown_and_run_once() {
     let t = TestDb::new().await;
@@ -33,12 +44,7 @@ async fn prefetched_tasks_are_handed_back_at_shutdown_and_run_once() {
     let cfg = config(&t, &log);
     let url = t.url();
     let env = [("TASKWARDEN_DATABASE_URL", url.as_str())];
-    let mut d = Daemon::start(dir.path(), &cfg, &env);
-    assert!(
-        d.wait_for("taskwarden ready", LIMIT).is_some(),
-        "{}",
-        d.output()
-    );
+    let mut d = start_ready(dir.path(), &cfg, &env);
     let c = t.admin().await;
     c.batch_execute(&format!(
         "INSERT INTO tasks (agent, payload) SELECT 'rec', jsonb_build_object('n', i) \
@@ -89,12 +95,7 @@ async fn prefetched_tasks_are_handed_back_at_shutdown_and_run_once() {
     drop(d);
 
     // A new instance finishes the rest; every task ran exactly once.
-    let mut d = Daemon::start(dir.path(), &cfg, &env);
-    assert!(
-        d.wait_for("taskwarden ready", LIMIT).is_some(),
-        "{}",
-        d.output()
-    );
+    let mut d = start_ready(dir.path(), &cfg, &env);
     let done = eventually(Duration::from_secs(240), || async {
         count(&c, "SELECT count(*) FROM tasks WHERE status = 'succeeded'").await == TASKS
     })
@@ -128,12 +129,7 @@ async fn a_backlog_queued_before_the_start_runs_without_waiting_a_poll_interval(
     .unwrap();
     let url = t.url();
     let env = [("TASKWARDEN_DATABASE_URL", url.as_str())];
-    let mut d = Daemon::start(dir.path(), &cfg, &env);
-    assert!(
-        d.wait_for("taskwarden ready", LIMIT).is_some(),
-        "{}",
-        d.output()
-    );
+    let mut d = start_ready(dir.path(), &cfg, &env);
     // Half the poll interval: generous for 20 shell commands, short of the first poll.
     let done = eventually(Duration::from_secs(30), || async {
         count(&c, "SELECT count(*) FROM tasks WHERE status = 'succeeded'").await == 20
