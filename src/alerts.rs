@@ -25,6 +25,8 @@ use crate::metrics::{self, Metrics};
 /// Alert names (the `alert` label).
 pub const POOL_UTILIZATION_HIGH: &str = "pool_utilization_high";
 pub const MEMORY_HIGH: &str = "memory_high";
+/// Finished runs whose outcomes wait past `supervisor.outcome_stall_after` to be written.
+pub const OUTCOMES_STALLED: &str = "outcomes_stalled";
 pub const SESSION_FORCE_CLOSED: &str = "session_force_closed";
 pub const TASK_TIMED_OUT: &str = "task_timed_out";
 pub const ORPHAN_BACKEND_TERMINATED: &str = "orphan_backend_terminated";

@@ -80,6 +80,8 @@ metrics_table! {
     TASK_QUEUE_WAIT_SECONDS = "task_queue_wait_seconds", Histogram, Seconds, [], "Time from runnable to started.";
     TASKS_TIMED_OUT_TOTAL = "tasks_timed_out_total", Counter, Count, [], "Tasks that ended timed_out: past their agent's timeout or supervisor.max_task_duration.";
     TASK_RUNNING_OLDEST_SECONDS = "task_running_oldest_seconds", Gauge, Seconds, [], "Run time so far of the oldest running task (0 when none).";
+    OUTCOMES_REFUSED_TOTAL = "outcomes_refused_total", Counter, Count, ["result"], "Outcomes the database refused for what their row held (a batch is split until the row is found): failed (the task was failed instead, naming the refusal) or lost (even that was refused; the task is left to lease expiry).";
+    OUTCOME_WRITE_LAG_SECONDS = "outcome_write_lag_seconds", Gauge, Seconds, [], "How long the oldest finished run here has waited for its outcome to be written (0 when none waits); past supervisor.outcome_stall_after the instance is not ready and outcomes_stalled fires.";
     LLM_TOKENS_TOTAL = "llm_tokens_total", Counter, Count, ["agent", "kind"], "LLM tokens reported by agents, kind = prompt or completion.";
     LLM_COST_USD_TOTAL = "llm_cost_usd_total", FloatCounter, Count, ["agent"], "LLM cost reported by agents to this instance since it started, in US dollars.";
     ALERTS_FIRING = "alerts_firing", Gauge, Count, ["alert"], "1 while the alert is firing, else 0.";
@@ -216,10 +218,16 @@ impl Metrics {
         ] {
             m.counter(name, &[]).absolute(0);
         }
+        for result in ["failed", "lost"] {
+            m.counter(OUTCOMES_REFUSED_TOTAL, &[("result", result)])
+                .absolute(0);
+        }
+        m.gauge(OUTCOME_WRITE_LAG_SECONDS, &[]).set(0.0);
         // The state alerts, at 0 until they fire, so dashboards and rules see them.
         for alert in [
             crate::alerts::POOL_UTILIZATION_HIGH,
             crate::alerts::MEMORY_HIGH,
+            crate::alerts::OUTCOMES_STALLED,
         ] {
             m.gauge(ALERTS_FIRING, &[("alert", alert)]).set(0.0);
             m.counter(ALERTS_TOTAL, &[("alert", alert)]).absolute(0);

@@ -104,10 +104,12 @@ pub fn watchdog_interval() -> Option<Duration> {
     (usec > 0).then(|| Duration::from_micros(usec))
 }
 
-/// Pets the watchdog every half period while the supervisor completes ticks within
-/// [`crate::supervisor::stall_bound`] — the same bound `/readyz` uses. A database that is
-/// merely unreachable makes `/readyz` 503 but does not stop the keep-alive: a restart
-/// cannot mend a remote database and would kill the work running here; a wedged loop can.
+/// Pets the watchdog every half period unless a restart would mend what is wrong
+/// ([`crate::supervisor::restart_would_mend`]): the supervisor has not ticked within
+/// [`crate::supervisor::stall_bound`] — the bound `/readyz` uses — or outcomes are stalled
+/// while the database answers. A database that is merely unreachable makes `/readyz` 503
+/// but does not stop the keep-alive: a restart cannot mend a remote database and would
+/// kill the work running here; a wedged loop can.
 /// Stops at shutdown.
 pub async fn watchdog(
     notifier: Notifier,
@@ -122,18 +124,14 @@ pub async fn watchdog(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(period / 2) => {}
         }
-        let allowed = crate::supervisor::stall_bound(&config.load());
-        match heartbeat.since_last_tick() {
-            Some(d) if d <= allowed => {
+        match crate::supervisor::restart_would_mend(&heartbeat, &config.load()) {
+            None => {
                 notifier.send("WATCHDOG=1");
                 stalled_logged = false;
             }
-            other => {
+            Some(why) => {
                 if !stalled_logged {
-                    tracing::error!(
-                        since_last_tick_s = other.map(|d| d.as_secs_f64()),
-                        "supervisor stalled; withholding the systemd watchdog keep-alive"
-                    );
+                    tracing::error!(reason = %why, "withholding the systemd watchdog keep-alive");
                     stalled_logged = true;
                 }
             }

@@ -19,7 +19,7 @@ use futures_util::StreamExt;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::codec::{FramedRead, LinesCodec};
+use tokio_util::codec::{AnyDelimiterCodec, FramedRead};
 
 use super::{Agent, AgentError, AgentOutput, BoxFuture, TaskContext};
 
@@ -251,9 +251,13 @@ async fn read_stdout(
     let mut result = None;
     let mut snooze = None;
     if let Some(out) = stdout {
-        let mut lines = FramedRead::new(out, LinesCodec::new_with_max_length(MAX_LINE_BYTES));
+        let codec =
+            AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), MAX_LINE_BYTES);
+        let mut lines = FramedRead::new(out, codec);
         while let Some(line) = lines.next().await {
             let line = line.map_err(|e| AgentError::fatal(format!("reading stdout: {e}")))?;
+            // A program may print any bytes: invalid UTF-8 becomes U+FFFD, never an error.
+            let line = String::from_utf8_lossy(&line);
             let line = line.trim();
             if !line.starts_with('{') {
                 continue;

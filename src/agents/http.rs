@@ -66,8 +66,7 @@ async fn run(req: reqwest::RequestBuilder, ctx: TaskContext) -> Result<AgentOutp
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     if !status.is_success() {
-        let body = resp.text().await.unwrap_or_default();
-        let head: String = body.chars().take(2048).collect();
+        let head = read_head(resp, 2048).await;
         let retryable = status.is_server_error() || status.as_u16() == 429;
         return Err(AgentError {
             message: format!("http agent replied {status}: {head}"),
@@ -81,7 +80,8 @@ async fn run(req: reqwest::RequestBuilder, ctx: TaskContext) -> Result<AgentOutp
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(AgentOutput::default());
     }
-    let mut v: serde_json::Value = serde_json::from_slice(&bytes)
+    // Invalid UTF-8 in a reply's strings becomes U+FFFD rather than failing the task.
+    let mut v: serde_json::Value = serde_json::from_str(&String::from_utf8_lossy(&bytes))
         .map_err(|e| AgentError::fatal(format!("http agent reply is not JSON: {e}")))?;
     if let Some(obj) = v.as_object_mut()
         && let Some(u) = obj.remove("usage")
@@ -91,6 +91,21 @@ async fn run(req: reqwest::RequestBuilder, ctx: TaskContext) -> Result<AgentOutp
         ctx.usage(usage).await?;
     }
     Ok(AgentOutput::result(v))
+}
+
+/// The first `max` bytes of an error reply (lossily decoded), without reading the rest:
+/// an error body may be as large as the agent likes.
+async fn read_head(resp: reqwest::Response, max: usize) -> String {
+    let mut out = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while out.len() < max {
+        match stream.next().await {
+            Some(Ok(chunk)) => out.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    out.truncate(max);
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 async fn read_limited(resp: reqwest::Response) -> Result<Vec<u8>, AgentError> {

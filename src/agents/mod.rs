@@ -10,6 +10,7 @@
 pub mod command;
 pub mod http;
 pub mod shim;
+pub mod storable;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -175,7 +176,7 @@ impl PendingOutput {
         let sum = self.usage.get_or_insert_with(Usage::default);
         sum.prompt_tokens = sum.prompt_tokens.saturating_add(u.prompt_tokens);
         sum.completion_tokens = sum.completion_tokens.saturating_add(u.completion_tokens);
-        sum.cost_usd += u.cost_usd;
+        sum.cost_usd = (sum.cost_usd + u.cost_usd).min(storable::MAX_COST_USD);
     }
 }
 
@@ -218,6 +219,8 @@ pub struct OutputWriter {
     hub: EventHub,
     truncated: Arc<AtomicBool>,
     pending: Pending,
+    /// What [`storable`] lets through.
+    limits: storable::Limits,
 }
 
 impl TaskContext {
@@ -243,9 +246,16 @@ impl TaskContext {
                 hub,
                 truncated: Arc::new(AtomicBool::new(false)),
                 pending: Arc::default(),
+                limits: storable::Limits::default(),
             },
             process_tree: None,
         }
+    }
+
+    /// The bounds its output is held to (`[workers]` max_result_bytes, max_event_bytes).
+    pub fn with_limits(mut self, limits: storable::Limits) -> TaskContext {
+        self.out.limits = limits;
+        self
     }
 
     /// Where the agent reports the root of a process tree it starts.
@@ -281,6 +291,10 @@ impl OutputWriter {
     }
 
     async fn event(&self, kind: &str, data: Value) -> Result<(), AgentError> {
+        // Every event of every agent kind passes here: made storable before it is written
+        // or kept, so no byte of it can be refused by the database.
+        let (kind, data) = storable::event(kind, data, &self.limits);
+        let kind = kind.as_str();
         // Order is kept: nothing new is written while older events wait.
         // Read under the lock, then release it: flush takes it again.
         let waiting = !lock(&self.pending).is_empty();
@@ -379,6 +393,10 @@ impl TaskContext {
     /// Adds reported LLM usage to the task and the metrics. With the database unreachable
     /// it is kept and written before the outcome.
     pub async fn usage(&self, u: Usage) -> Result<(), AgentError> {
+        let (u, clamped) = storable::usage(u);
+        if clamped {
+            tracing::warn!(task_id = self.task_id, agent = %self.agent, "usage report beyond what the task's columns hold; clamped");
+        }
         self.out.usage(u).await?;
         let a = self.agent.as_str();
         self.metrics

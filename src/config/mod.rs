@@ -11,6 +11,10 @@ mod schedule;
 
 /// Bound of `workers.prefetch`.
 pub const MAX_PREFETCH: u32 = 10_000;
+/// Bound of `workers.max_result_bytes` (64 MiB: far below PostgreSQL's 1 GB per value).
+pub const MAX_RESULT_BYTES: u64 = 64 << 20;
+/// Bound of `workers.max_event_bytes`.
+pub const MAX_EVENT_BYTES: u64 = 16 << 20;
 pub mod reload;
 mod sections;
 mod validate;

@@ -134,6 +134,10 @@ pub struct SupervisorConfig {
     /// An agent's own database session (application_name `taskwarden/task/<id>`) idle in
     /// a transaction longer than this is terminated; the task goes on.
     pub agent_idle_in_transaction_max: Dur,
+    /// A finished run whose outcome has waited longer than this to be written makes the
+    /// instance unready (`/readyz` 503), fires `outcomes_stalled`, and — while the database
+    /// itself answers — withholds the systemd watchdog's keep-alive.
+    pub outcome_stall_after: Dur,
 }
 
 impl Default for SupervisorConfig {
@@ -149,6 +153,7 @@ impl Default for SupervisorConfig {
             log_resource_usage: false,
             resource_log_interval: Dur::secs(300),
             agent_idle_in_transaction_max: Dur::secs(60),
+            outcome_stall_after: Dur::secs(60),
         }
     }
 }
@@ -180,6 +185,11 @@ pub struct WorkersConfig {
     /// How long the outcome writer gathers outcomes before writing them in one
     /// statement (0: write whatever is queued at once).
     pub completion_window: Dur,
+    /// Largest result (serialized JSON) an attempt may return; a larger one fails the
+    /// attempt, naming this key (see `agents::storable`).
+    pub max_result_bytes: u64,
+    /// Largest event data stored; a larger event is stored as a marker saying so.
+    pub max_event_bytes: u64,
 }
 
 impl Default for WorkersConfig {
@@ -194,6 +204,8 @@ impl Default for WorkersConfig {
             shutdown_grace: Dur::secs(10),
             prefetch: 400,
             completion_window: Dur::millis(5),
+            max_result_bytes: 1024 * 1024,
+            max_event_bytes: 64 * 1024,
         }
     }
 }

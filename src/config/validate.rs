@@ -74,6 +74,7 @@ impl Config {
             ("supervisor.session_max_age", s.session_max_age),
             ("supervisor.max_task_duration", s.max_task_duration),
             ("supervisor.resource_log_interval", s.resource_log_interval),
+            ("supervisor.outcome_stall_after", s.outcome_stall_after),
         ] {
             if d.get().is_zero() {
                 bad(key, "must be greater than zero".into());
@@ -137,6 +138,22 @@ impl Config {
         }
         if w.completion_window.get() > Duration::from_secs(1) {
             bad("workers.completion_window", "must be at most 1s".into());
+        }
+        for (key, v, max) in [
+            (
+                "workers.max_result_bytes",
+                w.max_result_bytes,
+                MAX_RESULT_BYTES,
+            ),
+            (
+                "workers.max_event_bytes",
+                w.max_event_bytes,
+                MAX_EVENT_BYTES,
+            ),
+        ] {
+            if v == 0 || v > max {
+                bad(key, format!("must be in 1..={max}"));
+            }
         }
     }
 

@@ -75,12 +75,17 @@ impl DbError {
                 Some(code) => {
                     let c = code.code();
                     // 08: connection exception, 57P: operator intervention (shutdown,
-                    // terminated), 53: insufficient resources, 40001/40P01: retryable.
+                    // terminated), 53: insufficient resources, 40001/40P01: retryable, 57014/55P03:
+                    // statement or lock time-out.
                     c.starts_with("08")
                         || c.starts_with("57P")
                         || c.starts_with("53")
                         || c == "40001"
                         || c == "40P01"
+                        // A statement or lock time-out: something held a lock or the
+                        // server was slow; the same statement may well pass later.
+                        || c == "57014"
+                        || c == "55P03"
                 }
             },
         }

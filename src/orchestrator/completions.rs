@@ -57,32 +57,38 @@ impl Orchestrator {
         }
     }
 
+    /// Writes a batch of outcomes and does the bookkeeping of those written. A batch the
+    /// database refuses for what a row holds is split until the row is found, so the
+    /// others are written at once; that row's task is failed instead, with an error naming
+    /// the refusal. Transient failures are retried with backoff (the outcomes and their
+    /// leases are kept meanwhile) until shutdown.
     pub(super) async fn write_completions(&self, batch: &mut Vec<Completion>) {
-        let i = &self.inner;
-        let rows: Vec<crate::store::OutcomeRow> = batch.iter().map(|c| c.row.clone()).collect();
-        let mut written: Option<HashSet<i64>> = None;
-        let mut attempt = 0u32;
-        loop {
-            let r = i.store.write_outcomes(&rows, &i.instance_id).await;
-            i.record_write("completion writer", &r, HashSet::len);
-            match r {
-                Ok(ids) => {
-                    written = Some(ids);
-                    break;
-                }
-                Err(e) => {
-                    if e.is_transient() {
-                        tracing::warn!(tasks = rows.len(), attempt, error = %e, "writing task outcomes failed; retrying");
-                    } else {
-                        tracing::error!(tasks = rows.len(), attempt, error = %e, "writing task outcomes failed; retrying");
-                    }
-                    if !self.retry_pause(&mut attempt).await {
-                        break;
-                    }
-                }
+        let all: Vec<usize> = (0..batch.len()).collect();
+        let (mut written, refused) = self.write_isolating(batch, all).await;
+        if !refused.is_empty() {
+            let mut again = Vec::with_capacity(refused.len());
+            for (idx, e) in refused {
+                let c = &mut batch[idx];
+                tracing::error!(task_id = c.task.id, agent = %c.task.agent, outcome = c.label, field = suspect_field(&c.row), error = %e, "task outcome refused by the database; failing the task instead");
+                c.row = refused_row(&c.row, c.label, &e);
+                c.label = "failed";
+                again.push(idx);
+            }
+            let (ids, lost) = self.write_isolating(batch, again).await;
+            let failed = ids.len();
+            written.extend(ids);
+            let metric = |result| {
+                self.inner
+                    .metrics
+                    .counter(m::OUTCOMES_REFUSED_TOTAL, &[("result", result)])
+            };
+            metric("failed").increment(failed as u64);
+            metric("lost").increment(lost.len() as u64);
+            for (idx, e) in lost {
+                let c = &batch[idx];
+                tracing::error!(task_id = c.task.id, agent = %c.task.agent, error = %e, "task outcome refused even as a failure; left to lease expiry");
             }
         }
-        let written = written.unwrap_or_default();
         for c in batch.drain(..) {
             if written.contains(&c.task.id) {
                 self.finished(&c.task, c.row.to, c.label, c.ran, c.row.error.as_deref())
@@ -96,5 +102,128 @@ impl Orchestrator {
                 );
             }
         }
+    }
+
+    /// Writes the outcomes `batch[idxs]`, one statement per group, splitting a group in
+    /// halves when the database refuses it for a row's content (at most about
+    /// 2·log2(n) extra statements per refused row). Returns the ids written and each row
+    /// refused on its own. Transient failures pause and retry the same group; shutdown
+    /// gives up on what is left (leases then expire and others re-run it).
+    async fn write_isolating(
+        &self,
+        batch: &[Completion],
+        idxs: Vec<usize>,
+    ) -> (HashSet<i64>, Vec<(usize, StoreError)>) {
+        let i = &self.inner;
+        let mut written = HashSet::new();
+        let mut refused = Vec::new();
+        let mut todo = vec![idxs];
+        let mut attempt = 0u32;
+        while let Some(group) = todo.pop() {
+            if group.is_empty() {
+                continue;
+            }
+            let rows: Vec<crate::store::OutcomeRow> =
+                group.iter().map(|&k| batch[k].row.clone()).collect();
+            let r = i.store.write_outcomes(&rows, &i.instance_id).await;
+            i.record_write("completion writer", &r, HashSet::len);
+            match r {
+                Ok(ids) => {
+                    written.extend(ids);
+                    attempt = 0;
+                }
+                Err(e) if e.is_row_refusal() => {
+                    if group.len() == 1 {
+                        refused.push((group[0], e));
+                    } else {
+                        tracing::warn!(tasks = group.len(), error = %e, "outcome batch refused by the database; splitting it to find the row");
+                        let mut first = group;
+                        let second = first.split_off(first.len() / 2);
+                        todo.push(second);
+                        todo.push(first);
+                    }
+                }
+                Err(e) => {
+                    if e.is_transient() {
+                        tracing::warn!(tasks = group.len(), attempt, error = %e, "writing task outcomes failed; retrying");
+                    } else {
+                        tracing::error!(tasks = group.len(), attempt, error = %e, "writing task outcomes failed; retrying");
+                    }
+                    todo.push(group);
+                    if !self.retry_pause(&mut attempt).await {
+                        break;
+                    }
+                }
+            }
+        }
+        (written, refused)
+    }
+}
+
+/// The field of an outcome row the database most likely refused, for the log and the
+/// task's error: the one holding a NUL, else the largest.
+fn suspect_field(row: &crate::store::OutcomeRow) -> &'static str {
+    let nul_json = |v: &serde_json::Value| v.to_string().contains("\\u0000");
+    if row.error.as_deref().is_some_and(|e| e.contains('\0')) {
+        "error"
+    } else if row.result.as_ref().is_some_and(nul_json) {
+        "result"
+    } else if row.event.as_ref().is_some_and(|(_, d)| nul_json(d)) {
+        "event"
+    } else if row.result.is_some() {
+        "result"
+    } else {
+        "row"
+    }
+}
+
+/// What is written instead of an outcome the database refused: the task failed, with an
+/// error (and an `outcome_refused` event) that says what was refused and why, nothing of
+/// the refused content kept.
+fn refused_row(
+    row: &crate::store::OutcomeRow,
+    label: &str,
+    e: &StoreError,
+) -> crate::store::OutcomeRow {
+    let field = suspect_field(row);
+    let why = crate::agents::storable::error(&e.to_string());
+    let error = format!("outcome ({label}) refused by the database; {field}: {why}");
+    crate::store::OutcomeRow {
+        id: row.id,
+        to: TaskStatus::Failed,
+        result: None,
+        error: Some(error),
+        run_after: None,
+        give_back_attempt: false,
+        event: Some((
+            "outcome_refused",
+            serde_json::json!({ "outcome": label, "field": field, "error": why }),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_outcome_becomes_a_storable_failure_naming_the_field() {
+        let mut row = crate::store::OutcomeRow::succeeded(7, Some(serde_json::json!("a\u{0}")));
+        assert_eq!(suspect_field(&row), "result");
+        row.error = Some("x\0".into());
+        assert_eq!(suspect_field(&row), "error");
+        let e = StoreError::Invalid {
+            field: "result".into(),
+            message: "bad\0".into(),
+        };
+        let f = refused_row(&row, "succeeded", &e);
+        assert_eq!((f.id, f.to, f.result), (7, TaskStatus::Failed, None));
+        let err = f.error.unwrap_or_default();
+        assert!(
+            err.starts_with("outcome (succeeded) refused by the database; error: "),
+            "{err}"
+        );
+        assert!(!err.contains('\0'));
+        assert_eq!(f.event.map(|(k, _)| k), Some("outcome_refused"));
     }
 }

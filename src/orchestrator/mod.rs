@@ -280,8 +280,9 @@ fn unreachable(e: &StoreError) -> bool {
             d.is_transient()
                 && !matches!(
                     d.sqlstate().map(|c| c.code()),
-                    // Serialization failure, deadlock: the database works.
-                    Some("40001" | "40P01")
+                    // Serialization failure, deadlock, a statement or lock time-out: the
+                    // database works (a lock is watched as outcome lag instead).
+                    Some("40001" | "40P01" | "57014" | "55P03")
                 )
         }
         _ => false,

@@ -5,6 +5,7 @@
 
 #[allow(unused_imports)]
 use super::*;
+use crate::agents::storable;
 
 /// Exponential backoff between attempts of a task: base·2^(attempt-1) (attempt clamped to
 /// 1..=20), capped at `max`, then scaled by `jitter` so retries of many tasks that failed
@@ -18,6 +19,39 @@ pub(super) fn retry_backoff(base: Duration, max: Duration, attempt: i32, jitter:
 /// to 5 s. No jitter: a restarting database is retried by few writers at a time.
 pub(super) fn write_retry_pause(attempt: u32) -> Duration {
     Duration::from_millis(200u64 << attempt.min(5)).min(Duration::from_secs(5))
+}
+
+/// An attempt's outcome as the database can store it ([`crate::agents::storable`]): the
+/// result cleaned (or, when it is too deep or too large, the attempt failed saying so),
+/// the error and a kill's reason cleaned and bounded. The runner applies it to every
+/// outcome of every agent kind before anything is written.
+pub(super) fn make_storable(outcome: Outcome, limits: &storable::Limits) -> Outcome {
+    match outcome {
+        Outcome::Succeeded(AgentOutput {
+            result: Some(r),
+            snooze,
+        }) => match storable::result(r, limits) {
+            Ok(r) => Outcome::Succeeded(AgentOutput {
+                result: Some(r),
+                snooze,
+            }),
+            // A snooze ignores its result anyway.
+            Err(_) if snooze.is_some() => Outcome::Succeeded(AgentOutput {
+                result: None,
+                snooze,
+            }),
+            Err(e) => Outcome::Failed(AgentError::fatal(format!("result refused: it {e}"))),
+        },
+        Outcome::Failed(e) => Outcome::Failed(AgentError {
+            message: storable::error(&e.message),
+            retryable: e.retryable,
+        }),
+        Outcome::Killed(mut k) => {
+            k.reason = storable::error(&k.reason);
+            Outcome::Killed(k)
+        }
+        other => other,
+    }
 }
 
 /// Which attempt of a task ended, and whose lease it runs under.
@@ -280,6 +314,67 @@ mod tests {
 
         let d = decide(Outcome::Cancelled, &attempt(1, 3), true, now(), no_backoff);
         assert!(matches!(d, Decision::LeaveToShutdown), "{d:?}");
+    }
+
+    #[test]
+    fn every_outcome_is_made_storable() {
+        let l = storable::Limits {
+            result_bytes: 32,
+            event_bytes: 32,
+        };
+        let ok = make_storable(
+            Outcome::Succeeded(AgentOutput::result(serde_json::json!({"a\u{0}": "b\u{0}"}))),
+            &l,
+        );
+        match ok {
+            Outcome::Succeeded(o) => {
+                assert_eq!(
+                    o.result,
+                    Some(serde_json::json!({"a\u{FFFD}": "b\u{FFFD}"}))
+                )
+            }
+            _ => panic!("a cleaned result still succeeds"),
+        }
+        let big = make_storable(
+            Outcome::Succeeded(AgentOutput::result(serde_json::json!("x".repeat(100)))),
+            &l,
+        );
+        match big {
+            Outcome::Failed(e) => {
+                assert!(!e.retryable);
+                assert!(e.message.contains("workers.max_result_bytes = 32"), "{e}");
+            }
+            _ => panic!("a result over the bound fails the attempt"),
+        }
+        let snoozed = make_storable(
+            Outcome::Succeeded(AgentOutput {
+                result: Some(serde_json::json!("x".repeat(100))),
+                snooze: Some(Duration::from_secs(1)),
+            }),
+            &l,
+        );
+        assert!(matches!(
+            snoozed,
+            Outcome::Succeeded(AgentOutput {
+                result: None,
+                snooze: Some(_)
+            })
+        ));
+        let failed = make_storable(
+            Outcome::Failed(AgentError::retryable(format!(
+                "bad\u{0}byte{}",
+                "y".repeat(20_000)
+            ))),
+            &l,
+        );
+        match failed {
+            Outcome::Failed(e) => {
+                assert!(e.retryable);
+                assert!(e.message.starts_with("bad\u{FFFD}byte"));
+                assert!(e.message.len() <= storable::MAX_ERROR_BYTES + 40);
+            }
+            _ => panic!("a failure stays a failure"),
+        }
     }
 
     #[test]

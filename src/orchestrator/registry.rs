@@ -29,6 +29,9 @@ struct Entry {
     tree_root: Option<u32>,
     usage: AgentUsage,
     kill: Option<Kill>,
+    /// When the run ended, while its outcome waits to be written (the entry goes when the
+    /// outcome is written and its registration dropped).
+    ended: Option<Instant>,
 }
 
 /// What the supervisor last saw of a running task's agent: its process tree (every
@@ -89,6 +92,16 @@ impl Registration {
     pub fn token(&self) -> &CancellationToken {
         &self.cancel
     }
+
+    /// Marks the run ended: from now until this registration drops, its outcome is
+    /// waiting to be written, and [`RunningTasks::oldest_unwritten`] counts it.
+    pub fn run_ended(&self) {
+        if let Some(e) = self.registry.lock().get_mut(&self.task_id)
+            && e.generation == self.generation
+        {
+            e.ended.get_or_insert_with(Instant::now);
+        }
+    }
 }
 
 impl Drop for Registration {
@@ -132,6 +145,7 @@ impl RunningTasks {
                 tree_root: None,
                 usage: AgentUsage::default(),
                 kill: None,
+                ended: None,
             },
         );
         if let Some(old) = old {
@@ -199,6 +213,15 @@ impl RunningTasks {
         self.lock().get(&task_id).and_then(|e| e.kill.clone())
     }
 
+    /// The run here that ended longest ago and whose outcome is still not written: its
+    /// task and how long it has waited. The supervisor watches it (outcome lag).
+    pub fn oldest_unwritten(&self) -> Option<(i64, Duration)> {
+        self.lock()
+            .iter()
+            .filter_map(|(id, e)| e.ended.map(|t| (*id, t.elapsed())))
+            .max_by_key(|(_, d)| *d)
+    }
+
     /// Cancels everything (shutdown).
     pub fn cancel_all(&self) -> usize {
         let tokens: Vec<CancellationToken> =
@@ -256,5 +279,21 @@ mod tests {
         drop(new);
         assert!(r.is_empty());
         assert!(!r.cancel(7));
+    }
+
+    #[test]
+    fn an_ended_run_counts_as_unwritten_until_its_registration_drops() {
+        let r = RunningTasks::new();
+        let a = r.register(1, "echo", CancellationToken::new());
+        let b = r.register(2, "echo", CancellationToken::new());
+        assert_eq!(r.oldest_unwritten(), None, "running is not waiting");
+        b.run_ended();
+        std::thread::sleep(Duration::from_millis(5));
+        a.run_ended();
+        assert_eq!(r.oldest_unwritten().map(|(id, _)| id), Some(2));
+        drop(b);
+        assert_eq!(r.oldest_unwritten().map(|(id, _)| id), Some(1));
+        drop(a);
+        assert_eq!(r.oldest_unwritten(), None);
     }
 }

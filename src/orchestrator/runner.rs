@@ -3,7 +3,9 @@
 //! writes for it, and its event) to the batched outcome writer, which keeps the lease
 //! until it is written; a slot whose run ended starts the next prefetched task.
 
-use super::outcome::{AttemptOf, Decision, decide, retry_backoff, write_retry_pause};
+use super::outcome::{
+    AttemptOf, Decision, decide, make_storable, retry_backoff, write_retry_pause,
+};
 #[allow(unused_imports)]
 use super::*;
 use crate::store::OutcomeRow;
@@ -58,7 +60,7 @@ impl Orchestrator {
         cancel: &CancellationToken,
         registration: Registration,
     ) {
-        let mut outcome = self.attempt(task, entry, cancel).await;
+        let mut outcome = self.attempt(task, entry, cancel, &registration).await;
         // A snoozed planner has no plan yet: it runs again later.
         if entry.planner
             && let Outcome::Succeeded(out) = &outcome
@@ -75,6 +77,7 @@ impl Orchestrator {
         task: &Task,
         entry: &AgentEntry,
         cancel: &CancellationToken,
+        registration: &Registration,
     ) -> Outcome {
         let i = &self.inner;
         let limit = entry
@@ -88,6 +91,7 @@ impl Orchestrator {
                 .histogram(m::TASK_QUEUE_WAIT_SECONDS, &[])
                 .record(wait.as_secs_f64());
         }
+        let limits = crate::agents::storable::Limits::of(&i.config.load().workers);
         let owner = Owner {
             task_id: task.id,
             cancel: cancel.clone(),
@@ -101,7 +105,8 @@ impl Orchestrator {
             i.hub.clone(),
             i.metrics.clone(),
         )
-        .on_process_tree(Arc::new(move |pid| running.set_tree_root(task_id, pid)));
+        .on_process_tree(Arc::new(move |pid| running.set_tree_root(task_id, pid)))
+        .with_limits(limits);
         tracing::info!(task_id = task.id, agent = %task.agent, attempt = task.attempts, max_attempts = task.max_attempts, "task started");
         let output = ctx.output();
         let outcome = tokio::select! {
@@ -116,10 +121,13 @@ impl Orchestrator {
                 Err(_) => Outcome::TimedOut(limit),
             },
         };
+        // From here on the attempt's output and outcome wait to be written: the outcome
+        // lag the supervisor watches starts now, kept output included.
+        registration.run_ended();
         if !matches!(outcome, Outcome::Cancelled) {
             self.flush_output(task, &output, cancel).await;
         }
-        outcome
+        make_storable(outcome, &limits)
     }
 
     /// Writes the events and usage the attempt kept during a database outage, before its
@@ -156,6 +164,7 @@ impl Orchestrator {
     /// done, so the lease is kept meanwhile.
     pub(super) async fn finish(&self, task: &Task, outcome: Outcome, registration: Registration) {
         let i = &self.inner;
+        registration.run_ended();
         let ran = task
             .started_at
             .map(|s| (chrono::Utc::now() - s).to_std().unwrap_or_default())

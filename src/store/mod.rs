@@ -78,6 +78,21 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Db(e) if e.is_transient())
     }
+
+    /// Whether the server refused a statement for what a row holds (SQLSTATE class 22, a
+    /// data exception such as NUL in text; 23, a constraint; 54, a program limit such as
+    /// nesting or size), or the store refused a row itself: splitting a batch isolates the
+    /// row. A time-out, a lock time-out, a lost connection or a closed pool say nothing
+    /// about any row.
+    pub fn is_row_refusal(&self) -> bool {
+        match self {
+            StoreError::Db(DbError::Query(e)) => e
+                .code()
+                .is_some_and(|c| matches!(&c.code()[..2], "22" | "23" | "54")),
+            StoreError::IllegalTransition { .. } | StoreError::Invalid { .. } => true,
+            _ => false,
+        }
+    }
 }
 
 impl From<tokio_postgres::Error> for StoreError {

@@ -30,9 +30,13 @@ impl Store {
         let s = self.session("store.record_usage").await?;
         let row = s
             .query_opt(
-                "UPDATE tasks SET prompt_tokens = prompt_tokens + $2, \
-                   completion_tokens = completion_tokens + $3, \
-                   cost_usd = cost_usd + $4::float8::numeric, updated_at = now() \
+                // Sums saturate at what the columns hold (bigint, numeric(20, 8)): an
+                // overflow would refuse the report and, worse, every report after it.
+                "UPDATE tasks SET \
+                   prompt_tokens = LEAST(prompt_tokens::numeric + $2::bigint, 9223372036854775807)::bigint, \
+                   completion_tokens = LEAST(completion_tokens::numeric + $3::bigint, 9223372036854775807)::bigint, \
+                   cost_usd = LEAST(cost_usd + $4::float8::numeric, 999999999999.99999999), \
+                   updated_at = now() \
                  WHERE id = $1 RETURNING prompt_tokens, completion_tokens, cost_usd::float8",
                 &[&id, &u.prompt_tokens, &u.completion_tokens, &u.cost_usd],
             )

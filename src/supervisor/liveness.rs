@@ -13,6 +13,8 @@ pub struct Heartbeat {
     /// Why the last tick could not reach the database, if it could not.
     db_error: std::sync::Mutex<Option<String>>,
     view: std::sync::Mutex<Option<Arc<DbView>>>,
+    /// Why outcomes are stalled, if they are (see `supervisor::outcomes`).
+    outcome_stall: std::sync::Mutex<Option<String>>,
 }
 
 /// Why the daemon is not ready, if it is not: the supervisor has not completed a tick
@@ -36,6 +38,27 @@ pub fn not_ready_reason(heartbeat: &Heartbeat, cfg: &Config) -> Option<String> {
     heartbeat
         .database_error()
         .map(|e| format!("database unreachable: {e}"))
+        .or_else(|| heartbeat.outcome_stall())
+}
+
+/// Whether a restart would mend what is wrong: the supervisor stalled, or outcomes are
+/// stalled while the database answers the supervisor (a wedged writer). A database that
+/// cannot be reached is not mended by restarting the daemon, which would kill the work
+/// running here; the systemd watchdog withholds its keep-alive only when this is true.
+pub fn restart_would_mend(heartbeat: &Heartbeat, cfg: &Config) -> Option<String> {
+    match heartbeat.since_last_tick() {
+        Some(d) if d <= stall_bound(cfg) => {}
+        other => {
+            return Some(format!(
+                "supervisor stalled (last tick {:?} ago)",
+                other.map(|d| d.as_secs_f64())
+            ));
+        }
+    }
+    if heartbeat.database_error().is_some() {
+        return None;
+    }
+    heartbeat.outcome_stall()
 }
 
 /// Longest a healthy supervisor goes between completed ticks: two intervals, plus the
@@ -99,6 +122,15 @@ impl Heartbeat {
     }
     pub(super) fn set_database_error(&self, e: Option<String>) {
         *self.db_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
+    pub fn outcome_stall(&self) -> Option<String> {
+        self.outcome_stall
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+    pub(super) fn set_outcome_stall(&self, why: Option<String>) {
+        *self.outcome_stall.lock().unwrap_or_else(|p| p.into_inner()) = why;
     }
     pub fn ticks(&self) -> u64 {
         self.ticks.load(Ordering::Relaxed)

@@ -24,6 +24,8 @@
 
 mod agents;
 
+mod outcomes;
+
 mod process;
 
 mod sessions;
@@ -33,7 +35,9 @@ pub use sessions::{CallerSessions, top_callers};
 mod liveness;
 
 use liveness::unix_ms;
-pub use liveness::{Heartbeat, not_ready_reason, record_live_gauges, stall_bound};
+pub use liveness::{
+    Heartbeat, not_ready_reason, record_live_gauges, restart_would_mend, stall_bound,
+};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -225,6 +229,7 @@ impl Supervisor {
         let mut report = TickReport::default();
 
         self.check_pool(&cfg, &mut report);
+        self.check_outcomes(&cfg);
         // Session checks need no database for the parts that matter most (cancel, discard,
         // lend), so a dead admin connection does not stop them.
         let admin_err = self.check_sessions(&cfg, &mut report).await.err();
