@@ -57,7 +57,7 @@ fn promtool_accepts_the_alert_rules() {
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("SUCCESS: 11 rules found"), "{text}");
+    assert!(text.contains("SUCCESS: 12 rules found"), "{text}");
     // Every rule links its runbook (README anchors) under the standard annotation.
     let rules = std::fs::read_to_string(root().join("dashboards/alerts.yml")).unwrap();
     assert!(!rules.contains(" runbook:"), "a rule carries `runbook`");
@@ -67,7 +67,7 @@ fn promtool_accepts_the_alert_rules() {
         .lines()
         .filter_map(|l| l.trim().strip_prefix("- alert: "))
         .collect();
-    assert_eq!(names.len(), 11);
+    assert_eq!(names.len(), 12);
     for name in names {
         let anchor = format!("runbook_url: \"README.md#{}\"", name.to_lowercase());
         assert!(rules.contains(&anchor), "{name}: no {anchor}");
@@ -434,7 +434,7 @@ async fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() {
         .iter()
         .map(|g| g["rules"].as_array().unwrap().len())
         .sum();
-    assert_eq!(n, 11);
+    assert_eq!(n, 12);
     drop(prom);
     d.signal(Signal::SIGTERM);
     assert!(tokio::task::block_in_place(|| d.wait_exit(Duration::from_secs(120))).success());
