@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use metrics::{
@@ -89,6 +90,8 @@ metrics_table! {
     SUPERVISOR_TICK_SECONDS = "supervisor_tick_seconds", Histogram, Seconds, [], "Duration of one supervisor tick.";
     SUPERVISOR_LAST_TICK_TIMESTAMP_SECONDS = "supervisor_last_tick_timestamp_seconds", Gauge, Seconds, [], "Unix time the last supervisor tick finished.";
     SUPERVISOR_TICKS_TOTAL = "supervisor_ticks_total", Counter, Count, ["result"], "Supervisor ticks, result = ok or error.";
+    SUPERVISOR_LOCK_TIMEOUTS_TOTAL = "supervisor_lock_timeouts_total", Counter, Count, ["check"], "Supervisor statements on taskwarden's tables refused by its lock_timeout (another session held a conflicting lock), by check: time_out (tasks past max_task_duration), task_view (task counts, queues, instances), agent_sessions (whether an agent session's task still runs).";
+    SUPERVISOR_TASK_FIGURES_STALE = "supervisor_task_figures_stale", Gauge, Count, [], "1 while the task and queue figures are from an earlier supervisor pass (the last read was refused by lock_timeout), else 0.";
     LOOP_LATENESS_SECONDS = "loop_lateness_seconds", Gauge, Seconds, ["loop"], "How late the periodic loop's last pass started against its schedule (supervisor, lease_keeper, leader, scheduler).";
     LOOP_RUN_SECONDS = "loop_run_seconds", Histogram, Seconds, ["loop"], "Duration of one pass of a periodic loop.";
     LOOP_OVERRUNS_TOTAL = "loop_overruns_total", Counter, Count, ["loop"], "Passes of a periodic loop that took longer than its period.";
@@ -155,12 +158,54 @@ const SECONDS_BUCKETS: &[f64] = &[
 /// Series of [`Kind::FloatCounter`] metrics: (name, labels) to value.
 type FloatSeries = BTreeMap<(&'static str, Vec<(&'static str, String)>), f64>;
 
+/// The `agent` label of a series about an agent no loaded config knows (names queued by
+/// SQL, agents removed by a reload): they share this one series, so input cannot add
+/// series. Parentheses are refused in agent names (config validation), so no configured
+/// agent can collide with it.
+pub const UNKNOWN_AGENT: &str = "(unknown)";
+
+/// The `agent` label for `name`: itself when configured, else [`UNKNOWN_AGENT`].
+pub fn agent_label<'a>(known: bool, name: &'a str) -> &'a str {
+    if known { name } else { UNKNOWN_AGENT }
+}
+
+/// A gauge whose series the registry can drop (see [`removable`]).
+#[derive(Debug, Default)]
+struct RemovableGauge(AtomicU64);
+
+impl metrics::GaugeFn for RemovableGauge {
+    fn increment(&self, by: f64) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some((f64::from_bits(b) + by).to_bits())
+            });
+    }
+    fn decrement(&self, by: f64) {
+        self.increment(-by);
+    }
+    fn set(&self, v: f64) {
+        self.0.store(v.to_bits(), Ordering::Relaxed);
+    }
+}
+
+type GaugeSeries = BTreeMap<(&'static str, Vec<(&'static str, String)>), Arc<RemovableGauge>>;
+
+/// Per-agent gauges: their label values come and go with agents, and the exporter's
+/// recorder cannot forget a series, so [`Metrics`] keeps these itself and can drop them
+/// ([`Metrics::retain_gauges`]).
+fn removable(name: &str) -> bool {
+    DEFS.iter()
+        .any(|d| d.name == name && d.kind == Kind::Gauge && d.labels.contains(&"agent"))
+}
+
 /// A metrics registry. Cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
     recorder: Arc<PrometheusRecorder>,
     handle: PrometheusHandle,
     floats: Arc<Mutex<FloatSeries>>,
+    gauges: Arc<Mutex<GaugeSeries>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -190,6 +235,8 @@ impl Metrics {
             let help = SharedString::const_str(d.help);
             match d.kind {
                 Kind::Counter => recorder.describe_counter(name, Some(d.unit), help),
+                // Rendered by `render` with its help.
+                Kind::Gauge if removable(d.name) => {}
                 Kind::Gauge => recorder.describe_gauge(name, Some(d.unit), help),
                 Kind::Histogram => recorder.describe_histogram(name, Some(d.unit), help),
                 // Rendered by `render` with its help.
@@ -200,6 +247,7 @@ impl Metrics {
             recorder: Arc::new(recorder),
             handle,
             floats: Arc::default(),
+            gauges: Arc::default(),
         };
         m.gauge(CONFIG_LAST_RELOAD_SUCCESSFUL, &[]).set(1.0);
         m.gauge(BUILD_INFO, &[("version", env!("CARGO_PKG_VERSION"))])
@@ -242,6 +290,11 @@ impl Metrics {
             m.counter(TASKS_DELETED_TOTAL, &[("status", status)])
                 .absolute(0);
         }
+        for check in ["time_out", "task_view", "agent_sessions"] {
+            m.counter(SUPERVISOR_LOCK_TIMEOUTS_TOTAL, &[("check", check)])
+                .absolute(0);
+        }
+        m.gauge(SUPERVISOR_TASK_FIGURES_STALE, &[]).set(0.0);
         for result in ["ok", "error"] {
             m.counter(CONFIG_RELOADS_TOTAL, &[("result", result)])
                 .absolute(0);
@@ -265,8 +318,30 @@ impl Metrics {
     }
 
     pub fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
+        if removable(name) {
+            let key = (
+                name,
+                labels.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+            );
+            let mut gauges = self.gauges.lock().unwrap_or_else(PoisonError::into_inner);
+            return Gauge::from_arc(Arc::clone(gauges.entry(key).or_default()));
+        }
         self.recorder
             .register_gauge(&Self::key(name, labels), &META)
+    }
+
+    /// Drops the series of the per-agent gauge `name` whose `label` value `keep` refuses
+    /// (an agent that is gone). A handle still held on a dropped series writes to nothing
+    /// visible; the next [`Metrics::gauge`] call creates the series again.
+    pub fn retain_gauges(&self, name: &'static str, label: &str, keep: impl Fn(&str) -> bool) {
+        let mut gauges = self.gauges.lock().unwrap_or_else(PoisonError::into_inner);
+        gauges.retain(|(n, labels), _| {
+            *n != name
+                || labels
+                    .iter()
+                    .find(|(k, _)| *k == label)
+                    .is_none_or(|(_, v)| keep(v))
+        });
     }
 
     pub fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
@@ -296,9 +371,32 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut text = self.handle.render();
+        self.render_gauges(&mut text);
         self.render_floats(&mut text);
         render_process(&mut text);
         text
+    }
+
+    fn render_gauges(&self, out: &mut String) {
+        let series: Vec<(&'static str, Vec<(&'static str, String)>, f64)> = self
+            .gauges
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|((n, l), g)| (*n, l.clone(), f64::from_bits(g.0.load(Ordering::Relaxed))))
+            .collect();
+        for d in DEFS.iter().filter(|d| removable(d.name)) {
+            let mine: Vec<_> = series.iter().filter(|(n, _, _)| *n == d.name).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let _ = writeln!(out, "# HELP {} {}", d.name, d.help);
+            let _ = writeln!(out, "# TYPE {} gauge", d.name);
+            for (name, labels, v) in mine {
+                write_series(out, name, labels, *v);
+            }
+            out.push('\n');
+        }
     }
 
     fn render_floats(&self, out: &mut String) {
@@ -315,15 +413,7 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {} {}", d.name, d.help);
             let _ = writeln!(out, "# TYPE {} counter", d.name);
             for ((name, labels), v) in series {
-                let labels: Vec<String> = labels
-                    .iter()
-                    .map(|(k, v)| format!("{k}=\"{}\"", escape_label(v)))
-                    .collect();
-                if labels.is_empty() {
-                    let _ = writeln!(out, "{name} {v}");
-                } else {
-                    let _ = writeln!(out, "{name}{{{}}} {v}", labels.join(","));
-                }
+                write_series(out, name, labels, *v);
             }
             out.push('\n');
         }
@@ -333,6 +423,19 @@ impl Metrics {
     /// all lines of `name` whose labels include every pair in `labels`.
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         parse_value(&self.render(), name, labels)
+    }
+}
+
+/// One sample line of the text format.
+fn write_series(out: &mut String, name: &str, labels: &[(&'static str, String)], v: f64) {
+    let labels: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", escape_label(v)))
+        .collect();
+    if labels.is_empty() {
+        let _ = writeln!(out, "{name} {v}");
+    } else {
+        let _ = writeln!(out, "{name}{{{}}} {v}", labels.join(","));
     }
 }
 
@@ -546,6 +649,26 @@ mod tests {
                 .is_some_and(|v| v > 0.0)
         );
         assert!(m.value(PROCESS_CPU_SECONDS_TOTAL, &[]).is_some());
+        // Per-agent gauges can be dropped, and come back when written again.
+        m.gauge(QUEUE_DEPTH, &[("agent", "a")]).set(4.0);
+        m.gauge(QUEUE_DEPTH, &[("agent", "b")]).set(5.0);
+        m.gauge(QUEUE_DEPTH, &[("agent", "b")]).increment(1.0);
+        let text = m.render();
+        assert_eq!(
+            text.matches("# TYPE taskwarden_queue_depth gauge").count(),
+            1,
+            "{text}"
+        );
+        assert_eq!(m.value(QUEUE_DEPTH, &[("agent", "b")]), Some(6.0));
+        m.retain_gauges(QUEUE_DEPTH, "agent", |a| a == "a");
+        assert_eq!(m.value(QUEUE_DEPTH, &[("agent", "b")]), None);
+        assert_eq!(m.value(QUEUE_DEPTH, &[("agent", "a")]), Some(4.0));
+        m.retain_gauges(QUEUE_DEPTH, "agent", |_| false);
+        assert!(!m.render().contains("taskwarden_queue_depth"));
+        m.gauge(QUEUE_DEPTH, &[("agent", "a")]).set(1.0);
+        assert_eq!(m.value(QUEUE_DEPTH, &[("agent", "a")]), Some(1.0));
+        assert_eq!(agent_label(false, "x"), UNKNOWN_AGENT);
+        assert_eq!(agent_label(true, "x"), "x");
         // A second registry is independent.
         assert_eq!(Metrics::new().value(DB_POOL_IN_USE, &[]), None);
     }

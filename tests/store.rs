@@ -634,7 +634,7 @@ async fn status_hides_instances_silent_past_the_bound() {
         taskwarden::store::STATUS_INSTANCE_SILENCE,
         Duration::from_secs(600)
     );
-    let view = s.read_view(Duration::from_secs(5)).await.unwrap();
+    let view = s.read_view(Duration::from_secs(5), &[]).await.unwrap();
     let ids: Vec<&str> = view
         .instances
         .iter()

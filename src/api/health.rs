@@ -87,8 +87,10 @@ pub(super) struct SessionsReport {
     force_closed: u64,
     warn_age_seconds: f64,
     max_age_seconds: f64,
-    /// Open sessions, oldest first.
+    /// Open sessions, oldest first; at most 100 (see `truncated`).
     live: Vec<crate::tracker::SessionSnapshot>,
+    /// Open sessions, listed or not.
+    live_total: usize,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -96,7 +98,10 @@ pub(super) struct TasksReport {
     /// Tasks per status across the cluster; null when the database could not be read and
     /// the supervisor has no reading yet.
     by_status: Option<std::collections::BTreeMap<String, i64>>,
+    /// At most 100 (see `truncated`).
     running_here: Vec<crate::orchestrator::registry::RunningTask>,
+    /// Tasks running here, listed or not.
+    running_here_total: usize,
     max_task_duration_seconds: f64,
 }
 
@@ -105,6 +110,10 @@ pub(super) struct SupervisorReport {
     ticks: u64,
     seconds_since_last_tick: Option<f64>,
     interval_seconds: f64,
+    /// The task figures (counts, queues, instances) are from an earlier tick: the last
+    /// read was refused by the supervisor's lock_timeout (another session locks the
+    /// tables); `database_view_as_of` dates them.
+    task_figures_stale: bool,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -143,20 +152,37 @@ pub(super) struct StatusReport {
     not_ready_reason: Option<String>,
     database_view_as_of: Option<DateTime<Utc>>,
     tasks: TasksReport,
-    /// Per agent with queued tasks or a pause.
+    /// Per agent with queued tasks or a pause: every configured agent with one, and at
+    /// most 100 more (the longest queues; see `truncated`).
     queues: Option<std::collections::BTreeMap<String, crate::store::QueueView>>,
+    /// Agents with queued tasks or a pause, listed or not.
+    queues_total: Option<i64>,
+    /// At most 100 beyond the configured agents (see `truncated`).
     paused_agents: Option<Vec<String>>,
+    paused_agents_total: Option<i64>,
+    /// At most 100 (see `truncated`).
     schedules: std::collections::BTreeMap<String, crate::orchestrator::ScheduleState>,
+    schedules_total: usize,
     alerts_firing: Vec<crate::alerts::FiringAlert>,
     supervisor: SupervisorReport,
-    /// Instances heard from in the last 10 minutes.
+    /// Instances heard from in the last 10 minutes, at most 100 (see `truncated`).
     #[schema(value_type = Option<Vec<Object>>)]
     instances: Option<Vec<serde_json::Value>>,
+    instances_total: Option<i64>,
+    /// The lists cut short, by field name (`queues`, `paused_agents`, `instances`,
+    /// `schedules`, `sessions.live`, `tasks.running_here`): each shows at most 100 entries
+    /// (queues and paused agents: beyond the configured agents), its `*_total` how many
+    /// there are. Names from input (agents queued by SQL) must not grow this answer.
+    truncated: Vec<&'static str>,
     config: ConfigMeta,
     logging: LoggingReport,
     /// The agents this instance runs, with their limits.
     agents: std::collections::BTreeMap<String, AgentReport>,
 }
+
+/// The most entries `/v1/status` lists of each list (beyond the configured agents, for
+/// queues and paused agents).
+pub(super) const STATUS_LIST_MAX: usize = crate::store::VIEW_LIST_MAX as usize;
 
 /// What an operator reads first in an incident.
 #[utoipa::path(get, path = "/v1/status", tag = "operations",
@@ -238,11 +264,16 @@ async fn status_report(s: &ApiState) -> StatusReport {
     // This is the page an operator opens when the pool is exhausted or the link is down:
     // task counts and instances are read live only if that takes under STATUS_LIVE_LIMIT,
     // else they are the supervisor's last reading, dated.
-    let live = tokio::time::timeout(STATUS_LIVE_LIMIT, s.store.read_view(STATUS_LIVE_LIMIT / 2))
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .map(Arc::new);
+    let known: Vec<String> = cfg.agents.keys().cloned().collect();
+    let live = tokio::time::timeout(
+        STATUS_LIVE_LIMIT,
+        s.store.read_view(STATUS_LIVE_LIMIT / 2, &known),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .map(Arc::new);
+    let read_live = live.is_some();
     let view = live.or_else(|| s.heartbeat.view());
     let paused_agents = view.as_ref().map(|v| {
         v.queues
@@ -252,6 +283,31 @@ async fn status_report(s: &ApiState) -> StatusReport {
             .collect::<Vec<_>>()
     });
     let not_ready = not_ready(s);
+    let mut truncated = Vec::new();
+    let mut cut = |name: &'static str, shown: usize, total: usize| {
+        if shown < total {
+            truncated.push(name);
+        }
+    };
+    let sessions_total = sessions.len();
+    let sessions: Vec<_> = sessions.into_iter().take(STATUS_LIST_MAX).collect();
+    cut("sessions.live", sessions.len(), sessions_total);
+    let running_here = s.running.snapshot();
+    let running_here_total = running_here.len();
+    let running_here: Vec<_> = running_here.into_iter().take(STATUS_LIST_MAX).collect();
+    cut("tasks.running_here", running_here.len(), running_here_total);
+    let schedules = s.orchestrator.schedules_status();
+    let schedules_total = schedules.len();
+    let schedules: std::collections::BTreeMap<_, _> =
+        schedules.into_iter().take(STATUS_LIST_MAX).collect();
+    cut("schedules", schedules.len(), schedules_total);
+    if let Some(v) = &view {
+        let total = |n: i64| usize::try_from(n).unwrap_or(0);
+        cut("queues", v.queues.len(), total(v.queues_total));
+        let paused = paused_agents.as_ref().map(Vec::len).unwrap_or(0);
+        cut("paused_agents", paused, total(v.paused_total));
+        cut("instances", v.instances.len(), total(v.instances_total));
+    }
     StatusReport {
         instance: s.orchestrator.instance_id().to_string(),
         version: env!("CARGO_PKG_VERSION"),
@@ -275,25 +331,33 @@ async fn status_report(s: &ApiState) -> StatusReport {
             warn_age_seconds: cfg.supervisor.session_warn_age.get().as_secs_f64(),
             max_age_seconds: cfg.supervisor.session_max_age.get().as_secs_f64(),
             live: sessions,
+            live_total: sessions_total,
         },
         ready: not_ready.is_none(),
         not_ready_reason: not_ready,
         database_view_as_of: view.as_ref().map(|v| v.as_of),
         tasks: TasksReport {
             by_status: view.as_ref().map(|v| v.tasks_by_status.clone()),
-            running_here: s.running.snapshot(),
+            running_here,
+            running_here_total,
             max_task_duration_seconds: cfg.supervisor.max_task_duration.get().as_secs_f64(),
         },
         queues: view.as_ref().map(|v| v.queues.clone()),
+        queues_total: view.as_ref().map(|v| v.queues_total),
         paused_agents,
-        schedules: s.orchestrator.schedules_status(),
+        paused_agents_total: view.as_ref().map(|v| v.paused_total),
+        schedules,
+        schedules_total,
         alerts_firing: s.alerts.firing(),
         supervisor: SupervisorReport {
             ticks: s.heartbeat.ticks(),
             seconds_since_last_tick: s.heartbeat.since_last_tick().map(|d| d.as_secs_f64()),
             interval_seconds: cfg.supervisor.interval.get().as_secs_f64(),
+            task_figures_stale: !read_live && s.heartbeat.view_stale(),
         },
         instances: view.as_ref().map(|v| v.instances.clone()),
+        instances_total: view.as_ref().map(|v| v.instances_total),
+        truncated,
         config: (**s.config_meta.load()).clone(),
         logging: LoggingReport {
             level: cfg.logging.level.clone(),

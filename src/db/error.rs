@@ -59,6 +59,12 @@ pub(crate) async fn with_deadline<T>(
 }
 
 impl DbError {
+    /// SQLSTATE 55P03 (lock_not_available): the statement gave up waiting for a lock
+    /// after `lock_timeout`; nothing is wrong with the link or the statement.
+    pub fn is_lock_timeout(&self) -> bool {
+        matches!(self, DbError::Query(e) if e.code().is_some_and(|c| c.code() == "55P03"))
+    }
+
     /// Whether this error says the database could not be reached or answered (link down,
     /// server restarting, pool busy) rather than that the statement itself was refused:
     /// the same write may succeed later.

@@ -37,7 +37,7 @@ pub use schedules::{Fired, ScheduledTask};
 pub use state::TaskStatus;
 pub(crate) use task::TASK_COLUMNS;
 pub use task::{MAX_NAME_LEN, MAX_STEPS, NewTask, Task};
-pub use view::{DbView, QueueView, STATUS_INSTANCE_SILENCE};
+pub use view::{DbView, QueueView, STATUS_INSTANCE_SILENCE, VIEW_LIST_MAX};
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;

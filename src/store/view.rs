@@ -8,11 +8,15 @@ use tokio_postgres::Row;
 use super::*;
 
 impl Store {
-    /// Reads the [`DbView`] on a pooled session, waiting at most `wait` for one.
-    pub async fn read_view(&self, wait: Duration) -> Result<DbView, StoreError> {
+    /// Reads the [`DbView`] on a pooled session, waiting at most `wait` for one; `known`
+    /// are the configured agents (always listed; the others are capped and summed).
+    pub async fn read_view(&self, wait: Duration, known: &[String]) -> Result<DbView, StoreError> {
         let s = self.db.session_within("store.read_view", wait).await?;
-        let counts = s.query(DbView::COUNTS_SQL, &[]).await?;
-        let instances = s.query(DbView::INSTANCES_SQL, &[]).await?;
+        let known = known.to_vec();
+        let counts = s
+            .query(DbView::COUNTS_SQL, &[&known, &VIEW_LIST_MAX])
+            .await?;
+        let instances = s.query(DbView::INSTANCES_SQL, &[&VIEW_LIST_MAX]).await?;
         Ok(DbView::from_rows(&counts, &instances))
     }
 
@@ -33,6 +37,11 @@ impl Store {
     }
 }
 
+/// The most entries of each list the view keeps (queues, paused agents, instances) beyond
+/// the configured agents, and so the most `/v1/status` shows: agent names come from
+/// input (`taskwarden_enqueue` takes any), and the view's size must not.
+pub const VIEW_LIST_MAX: i64 = 100;
+
 /// Task counts, queues and instances as read at one moment: what `/v1/status` shows and
 /// the supervisor's task and queue gauges record. Kept with its time so a reader that
 /// cannot reach the database (pool exhausted, link down) can still answer, saying how old
@@ -43,9 +52,23 @@ pub struct DbView {
     /// Every status, zero when none.
     pub tasks_by_status: std::collections::BTreeMap<String, i64>,
     pub oldest_running_seconds: f64,
-    /// Per agent with queued tasks or a pause: its queue.
+    /// Per agent with queued tasks or a pause: its queue. Every configured agent with
+    /// one, and at most [`VIEW_LIST_MAX`] entries in all beyond those (the longest
+    /// queues first).
     pub queues: std::collections::BTreeMap<String, QueueView>,
+    /// Agents with queued tasks or a pause, listed or not.
+    pub queues_total: i64,
+    /// The queues of every agent no configured name matches, summed (depth), the oldest
+    /// (latency), paused when any of them is.
+    pub unknown_agents: QueueView,
+    /// How many agents no configured name matches have a queue or a pause.
+    pub unknown_agents_count: i64,
+    /// Paused agents, listed in `queues` or not.
+    pub paused_total: i64,
+    /// At most [`VIEW_LIST_MAX`].
     pub instances: Vec<serde_json::Value>,
+    /// Instances heard from within [`STATUS_INSTANCE_SILENCE`], listed or not.
+    pub instances_total: i64,
 }
 
 /// One agent's queue.
@@ -67,28 +90,52 @@ pub const STATUS_INSTANCE_SILENCE: Duration = Duration::from_secs(600);
 
 impl DbView {
     /// One statement, one row per figure (`kind`, `key`, count, seconds, paused_at): task
-    /// counts by status (with the oldest running task's age), queued tasks by agent (the
-    /// partial index `tasks_runnable_idx` holds exactly these rows), paused agents.
+    /// counts by status (with the oldest running task's age); queued tasks by agent (the
+    /// partial index `tasks_runnable_idx` holds exactly these rows), the configured agents
+    /// (`$1`) first and at most `$2` rows beyond them, longest first; paused agents, the
+    /// same way; and the totals: the unknown agents' queues summed (`unknown`), how many
+    /// unknown agents are paused (`unknown_paused`) and have a queue or pause
+    /// (`unknown_agents`), how many agents in all (`agents`), how many paused (`paused_total`).
     pub const COUNTS_SQL: &str = "\
+        WITH q AS (SELECT agent, count(*) AS n, \
+            COALESCE(extract(epoch FROM now() - min(run_after) \
+              FILTER (WHERE run_after <= now() AND cardinality(depends_on) = 0))::float8, 0) AS secs, \
+            agent = ANY($1::text[]) AS known \
+          FROM tasks WHERE status = 'queued' GROUP BY agent), \
+        p AS (SELECT agent, paused_at, agent = ANY($1::text[]) AS known FROM paused_agents), \
+        a AS (SELECT agent, bool_or(known) AS known FROM \
+            (SELECT agent, known FROM q UNION ALL SELECT agent, known FROM p) x GROUP BY agent) \
         SELECT 'status' AS kind, status AS key, count(*) AS n, \
           extract(epoch FROM now() - min(started_at))::float8 AS secs, \
           NULL::timestamptz AS paused_at \
         FROM tasks GROUP BY status \
         UNION ALL \
-        SELECT 'queue', agent, count(*), \
-          COALESCE(extract(epoch FROM now() - min(run_after) \
-            FILTER (WHERE run_after <= now() AND cardinality(depends_on) = 0))::float8, 0), \
-          NULL \
-        FROM tasks WHERE status = 'queued' GROUP BY agent \
+        (SELECT 'queue', agent, n, secs, NULL FROM q \
+          ORDER BY known DESC, n DESC, agent \
+          LIMIT $2::int8 + (SELECT count(*) FROM q WHERE known)) \
         UNION ALL \
-        SELECT 'paused', agent, 0, 0, paused_at FROM paused_agents";
-    /// Instances heard from within [`STATUS_INSTANCE_SILENCE`] (10 minutes): the leader
-    /// reaps a dead one after 3 × `workers.lease`, but with no leader running (or one
-    /// that cannot write) status does not list the dead for ever.
+        SELECT 'unknown', '', COALESCE(sum(n), 0)::int8, COALESCE(max(secs), 0), NULL \
+          FROM q WHERE NOT known \
+        UNION ALL \
+        (SELECT 'paused', agent, 0, 0, paused_at FROM p \
+          ORDER BY known DESC, agent LIMIT $2::int8 + (SELECT count(*) FROM p WHERE known)) \
+        UNION ALL \
+        SELECT 'unknown_paused', '', count(*), 0, NULL FROM p WHERE NOT known \
+        UNION ALL \
+        SELECT 'paused_total', '', count(*), 0, NULL FROM p \
+        UNION ALL \
+        SELECT 'unknown_agents', '', count(*) FILTER (WHERE NOT known), 0, NULL FROM a \
+        UNION ALL \
+        SELECT 'agents', '', count(*), 0, NULL FROM a";
+    /// Instances heard from within [`STATUS_INSTANCE_SILENCE`] (10 minutes), at most `$1`
+    /// of them (the oldest first), each row with the total: the leader reaps a dead one
+    /// after 3 × `workers.lease`, but with no leader running (or one that cannot write)
+    /// status does not list the dead for ever.
     pub const INSTANCES_SQL: &str = "SELECT i.id, i.hostname, i.pid, i.version, i.started_at, \
-        i.heartbeat_at, COALESCE(l.leader_id = i.id AND l.expires_at > now(), false) \
+        i.heartbeat_at, COALESCE(l.leader_id = i.id AND l.expires_at > now(), false), \
+        count(*) OVER () \
         FROM instances i LEFT JOIN leader l ON true \
-        WHERE i.heartbeat_at > now() - interval '10 minutes' ORDER BY i.started_at";
+        WHERE i.heartbeat_at > now() - interval '10 minutes' ORDER BY i.started_at LIMIT $1::int8";
 
     pub fn from_rows(counts: &[Row], instances: &[Row]) -> DbView {
         let mut tasks_by_status: std::collections::BTreeMap<String, i64> = TaskStatus::ALL
@@ -97,6 +144,8 @@ impl DbView {
             .collect();
         let mut oldest_running_seconds = 0.0;
         let mut queues: std::collections::BTreeMap<String, QueueView> = Default::default();
+        let mut unknown_agents = QueueView::default();
+        let (mut unknown_agents_count, mut queues_total, mut paused_total) = (0, 0, 0);
         for r in counts {
             let (Ok(kind), Ok(key)) = (r.try_get::<_, &str>(0), r.try_get::<_, String>(1)) else {
                 continue;
@@ -120,6 +169,14 @@ impl DbView {
                     q.paused = true;
                     q.paused_at = r.try_get(4).ok().flatten();
                 }
+                "unknown" => {
+                    unknown_agents.queued = n;
+                    unknown_agents.oldest_queued_seconds = secs.max(0.0);
+                }
+                "unknown_paused" => unknown_agents.paused = n > 0,
+                "unknown_agents" => unknown_agents_count = n,
+                "agents" => queues_total = n,
+                "paused_total" => paused_total = n,
                 _ => {}
             }
         }
@@ -128,6 +185,14 @@ impl DbView {
             tasks_by_status,
             oldest_running_seconds,
             queues,
+            queues_total,
+            unknown_agents,
+            unknown_agents_count,
+            paused_total,
+            instances_total: instances
+                .first()
+                .and_then(|r| r.try_get::<_, i64>(7).ok())
+                .unwrap_or(0),
             instances: instances
                 .iter()
                 .map(|r| {

@@ -173,9 +173,12 @@ impl Supervisor {
             let delta =
                 (u.cpu_seconds - self.agent_cpu.get(task_id).copied().unwrap_or(0.0)).max(0.0);
             self.agent_cpu.insert(*task_id, u.cpu_seconds);
+            // A task can outlive its agent's config (removed by a reload): its figures go
+            // to the one series of unknown agents.
+            let label = m::agent_label(cfg.agents.contains_key(agent), agent);
             self.metrics
-                .add_float(m::AGENT_CPU_SECONDS_TOTAL, &[("agent", agent)], delta);
-            let sum = per_agent.entry(agent.clone()).or_default();
+                .add_float(m::AGENT_CPU_SECONDS_TOTAL, &[("agent", label)], delta);
+            let sum = per_agent.entry(label.to_string()).or_default();
             sum.processes += u.processes;
             sum.resident_memory_bytes += u.resident_memory_bytes;
             sum.db_sessions += u.db_sessions;
@@ -198,6 +201,16 @@ impl Supervisor {
                     .gauge(m::AGENT_DB_SESSIONS_MAX, &l)
                     .set(max as f64);
             }
+        }
+        // Series of agents neither configured nor running here any more are dropped.
+        for name in [
+            m::AGENT_RESIDENT_MEMORY_BYTES,
+            m::AGENT_PROCESSES,
+            m::AGENT_DB_SESSIONS,
+            m::AGENT_DB_SESSIONS_MAX,
+        ] {
+            self.metrics
+                .retain_gauges(name, "agent", |a| per_agent.contains_key(a));
         }
         self.terminate_agent_sessions(&terminate, &sessions, &here)
             .await
@@ -241,11 +254,19 @@ impl Supervisor {
         if elsewhere.is_empty() {
             return Ok(());
         }
-        let rows = self
-            .admin()
-            .await?
-            .query(crate::store::RUNNING_AMONG_SQL, &[&elsewhere])
-            .await?;
+        let lock = lock_timeout_for(self.config.load().supervisor.interval.get());
+        let rows = match self
+            .read_within_lock_timeout(lock, &[(crate::store::RUNNING_AMONG_SQL, &[&elsewhere])])
+            .await
+        {
+            Ok(mut r) => r.pop().unwrap_or_default(),
+            // Whether those tasks still run is unknown this tick: terminate none of them.
+            Err(SupervisorError::Db(e)) if e.is_lock_timeout() => {
+                self.lock_refused("agent_sessions", &e, lock);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         let running: HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
         for s in sessions {
             if !here.contains_key(&s.task_id) && !running.contains(&s.task_id) {

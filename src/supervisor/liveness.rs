@@ -15,6 +15,8 @@ pub struct Heartbeat {
     view: std::sync::Mutex<Option<Arc<DbView>>>,
     /// Why outcomes are stalled, if they are (see `supervisor::outcomes`).
     outcome_stall: std::sync::Mutex<Option<String>>,
+    /// The view is from an earlier tick: the last read was refused by lock_timeout.
+    view_stale: std::sync::atomic::AtomicBool,
 }
 
 /// Why the daemon is not ready, if it is not: the supervisor has not completed a tick
@@ -113,6 +115,13 @@ impl Heartbeat {
     }
     pub(super) fn set_view(&self, v: DbView) {
         *self.view.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(v));
+    }
+    /// Whether the view is older than the last tick (its read was refused by a lock).
+    pub fn view_stale(&self) -> bool {
+        self.view_stale.load(Ordering::Relaxed)
+    }
+    pub(super) fn set_view_stale(&self, stale: bool) {
+        self.view_stale.store(stale, Ordering::Relaxed);
     }
     pub fn database_error(&self) -> Option<String> {
         self.db_error

@@ -54,11 +54,23 @@ use crate::db::{Db, DbError, DirectClient, PoolStatus, connect_direct};
 use crate::metrics::{self as m, Metrics};
 use crate::orchestrator::registry::RunningTasks;
 use crate::periodic::{Periodic, Ran};
-use crate::store::{DbView, TaskStatus};
+use crate::store::{DbView, TaskStatus, VIEW_LIST_MAX};
 
 /// While the database is unreachable, the supervisor ticks this often (or every
 /// `supervisor.interval`, if shorter), so readiness comes back soon after the database.
 pub const UNREACHABLE_RETRY: Duration = Duration::from_millis(500);
+
+/// Bounds of the supervisor's `lock_timeout` on taskwarden's tables: a quarter of the
+/// interval, so the reads of one tick cannot eat it, within these.
+const LOCK_TIMEOUT_MIN: Duration = Duration::from_millis(10);
+const LOCK_TIMEOUT_MAX: Duration = Duration::from_secs(1);
+
+/// How long the supervisor's statements on taskwarden's tables wait for a lock: min(interval
+/// / 4, 1 s), at least 10 ms. A session holding a lock on `tasks` must not hold the
+/// watchdog back: its checks are for exactly that moment.
+pub fn lock_timeout_for(interval: Duration) -> Duration {
+    (interval / 4).clamp(LOCK_TIMEOUT_MIN, LOCK_TIMEOUT_MAX)
+}
 
 /// How often the wait between ticks looks whether the admin connection is gone (an
 /// in-memory check, no round trip).
@@ -107,8 +119,8 @@ pub struct Supervisor {
     sys: sysinfo::System,
     pid: sysinfo::Pid,
     last_resource_log: Option<Instant>,
-    /// Agents whose queue gauges have been written.
-    queue_agents: std::collections::BTreeSet<String>,
+    /// A lock_timeout refusal was logged; cleared once the task figures are read again.
+    lock_refusal_logged: bool,
     /// Each running task's tree CPU seconds at the last sample (the counter grows by the
     /// difference); pruned to running tasks every tick.
     agent_cpu: std::collections::HashMap<i64, f64>,
@@ -138,7 +150,7 @@ impl Supervisor {
             sys: sysinfo::System::new(),
             pid: sysinfo::Pid::from_u32(std::process::id()),
             last_resource_log: None,
-            queue_agents: Default::default(),
+            lock_refusal_logged: false,
             agent_cpu: Default::default(),
             agent_sessions_warned: Default::default(),
         }
@@ -299,15 +311,25 @@ impl Supervisor {
         let limit_s = cfg.supervisor.max_task_duration.get().as_secs_f64();
         let allowed = TaskStatus::allowed_from(TaskStatus::TimedOut);
         let message = format!("exceeded max_task_duration ({limit_s:.0}s)");
-        let admin = self.admin().await?;
-        let rows = admin
-            .query(
-                crate::store::TIME_OUT_OVERDUE_SQL,
-                &[&limit_s, &allowed, &message],
+        let lock = lock_timeout_for(cfg.supervisor.interval.get());
+        let rows = match self
+            .read_within_lock_timeout(
+                lock,
+                &[(
+                    crate::store::TIME_OUT_OVERDUE_SQL,
+                    &[&limit_s, &allowed, &message],
+                )],
             )
-            .await?;
-        let counts = admin.query(DbView::COUNTS_SQL, &[]).await?;
-        let instances = admin.query(DbView::INSTANCES_SQL, &[]).await?;
+            .await
+        {
+            Ok(mut r) => r.pop().unwrap_or_default(),
+            // The overdue tasks are still overdue next tick; nothing was written.
+            Err(SupervisorError::Db(e)) if e.is_lock_timeout() => {
+                self.lock_refused("time_out", &e, lock);
+                Vec::new()
+            }
+            Err(e) => return Err(e),
+        };
         for row in &rows {
             let id: i64 = row.get(0);
             let agent: String = row.get(1);
@@ -320,7 +342,13 @@ impl Supervisor {
             self.metrics
                 .counter(
                     m::TASKS_FINISHED_TOTAL,
-                    &[("agent", &agent), ("outcome", "timed_out")],
+                    &[
+                        (
+                            "agent",
+                            m::agent_label(cfg.agents.contains_key(&agent), &agent),
+                        ),
+                        ("outcome", "timed_out"),
+                    ],
                 )
                 .increment(1);
             self.alerts.event(
@@ -330,7 +358,30 @@ impl Supervisor {
                 json!({ "task_id": id, "agent": agent, "running_seconds": ran, "cancelled_here": here }),
             );
         }
-        let view = DbView::from_rows(&counts, &instances);
+        let known: Vec<String> = cfg.agents.keys().cloned().collect();
+        let read = self
+            .read_within_lock_timeout(
+                lock,
+                &[
+                    (DbView::COUNTS_SQL, &[&known, &VIEW_LIST_MAX]),
+                    (DbView::INSTANCES_SQL, &[&VIEW_LIST_MAX]),
+                ],
+            )
+            .await;
+        let view = match read {
+            Ok(r) => DbView::from_rows(
+                r.first().map(Vec::as_slice).unwrap_or(&[]),
+                r.get(1).map(Vec::as_slice).unwrap_or(&[]),
+            ),
+            // The figures keep their last value, marked stale; the rest of the tick goes on.
+            Err(SupervisorError::Db(e)) if e.is_lock_timeout() => {
+                self.lock_refused("task_view", &e, lock);
+                self.set_task_figures_stale(true);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        self.set_task_figures_stale(false);
         for (status, n) in &view.tasks_by_status {
             self.metrics
                 .gauge(m::TASKS, &[("status", status)])
@@ -344,16 +395,84 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Queue depth, latency and pause per agent: every configured agent, every agent the
-    /// view names, and every agent seen before (set to 0 once its queue is gone, so no
-    /// series keeps a stale value).
+    /// Runs `statements` in one transaction whose every lock wait ends after
+    /// `lock_timeout` (SET LOCAL: nothing outlives it, behind a pooler too), so the
+    /// watchdog never queues behind a session that locked taskwarden's tables; a
+    /// refusal is an error with SQLSTATE 55P03 ([`DbError::is_lock_timeout`]).
+    async fn read_within_lock_timeout(
+        &mut self,
+        lock_timeout: Duration,
+        statements: &[(&str, crate::db::Params<'_>)],
+    ) -> Result<Vec<Vec<tokio_postgres::Row>>, SupervisorError> {
+        let admin = self.admin().await?;
+        admin
+            .batch_execute(&format!(
+                "BEGIN; SET LOCAL lock_timeout = {}",
+                lock_timeout.as_millis().max(1)
+            ))
+            .await?;
+        let mut out = Vec::with_capacity(statements.len());
+        for (sql, params) in statements {
+            match admin.query(sql, params).await {
+                Ok(rows) => out.push(rows),
+                Err(e) => {
+                    // A failed ROLLBACK leaves a broken or aborted connection, which the
+                    // next failing statement makes the loop rebuild.
+                    let _ = admin.batch_execute("ROLLBACK").await;
+                    return Err(e.into());
+                }
+            }
+        }
+        admin.batch_execute("COMMIT").await?;
+        Ok(out)
+    }
+
+    /// A statement refused by lock_timeout: counted every time, logged once per episode
+    /// (until the task figures are read again).
+    fn lock_refused(&mut self, check: &'static str, e: &DbError, lock_timeout: Duration) {
+        self.metrics
+            .counter(m::SUPERVISOR_LOCK_TIMEOUTS_TOTAL, &[("check", check)])
+            .increment(1);
+        if !self.lock_refusal_logged {
+            self.lock_refusal_logged = true;
+            tracing::warn!(
+                check,
+                sqlstate = "55P03",
+                error = %e,
+                lock_timeout_ms = lock_timeout.as_millis() as u64,
+                "supervisor read refused: another session holds a lock on taskwarden's tables; \
+                 task figures kept from the last pass, the other checks go on"
+            );
+        }
+    }
+
+    fn set_task_figures_stale(&mut self, stale: bool) {
+        if !stale && self.heartbeat.view_stale() {
+            tracing::info!("supervisor task figures read again");
+        }
+        if !stale {
+            self.lock_refusal_logged = false;
+        }
+        self.heartbeat.set_view_stale(stale);
+        self.metrics
+            .gauge(m::SUPERVISOR_TASK_FIGURES_STALE, &[])
+            .set(if stale { 1.0 } else { 0.0 });
+    }
+
+    /// Queue depth, latency and pause per agent: every configured agent (0 when it has
+    /// no queue), and the agents no config knows summed in one series
+    /// ([`m::UNKNOWN_AGENT`]) while they have a queue or a pause. Every other agent's
+    /// series is dropped, so neither input nor a reload leaves series behind.
     fn record_queue_gauges(&mut self, cfg: &Config, view: &DbView) {
-        self.queue_agents.extend(cfg.agents.keys().cloned());
-        self.queue_agents.extend(view.queues.keys().cloned());
         let empty = crate::store::QueueView::default();
-        for agent in &self.queue_agents {
-            let q = view.queues.get(agent).unwrap_or(&empty);
-            let labels = [("agent", agent.as_str())];
+        let unknown = (view.unknown_agents_count > 0).then_some(&view.unknown_agents);
+        let queues = cfg
+            .agents
+            .keys()
+            .map(|a| (a.as_str(), view.queues.get(a).unwrap_or(&empty)))
+            .chain(unknown.map(|q| (m::UNKNOWN_AGENT, q)));
+        for (agent, q) in queues {
+            let labels = [("agent", agent)];
             self.metrics
                 .gauge(m::QUEUE_DEPTH, &labels)
                 .set(q.queued as f64);
@@ -363,6 +482,11 @@ impl Supervisor {
             self.metrics
                 .gauge(m::AGENT_PAUSED, &labels)
                 .set(if q.paused { 1.0 } else { 0.0 });
+        }
+        let keep =
+            |a: &str| cfg.agents.contains_key(a) || (a == m::UNKNOWN_AGENT && unknown.is_some());
+        for name in [m::QUEUE_DEPTH, m::QUEUE_OLDEST_SECONDS, m::AGENT_PAUSED] {
+            self.metrics.retain_gauges(name, "agent", keep);
         }
     }
 
@@ -418,5 +542,22 @@ impl Supervisor {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_timeout_is_a_quarter_interval_within_bounds() {
+        assert_eq!(
+            lock_timeout_for(Duration::from_secs(1)),
+            Duration::from_millis(250)
+        );
+        assert_eq!(lock_timeout_for(Duration::from_secs(60)), LOCK_TIMEOUT_MAX);
+        assert_eq!(lock_timeout_for(Duration::from_millis(1)), LOCK_TIMEOUT_MIN);
+        assert_eq!(lock_timeout_for(Duration::ZERO), LOCK_TIMEOUT_MIN);
+        assert_eq!(lock_timeout_for(Duration::MAX), LOCK_TIMEOUT_MAX);
     }
 }
