@@ -236,3 +236,106 @@ async fn a_locked_task_table_does_not_slow_the_supervisor() {
     })
     .await;
 }
+
+fn postmaster_pid(data_dir: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(data_dir.join("pgdata/postmaster.pid")).ok()?;
+    text.lines().next()?.trim().parse().ok()
+}
+
+/// The processes whose parent is `pid`.
+fn children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+            .and_then(|v| v.parse::<i32>().ok());
+        if ppid == Some(pid) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Kills the stopped backend whatever the test's outcome.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), Signal::SIGKILL);
+    }
+}
+
+/// An embedded daemon whose postmaster was killed while one of its backends is stopped
+/// (it keeps the dead server's shared memory attached, so every start attempt of the
+/// restart fails for a while) answers SIGHUP and then SIGTERM at once, and exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_are_served_while_the_embedded_server_restarts() {
+    bounded(TEST_LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let cfg = format!(
+            "[database]\ndata_dir = {:?}\n[agents.cat]\nkind = \"command\"\ncommand = [\"cat\"]\n",
+            data.display().to_string()
+        );
+        let (mut d, _base) = start(dir.path(), &cfg, &[]);
+        let pg = postmaster_pid(&data).expect("postmaster.pid");
+        let backend = *children(pg).first().expect("a child of the postmaster");
+        let _guard = KillOnDrop(backend);
+        let signal = |pid: i32, s: Signal| {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), s).unwrap()
+        };
+        signal(backend, Signal::SIGSTOP);
+        signal(pg, Signal::SIGKILL);
+        let restarting =
+            tokio::task::block_in_place(|| d.wait_for("exited unexpectedly; restarting it", LIMIT));
+        assert!(restarting.is_some(), "no restart began:\n{}", d.drain());
+        // Inside the start attempts, which fail while the stopped backend holds on.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(
+            d.output()
+                .lines()
+                .all(|l| !l.contains("embedded PostgreSQL restarted")),
+            "the restart did not wait for the stopped backend:\n{}",
+            d.output()
+        );
+
+        d.signal(Signal::SIGHUP);
+        let t = std::time::Instant::now();
+        let reloaded =
+            tokio::task::block_in_place(|| d.wait_for("config reloaded", Duration::from_secs(5)));
+        println!("SIGHUP answered after {:?}", t.elapsed());
+        assert!(
+            reloaded.is_some(),
+            "SIGHUP not answered during the restart:\n{}",
+            d.drain()
+        );
+
+        d.signal(Signal::SIGTERM);
+        let t = std::time::Instant::now();
+        let stopping =
+            tokio::task::block_in_place(|| d.wait_for("shutting down", Duration::from_secs(5)));
+        println!("SIGTERM answered after {:?}", t.elapsed());
+        assert!(
+            stopping.is_some(),
+            "SIGTERM not answered during the restart:\n{}",
+            d.drain()
+        );
+        tokio::task::block_in_place(|| d.wait_exit(LIMIT));
+        println!("exited {:?} after SIGTERM", t.elapsed());
+        // No server is left running on the data_dir.
+        if let Some(p) = postmaster_pid(&data) {
+            assert!(
+                !common::daemon::alive(p) || p == pg,
+                "postmaster {p} outlived the daemon"
+            );
+        }
+    })
+    .await;
+}

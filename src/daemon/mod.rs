@@ -24,7 +24,7 @@ use crate::db::DbError;
 use crate::db::embedded::{Cluster, ClusterOptions, EMBEDDED_DB, EmbeddedError};
 use crate::db::migrate::{self, MigrateError};
 use crate::logging::LogHandle;
-use crate::metrics::{self, Metrics};
+use crate::metrics;
 use crate::store::StoreError;
 use crate::systemd;
 
@@ -64,10 +64,25 @@ pub enum DaemonError {
 pub const EMBEDDED_RESTARTS: usize = 3;
 pub const EMBEDDED_RESTART_WINDOW: Duration = Duration::from_secs(600);
 
+/// How long shutdown waits for a restart of the embedded PostgreSQL under way (cancelled
+/// first, so it ends after the start attempt in progress) before leaving it behind: the
+/// server it may still start dies with the thread that spawned it.
+pub const EMBEDDED_RESTART_SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+
 /// The database a daemon talks to: a server it was pointed at, or its own.
 pub struct Database {
     pub pg: tokio_postgres::Config,
+    /// None while a restart is under way (the restart task holds it).
     pub cluster: Option<Cluster>,
+    restarting: Option<PendingRestart>,
+}
+
+/// A restart of the embedded PostgreSQL running on a task of its own, so the signal loop
+/// never waits for it (SIGTERM and SIGHUP are answered at once).
+struct PendingRestart {
+    handle: tokio::task::JoinHandle<Result<Cluster, EmbeddedError>>,
+    cancel: tokio_util::sync::CancellationToken,
+    old_pid: u32,
 }
 
 impl Database {
@@ -82,6 +97,7 @@ impl Database {
                 Ok(Database {
                     pg: crate::db::embedded::socket_config(&data_dir.join("pgdata"), EMBEDDED_DB),
                     cluster: None,
+                    restarting: None,
                 })
             }
             other => other,
@@ -96,7 +112,11 @@ impl Database {
                 .parse()
                 .map_err(|e: tokio_postgres::Error| DaemonError::Url(e.to_string()))?;
             tracing::info!(target_db = %describe(&pg), "using external PostgreSQL");
-            return Ok(Database { pg, cluster: None });
+            return Ok(Database {
+                pg,
+                cluster: None,
+                restarting: None,
+            });
         }
         let data_dir = cfg.database.effective_data_dir();
         let opts = ClusterOptions {
@@ -120,10 +140,27 @@ impl Database {
         Ok(Database {
             pg: cluster.pg_config(EMBEDDED_DB),
             cluster: Some(cluster),
+            restarting: None,
         })
     }
 
     pub async fn close(self) {
+        if let Some(mut r) = self.restarting {
+            r.cancel.cancel();
+            match tokio::time::timeout(EMBEDDED_RESTART_SHUTDOWN_WAIT, &mut r.handle).await {
+                Ok(Ok(Ok(c))) => c.stop().await,
+                Ok(Ok(Err(e))) => {
+                    tracing::info!(error = %e, old_pid = r.old_pid, "embedded PostgreSQL restart ended for shutdown");
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "embedded PostgreSQL restart task failed")
+                }
+                Err(_) => tracing::warn!(
+                    waited_ms = EMBEDDED_RESTART_SHUTDOWN_WAIT.as_millis() as u64,
+                    "embedded PostgreSQL restart still under way at shutdown; leaving it"
+                ),
+            }
+        }
         if let Some(c) = self.cluster {
             c.stop().await;
         }
@@ -304,6 +341,8 @@ impl Daemon {
 
     /// Reloads on SIGHUP and restarts the embedded PostgreSQL when it exits, until
     /// SIGTERM or SIGINT; the error when the embedded server could not be kept running.
+    /// A restart runs on its own task: signals are served while it is under way, and a
+    /// shutdown leaves it to [`Database::close`].
     async fn serve_signals(
         &self,
         database: &mut Database,
@@ -314,12 +353,6 @@ impl Daemon {
         let mut restarts: Vec<tokio::time::Instant> = Vec::new();
         loop {
             let postmaster = database.cluster.as_ref().map(|c| c.exited());
-            let postmaster_exit = async {
-                match &postmaster {
-                    Some(t) => t.cancelled().await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 sig = signals.next() => match sig {
                     Some(SIGHUP) => {
@@ -337,15 +370,55 @@ impl Daemon {
                     }
                     Some(s) => {
                         let name = if s == SIGINT { "SIGINT" } else { "SIGTERM" };
-                        tracing::info!(signal = name, "shutting down");
+                        tracing::info!(
+                            signal = name,
+                            embedded_restart_under_way = database.restarting.is_some(),
+                            "shutting down"
+                        );
                         return None;
                     }
                     None => return None,
                 },
-                _ = postmaster_exit => {
-                    if let Err(e) = restart_embedded(database, &self.metrics, &mut restarts).await {
+                _ = async {
+                    match &postmaster {
+                        Some(t) => t.cancelled().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Err(e) = start_restart(database, &mut restarts) {
                         tracing::error!(error = %e, "embedded PostgreSQL cannot be kept running; shutting down");
                         return Some(e);
+                    }
+                }
+                done = async {
+                    match database.restarting.as_mut() {
+                        Some(r) => (&mut r.handle).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let old_pid = database.restarting.take().map(|r| r.old_pid).unwrap_or(0);
+                    match done {
+                        Ok(Ok(c)) => {
+                            self.metrics
+                                .counter(metrics::EMBEDDED_POSTGRES_RESTARTS_TOTAL, &[])
+                                .increment(1);
+                            tracing::warn!(pid = c.pid(), old_pid, "embedded PostgreSQL restarted");
+                            database.cluster = Some(c);
+                        }
+                        failed => {
+                            let last = match failed {
+                                Ok(Err(e)) => e.to_string(),
+                                Err(e) => format!("restart task failed: {e}"),
+                                Ok(Ok(_)) => String::new(),
+                            };
+                            let e = DaemonError::EmbeddedDied {
+                                restarts: restarts.len(),
+                                window: EMBEDDED_RESTART_WINDOW,
+                                last,
+                            };
+                            tracing::error!(error = %e, "embedded PostgreSQL cannot be kept running; shutting down");
+                            return Some(e);
+                        }
                     }
                 }
             }
@@ -353,12 +426,12 @@ impl Daemon {
     }
 }
 
-/// The embedded postmaster exited while we run (killed, crashed, OOM): start it again,
-/// at most [`EMBEDDED_RESTARTS`] times within [`EMBEDDED_RESTART_WINDOW`]. The pool and
-/// every loop reconnect by themselves once the socket is back.
-async fn restart_embedded(
+/// The embedded postmaster exited while we run (killed, crashed, OOM): start it again on a
+/// task of its own, at most [`EMBEDDED_RESTARTS`] times within
+/// [`EMBEDDED_RESTART_WINDOW`]. The pool and every loop reconnect by themselves once the
+/// socket is back.
+fn start_restart(
     database: &mut Database,
-    metrics: &Metrics,
     restarts: &mut Vec<tokio::time::Instant>,
 ) -> Result<(), DaemonError> {
     let now = tokio::time::Instant::now();
@@ -381,21 +454,13 @@ async fn restart_embedded(
         limit = EMBEDDED_RESTARTS,
         "embedded PostgreSQL exited unexpectedly; restarting it"
     );
-    match cluster.restart().await {
-        Ok(c) => {
-            metrics
-                .counter(metrics::EMBEDDED_POSTGRES_RESTARTS_TOTAL, &[])
-                .increment(1);
-            tracing::warn!(pid = c.pid(), old_pid, "embedded PostgreSQL restarted");
-            database.cluster = Some(c);
-            Ok(())
-        }
-        Err(e) => Err(DaemonError::EmbeddedDied {
-            restarts: restarts.len(),
-            window: EMBEDDED_RESTART_WINDOW,
-            last: e.to_string(),
-        }),
-    }
+    let cancel = tokio_util::sync::CancellationToken::new();
+    database.restarting = Some(PendingRestart {
+        handle: tokio::spawn(cluster.restart_unless(cancel.clone())),
+        cancel,
+        old_pid,
+    });
+    Ok(())
 }
 
 /// Pending connections the kernel queues for the listener before it refuses more (the

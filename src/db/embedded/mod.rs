@@ -83,9 +83,18 @@ pub enum EmbeddedError {
     StartFailed { log: PathBuf, tail: String },
     #[error("PostgreSQL did not accept connections within {0:?}; see {1}")]
     StartTimeout(Duration, PathBuf),
-    #[error("cannot create database {EMBEDDED_DB}: {0}")]
+    #[error("cannot create database {EMBEDDED_DB}: {}", crate::db::describe_pg_error(.0))]
     CreateDb(#[source] tokio_postgres::Error),
+    #[error("embedded PostgreSQL: {what} did not finish within {limit:?}")]
+    Deadline { what: &'static str, limit: Duration },
+    #[error("embedded PostgreSQL restart cancelled (shutting down)")]
+    Cancelled,
 }
+
+/// The most one control round trip to the embedded server may take (connect, look up
+/// or create the database): a server that accepts the socket but never answers must not
+/// hold start-up or a restart for ever.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Options for a cluster; the daemon uses the defaults, tests trade durability for speed.
 #[derive(Debug, Clone, Default)]
@@ -170,17 +179,32 @@ impl Cluster {
 
     /// Starts the server again after it exited on its own, keeping the `data_dir` lock
     /// throughout, so no other process can slip in between.
-    pub async fn restart(mut self) -> Result<Cluster, EmbeddedError> {
+    pub async fn restart(self) -> Result<Cluster, EmbeddedError> {
+        self.restart_unless(tokio_util::sync::CancellationToken::new())
+            .await
+    }
+
+    /// [`Cluster::restart`], given up between two start attempts (and before the
+    /// database check) once `cancel` is cancelled: a shutdown waits for one attempt at
+    /// most, not for all of them.
+    pub async fn restart_unless(
+        mut self,
+        cancel: tokio_util::sync::CancellationToken,
+    ) -> Result<Cluster, EmbeddedError> {
         // It is gone already: nothing to stop, and its pid may be reused by now.
         self.stopped = true;
         let mut lock = self.lock.take();
         let data_dir = self.data_dir.clone();
         let opts = self.opts.clone();
+        let stop = cancel.clone();
         let cluster = tokio::task::spawn_blocking(move || {
             // The dead postmaster's backends may still hold its shared memory for a moment;
             // PostgreSQL refuses to start until they are gone.
             let mut tries = 0;
             loop {
+                if stop.is_cancelled() {
+                    return Err(EmbeddedError::Cancelled);
+                }
                 match Self::start_blocking(&data_dir, &opts, &mut lock) {
                     Err(EmbeddedError::StartFailed { .. } | EmbeddedError::StartTimeout(..))
                         if tries < RESTART_TRIES =>
@@ -194,6 +218,10 @@ impl Cluster {
         })
         .await
         .map_err(|e| EmbeddedError::Spawn(std::io::Error::other(e)))??;
+        if cancel.is_cancelled() {
+            // Dropping it stops the server it just started.
+            return Err(EmbeddedError::Cancelled);
+        }
         cluster.ensure_database().await?;
         Ok(cluster)
     }
@@ -308,13 +336,36 @@ impl Cluster {
         self.pid.as_raw() as u32
     }
 
+    /// Creates the `taskwarden` database unless it exists, within [`CONTROL_TIMEOUT`].
     async fn ensure_database(&self) -> Result<(), EmbeddedError> {
-        let (client, conn) = self
-            .pg_config("postgres")
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(EmbeddedError::CreateDb)?;
+        let mut pg = self.pg_config("postgres");
+        pg.connect_timeout(CONTROL_TIMEOUT);
+        let (client, conn) =
+            tokio::time::timeout(CONTROL_TIMEOUT, pg.connect(tokio_postgres::NoTls))
+                .await
+                .map_err(|_| EmbeddedError::Deadline {
+                    what: "connecting to check the database",
+                    limit: CONTROL_TIMEOUT,
+                })?
+                .map_err(EmbeddedError::CreateDb)?;
         let conn = tokio::spawn(conn);
+        let checked =
+            tokio::time::timeout(CONTROL_TIMEOUT, Self::create_database_if_missing(&client)).await;
+        drop(client);
+        // The connection task ends once the client is gone; abort it if the server hangs.
+        let abort = conn.abort_handle();
+        if tokio::time::timeout(CONTROL_TIMEOUT, conn).await.is_err() {
+            abort.abort();
+        }
+        checked.map_err(|_| EmbeddedError::Deadline {
+            what: "checking or creating the database",
+            limit: CONTROL_TIMEOUT,
+        })?
+    }
+
+    async fn create_database_if_missing(
+        client: &tokio_postgres::Client,
+    ) -> Result<(), EmbeddedError> {
         let exists = client
             .query_opt(
                 "SELECT 1 FROM pg_database WHERE datname = $1",
@@ -329,8 +380,6 @@ impl Cluster {
                 .await
                 .map_err(EmbeddedError::CreateDb)?;
         }
-        drop(client);
-        let _ = conn.await;
         Ok(())
     }
 
