@@ -165,7 +165,7 @@ type FloatSeries = BTreeMap<(&'static str, Vec<(&'static str, String)>), f64>;
 pub const UNKNOWN_AGENT: &str = "(unknown)";
 
 /// The `agent` label for `name`: itself when configured, else [`UNKNOWN_AGENT`].
-pub fn agent_label<'a>(known: bool, name: &'a str) -> &'a str {
+pub fn agent_label(known: bool, name: &str) -> &str {
     if known { name } else { UNKNOWN_AGENT }
 }
 
@@ -188,6 +188,9 @@ impl metrics::GaugeFn for RemovableGauge {
         self.0.store(v.to_bits(), Ordering::Relaxed);
     }
 }
+
+/// One per-agent gauge series read for rendering: name, labels, value.
+type GaugeSample = (&'static str, Vec<(&'static str, String)>, f64);
 
 type GaugeSeries = BTreeMap<(&'static str, Vec<(&'static str, String)>), Arc<RemovableGauge>>;
 
@@ -378,7 +381,7 @@ impl Metrics {
     }
 
     fn render_gauges(&self, out: &mut String) {
-        let series: Vec<(&'static str, Vec<(&'static str, String)>, f64)> = self
+        let series: Vec<GaugeSample> = self
             .gauges
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
