@@ -87,6 +87,10 @@ metrics_table! {
     LLM_COST_USD_TOTAL = "llm_cost_usd_total", FloatCounter, Count, ["agent"], "LLM cost reported by agents to this instance since it started, in US dollars.";
     ALERTS_FIRING = "alerts_firing", Gauge, Count, ["alert"], "1 while the alert is firing, else 0.";
     ALERTS_TOTAL = "alerts_total", Counter, Count, ["alert"], "Times the alert fired.";
+    HTTP_CONNECTIONS = "http_connections", Gauge, Count, [], "HTTP connections open (bounded by http.max_connections).";
+    HTTP_STREAMS = "http_streams", Gauge, Count, [], "Event streams open (task, slot and status streams; bounded by http.max_streams).";
+    HTTP_REFUSED_TOTAL = "http_refused_total", Counter, Count, ["reason"], "HTTP connections or requests refused with 503 at a bound, by reason: connections (http.max_connections open), streams (http.max_streams open).";
+    HTTP_HEADER_TIMEOUTS_TOTAL = "http_header_timeouts_total", Counter, Count, [], "HTTP connections closed for not finishing a request header within http.header_read_timeout of opening or of their last response (half-sent requests and idle keep-alives).";
     SUPERVISOR_TICK_SECONDS = "supervisor_tick_seconds", Histogram, Seconds, [], "Duration of one supervisor tick.";
     SUPERVISOR_LAST_TICK_TIMESTAMP_SECONDS = "supervisor_last_tick_timestamp_seconds", Gauge, Seconds, [], "Unix time the last supervisor tick finished.";
     SUPERVISOR_TICKS_TOTAL = "supervisor_ticks_total", Counter, Count, ["result"], "Supervisor ticks, result = ok or error.";
@@ -293,6 +297,12 @@ impl Metrics {
             m.counter(TASKS_DELETED_TOTAL, &[("status", status)])
                 .absolute(0);
         }
+        for reason in ["connections", "streams"] {
+            m.counter(HTTP_REFUSED_TOTAL, &[("reason", reason)])
+                .absolute(0);
+        }
+        m.counter(HTTP_HEADER_TIMEOUTS_TOTAL, &[]).absolute(0);
+        m.gauge(HTTP_STREAMS, &[]).set(0.0);
         for check in ["time_out", "task_view", "agent_sessions"] {
             m.counter(SUPERVISOR_LOCK_TIMEOUTS_TOTAL, &[("check", check)])
                 .absolute(0);

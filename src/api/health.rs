@@ -209,10 +209,12 @@ pub(super) const STATUS_STREAM_EVERY: Duration = Duration::from_secs(2);
 /// the web console's overview follows instead of polling.
 #[utoipa::path(get, path = "/v1/status/stream", tag = "operations",
     responses((status = 200, description = "Server-sent events, `event: status`, `data:` a StatusReport as JSON", content_type = "text/event-stream", body = StatusEvent),
-        (status = 401, body = ErrorBody)))]
-pub(super) async fn status_stream(State(s): State<ApiState>) -> Response {
+        (status = 401, body = ErrorBody),
+        (status = 503, description = "http.max_streams event streams are open already", body = ErrorBody)))]
+pub(super) async fn status_stream(State(s): State<ApiState>) -> Result<Response, ApiError> {
     let shutdown = s.shutdown.clone();
-    let stream = super::slots::async_stream(shutdown, move |tx| async move {
+    let permit = s.open_stream()?;
+    let stream = super::slots::async_stream(shutdown, permit, move |tx| async move {
         loop {
             let report = status_report(&s).await;
             let data = serde_json::to_string(&report).unwrap_or_default();
@@ -226,9 +228,7 @@ pub(super) async fn status_stream(State(s): State<ApiState>) -> Response {
             tokio::time::sleep(STATUS_STREAM_EVERY).await;
         }
     });
-    Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    Ok(super::slots::sse_response(stream))
 }
 
 fn agents_report(s: &ApiState, cfg: &Config) -> std::collections::BTreeMap<String, AgentReport> {

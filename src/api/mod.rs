@@ -14,6 +14,7 @@ mod errors;
 mod health;
 mod objectives;
 mod openapi;
+pub mod server;
 mod slots;
 mod tasks;
 mod ui;
@@ -119,6 +120,32 @@ pub struct ApiState {
     pub running: Arc<RunningTasks>,
     /// Ends event streams at shutdown, so the server can drain.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Event streams open, bounded by `http.max_streams`.
+    pub streams: Arc<server::Gate>,
+}
+
+impl ApiState {
+    /// A place for one more event stream, or the 503 that says the bound is reached.
+    fn open_stream(&self) -> Result<server::Permit, ApiError> {
+        let max = self.config.load().http.max_streams;
+        server::Gate::try_enter(
+            &self.streams,
+            max,
+            &self.metrics,
+            crate::metrics::HTTP_STREAMS,
+        )
+        .ok_or_else(|| {
+            self.metrics
+                .counter(crate::metrics::HTTP_REFUSED_TOTAL, &[("reason", "streams")])
+                .increment(1);
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "too many event streams open (http.max_streams = {max}); close one or retry later"
+                ),
+            )
+        })
+    }
 }
 
 /// Builds the router.

@@ -73,7 +73,8 @@ pub(super) async fn slot_events(
     let mut live = s.orchestrator.hub().subscribe();
     let store = s.store.clone();
     let shutdown = s.shutdown.clone();
-    let stream = async_stream(shutdown, move |tx| async move {
+    let permit = s.open_stream()?;
+    let stream = async_stream(shutdown, permit, move |tx| async move {
         let mut last = after;
         loop {
             // Catch up from the database.
@@ -114,9 +115,7 @@ pub(super) async fn slot_events(
             }
         }
     });
-    Ok(Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response())
+    Ok(sse_response(stream))
 }
 
 /// How errors name the slot id in the path: `slot`, or `session` under the old
@@ -149,10 +148,18 @@ pub(super) fn to_sse(e: &crate::store::TaskEvent) -> Result<Event, Infallible> {
         .data(data.to_string()))
 }
 
-/// A stream fed by a producer task through a small bounded channel; the producer stops
-/// when the client goes away (the receiver is dropped).
+/// How often an event stream with nothing to say sends a comment line. Its write is how a
+/// client that vanished without closing is found (the write fails), and it keeps proxies
+/// from timing the stream out.
+pub(super) const STREAM_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// A stream fed by a producer task through a small bounded channel. The producer ends
+/// when the client goes away even if it has nothing to send (the response body, and with
+/// it the receiver, is dropped once hyper sees the connection close or a heartbeat write
+/// fail), at shutdown, or when it returns; its place among `http.max_streams` goes with it.
 pub(super) fn async_stream<F, Fut>(
     shutdown: tokio_util::sync::CancellationToken,
+    permit: super::server::Permit,
     produce: F,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<Event, Infallible>>
 where
@@ -160,14 +167,26 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let gone = tx.clone();
     let fut = produce(tx);
     tokio::spawn(async move {
+        let _permit = permit;
         tokio::select! {
             _ = shutdown.cancelled() => {}
+            _ = gone.closed() => {}
             _ = fut => {}
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// The response of an event stream, with its heartbeat.
+pub(super) fn sse_response(
+    stream: tokio_stream::wrappers::ReceiverStream<Result<Event, Infallible>>,
+) -> Response {
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(STREAM_HEARTBEAT))
+        .into_response()
 }
 
 /// `POST /v1/sessions/{id}/run`: the run slot's path before slots were called slots.

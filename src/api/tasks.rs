@@ -235,7 +235,7 @@ pub(super) async fn task_events(
         .is_some_and(|v| v.contains("text/event-stream"));
     if wants_stream {
         let resume = last_event_id(&headers)?;
-        return Ok(follow_task_events(s, id, resume.unwrap_or(after)));
+        return follow_task_events(s, id, resume.unwrap_or(after));
     }
     let (events, truncated) = s
         .store
@@ -376,18 +376,24 @@ pub(super) async fn retry_tasks(
     .into_response())
 }
 
-/// How often a task's event stream reads the database for new events. Events are read from
-/// the table, not from this instance's memory, so a task running on another instance is
-/// followed the same way.
+/// How often a task's event stream reads the database for new events while they come,
+/// and the longest it waits once they stop (the wait doubles each quiet read). Events are
+/// read from the table, not from this instance's memory, so a task running on another
+/// instance is followed the same way; an event this instance stores for the task wakes the
+/// stream at once.
 const FOLLOW_POLL: Duration = Duration::from_millis(250);
+const FOLLOW_POLL_MAX: Duration = Duration::from_secs(2);
 
 /// The events of task `id` after event `after`, as server-sent events, until the task is
 /// final and every event up to its end was sent (or the client leaves, or shutdown).
-fn follow_task_events(s: ApiState, id: i64, after: i64) -> Response {
+fn follow_task_events(s: ApiState, id: i64, after: i64) -> Result<Response, ApiError> {
     let store = s.store.clone();
     let max_bytes = s.config.load().http.max_response_bytes;
-    let stream = super::slots::async_stream(s.shutdown.clone(), move |tx| async move {
+    let permit = s.open_stream()?;
+    let mut live = s.orchestrator.hub().subscribe();
+    let stream = super::slots::async_stream(s.shutdown.clone(), permit, move |tx| async move {
         let mut last = after;
+        let mut wait = FOLLOW_POLL;
         loop {
             // The status first: once it is final, the page read after it holds the end.
             let done = match store.get_task(id).await {
@@ -397,6 +403,7 @@ fn follow_task_events(s: ApiState, id: i64, after: i64) -> Response {
                     return;
                 }
             };
+            let before = last;
             loop {
                 let (page, truncated) = match store.task_events_page(id, last, 500, max_bytes).await
                 {
@@ -420,10 +427,31 @@ fn follow_task_events(s: ApiState, id: i64, after: i64) -> Response {
             if done {
                 return;
             }
-            tokio::time::sleep(FOLLOW_POLL).await;
+            wait = if last > before {
+                FOLLOW_POLL
+            } else {
+                wait.saturating_mul(2).min(FOLLOW_POLL_MAX)
+            };
+            let sleep = tokio::time::sleep(wait);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = &mut sleep => break,
+                    ev = live.recv() => match ev {
+                        Ok(ev) if ev.event.task_id == id => {
+                            wait = FOLLOW_POLL;
+                            break;
+                        }
+                        Ok(_) => {}
+                        // Behind or closed: the next read catches up either way.
+                        Err(_) => {
+                            (&mut sleep).await;
+                            break;
+                        }
+                    },
+                }
+            }
         }
     });
-    Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    Ok(super::slots::sse_response(stream))
 }

@@ -15,6 +15,8 @@ pub const MAX_PREFETCH: u32 = 10_000;
 pub const MAX_RESULT_BYTES: u64 = 64 << 20;
 /// Bound of `workers.max_event_bytes`.
 pub const MAX_EVENT_BYTES: u64 = 16 << 20;
+/// Upper bound of `http.max_connections` (each is a file descriptor).
+pub const MAX_HTTP_CONNECTIONS: usize = 1 << 16;
 pub mod reload;
 mod sections;
 mod validate;

@@ -276,6 +276,13 @@ pub struct HttpConfig {
     pub max_response_bytes: u64,
     /// Most tasks one bulk submit (`POST /v1/tasks` with an array) may carry.
     pub max_bulk_items: usize,
+    /// A connection must finish a request header within this of opening and of the end of
+    /// each response, or it is closed (half-sent requests, idle keep-alives).
+    pub header_read_timeout: Dur,
+    /// Most HTTP connections open at once; one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// Most event streams open at once; one more is answered 503.
+    pub max_streams: usize,
 }
 
 impl Default for HttpConfig {
@@ -287,6 +294,9 @@ impl Default for HttpConfig {
             max_body_bytes: 1024 * 1024,
             max_response_bytes: 8 * 1024 * 1024,
             max_bulk_items: 1000,
+            header_read_timeout: Dur::secs(10),
+            max_connections: 1024,
+            max_streams: 256,
         }
     }
 }

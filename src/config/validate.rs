@@ -247,6 +247,26 @@ impl Config {
                 "must be between 1 KiB and 1 GiB".into(),
             );
         }
+        let h = &self.http;
+        let t = h.header_read_timeout.get();
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&t) {
+            bad(
+                "http.header_read_timeout",
+                "must be between 1s and 1h".into(),
+            );
+        }
+        if !(1..=MAX_HTTP_CONNECTIONS).contains(&h.max_connections) {
+            bad(
+                "http.max_connections",
+                format!("must be in 1..={MAX_HTTP_CONNECTIONS}"),
+            );
+        }
+        if !(1..=MAX_HTTP_CONNECTIONS).contains(&h.max_streams) {
+            bad(
+                "http.max_streams",
+                format!("must be in 1..={MAX_HTTP_CONNECTIONS}"),
+            );
+        }
         let hook = &self.alerts.webhook_url;
         if !(hook.is_empty() || hook.starts_with("http://") || hook.starts_with("https://")) {
             bad(

@@ -290,6 +290,7 @@ impl Daemon {
             heartbeat: Arc::clone(&self.heartbeat),
             running: Arc::clone(&self.running),
             shutdown: self.shutdown.clone(),
+            streams: Default::default(),
         }
     }
 
@@ -302,15 +303,13 @@ impl Daemon {
         let local = listener
             .local_addr()
             .map_err(|e| DaemonError::Listen(self.config.load().http.listen.clone(), e))?;
-        let shutdown = self.shutdown.clone();
-        self.tasks.spawn(async move {
-            let served = axum::serve(listener, api)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        });
+        self.tasks.spawn(api::server::serve(
+            listener,
+            api,
+            Arc::clone(&self.config),
+            self.metrics.clone(),
+            self.shutdown.clone(),
+        ));
         Ok(local)
     }
 
