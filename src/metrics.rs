@@ -57,6 +57,7 @@ metrics_table! {
     DB_CHECKOUT_WAIT_SECONDS = "db_checkout_wait_seconds", Histogram, Seconds, [], "Time from asking for a connection to getting one (successful checkouts).";
     DB_CHECKOUT_TIMEOUTS_TOTAL = "db_checkout_timeouts_total", Counter, Count, [], "Checkouts that failed after waiting checkout_timeout.";
     DB_SESSIONS_OPEN = "db_sessions_open", Gauge, Count, [], "Live DB session guards (checked-out pooled connections).";
+    DB_SESSIONS_ENCRYPTED = "db_sessions_encrypted", Gauge, Count, [], "This instance's database sessions the server lists as encrypted (pg_stat_ssl; supervisor's last reading).";
     DB_SESSIONS_OPENED_TOTAL = "db_sessions_opened_total", Counter, Count, [], "DB session guards handed out.";
     DB_SESSION_OLDEST_AGE_SECONDS = "db_session_oldest_age_seconds", Gauge, Seconds, [], "Age of the oldest live DB session guard (0 when none).";
     DB_SESSIONS_LONG_LIVED_TOTAL = "db_sessions_long_lived_total", Counter, Count, [], "DB sessions that outlived session_warn_age (counted once each).";

@@ -175,6 +175,9 @@ pub(super) struct StatusReport {
     /// there are. Names from input (agents queued by SQL) must not grow this answer.
     truncated: Vec<&'static str>,
     config: ConfigMeta,
+    /// `sslmode` in force and how many of this instance's sessions the server lists as
+    /// encrypted (supervisor's last reading; null before its first).
+    database_tls: Option<crate::supervisor::Encryption>,
     logging: LoggingReport,
     /// The agents this instance runs, with their limits.
     agents: std::collections::BTreeMap<String, AgentReport>,
@@ -359,6 +362,7 @@ async fn status_report(s: &ApiState) -> StatusReport {
         instances_total: view.as_ref().map(|v| v.instances_total),
         truncated,
         config: (**s.config_meta.load()).clone(),
+        database_tls: s.heartbeat.encryption(),
         logging: LoggingReport {
             level: cfg.logging.level.clone(),
         },

@@ -54,12 +54,32 @@ pub fn render_status(v: &Value) -> String {
         s(&v["config"]["loaded_at"])
     );
     render_pool(&mut out, &v["pool"]);
+    render_tls(&mut out, &v["database_tls"]);
     render_sessions(&mut out, &v["sessions"]);
     render_tasks(&mut out, &v["tasks"]);
     render_queues(&mut out, &v["queues"]);
     render_alerts(&mut out, &v["alerts_firing"]);
     render_instances(&mut out, &v["instances"]);
     out
+}
+
+/// One line: the sslmode in force and how many sessions the server sees encrypted.
+fn render_tls(out: &mut String, t: &Value) {
+    if t.is_null() {
+        let _ = writeln!(out, "database TLS: not read yet\n");
+        return;
+    }
+    let how = match (t["version"].as_str(), t["cipher"].as_str()) {
+        (Some(v), Some(c)) => format!(" ({v}, {c})"),
+        _ => String::new(),
+    };
+    let _ = writeln!(
+        out,
+        "database TLS: sslmode {}; {} of {} sessions encrypted{how}\n",
+        s(&t["sslmode"]),
+        s(&t["encrypted"]),
+        s(&t["sessions"])
+    );
 }
 
 /// Rows of a JSON array, `limit` at most; none when it is absent.

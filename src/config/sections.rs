@@ -39,6 +39,13 @@ pub struct DatabaseConfig {
     /// The embedded PostgreSQL also listens on 127.0.0.1 at this port, so local
     /// applications can enqueue from their own transactions (0 = unix socket only).
     pub embedded_listen_port: u16,
+    /// libpq's `sslmode` for `url` and `direct_url` (their own `sslmode=` wins).
+    pub sslmode: crate::db::tls::SslMode,
+    /// Root certificate(s) to verify the server against: a PEM file, or `system`.
+    pub sslrootcert: String,
+    /// A client certificate (PEM) and its key, for `cert` authentication.
+    pub sslcert: String,
+    pub sslkey: String,
 }
 
 /// The connection pooler in front of PostgreSQL, as `database.pooler` names it.
@@ -88,6 +95,10 @@ impl Default for DatabaseConfig {
             pooler: Pooler::None,
             direct_url: String::new(),
             embedded_listen_port: 0,
+            sslmode: Default::default(),
+            sslrootcert: String::new(),
+            sslcert: String::new(),
+            sslkey: String::new(),
         }
     }
 }

@@ -45,22 +45,27 @@ impl Config {
                 "PostgreSQL keeps at most 63 bytes".into(),
             );
         }
-        if !db.url.is_empty() && db.url.parse::<tokio_postgres::Config>().is_err() {
-            bad(
-                "database.url",
-                "not a PostgreSQL connection URL (postgresql://user@host/db)".into(),
-            );
+        for (key, url) in [
+            ("database.url", &db.url),
+            ("database.direct_url", &db.direct_url),
+        ] {
+            if url.is_empty() {
+                continue;
+            }
+            if let Err(e) = crate::db::tls::parse_url(url) {
+                bad(
+                    key,
+                    format!("not a PostgreSQL connection URL (postgresql://user@host/db): {e}"),
+                );
+            } else if let Err(e) = crate::db::tls::Tls::for_url(url, db) {
+                // Certificates are read now, so a missing CA file is found by check-config.
+                bad(key, e.to_string());
+            }
         }
         if (1..1024).contains(&db.embedded_listen_port) {
             bad(
                 "database.embedded_listen_port",
                 "must be 0 (off) or in 1024..=65535 (the server does not run as root)".into(),
-            );
-        }
-        if !db.direct_url.is_empty() && db.direct_url.parse::<tokio_postgres::Config>().is_err() {
-            bad(
-                "database.direct_url",
-                "not a PostgreSQL connection URL (postgresql://user@host/db)".into(),
             );
         }
     }

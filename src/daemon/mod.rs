@@ -108,9 +108,7 @@ impl Database {
     pub async fn open(cfg: &Config) -> Result<Database, DaemonError> {
         let url = cfg.database.effective_url();
         if !url.trim().is_empty() {
-            let pg: tokio_postgres::Config = url
-                .parse()
-                .map_err(|e: tokio_postgres::Error| DaemonError::Url(e.to_string()))?;
+            let pg = crate::db::parse_url(&url).map_err(|e| DaemonError::Url(e.to_string()))?;
             tracing::info!(target_db = %describe(&pg), "using external PostgreSQL");
             return Ok(Database {
                 pg,

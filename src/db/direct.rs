@@ -95,11 +95,12 @@ pub async fn connect_direct(
     cfg: &DatabaseConfig,
     purpose: &str,
 ) -> Result<DirectClient, DbError> {
-    let (mut pg, pooler) = session_target(pg, cfg)?;
+    let (mut pg, pooler, tls) = session_target(pg, cfg)?;
     session_settings_via(&mut pg, cfg, pooler);
     pg.application_name(format!("{}:{purpose}", cfg.application_name));
     let (client, conn) =
-        match tokio::time::timeout(cfg.connect_timeout.get(), pg.connect(NoTls)).await {
+        match tokio::time::timeout(cfg.connect_timeout.get(), super::tls::connect(&pg, &tls)).await
+        {
             Ok(r) => r.map_err(DbError::Connect)?,
             Err(_) => return Err(DbError::ConnectTimeout(cfg.connect_timeout.get())),
         };

@@ -29,6 +29,8 @@ pub enum DbError {
     Deadline(Duration),
     #[error("invalid database configuration: {0}")]
     Config(String),
+    #[error("database TLS: {0}")]
+    Tls(#[from] crate::db::tls::TlsError),
 }
 
 /// A PostgreSQL error as an operator wants it in a log line: SQLSTATE and message for a
@@ -74,7 +76,7 @@ impl DbError {
             | DbError::ConnectTimeout(_)
             | DbError::Connect(_)
             | DbError::Deadline(_) => true,
-            DbError::PoolClosed | DbError::Config(_) => false,
+            DbError::PoolClosed | DbError::Config(_) | DbError::Tls(_) => false,
             DbError::Query(e) => match e.code() {
                 // No server error at all: the connection broke (I/O, closed).
                 None => true,

@@ -168,11 +168,12 @@ impl Drop for Session {
             // The server may still be running the abandoned statement: ask it to stop,
             // and do not hand this connection to anyone else.
             let token = obj.client.cancel_token();
+            let tls = self.db.inner.tls.clone();
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 // Bounded: on a dead link the cancel request may get no answer either.
                 rt.spawn(async move {
                     let _ =
-                        tokio::time::timeout(CANCEL_REQUEST_LIMIT, token.cancel_query(NoTls)).await;
+                        tokio::time::timeout(CANCEL_REQUEST_LIMIT, token.cancel_query(tls)).await;
                 });
             }
             tracing::debug!(session_id = self.info.id, caller = %self.info.caller, label = self.info.label, "session dropped mid-statement; cancelling it and discarding the connection");

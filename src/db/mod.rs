@@ -28,6 +28,7 @@ pub use error::{DbError, describe_pg_error};
 
 pub mod embedded;
 pub mod migrate;
+pub mod tls;
 
 use std::fmt;
 use std::panic::Location;
@@ -39,7 +40,7 @@ use deadpool::managed::{
     self, Metrics as PoolMetrics, Object, PoolError, RecycleResult, TimeoutType, Timeouts,
 };
 use deadpool_postgres::{ClientWrapper, ManagerConfig, RecyclingMethod};
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::Row;
 
 use crate::config::{DatabaseConfig, Pooler};
 use crate::metrics::Metrics;
@@ -95,6 +96,8 @@ pub struct PgConn {
 /// deadpool-postgres' manager, plus one `pg_backend_pid()` per new connection.
 pub struct PgManager {
     inner: deadpool_postgres::Manager,
+    /// `sslmode=allow`'s second attempt, encrypted.
+    encrypted: Option<deadpool_postgres::Manager>,
     /// Session mode: settings each new connection gets with a SET (no startup options
     /// pass the pooler). Transaction mode: none (they are SET LOCAL per transaction).
     on_connect: Option<String>,
@@ -111,7 +114,10 @@ impl managed::Manager for PgManager {
     type Error = tokio_postgres::Error;
 
     async fn create(&self) -> Result<PgConn, tokio_postgres::Error> {
-        let client = self.inner.create().await?;
+        let client = match (self.inner.create().await, &self.encrypted) {
+            (Err(e), Some(encrypted)) if e.as_db_error().is_some() => encrypted.create().await?,
+            (r, _) => r?,
+        };
         if let Some(sql) = &self.on_connect {
             client.batch_execute(sql).await?;
         }
@@ -186,6 +192,8 @@ struct DbInner {
     connect_timeout: Duration,
     query_timeout: Duration,
     capture_backtraces: bool,
+    /// For cancel requests, which open a connection of their own.
+    tls: tls::Connector,
     /// Behind a transaction pooler: unnamed statements only, limits SET LOCAL per
     /// transaction (this SQL).
     unnamed: bool,
@@ -236,19 +244,33 @@ pub fn session_settings_via(pg: &mut tokio_postgres::Config, cfg: &DatabaseConfi
 
 /// Where a connection that needs a session of its own (LISTEN, the migration lock, the
 /// supervisor's admin connection) goes: `direct_url` when set, straight to PostgreSQL;
-/// else `pg` (the pool's target), through whatever pooler is there.
+/// else `pg` (the pool's target), through whatever pooler is there. With the TLS of that
+/// target.
 pub fn session_target(
     pg: &tokio_postgres::Config,
     cfg: &DatabaseConfig,
-) -> Result<(tokio_postgres::Config, Pooler), DbError> {
+) -> Result<(tokio_postgres::Config, Pooler, tls::Tls), DbError> {
     if cfg.direct_url.trim().is_empty() {
-        return Ok((pg.clone(), cfg.pooler));
+        return Ok((pg.clone(), cfg.pooler, pool_tls(cfg)?));
     }
-    let direct = cfg
-        .direct_url
-        .parse()
-        .map_err(|e: tokio_postgres::Error| DbError::Config(format!("database.direct_url: {e}")))?;
-    Ok((direct, Pooler::None))
+    let (direct, _) = tls::parse_url(&cfg.direct_url)
+        .map_err(|e| DbError::Config(format!("database.direct_url: {e}")))?;
+    Ok((
+        direct,
+        Pooler::None,
+        tls::Tls::for_url(&cfg.direct_url, cfg)?,
+    ))
+}
+
+/// The TLS of the pool's target: `database.url` (or its env override) and the
+/// `[database]` TLS keys.
+pub fn pool_tls(cfg: &DatabaseConfig) -> Result<tls::Tls, DbError> {
+    Ok(tls::Tls::for_url(&cfg.effective_url(), cfg)?)
+}
+
+/// Parses a connection URL, whatever libpq TLS parameters it carries (see [`tls`]).
+pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, DbError> {
+    Ok(tls::parse_url(url)?.0)
 }
 
 /// Whether notifications can be listened for: LISTEN needs a session that lasts, which a
@@ -265,13 +287,34 @@ impl Db {
         metrics: &Metrics,
     ) -> Result<Db, DbError> {
         session_settings(&mut pg, cfg);
+        let tls = pool_tls(cfg)?;
+        tls.apply(&mut pg);
+        // sslmode=allow: a plaintext session first, an encrypted one if the server refuses.
+        let encrypted = (tls.mode == tls::SslMode::Allow
+            && pg.get_ssl_mode() == tokio_postgres::config::SslMode::Disable
+            && pg
+                .get_hosts()
+                .iter()
+                .any(|h| matches!(h, tokio_postgres::config::Host::Tcp(_))))
+        .then(|| {
+            let mut pg = pg.clone();
+            pg.ssl_mode(tokio_postgres::config::SslMode::Require);
+            deadpool_postgres::Manager::from_config(
+                pg,
+                tls.connector(),
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            )
+        });
         let recycling_method = RecyclingMethod::Fast;
         let manager = PgManager {
             inner: deadpool_postgres::Manager::from_config(
                 pg,
-                NoTls,
+                tls.connector(),
                 ManagerConfig { recycling_method },
             ),
+            encrypted,
             on_connect: (cfg.pooler == Pooler::Session).then(|| limit_settings(cfg, false)),
             stable_backend: cfg.pooler != Pooler::Transaction,
             pre_ping: cfg.pre_ping,
@@ -302,6 +345,7 @@ impl Db {
                 connect_timeout: cfg.connect_timeout.get(),
                 query_timeout: cfg.query_timeout.get(),
                 capture_backtraces: cfg.capture_backtraces,
+                tls: tls.connector(),
                 unnamed: cfg.pooler == Pooler::Transaction,
                 set_local: (cfg.pooler == Pooler::Transaction).then(|| limit_settings(cfg, true)),
             }),

@@ -27,12 +27,12 @@ impl Orchestrator {
         let cfg = i.config.load_full();
         let deadline = cfg.database.query_timeout.get();
         // LISTEN needs a session that lasts: `direct_url` when set.
-        let (mut pg, pooler) = crate::db::session_target(&i.pg, &cfg.database)?;
+        let (mut pg, pooler, tls) = crate::db::session_target(&i.pg, &cfg.database)?;
         crate::db::session_settings_via(&mut pg, &cfg.database, pooler);
         pg.application_name(format!("{}:listener", cfg.database.application_name));
         let connect_limit = cfg.database.connect_timeout.get();
         let (client, mut conn) =
-            match tokio::time::timeout(connect_limit, pg.connect(tokio_postgres::NoTls)).await {
+            match tokio::time::timeout(connect_limit, crate::db::tls::connect(&pg, &tls)).await {
                 Ok(r) => r.map_err(DbError::Connect)?,
                 Err(_) => return Err(DbError::ConnectTimeout(connect_limit)),
             };

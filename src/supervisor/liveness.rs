@@ -17,6 +17,8 @@ pub struct Heartbeat {
     outcome_stall: std::sync::Mutex<Option<String>>,
     /// The view is from an earlier tick: the last read was refused by lock_timeout.
     view_stale: std::sync::atomic::AtomicBool,
+    /// Whether this instance's sessions are encrypted, as last read.
+    encryption: std::sync::Mutex<Option<super::Encryption>>,
 }
 
 /// Why the daemon is not ready, if it is not: the supervisor has not completed a tick
@@ -137,6 +139,15 @@ impl Heartbeat {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+    pub fn encryption(&self) -> Option<super::Encryption> {
+        self.encryption
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+    pub(super) fn set_encryption(&self, seen: super::Encryption) {
+        *self.encryption.lock().unwrap_or_else(|p| p.into_inner()) = Some(seen);
     }
     pub(super) fn set_outcome_stall(&self, why: Option<String>) {
         *self.outcome_stall.lock().unwrap_or_else(|p| p.into_inner()) = why;

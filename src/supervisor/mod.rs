@@ -24,6 +24,10 @@
 
 mod agents;
 
+mod encryption;
+
+pub use encryption::Encryption;
+
 mod outcomes;
 
 mod process;
@@ -248,7 +252,8 @@ impl Supervisor {
         let db_result = async {
             self.check_tasks(&cfg, &mut report).await?;
             self.check_backends(&cfg, &mut report).await?;
-            self.check_agents(&cfg).await
+            self.check_agents(&cfg).await?;
+            self.check_encryption(&cfg).await
         }
         .await;
         self.check_process(&cfg, &mut report).await;

@@ -1,0 +1,613 @@
+//! TLS to PostgreSQL, for every connection the daemon makes (pool, direct, listener,
+//! migrations, cancel requests), with rustls and libpq's `sslmode` meanings:
+//!
+//! | sslmode | encrypts | verifies |
+//! |---|---|---|
+//! | `disable` | never | — |
+//! | `allow` | only if the server refuses a plaintext session | nothing |
+//! | `prefer` (default) | when the server offers it | nothing (the chain, when `sslrootcert` is given) |
+//! | `require` | always | nothing (the chain, when `sslrootcert` is given) |
+//! | `verify-ca` | always | the chain up to `sslrootcert` |
+//! | `verify-full` | always | the chain and the host name |
+//!
+//! tokio-postgres knows only `disable`, `prefer` and `require` and refuses the rest in a
+//! URL, so the TLS parameters (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`) are taken out
+//! of a URL here ([`parse_url`]) and the rest handed to it. A URL's parameters win over the
+//! `[database]` keys of the same name. Unix-socket connections are never encrypted
+//! (PostgreSQL does not offer TLS on them), whatever the mode.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{VerifierBuilderError, WebPkiServerVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use serde::{Deserialize, Serialize};
+use tokio_postgres::config::SslMode as WireMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::config::DatabaseConfig;
+
+/// libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    Disable,
+    Allow,
+    #[default]
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    fn parse(s: &str) -> Result<SslMode, TlsError> {
+        Ok(match s {
+            "disable" => SslMode::Disable,
+            "allow" => SslMode::Allow,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            other => return Err(TlsError::Mode(other.to_string())),
+        })
+    }
+
+    /// What tokio-postgres is told: it encrypts or not; verification is ours.
+    fn wire(self) -> WireMode {
+        match self {
+            SslMode::Disable | SslMode::Allow => WireMode::Disable,
+            SslMode::Prefer => WireMode::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => WireMode::Require,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("sslmode {0:?} is not one of disable, allow, prefer, require, verify-ca, verify-full")]
+    Mode(String),
+    #[error("sslmode={0} needs a root certificate: set sslrootcert (a PEM file, or \"system\")")]
+    NoRoot(&'static str),
+    #[error("sslrootcert {path}: {reason}")]
+    Root { path: String, reason: String },
+    #[error("sslcert {path}: {reason}")]
+    Cert { path: String, reason: String },
+    #[error("sslkey {path}: {reason}")]
+    Key { path: String, reason: String },
+    #[error("sslcert and sslkey must be given together")]
+    CertWithoutKey,
+    #[error("the client certificate and key do not go together: {0}")]
+    ClientAuth(String),
+    #[error("invalid connection string: {0}")]
+    Url(String),
+}
+
+/// The TLS parameters, from a URL or the `[database]` keys (empty: not given).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsParams {
+    pub mode: Option<SslMode>,
+    pub root_cert: String,
+    pub cert: String,
+    pub key: String,
+}
+
+impl TlsParams {
+    /// `self`, with what `over` gives taking its place.
+    fn overridden_by(mut self, over: TlsParams) -> TlsParams {
+        if over.mode.is_some() {
+            self.mode = over.mode;
+        }
+        for (mine, theirs) in [
+            (&mut self.root_cert, over.root_cert),
+            (&mut self.cert, over.cert),
+            (&mut self.key, over.key),
+        ] {
+            if !theirs.is_empty() {
+                *mine = theirs;
+            }
+        }
+        self
+    }
+
+    fn of_config(cfg: &DatabaseConfig) -> TlsParams {
+        TlsParams {
+            mode: Some(cfg.sslmode),
+            root_cert: cfg.sslrootcert.clone(),
+            cert: cfg.sslcert.clone(),
+            key: cfg.sslkey.clone(),
+        }
+    }
+}
+
+/// Takes the TLS parameters out of a connection string (a `postgresql://` URL or
+/// `key=value` pairs): the string tokio-postgres can parse, and what was taken.
+pub fn split_tls_params(conn: &str) -> Result<(String, TlsParams), TlsError> {
+    let mut params = TlsParams::default();
+    let mut take = |k: &str, v: String| -> Result<bool, TlsError> {
+        match k {
+            "sslmode" => params.mode = Some(SslMode::parse(&v)?),
+            "sslrootcert" => params.root_cert = v,
+            "sslcert" => params.cert = v,
+            "sslkey" => params.key = v,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    };
+    let trimmed = conn.trim();
+    if trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://") {
+        let Some((base, query)) = trimmed.split_once('?') else {
+            return Ok((trimmed.to_string(), params));
+        };
+        let mut kept = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if !take(k, percent_decode(v)?)? {
+                kept.push(pair);
+            }
+        }
+        let clean = if kept.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        return Ok((clean, params));
+    }
+    // key=value pairs; a value may be quoted with '...' (backslash escapes), as libpq's.
+    let mut kept = Vec::new();
+    let mut rest = trimmed;
+    while !rest.is_empty() {
+        let (pair, value, after) = next_pair(rest)?;
+        if !take(pair.0, value)? {
+            kept.push(pair.1);
+        }
+        rest = after.trim_start();
+    }
+    Ok((kept.join(" "), params))
+}
+
+/// One `key=value` (or `key='quoted value'`) at the start of `s`: ((key, the pair's text),
+/// the value, what follows).
+fn next_pair(s: &str) -> Result<((&str, &str), String, &str), TlsError> {
+    let eq = s
+        .find('=')
+        .ok_or_else(|| TlsError::Url(format!("{s:?}: expected key=value")))?;
+    let key = s[..eq].trim();
+    let after_eq = s[eq + 1..].trim_start();
+    let start = s.len() - after_eq.len();
+    if let Some(q) = after_eq.strip_prefix('\'') {
+        let mut value = String::new();
+        let mut chars = q.char_indices();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, n)) = chars.next() {
+                        value.push(n);
+                    }
+                }
+                '\'' => {
+                    let end = start + 1 + i + 1;
+                    return Ok(((key, &s[..end]), value, &s[end..]));
+                }
+                c => value.push(c),
+            }
+        }
+        return Err(TlsError::Url(format!("{s:?}: unterminated quoted value")));
+    }
+    let len = after_eq.find(char::is_whitespace).unwrap_or(after_eq.len());
+    let end = start + len;
+    Ok(((key, &s[..end]), after_eq[..len].to_string(), &s[end..]))
+}
+
+fn percent_decode(v: &str) -> Result<String, TlsError> {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = v
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| TlsError::Url(format!("bad percent escape in {v:?}")))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| TlsError::Url(format!("{v:?} is not UTF-8")))
+}
+
+/// Parses a connection string whose TLS parameters may be any of libpq's; the TLS ones
+/// are returned beside the tokio-postgres config.
+pub fn parse_url(conn: &str) -> Result<(tokio_postgres::Config, TlsParams), TlsError> {
+    let (clean, params) = split_tls_params(conn)?;
+    let pg = clean
+        .parse::<tokio_postgres::Config>()
+        .map_err(|e| TlsError::Url(e.to_string()))?;
+    Ok((pg, params))
+}
+
+/// The TLS of one target, built once (certificates read) and cheap to clone.
+#[derive(Clone)]
+pub struct Tls {
+    pub mode: SslMode,
+    connector: Connector,
+}
+
+/// The rustls connector, and a name for the hosts it is given none or no valid one for (a
+/// unix socket, which is never encrypted; a bare `hostaddr`): `verify-full` then fails on
+/// the name, as libpq's does, and the other modes go on.
+#[derive(Clone)]
+pub struct Connector(MakeRustlsConnect);
+
+const NO_HOST_NAME: &str = "invalid.invalid";
+
+impl<S> tokio_postgres::tls::MakeTlsConnect<S> for Connector
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<S>>::Stream;
+    type TlsConnect = <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<S>>::TlsConnect;
+    type Error = <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<S>>::Error;
+
+    fn make_tls_connect(&mut self, hostname: &str) -> Result<Self::TlsConnect, Self::Error> {
+        let name = if ServerName::try_from(hostname).is_ok() {
+            hostname
+        } else {
+            NO_HOST_NAME
+        };
+        <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<S>>::make_tls_connect(
+            &mut self.0,
+            name,
+        )
+    }
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("mode", &self.mode).finish()
+    }
+}
+
+impl Tls {
+    /// The TLS for the connection string `url` (empty: a target given without one, such as
+    /// the embedded server's socket) under `cfg`'s `[database]` keys.
+    pub fn for_url(url: &str, cfg: &DatabaseConfig) -> Result<Tls, TlsError> {
+        let from_url = if url.trim().is_empty() {
+            TlsParams::default()
+        } else {
+            split_tls_params(url)?.1
+        };
+        Tls::build(&TlsParams::of_config(cfg).overridden_by(from_url))
+    }
+
+    /// Reads the certificates `p` names.
+    pub fn build(p: &TlsParams) -> Result<Tls, TlsError> {
+        let mode = p.mode.unwrap_or_default();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let roots = match (mode, p.root_cert.as_str()) {
+            (SslMode::VerifyCa | SslMode::VerifyFull, "") => {
+                return Err(TlsError::NoRoot(mode.as_str()));
+            }
+            (_, "") => None,
+            (_, path) => Some(load_roots(path)?),
+        };
+        let verifier: Arc<dyn ServerCertVerifier> = match roots {
+            None => Arc::new(AnyCertificate(Arc::clone(&provider))),
+            Some(roots) => {
+                let webpki =
+                    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                        .build()
+                        .map_err(|e: VerifierBuilderError| TlsError::Root {
+                            path: p.root_cert.clone(),
+                            reason: e.to_string(),
+                        })?;
+                if mode == SslMode::VerifyFull {
+                    webpki
+                } else {
+                    // libpq: verify-ca, and require/prefer with a root certificate, check
+                    // the chain but not the name.
+                    Arc::new(ChainOnly(webpki))
+                }
+            }
+        };
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::ClientAuth(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        let config = match (p.cert.as_str(), p.key.as_str()) {
+            ("", "") => builder.with_no_client_auth(),
+            ("", _) | (_, "") => return Err(TlsError::CertWithoutKey),
+            (cert, key) => {
+                let chain = CertificateDer::pem_file_iter(cert)
+                    .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| TlsError::Cert {
+                        path: cert.into(),
+                        reason: e.to_string(),
+                    })?;
+                if chain.is_empty() {
+                    return Err(TlsError::Cert {
+                        path: cert.into(),
+                        reason: "no certificate in the file".into(),
+                    });
+                }
+                let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
+                    path: key.into(),
+                    reason: e.to_string(),
+                })?;
+                builder
+                    .with_client_auth_cert(chain, key_der)
+                    .map_err(|e| TlsError::ClientAuth(e.to_string()))?
+            }
+        };
+        Ok(Tls {
+            mode,
+            connector: Connector(MakeRustlsConnect::new(config)),
+        })
+    }
+
+    /// Sets what tokio-postgres must do on the wire for this mode. PostgreSQL offers no
+    /// TLS on a unix socket: a target of sockets only is never asked for it.
+    pub fn apply(&self, pg: &mut tokio_postgres::Config) {
+        let sockets_only = !pg.get_hosts().is_empty()
+            && pg
+                .get_hosts()
+                .iter()
+                .all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)));
+        pg.ssl_mode(if sockets_only {
+            WireMode::Disable
+        } else {
+            self.mode.wire()
+        });
+    }
+
+    /// The connector every connect and cancel request of this target uses.
+    pub fn connector(&self) -> Connector {
+        self.connector.clone()
+    }
+
+    /// `sslmode=allow`: the server refused a plaintext session; try once more encrypted.
+    pub fn retry_encrypted(&self, e: &tokio_postgres::Error) -> bool {
+        self.mode == SslMode::Allow && e.as_db_error().is_some()
+    }
+}
+
+/// Connects to `pg` with `tls` (its mode applied), honouring `allow`'s second attempt.
+pub async fn connect(
+    pg: &tokio_postgres::Config,
+    tls: &Tls,
+) -> Result<
+    (
+        tokio_postgres::Client,
+        tokio_postgres::Connection<
+            tokio_postgres::Socket,
+            <Connector as tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>>::Stream,
+        >,
+    ),
+    tokio_postgres::Error,
+> {
+    let mut pg = pg.clone();
+    tls.apply(&mut pg);
+    let plain = pg.get_ssl_mode() == WireMode::Disable;
+    match pg.connect(tls.connector()).await {
+        Err(e) if plain && tls.retry_encrypted(&e) => {
+            pg.ssl_mode(WireMode::Require);
+            pg.connect(tls.connector()).await
+        }
+        other => other,
+    }
+}
+
+fn load_roots(path: &str) -> Result<rustls::RootCertStore, TlsError> {
+    let bad = |reason: String| TlsError::Root {
+        path: path.to_string(),
+        reason,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    if path == "system" {
+        let found = rustls_native_certs::load_native_certs();
+        for cert in found.certs {
+            let _ = roots.add(cert);
+        }
+        if roots.is_empty() {
+            let why: Vec<String> = found.errors.iter().map(|e| e.to_string()).collect();
+            return Err(bad(format!(
+                "no usable root certificate in the system's store{}",
+                if why.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", why.join("; "))
+                }
+            )));
+        }
+        return Ok(roots);
+    }
+    let certs = CertificateDer::pem_file_iter(Path::new(path))
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| bad(e.to_string()))?;
+    for c in certs {
+        roots.add(c).map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("no certificate in the file".into()));
+    }
+    Ok(roots)
+}
+
+/// `sslmode=prefer`/`require` without a root certificate: encryption without
+/// authentication, as libpq does (the handshake signature is still checked).
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `verify-ca`: the chain must lead to the root certificate; the name is not checked.
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_parameters_leave_the_url_and_the_rest_stays() {
+        let (clean, p) = split_tls_params(
+            "postgresql://u:p@db.example.com:5432/app?sslmode=verify-full&application_name=x&sslrootcert=%2Fetc%2Fca.pem",
+        )
+        .unwrap();
+        assert_eq!(
+            clean,
+            "postgresql://u:p@db.example.com:5432/app?application_name=x"
+        );
+        assert_eq!(p.mode, Some(SslMode::VerifyFull));
+        assert_eq!(p.root_cert, "/etc/ca.pem");
+        let (clean, p) =
+            split_tls_params("postgresql://u@h/db?sslmode=require&sslcert=/c&sslkey=/k").unwrap();
+        assert_eq!(clean, "postgresql://u@h/db");
+        assert_eq!((p.cert.as_str(), p.key.as_str()), ("/c", "/k"));
+        let (clean, p) =
+            split_tls_params("host=h user=u sslmode=verify-ca sslrootcert='/a b/ca.pem' dbname=d")
+                .unwrap();
+        assert_eq!(clean, "host=h user=u dbname=d");
+        assert_eq!(p.mode, Some(SslMode::VerifyCa));
+        assert_eq!(p.root_cert, "/a b/ca.pem");
+        assert!(matches!(
+            split_tls_params("postgresql://h/db?sslmode=sometimes"),
+            Err(TlsError::Mode(_))
+        ));
+        assert!(parse_url("postgresql://u@h/db?sslmode=verify-full").is_ok());
+    }
+
+    #[test]
+    fn a_verifying_mode_needs_a_root_and_files_are_named_in_errors() {
+        let p = TlsParams {
+            mode: Some(SslMode::VerifyFull),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Tls::build(&p),
+            Err(TlsError::NoRoot("verify-full"))
+        ));
+        let p = TlsParams {
+            mode: Some(SslMode::VerifyCa),
+            root_cert: "/nonexistent/ca.pem".into(),
+            ..Default::default()
+        };
+        let e = Tls::build(&p).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/ca.pem"), "{e}");
+        let p = TlsParams {
+            mode: Some(SslMode::Require),
+            cert: "/c".into(),
+            ..Default::default()
+        };
+        assert!(matches!(Tls::build(&p), Err(TlsError::CertWithoutKey)));
+        assert!(
+            Tls::build(&TlsParams::default()).is_ok(),
+            "prefer needs nothing"
+        );
+    }
+}
