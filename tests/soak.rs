@@ -380,8 +380,11 @@ impl Rig {
                 self.note(&format!(
                     "fault: LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE for {hold:?}"
                 ));
+                // lock_timeout: a request queued behind a session that never ends would
+                // block every later locker of the table, and outlive this fault.
                 let sql = format!(
-                    "BEGIN; LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep({}); COMMIT",
+                    "SET lock_timeout = '5s'; BEGIN; LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE; \
+                     SELECT pg_sleep({}); COMMIT",
                     hold.as_secs_f64()
                 );
                 match self.admin_pg.connect(tokio_postgres::NoTls).await {
@@ -394,6 +397,10 @@ impl Rig {
                         .await;
                         if !matches!(r, Ok(Ok(()))) {
                             self.note(&format!("the lock session did not complete: {r:?}"));
+                            self.note(&format!(
+                                "long transactions: {}",
+                                self.long_transactions().await
+                            ));
                         }
                     }
                     Err(e) => self.note(&format!("no lock session: {e}")),
@@ -402,6 +409,38 @@ impl Rig {
             }
         };
         *self.faults.entry(kind).or_default() += 1;
+    }
+
+    /// Sessions whose transaction is older than 5 s, for the log of a lock that waited.
+    async fn long_transactions(&self) -> String {
+        let Ok((c, conn)) = self.admin_pg.connect(tokio_postgres::NoTls).await else {
+            return "no connection".into();
+        };
+        tokio::spawn(conn);
+        let q = c.query(
+            "SELECT pid, application_name, state, (extract(epoch FROM now() - xact_start))::int, \
+             left(query, 80) FROM pg_stat_activity \
+             WHERE xact_start < now() - interval '5 s' AND pid <> pg_backend_pid()",
+            &[],
+        );
+        match tokio::time::timeout(Duration::from_secs(5), q).await {
+            Ok(Ok(rows)) => format!(
+                "{:?}",
+                rows.iter()
+                    .map(|r| {
+                        let (pid, app, state, secs, query): (
+                            i32,
+                            Option<String>,
+                            Option<String>,
+                            Option<i32>,
+                            Option<String>,
+                        ) = (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+                        format!("pid {pid} {app:?} {state:?} {secs:?}s {query:?}")
+                    })
+                    .collect::<Vec<_>>()
+            ),
+            other => format!("{other:?}"),
+        }
     }
 
     fn output(&mut self, i: usize) -> String {
