@@ -55,6 +55,9 @@ const STALL_BOUND: Duration =
 /// Every task in the table must be final this long after the last fault was undone; a
 /// guard against a hang (tasks need seconds), not a speed assertion.
 const DRAIN_LIMIT: Duration = Duration::from_secs(150);
+/// Every daemon must answer `/readyz` 200 within this of the drain; a guard, not a speed
+/// assertion.
+const READY_LIMIT: Duration = Duration::from_secs(60);
 /// Per-daemon bounds. Idle, a daemon holds about 30 fds (pool, listener, log pipes,
 /// agent pipes) and 20-40 MiB resident; under this load with tens of abusive clients we
 /// saw well under half of each bound. They are generous on purpose: the check is for a
@@ -773,8 +776,22 @@ async fn soak(seed: u64) {
         })
         .await;
         rig.note(&format!("drained: {drained}"));
-        // A few more readiness answers and samples with everything calm.
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Every daemon ready again once calm. A guard, not a speed assertion: a daemon
+        // black-holed until the end still has to find its dead connections first.
+        let calm = Instant::now();
+        let all_ready = common::eventually(READY_LIMIT, || async {
+            let live = shared.live.lock().unwrap().clone();
+            let answers = shared.readiness.lock().unwrap();
+            live.iter().flatten().all(|(pid, _)| {
+                answers
+                    .iter()
+                    .rev()
+                    .find(|(_, p, _)| p == pid)
+                    .is_some_and(|(t, _, c)| *c == 200 && *t > calm)
+            })
+        })
+        .await;
+        rig.note(&format!("every daemon ready again: {all_ready}"));
         stop_watch.cancel();
         for w in watchers {
             w.await.unwrap();
@@ -892,7 +909,8 @@ async fn check(rig: &mut Rig, c: &tokio_postgres::Client, drained: bool, seed: u
         }
     }
 
-    // Ready again once calm: the last answer of every daemon still running is 200.
+    // Ready again once calm (the drain waited for it): the last answer of every daemon
+    // still running is 200.
     let readiness = shared.readiness.lock().unwrap().clone();
     let mut ready_by_pid: BTreeMap<i32, (usize, usize)> = BTreeMap::new();
     for (_, pid, code) in &readiness {
