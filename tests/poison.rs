@@ -134,10 +134,17 @@ async fn no_agent_output_of_any_kind_wedges_the_outcome_writer() {
             b"data: {\"step\": \"s\\u0000\"}\n\ndata: {\"result\": \"r\\u0000\"}\n\n".to_vec(),
         )])
         .await;
+        // Endless `data:` lines with no blank line to end the event: 9 MiB of them, past
+        // the 8 MiB an event may hold (it used to be gathered whole, however large).
+        let line = format!("data: {}\n", "x".repeat(4000));
+        let http_sse_flood =
+            http_agent(vec![("200 OK", "text/event-stream", line.repeat(2400).into_bytes())])
+                .await;
         cfg.push_str(&format!(
             "[agents.http_err]\nkind = \"http\"\nurl = {http_err:?}\n\
              [agents.http_nul]\nkind = \"http\"\nurl = {http_nul:?}\n\
-             [agents.http_sse]\nkind = \"http\"\nurl = {http_sse:?}\n"
+             [agents.http_sse]\nkind = \"http\"\nurl = {http_sse:?}\n\
+             [agents.http_sse_flood]\nkind = \"http\"\nurl = {http_sse_flood:?}\n"
         ));
         let url = t.url();
         let mut d = Daemon::start(dir.path(), &cfg, &[("TASKWARDEN_DATABASE_URL", &url)]);
@@ -162,7 +169,7 @@ async fn no_agent_output_of_any_kind_wedges_the_outcome_writer() {
         let names: Vec<&str> = agents
             .iter()
             .map(|(n, _)| *n)
-            .chain(["http_err", "http_nul", "http_sse"])
+            .chain(["http_err", "http_nul", "http_sse", "http_sse_flood"])
             .collect();
         for name in &names {
             ids.push((name.to_string(), submit(name.to_string(), json!({})).await));
@@ -216,6 +223,8 @@ async fn no_agent_output_of_any_kind_wedges_the_outcome_writer() {
         assert_eq!(result("http_nul")["answer"], json!("x\u{FFFD}y"));
         assert_eq!(status("http_sse"), "succeeded");
         assert_eq!(result("http_sse"), json!("r\u{FFFD}"));
+        assert_eq!(status("http_sse_flood"), "failed");
+        assert!(error("http_sse_flood").contains("larger than the limit"), "{}", error("http_sse_flood"));
 
         // The events were stored cleaned, or as a marker saying why not.
         let events = |name: &str| {

@@ -128,14 +128,23 @@ async fn read_limited(resp: reqwest::Response) -> Result<Vec<u8>, AgentError> {
 async fn read_sse(resp: reqwest::Response, ctx: &TaskContext) -> Result<AgentOutput, AgentError> {
     let mut stream = resp.bytes_stream();
     let mut buf: Vec<u8> = Vec::new();
+    // Where the search for the next newline goes on: a reply that never sends one is
+    // scanned once, not once per chunk.
+    let mut scanned = 0;
     let mut data: Vec<String> = Vec::new();
+    // One event's `data:` lines together are bounded like a line: a reply of endless
+    // `data:` lines without the blank line that ends an event must not grow memory.
+    let mut data_bytes = 0usize;
+    let too_large = || AgentError::fatal("http agent event larger than the limit");
     let mut result = None;
     while let Some(chunk) = stream.next().await {
         buf.extend_from_slice(&chunk.map_err(transport)?);
         if buf.len() > MAX_REPLY_BYTES {
-            return Err(AgentError::fatal("http agent event larger than the limit"));
+            return Err(too_large());
         }
-        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+        while let Some(found) = buf[scanned..].iter().position(|b| *b == b'\n') {
+            let pos = scanned + found;
+            scanned = 0;
             let line: Vec<u8> = buf.drain(..=pos).collect();
             let line = String::from_utf8_lossy(&line);
             let line = line.trim_end_matches(['\r', '\n']);
@@ -143,6 +152,7 @@ async fn read_sse(resp: reqwest::Response, ctx: &TaskContext) -> Result<AgentOut
                 if !data.is_empty() {
                     let joined = data.join("\n");
                     data.clear();
+                    data_bytes = 0;
                     if let Ok(v) = serde_json::from_str::<serde_json::Value>(&joined)
                         && let Some(r) = ctx.emit_json(v).await?
                     {
@@ -150,9 +160,15 @@ async fn read_sse(resp: reqwest::Response, ctx: &TaskContext) -> Result<AgentOut
                     }
                 }
             } else if let Some(d) = line.strip_prefix("data:") {
-                data.push(d.strip_prefix(' ').unwrap_or(d).to_string());
+                let d = d.strip_prefix(' ').unwrap_or(d);
+                data_bytes = data_bytes.saturating_add(d.len() + 1);
+                if data_bytes > MAX_REPLY_BYTES {
+                    return Err(too_large());
+                }
+                data.push(d.to_string());
             }
         }
+        scanned = buf.len();
     }
     if !data.is_empty()
         && let Ok(v) = serde_json::from_str::<serde_json::Value>(&data.join("\n"))
