@@ -243,6 +243,17 @@ pub fn parse_url(conn: &str) -> Result<(tokio_postgres::Config, TlsParams), TlsE
     Ok((pg, params))
 }
 
+/// The `sslmode` in force for `url` under `cfg`, without reading any certificate (what
+/// status shows; [`Tls::for_url`] builds the connector).
+pub fn mode_for_url(url: &str, cfg: &DatabaseConfig) -> Result<SslMode, TlsError> {
+    let from_url = if url.trim().is_empty() {
+        None
+    } else {
+        split_tls_params(url)?.1.mode
+    };
+    Ok(from_url.unwrap_or(cfg.sslmode))
+}
+
 /// The TLS of one target, built once (certificates read) and cheap to clone.
 #[derive(Clone)]
 pub struct Tls {

@@ -21,8 +21,9 @@ pub struct Encryption {
 
 impl Supervisor {
     pub(super) async fn check_encryption(&mut self, cfg: &Config) -> Result<(), SupervisorError> {
-        let sslmode = crate::db::pool_tls(&cfg.database)
-            .map(|t| t.mode.as_str().to_string())
+        // The mode only: building the connector would read the certificates every tick.
+        let sslmode = crate::db::tls::mode_for_url(&cfg.database.effective_url(), &cfg.database)
+            .map(|m| m.as_str().to_string())
             .unwrap_or_else(|e| format!("invalid: {e}"));
         let app = self.application_name.clone();
         let admin = self.admin().await?;
