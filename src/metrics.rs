@@ -92,6 +92,7 @@ metrics_table! {
     HTTP_STREAMS = "http_streams", Gauge, Count, [], "Event streams open (task, slot and status streams; bounded by http.max_streams).";
     HTTP_REFUSED_TOTAL = "http_refused_total", Counter, Count, ["reason"], "HTTP connections or requests refused with 503 at a bound, by reason: connections (http.max_connections open), streams (http.max_streams open).";
     HTTP_HEADER_TIMEOUTS_TOTAL = "http_header_timeouts_total", Counter, Count, [], "HTTP connections closed for not finishing a request header within http.header_read_timeout of opening or of their last response (half-sent requests and idle keep-alives).";
+    HTTP_WRITE_STALLS_TOTAL = "http_write_stalls_total", Counter, Count, [], "HTTP connections closed because a response made no write progress for http.write_timeout (the client stopped reading).";
     SUPERVISOR_TICK_SECONDS = "supervisor_tick_seconds", Histogram, Seconds, [], "Duration of one supervisor tick.";
     SUPERVISOR_LAST_TICK_TIMESTAMP_SECONDS = "supervisor_last_tick_timestamp_seconds", Gauge, Seconds, [], "Unix time the last supervisor tick finished.";
     SUPERVISOR_TICKS_TOTAL = "supervisor_ticks_total", Counter, Count, ["result"], "Supervisor ticks, result = ok or error.";
@@ -303,6 +304,7 @@ impl Metrics {
                 .absolute(0);
         }
         m.counter(HTTP_HEADER_TIMEOUTS_TOTAL, &[]).absolute(0);
+        m.counter(HTTP_WRITE_STALLS_TOTAL, &[]).absolute(0);
         m.gauge(HTTP_STREAMS, &[]).set(0.0);
         for check in ["time_out", "task_view", "agent_sessions"] {
             m.counter(SUPERVISOR_LOCK_TIMEOUTS_TOTAL, &[("check", check)])

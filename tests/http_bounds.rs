@@ -220,3 +220,179 @@ async fn abandoned_event_streams_end_and_streams_are_capped() {
     })
     .await;
 }
+
+/// Sends `GET path` (with `accept`) and reads only the status line, then nothing more.
+fn request_and_stop_reading(addr: &str, path: &str, accept: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = [0u8; 12];
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200", "{path}");
+    s
+}
+
+/// F3 of the issue-23 review: a client that asks for a big answer — an event stream
+/// replaying megabytes, an 8 MB task list — and then never reads (keeping its connection
+/// open, so the kernel never gives up) held the connection, its buffers and the stream's
+/// place and producer for good. Now writes that make no progress for `http.write_timeout`
+/// end the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_reading_are_cut() {
+    bounded(TEST_LIMIT, async {
+        let t = TestDb::new().await;
+        let dir = tempfile::tempdir().unwrap();
+        let chatty = "[agents.chatty]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \
+             \"pad=$(head -c 500000 /dev/zero | tr '\\\\0' x); for i in $(seq 1 40); do \
+             echo \\\"{\\\\\\\"n\\\\\\\":$i,\\\\\\\"pad\\\\\\\":\\\\\\\"$pad\\\\\\\"}\\\"; done\"]\n";
+        let cfg = format!("{}{chatty}", config(&t, "write_timeout = \"2s\""))
+            .replace("[workers]\n", "[workers]\nmax_event_bytes = 1000000\n");
+        let (d, base) = start(dir.path(), &cfg, &t);
+        let addr = base.trim_start_matches("http://").to_string();
+        let http = http_client(Duration::from_secs(30));
+
+        // A finished task with 40 events of 500 KB: its event stream replays 20 MB.
+        let r: serde_json::Value = http
+            .post(format!("{base}/v1/tasks"))
+            .json(&serde_json::json!({"agent": "chatty", "payload": {}}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = r["id"].as_i64().unwrap();
+        let done = eventually(LIMIT, || async {
+            common::daemon::task_status(&http, &base, id).await.as_deref() == Some("succeeded")
+        })
+        .await;
+        assert!(done, "the chatty task did not succeed:\n{}", d.output());
+        let events: serde_json::Value = http
+            .get(format!("{base}/v1/tasks/{id}/events"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        // (A page of them is already the 8 MB of http.max_response_bytes.)
+        let n = events["events"].as_array().map_or(0, Vec::len);
+        assert!(
+            n >= 15 && events["truncated"] == true,
+            "the chatty task stored {n} events, truncated {}",
+            events["truncated"]
+        );
+        // Tasks whose payloads fill an 8 MB list.
+        let pad = "y".repeat(900_000);
+        for _ in 0..10 {
+            let st = http
+                .post(format!("{base}/v1/tasks"))
+                .json(&serde_json::json!({
+                    "agent": "cat", "payload": {"pad": pad},
+                    "run_after": (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339()
+                }))
+                .send()
+                .await
+                .unwrap()
+                .status();
+            assert_eq!(st, 201);
+        }
+        let stalls_before = value(&http, &base, m::HTTP_WRITE_STALLS_TOTAL, &[]).await;
+        assert_eq!(stalls_before, 0.0);
+
+        let stream = tokio::task::block_in_place(|| {
+            request_and_stop_reading(&addr, &format!("/v1/tasks/{id}/events"), "text/event-stream")
+        });
+        let list = tokio::task::block_in_place(|| {
+            request_and_stop_reading(&addr, "/v1/tasks?status=queued&limit=100", "application/json")
+        });
+        assert_eq!(value(&http, &base, m::HTTP_STREAMS, &[]).await, 1.0);
+
+        // Both are cut once their writes have waited 2 s, though their clients are still
+        // connected; the stream's place goes with it.
+        let cut = eventually(Duration::from_secs(30), || async {
+            value(&http, &base, m::HTTP_WRITE_STALLS_TOTAL, &[]).await >= 2.0
+                && value(&http, &base, m::HTTP_STREAMS, &[]).await == 0.0
+        })
+        .await;
+        assert!(
+            cut,
+            "stalled writes {} and streams {} 30 s after the clients stopped reading",
+            value(&http, &base, m::HTTP_WRITE_STALLS_TOTAL, &[]).await,
+            value(&http, &base, m::HTTP_STREAMS, &[]).await
+        );
+        // What the clients find when they read again: part of the answer, then the end.
+        for (mut s, what) in [(stream, "stream"), (list, "list")] {
+            let got = tokio::task::block_in_place(|| read_to_close(&mut s, Duration::from_secs(20)));
+            let got = got.unwrap_or_else(|| panic!("the {what} connection is still open"));
+            assert!(got.len() < 20_000_000, "the {what} got {} bytes", got.len());
+        }
+        // A client that reads gets the whole list.
+        let full: serde_json::Value = http
+            .get(format!("{base}/v1/tasks?status=queued&limit=100"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(full["tasks"].as_array().map_or(0, Vec::len) >= 8, "list: {}", full["truncated"]);
+        stop(d);
+    })
+    .await;
+}
+
+/// Review of issue 23: a request that meets the database's weather — a statement timed out
+/// behind someone's lock, the server restarting — answered `500 database error`, which
+/// tells a client to give up. Every error the guard counts transient is now a 503 with
+/// `Retry-After`, and the same request succeeds once the weather passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_database_errors_answer_503_with_retry_after() {
+    bounded(TEST_LIMIT, async {
+        let t = TestDb::new().await;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(&t, "").replace(
+            "[database]\n",
+            "[database]\nstatement_timeout = \"1s\"\nquery_timeout = \"3s\"\n",
+        );
+        let (d, base) = start(dir.path(), &cfg, &t);
+        let http = http_client(Duration::from_secs(30));
+        let submit = || async {
+            let r = http
+                .post(format!("{base}/v1/tasks"))
+                .json(&serde_json::json!({"agent": "cat", "payload": {"n": 1}}))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let retry = r
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            (status, retry, r.text().await.unwrap())
+        };
+        assert_eq!(submit().await.0, 201);
+
+        let mut locker = t.admin().await;
+        let tx = locker.transaction().await.unwrap();
+        tx.batch_execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        let (status, retry, body) = submit().await;
+        assert_eq!(status, 503, "a submit behind a lock: {body}");
+        assert_eq!(retry.as_deref(), Some("1"), "{body}");
+        assert!(body.contains("try again"), "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(v["error"].is_string(), "{body}");
+        tx.rollback().await.unwrap();
+        let (status, _, body) = submit().await;
+        assert_eq!(status, 201, "after the lock went: {body}");
+        stop(d);
+    })
+    .await;
+}

@@ -453,6 +453,33 @@ async fn verify_full_runs_tasks_on_encrypted_sessions_only() {
         let (n, enc) = seen.trim().split_once('|').unwrap();
         assert!(n.parse::<i64>().unwrap() >= 2, "{seen}");
         assert_eq!(n, enc, "unencrypted sessions: {seen}");
+        // The server's end of each session probes a dead client as the daemon's end does
+        // (tcp_keepalive 15 s), not after the kernel's two hours: a frozen link does not
+        // leave the server holding the session. `ss` shows the server sockets' timers.
+        let ss = std::process::Command::new("ss")
+            .args([
+                "-tnoH",
+                "state",
+                "established",
+                "sport",
+                "=",
+                &format!(":{}", s.port),
+            ])
+            .output()
+            .expect("ss");
+        let ss = String::from_utf8_lossy(&ss.stdout).into_owned();
+        let timers: Vec<&str> = ss
+            .lines()
+            .filter_map(|l| l.split("timer:(keepalive,").nth(1))
+            .map(|t| t.split(',').next().unwrap_or(""))
+            .collect();
+        assert!(timers.len() >= 2, "server sockets:\n{ss}");
+        assert!(
+            timers
+                .iter()
+                .all(|t| t.ends_with("sec") || t.ends_with("ms")),
+            "a server socket keeps the kernel's keepalive: {timers:?}\n{ss}"
+        );
         // And the daemon says so.
         let shown = eventually(LIMIT, || async {
             let v: serde_json::Value = http

@@ -48,7 +48,13 @@ impl IntoResponse for ApiError {
             error: self.message,
             field: self.field,
         };
-        (self.status, axum::Json(body)).into_response()
+        let mut r = (self.status, axum::Json(body)).into_response();
+        // Every 503 here is capacity or the database's weather: say when to come back.
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        r
     }
 }
 
@@ -60,24 +66,29 @@ impl From<DbError> for ApiError {
             | DbError::Deadline(_)
             | DbError::Connect(_)
             | DbError::PoolClosed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-            // A serialization failure (e.g. a unique key that kept changing hands during a
-            // submit): nothing was written; the same request may succeed now.
-            DbError::Query(ref q) if q.code().is_some_and(|c| c.code() == "40001") => {
-                tracing::warn!(error = %e, "request lost a serialization race");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!(
-                        "try again: {}",
-                        q.as_db_error()
-                            .map(|d| d.message())
-                            .unwrap_or("serialization failure")
-                    ),
-                )
-            }
             // A data exception is the input's fault, whatever validation missed.
             DbError::Query(ref q) if q.code().is_some_and(|c| c.code().starts_with("22")) => {
                 tracing::warn!(error = %e, "input refused by the database");
                 ApiError::new(StatusCode::BAD_REQUEST, format!("invalid input: {e}"))
+            }
+            // Everything the guard would retry — a serialization race, a deadlock, a
+            // statement or lock time-out behind someone's lock, the server shutting down
+            // or out of connections, a broken connection: the request did nothing that
+            // stays, and the same request may succeed shortly. A 500 would tell the client
+            // to give up on something that is the server's weather.
+            ref t if t.is_transient() => {
+                tracing::warn!(error = %e, "request failed on a transient database error");
+                let why = match t {
+                    DbError::Query(q) => match q.as_db_error() {
+                        Some(d) => format!("{} {}", d.code().code(), d.message()),
+                        None => "the database connection broke".to_string(),
+                    },
+                    other => other.to_string(),
+                };
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("try again: the database could not answer now ({why})"),
+                )
             }
             other => {
                 tracing::error!(error = %other, "database error in API handler");

@@ -18,6 +18,7 @@ pub mod server;
 mod slots;
 mod tasks;
 mod ui;
+mod write_stall;
 
 use agents::*;
 use auth::*;

@@ -9,6 +9,8 @@
 //!   opening, and again of the end of each response: that is the half-sent-request bound
 //!   and the idle keep-alive bound in one clock (hyper's, which starts whenever the
 //!   connection waits for a request head);
+//! - a response that makes no write progress for `http.write_timeout` closes its
+//!   connection (see [`super::write_stall`]);
 //! - at shutdown the accept loop stops and open connections are asked to finish their
 //!   request in flight and close.
 //!
@@ -25,6 +27,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::write_stall::WriteStall;
 use crate::config::Config;
 use crate::metrics::{self as m, Metrics};
 
@@ -127,16 +130,20 @@ pub async fn serve(
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(cfg.http.header_read_timeout.get());
-        let conn = http.serve_connection(
-            TokioIo::new(stream),
-            TowerToHyperService::new(router.clone()),
-        );
+        let io = WriteStall::new(stream, cfg.http.write_timeout.get(), metrics.clone());
+        let conn =
+            http.serve_connection(TokioIo::new(io), TowerToHyperService::new(router.clone()));
         let conn = graceful.watch(conn);
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let _permit = permit;
             if let Err(e) = conn.await {
-                if e.is_timeout() {
+                if let Some(io) = std::error::Error::source(&e)
+                    .and_then(|s| s.downcast_ref::<std::io::Error>())
+                    .filter(|io| io.kind() == std::io::ErrorKind::TimedOut)
+                {
+                    tracing::info!(%peer, error = %io, "HTTP connection closed: the client stopped reading");
+                } else if e.is_timeout() {
                     metrics
                         .counter(m::HTTP_HEADER_TIMEOUTS_TOTAL, &[])
                         .increment(1);

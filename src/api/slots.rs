@@ -155,13 +155,16 @@ pub(super) const STREAM_HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// A stream fed by a producer task through a small bounded channel. The producer ends
 /// when the client goes away even if it has nothing to send (the response body, and with
-/// it the receiver, is dropped once hyper sees the connection close or a heartbeat write
-/// fail), at shutdown, or when it returns; its place among `http.max_streams` goes with it.
+/// it the receiver, is dropped once hyper sees the connection close, a heartbeat write
+/// fail or the writes stall past `http.write_timeout`), at shutdown, or when it returns.
+/// The stream's place among `http.max_streams` is held by the response body, not the
+/// producer: a producer that has queued its last events and returned still leaves them
+/// (up to the channel's 64) to be written, and that is what the bound is for.
 pub(super) fn async_stream<F, Fut>(
     shutdown: tokio_util::sync::CancellationToken,
     permit: super::server::Permit,
     produce: F,
-) -> tokio_stream::wrappers::ReceiverStream<Result<Event, Infallible>>
+) -> HeldStream
 where
     F: FnOnce(tokio::sync::mpsc::Sender<Result<Event, Infallible>>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -170,20 +173,37 @@ where
     let gone = tx.clone();
     let fut = produce(tx);
     tokio::spawn(async move {
-        let _permit = permit;
         tokio::select! {
             _ = shutdown.cancelled() => {}
             _ = gone.closed() => {}
             _ = fut => {}
         }
     });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    HeldStream {
+        events: tokio_stream::wrappers::ReceiverStream::new(rx),
+        _permit: permit,
+    }
+}
+
+/// An event stream's body together with its place among `http.max_streams`.
+pub(super) struct HeldStream {
+    events: tokio_stream::wrappers::ReceiverStream<Result<Event, Infallible>>,
+    _permit: super::server::Permit,
+}
+
+impl tokio_stream::Stream for HeldStream {
+    type Item = Result<Event, Infallible>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::pin::Pin::new(&mut self.events).poll_next(cx)
+    }
 }
 
 /// The response of an event stream, with its heartbeat.
-pub(super) fn sse_response(
-    stream: tokio_stream::wrappers::ReceiverStream<Result<Event, Infallible>>,
-) -> Response {
+pub(super) fn sse_response(stream: HeldStream) -> Response {
     Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(STREAM_HEARTBEAT))
         .into_response()

@@ -87,7 +87,7 @@ impl Default for DatabaseConfig {
             pre_ping_idle: Dur::millis(500),
             application_name: "taskwarden".into(),
             statement_timeout: Dur::secs(10),
-            idle_in_transaction_timeout: Dur::secs(60),
+            idle_in_transaction_timeout: Dur::secs(15),
             query_timeout: Dur::secs(15),
             tcp_keepalive: Dur::secs(15),
             tcp_user_timeout: Dur::secs(30),
@@ -290,6 +290,9 @@ pub struct HttpConfig {
     /// A connection must finish a request header within this of opening and of the end of
     /// each response, or it is closed (half-sent requests, idle keep-alives).
     pub header_read_timeout: Dur,
+    /// A response whose writes make no progress for this long (the client stopped reading)
+    /// has its connection closed, and an event stream its producer ended.
+    pub write_timeout: Dur,
     /// Most HTTP connections open at once; one more is answered 503 and closed.
     pub max_connections: usize,
     /// Most event streams open at once; one more is answered 503.
@@ -306,6 +309,7 @@ impl Default for HttpConfig {
             max_response_bytes: 8 * 1024 * 1024,
             max_bulk_items: 1000,
             header_read_timeout: Dur::secs(10),
+            write_timeout: Dur::secs(30),
             max_connections: 1024,
             max_streams: 256,
         }

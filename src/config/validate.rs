@@ -260,6 +260,10 @@ impl Config {
                 "must be between 1s and 1h".into(),
             );
         }
+        let t = h.write_timeout.get();
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&t) {
+            bad("http.write_timeout", "must be between 1s and 1h".into());
+        }
         if !(1..=MAX_HTTP_CONNECTIONS).contains(&h.max_connections) {
             bad(
                 "http.max_connections",

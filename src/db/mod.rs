@@ -234,11 +234,24 @@ pub fn session_settings_via(pg: &mut tokio_postgres::Config, cfg: &DatabaseConfi
         .connect_timeout(cfg.connect_timeout.get());
     // A pooler refuses startup options (pgbouncer: "unsupported startup parameter").
     if pooler == Pooler::None {
-        pg.options(format!(
+        let mut options = format!(
             "-c statement_timeout={} -c idle_in_transaction_session_timeout={}",
             cfg.statement_timeout.get().as_millis(),
             cfg.idle_in_transaction_timeout.get().as_millis()
-        ));
+        );
+        // The same keepalives on the server's end: when the link freezes, our side
+        // gives up at query_timeout, and the server's session (with whatever it holds:
+        // an open transaction's locks, the migration's advisory lock) would otherwise
+        // wait for the kernel's two hours. (Ignored on unix sockets.)
+        if !keepalive.is_zero() {
+            let idle = keepalive.as_secs().max(1);
+            options.push_str(&format!(
+                " -c tcp_keepalives_idle={idle} -c tcp_keepalives_interval={} \
+                 -c tcp_keepalives_count=3",
+                (idle / 3).max(1)
+            ));
+        }
+        pg.options(options);
     }
 }
 
