@@ -29,14 +29,16 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = rss_bytes();
     // Queued work lives in PostgreSQL, not in the daemon: tasks for an agent it does not run.
-    c.batch_execute("INSERT INTO tasks (agent) SELECT 'elsewhere' FROM generate_series(1, 10000)")
-        .await
-        .expect("queue");
+    c.batch_execute(
+        "INSERT INTO taskwarden.tasks (agent) SELECT 'elsewhere' FROM generate_series(1, 10000)",
+    )
+    .await
+    .expect("queue");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let queued = rss_bytes();
     let started = Instant::now();
     c.batch_execute(&format!(
-        "INSERT INTO tasks (agent) SELECT 'wait' FROM generate_series(1, {RUNNING})"
+        "INSERT INTO taskwarden.tasks (agent) SELECT 'wait' FROM generate_series(1, {RUNNING})"
     ))
     .await
     .expect("queue");
@@ -54,7 +56,11 @@ async fn main() {
     let here_before = run.orchestrator.running_here();
     let with_running = rss_bytes();
     let here_after = run.orchestrator.running_here();
-    let in_db = count(c, "SELECT count(*) FROM tasks WHERE status = 'running'").await;
+    let in_db = count(
+        c,
+        "SELECT count(*) FROM taskwarden.tasks WHERE status = 'running'",
+    )
+    .await;
     assert_eq!(
         (here_before, here_after, in_db),
         (RUNNING, RUNNING, RUNNING as i64),
@@ -80,7 +86,13 @@ async fn main() {
         (with_running.saturating_sub(queued)) as f64 / 1024.0 / RUNNING as f64
     );
     let deadline = Instant::now() + TASK_TIME * 4;
-    while count(c, "SELECT count(*) FROM tasks WHERE status = 'succeeded'").await < RUNNING as i64 {
+    while count(
+        c,
+        "SELECT count(*) FROM taskwarden.tasks WHERE status = 'succeeded'",
+    )
+    .await
+        < RUNNING as i64
+    {
         assert!(
             Instant::now() < deadline,
             "the running tasks did not finish"

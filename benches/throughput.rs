@@ -28,7 +28,7 @@ async fn enqueue(c: &tokio_postgres::Client, n: i64) -> Duration {
     while left > 0 {
         let batch = left.min(1000);
         c.execute(
-            "INSERT INTO tasks (agent, payload) SELECT 'noop', jsonb_build_object('i', i) FROM generate_series(1, $1::bigint) i",
+            "INSERT INTO taskwarden.tasks (agent, payload) SELECT 'noop', jsonb_build_object('i', i) FROM generate_series(1, $1::bigint) i",
             &[&batch],
         )
         .await
@@ -45,7 +45,7 @@ async fn prepare(c: &tokio_postgres::Client, n: i64) -> Duration {
         .await
         .expect("truncate");
     let took = enqueue(c, n).await;
-    c.batch_execute("VACUUM ANALYZE tasks")
+    c.batch_execute("VACUUM ANALYZE taskwarden.tasks")
         .await
         .expect("vacuum analyze");
     took
@@ -72,7 +72,11 @@ async fn wait_finished(run: &taskwarden::daemon::Parts, n: i64) {
 }
 
 async fn succeeded(c: &tokio_postgres::Client) -> i64 {
-    count(c, "SELECT count(*) FROM tasks WHERE status = 'succeeded'").await
+    count(
+        c,
+        "SELECT count(*) FROM taskwarden.tasks WHERE status = 'succeeded'",
+    )
+    .await
 }
 
 async fn baseline(c: &tokio_postgres::Client, n: i64) -> Duration {
@@ -81,9 +85,9 @@ async fn baseline(c: &tokio_postgres::Client, n: i64) -> Duration {
     while done < n {
         let rows = c
             .query(
-                "WITH c AS (SELECT id FROM tasks WHERE status = 'queued' AND run_after <= now() \
+                "WITH c AS (SELECT id FROM taskwarden.tasks WHERE status = 'queued' AND run_after <= now() \
                    ORDER BY priority DESC, run_after, id LIMIT 100 FOR UPDATE SKIP LOCKED) \
-                 UPDATE tasks t SET status = 'running', attempts = attempts + 1, started_at = now(), \
+                 UPDATE taskwarden.tasks t SET status = 'running', attempts = attempts + 1, started_at = now(), \
                    lease_owner = 'baseline', lease_expires_at = now() + interval '30s' \
                  FROM c WHERE t.id = c.id RETURNING t.id",
                 &[],
@@ -95,7 +99,7 @@ async fn baseline(c: &tokio_postgres::Client, n: i64) -> Duration {
             break;
         }
         c.execute(
-            "UPDATE tasks SET status = 'succeeded', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL \
+            "UPDATE taskwarden.tasks SET status = 'succeeded', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL \
              WHERE id = ANY($1)",
             &[&ids],
         )
@@ -149,7 +153,7 @@ async fn orchestrated(
     );
     let first: f64 = c
         .query_one(
-            "SELECT extract(epoch FROM min(started_at))::float8 - $1 FROM tasks",
+            "SELECT extract(epoch FROM min(started_at))::float8 - $1 FROM taskwarden.tasks",
             &[&started],
         )
         .await
@@ -333,7 +337,7 @@ async fn main() {
     let run = orchestrator(pg, None, "noop", Duration::ZERO).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     for _ in 0..300 {
-        c.execute("INSERT INTO tasks (agent) VALUES ('noop')", &[])
+        c.execute("INSERT INTO taskwarden.tasks (agent) VALUES ('noop')", &[])
             .await
             .expect("insert");
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -346,14 +350,14 @@ async fn main() {
     c.batch_execute("TRUNCATE tasks CASCADE")
         .await
         .expect("truncate");
-    c.batch_execute("VACUUM ANALYZE tasks")
+    c.batch_execute("VACUUM ANALYZE taskwarden.tasks")
         .await
         .expect("vacuum analyze");
     // A running, idle daemon; then 10,000 tasks arrive in one INSERT.
     let run = orchestrator(pg, None, "noop", Duration::ZERO).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     c.batch_execute(
-        "INSERT INTO tasks (agent, payload) SELECT 'noop', jsonb_build_object('i', i) FROM generate_series(1, 10000) i",
+        "INSERT INTO taskwarden.tasks (agent, payload) SELECT 'noop', jsonb_build_object('i', i) FROM generate_series(1, 10000) i",
     )
     .await
     .expect("backlog");
@@ -362,7 +366,7 @@ async fn main() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     for _ in 0..20 {
         c.execute(
-            "INSERT INTO tasks (agent, priority) VALUES ('noop', 10)",
+            "INSERT INTO taskwarden.tasks (agent, priority) VALUES ('noop', 10)",
             &[],
         )
         .await
@@ -418,7 +422,7 @@ async fn print_latency_of(c: &tokio_postgres::Client, label: &str, filter: &str)
             &format!(
                 "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - created_at)), \
                         percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM started_at - created_at)) \
-                 FROM tasks WHERE status = 'succeeded' AND {filter}"
+                 FROM taskwarden.tasks WHERE status = 'succeeded' AND {filter}"
             ),
             &[],
         )

@@ -189,9 +189,9 @@ async fn main() {
     bench
         .admin
         .batch_execute(
-            "INSERT INTO tasks (agent, status, attempts, started_at, lease_owner, lease_expires_at) \
+            "INSERT INTO taskwarden.tasks (agent, status, attempts, started_at, lease_owner, lease_expires_at) \
              SELECT 'bench', 'running', 1, now(), 'bench', now() + interval '1 hour' FROM generate_series(1, 10000); \
-             INSERT INTO tasks (agent) SELECT 'bench' FROM generate_series(1, 10000); ANALYZE tasks;",
+             INSERT INTO taskwarden.tasks (agent) SELECT 'bench' FROM generate_series(1, 10000); ANALYZE taskwarden.tasks;",
         )
         .await
         .expect("seed tasks");

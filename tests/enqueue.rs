@@ -124,14 +124,14 @@ async fn an_enqueue_runs_only_if_its_transaction_commits() {
         assert!(listening, "the daemon never listened for notifications");
 
         let tx = app.transaction().await.unwrap();
-        tx.query_one("SELECT taskwarden_enqueue('rec', '{\"n\": 1}')", &[])
+        tx.query_one("SELECT taskwarden.enqueue('rec', '{\"n\": 1}')", &[])
             .await
             .unwrap();
         tx.rollback().await.unwrap();
 
         let tx = app.transaction().await.unwrap();
         let id: i64 = tx
-            .query_one("SELECT taskwarden_enqueue('rec', '{\"n\": 2}', priority => 1)", &[])
+            .query_one("SELECT taskwarden.enqueue('rec', '{\"n\": 2}', priority => 1)", &[])
             .await
             .unwrap()
             .get(0);
@@ -530,17 +530,17 @@ async fn the_sql_function_checks_arguments_and_answers_duplicates() {
     let t = TestDb::new().await;
     let c = t.admin().await;
     for (sql, says) in [
-        ("SELECT taskwarden_enqueue('')", "agent"),
+        ("SELECT taskwarden.enqueue('')", "agent"),
         (
-            "SELECT taskwarden_enqueue('a', max_attempts => 0)",
+            "SELECT taskwarden.enqueue('a', max_attempts => 0)",
             "max_attempts",
         ),
         (
-            "SELECT taskwarden_enqueue('a', unique_for => '1h')",
+            "SELECT taskwarden.enqueue('a', unique_for => '1h')",
             "unique_key",
         ),
         (
-            "SELECT taskwarden_enqueue('a', unique_key => 'k', unique_scope => 'sometimes')",
+            "SELECT taskwarden.enqueue('a', unique_key => 'k', unique_scope => 'sometimes')",
             "unique_scope",
         ),
     ] {
@@ -550,13 +550,13 @@ async fn the_sql_function_checks_arguments_and_answers_duplicates() {
         assert!(db.message().contains(says), "{sql}: {}", db.message());
     }
     let a: i64 = c
-        .query_one("SELECT taskwarden_enqueue('a', unique_key => 'k')", &[])
+        .query_one("SELECT taskwarden.enqueue('a', unique_key => 'k')", &[])
         .await
         .unwrap()
         .get(0);
     let row = c
         .query_one(
-            "SELECT task_id, duplicate FROM taskwarden_enqueue_detailed('a', unique_key => 'k')",
+            "SELECT task_id, duplicate FROM taskwarden.enqueue_detailed('a', unique_key => 'k')",
             &[],
         )
         .await

@@ -540,9 +540,12 @@ async fn sd_notify_ready_after_migrations_and_listener_then_watchdog_and_stoppin
     let (health, schema) = tokio::join!(http.get(format!("http://{addr}/healthz")).send(), async {
         let (c, conn) = fresh_pg.connect(tokio_postgres::NoTls).await.unwrap();
         tokio::spawn(conn);
-        c.query_one(&format!("SELECT max(version) FROM {HISTORY_TABLE}"), &[])
-            .await
-            .map(|r| r.get::<_, Option<i32>>(0))
+        c.query_one(
+            &format!("SELECT max(version) FROM taskwarden.{HISTORY_TABLE}"),
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, Option<i32>>(0))
     });
     let health = health.unwrap_or_else(|e| panic!("listener not up when READY=1 came: {e}"));
     assert_eq!(health.status().as_u16(), 200);

@@ -1,7 +1,7 @@
 //! Issue 23 "Poison-proof", items 4 and 5: what input and other sessions can do to the
 //! daemon's own figures, against the built binary and a real PostgreSQL.
 //!
-//! - Agent names from SQL (`taskwarden_enqueue` for names no config knows) must not grow
+//! - Agent names from SQL (`taskwarden.enqueue` for names no config knows) must not grow
 //!   `/metrics` or `/v1/status` without bound, and their series must go once their
 //!   tasks are gone.
 //! - A session holding `LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE` must not slow the
@@ -116,7 +116,7 @@ async fn unknown_agent_names_do_not_grow_metrics_or_status() {
 
         admin
             .batch_execute(
-                "SELECT taskwarden_enqueue('stranger-' || i, jsonb_build_object('n', i)) \
+                "SELECT taskwarden.enqueue('stranger-' || i, jsonb_build_object('n', i)) \
                  FROM generate_series(1, 3000) AS i",
             )
             .await

@@ -15,6 +15,7 @@ pub const RESTART_ONLY: &[&str] = &[
     "database.pre_ping",
     "database.pre_ping_idle",
     "database.application_name",
+    "database.schema",
     "database.statement_timeout",
     "database.idle_in_transaction_timeout",
     "database.query_timeout",

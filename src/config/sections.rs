@@ -19,6 +19,8 @@ pub struct DatabaseConfig {
     /// Pre-ping only a connection idle at least this long (0: every checkout).
     pub pre_ping_idle: Dur,
     pub application_name: String,
+    /// The schema taskwarden's tables, functions and migration history live in.
+    pub schema: String,
     pub statement_timeout: Dur,
     pub idle_in_transaction_timeout: Dur,
     /// Client-side deadline of every round trip; a connection that misses it is discarded.
@@ -86,6 +88,7 @@ impl Default for DatabaseConfig {
             pre_ping: true,
             pre_ping_idle: Dur::millis(500),
             application_name: "taskwarden".into(),
+            schema: crate::db::schema::DEFAULT.into(),
             statement_timeout: Dur::secs(10),
             idle_in_transaction_timeout: Dur::secs(15),
             query_timeout: Dur::secs(15),

@@ -37,6 +37,9 @@ impl Config {
                 ),
             );
         }
+        if let Err(why) = crate::db::schema::validate(&db.schema) {
+            bad("database.schema", why);
+        }
         if db.application_name.is_empty() {
             bad("database.application_name", "must not be empty".into());
         } else if db.application_name.len() > 63 {

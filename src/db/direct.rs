@@ -18,6 +18,7 @@ pub struct DirectClient {
     broken: std::sync::atomic::AtomicBool,
     /// Through a transaction pooler: unnamed statements only (see `db::param`).
     unnamed: bool,
+    schema: Schema,
 }
 
 impl DirectClient {
@@ -33,6 +34,7 @@ impl DirectClient {
     }
 
     pub async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, DbError> {
+        let sql = &*self.schema.sql(sql);
         if self.unnamed {
             self.run(self.client.query_typed(sql, &param::typed(params)))
                 .await
@@ -43,6 +45,7 @@ impl DirectClient {
     }
 
     pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, DbError> {
+        let sql = &*self.schema.sql(sql);
         if self.unnamed {
             self.run(self.client.query_typed_one(sql, &param::typed(params)))
                 .await
@@ -53,6 +56,7 @@ impl DirectClient {
     }
 
     pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, DbError> {
+        let sql = &*self.schema.sql(sql);
         if self.unnamed {
             self.run(async {
                 let rows = self
@@ -69,7 +73,13 @@ impl DirectClient {
     }
 
     pub async fn batch_execute(&self, sql: &str) -> Result<(), DbError> {
+        let sql = &*self.schema.sql(sql);
         self.run(self.client.batch_execute(sql)).await
+    }
+
+    /// The schema taskwarden's objects are in.
+    pub fn schema(&self) -> &Schema {
+        &self.schema
     }
 
     /// Closed by the server, or presumed dead after a missed deadline: build a new one.
@@ -116,6 +126,7 @@ pub async fn connect_direct(
         timeout: cfg.query_timeout.get(),
         broken: std::sync::atomic::AtomicBool::new(false),
         unnamed: pooler == Pooler::Transaction,
+        schema: Schema::new(&cfg.schema),
     };
     // Behind a session pooler the limits cannot be startup options; the session lasts as
     // long as this connection, so a SET holds.

@@ -12,6 +12,7 @@ use super::*;
 macro_rules! query_methods {
     () => {
         pub async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, DbError> {
+            let sql = &*self.schema.sql(sql);
             self.info.begin_statement();
             let c = self.client();
             let r = with_deadline(self.timeout, async {
@@ -27,6 +28,7 @@ macro_rules! query_methods {
         }
 
         pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, DbError> {
+            let sql = &*self.schema.sql(sql);
             self.info.begin_statement();
             let c = self.client();
             let r = with_deadline(self.timeout, async {
@@ -46,6 +48,7 @@ macro_rules! query_methods {
             sql: &str,
             params: Params<'_>,
         ) -> Result<Option<Row>, DbError> {
+            let sql = &*self.schema.sql(sql);
             self.info.begin_statement();
             let c = self.client();
             let r = with_deadline(self.timeout, async {
@@ -61,6 +64,7 @@ macro_rules! query_methods {
         }
 
         pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, DbError> {
+            let sql = &*self.schema.sql(sql);
             self.info.begin_statement();
             let c = self.client();
             let r = with_deadline(self.timeout, async {
@@ -78,9 +82,16 @@ macro_rules! query_methods {
 
         /// Runs several statements without parameters (simple query protocol).
         pub async fn batch_execute(&self, sql: &str) -> Result<(), DbError> {
+            let sql = &*self.schema.sql(sql);
             self.info.begin_statement();
             let r = with_deadline(self.timeout, self.client().batch_execute(sql)).await;
             self.settle(r)
+        }
+
+        /// The schema taskwarden's objects are in (for what a statement cannot name
+        /// itself: the notification channel).
+        pub fn schema(&self) -> &Schema {
+            &self.schema
         }
 
         /// Ends the statement bracket unless the deadline passed: then the statement is
@@ -102,6 +113,7 @@ pub struct Session {
     pub(super) timeout: Duration,
     /// Unnamed statements only (behind a transaction pooler); see `db::param`.
     pub(super) unnamed: bool,
+    pub(super) schema: Schema,
 }
 
 impl fmt::Debug for Session {
@@ -146,6 +158,7 @@ impl Session {
             info: Arc::clone(&self.info),
             timeout: self.timeout,
             unnamed: self.unnamed,
+            schema: self.schema.clone(),
         };
         // Behind a transaction pooler no startup options reach the server: the
         // transaction carries its own limits.
@@ -205,6 +218,7 @@ pub struct Tx<'a> {
     info: Arc<SessionInfo>,
     timeout: Duration,
     unnamed: bool,
+    schema: Schema,
 }
 
 impl Tx<'_> {

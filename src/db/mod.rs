@@ -28,6 +28,8 @@ pub use error::{DbError, describe_pg_error};
 
 pub mod embedded;
 pub mod migrate;
+pub mod schema;
+pub use schema::Schema;
 pub mod tls;
 
 use std::fmt;
@@ -198,6 +200,8 @@ struct DbInner {
     /// transaction (this SQL).
     unnamed: bool,
     set_local: Option<String>,
+    /// Where taskwarden's objects are; every statement is rewritten for it.
+    schema: Schema,
 }
 
 /// The pool and its tracker. Cheap to clone; all clones share one pool.
@@ -361,8 +365,14 @@ impl Db {
                 tls: tls.connector(),
                 unnamed: cfg.pooler == Pooler::Transaction,
                 set_local: (cfg.pooler == Pooler::Transaction).then(|| limit_settings(cfg, true)),
+                schema: Schema::new(&cfg.schema),
             }),
         })
+    }
+
+    /// The schema taskwarden's objects are in.
+    pub fn schema(&self) -> &Schema {
+        &self.inner.schema
     }
 
     pub fn tracker(&self) -> &Arc<Tracker> {
@@ -476,6 +486,7 @@ impl Db {
             info,
             timeout: self.inner.query_timeout,
             unnamed: self.inner.unnamed,
+            schema: self.inner.schema.clone(),
             db: self.clone(),
         })
     }

@@ -73,7 +73,7 @@ impl Elector {
         let s = self.db.session("elector.hold").await?;
         let row = s
             .query_opt(
-                "INSERT INTO leader (name, leader_id, elected_at, expires_at) \
+                "INSERT INTO taskwarden.leader (name, leader_id, elected_at, expires_at) \
                  VALUES ('default', $1, now(), now() + make_interval(secs => $2)) \
                  ON CONFLICT (name) DO UPDATE SET \
                    leader_id = EXCLUDED.leader_id, \
@@ -97,7 +97,7 @@ impl Elector {
         let r = async {
             let s = self.db.session("elector.resign").await?;
             s.execute(
-                "DELETE FROM leader WHERE leader_id = $1",
+                "DELETE FROM taskwarden.leader WHERE leader_id = $1",
                 &[&self.instance_id],
             )
             .await

@@ -77,7 +77,6 @@ fn invalid(field: &str, message: impl Into<String>) -> OrchestratorError {
     })
 }
 
-pub use crate::store::NOTIFY_CHANNEL;
 /// How long a slot run waits for the task it replaced to end before answering.
 pub const REPLACE_WAIT: Duration = Duration::from_secs(10);
 

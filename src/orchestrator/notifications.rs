@@ -1,4 +1,4 @@
-//! The notification listener: `LISTEN taskwarden_tasks` on a connection of its own,
+//! The notification listener: `LISTEN <schema>_tasks` on a connection of its own,
 //! probed while idle so a frozen link is replaced; claims fall back to polling meanwhile.
 
 #[allow(unused_imports)]
@@ -48,7 +48,8 @@ impl Orchestrator {
                 None => Ok(false),
             };
         // The connection is driven (messages polled) while each round trip runs.
-        let sql = format!("LISTEN {NOTIFY_CHANNEL}");
+        let channel = crate::db::Schema::new(&cfg.database.schema).channel();
+        let sql = format!("LISTEN {channel}");
         let mut round_trip = Some(client.batch_execute(&sql).boxed());
         let mut next_probe = tokio::time::Instant::now() + deadline;
         let mut listening = false;

@@ -1,7 +1,7 @@
 //! Queueing tasks: one, or a bulk of them in one statement, with optional unique keys.
 //!
-//! A task with a `unique_key` goes through the SQL function `taskwarden_enqueue_detailed`
-//! (migration V4), the same one applications call from their own transactions, so the key
+//! A task with a `unique_key` goes through the SQL function `taskwarden.enqueue_detailed`
+//! (migrations V4 and V8), the same one applications call from their own transactions, so the key
 //! rules are written once: `INSERT ... ON CONFLICT DO NOTHING` against the partial unique
 //! index `tasks_unique_key_idx`, then the holder is read; when the holder stopped holding
 //! in between, the insert is tried again. Race-free across instances: the index, not a
@@ -135,7 +135,7 @@ impl Store {
         let row = s
             .query_one(
                 &format!(
-                    "INSERT INTO tasks (agent, payload, session_id, priority, max_attempts, run_after) \
+                    "INSERT INTO taskwarden.tasks (agent, payload, session_id, priority, max_attempts, run_after) \
                      VALUES ($1, $2, $3, $4, $5, COALESCE($6, now())) RETURNING {TASK_COLUMNS}"
                 ),
                 &[
@@ -192,7 +192,7 @@ impl Store {
     pub async fn record_enqueue_defaults(&self, set_by: &str) -> Result<(), StoreError> {
         let s = self.session("store.enqueue_defaults").await?;
         s.execute(
-            "INSERT INTO enqueue_defaults (name, max_attempts, set_by) VALUES ('default', $1, $2) \
+            "INSERT INTO taskwarden.enqueue_defaults (name, max_attempts, set_by) VALUES ('default', $1, $2) \
              ON CONFLICT (name) DO UPDATE SET max_attempts = EXCLUDED.max_attempts, \
                set_by = EXCLUDED.set_by, updated_at = now()",
             &[&self.default_max_attempts, &set_by],
@@ -234,7 +234,7 @@ async fn insert_plain(s: &Session, c: &Columns<'_>, n: usize) -> Result<Vec<Enqu
     let rows = s
         .query(
             &format!(
-                "INSERT INTO tasks (agent, payload, session_id, priority, max_attempts, run_after) \
+                "INSERT INTO taskwarden.tasks (agent, payload, session_id, priority, max_attempts, run_after) \
                  SELECT agent, payload, session_id, priority, max_attempts, COALESCE(run_after, now()) \
                  FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::int4[], $5::int4[], \
                              $6::timestamptz[]) WITH ORDINALITY \
@@ -296,7 +296,7 @@ async fn insert_keyed(
                          $6::timestamptz[], $7::text[], $8::text[], $9::float8[]) WITH ORDINALITY \
                   AS i(agent, payload, session_id, priority, max_attempts, run_after, \
                        unique_key, unique_scope, unique_for, n) \
-             CROSS JOIN LATERAL taskwarden_enqueue_detailed( \
+             CROSS JOIN LATERAL taskwarden.enqueue_detailed( \
                  i.agent, i.payload, i.priority, i.max_attempts, COALESCE(i.run_after, now()), \
                  i.unique_key, i.unique_scope, make_interval(secs => i.unique_for), i.session_id) e \
              ORDER BY i.n",
@@ -328,7 +328,7 @@ async fn insert_keyed(
     // A fresh statement sees the rows the function wrote and the holders it found.
     let rows = s
         .query(
-            &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY($1)"),
+            &format!("SELECT {TASK_COLUMNS} FROM taskwarden.tasks WHERE id = ANY($1)"),
             &[&ids],
         )
         .await?;

@@ -40,8 +40,8 @@ impl Store {
         let s = self.session("store.add_event").await?;
         let row = s
             .query_opt(
-                "INSERT INTO task_events (task_id, kind, data) \
-                 SELECT $1, $2, $3 WHERE (SELECT count(*) FROM task_events WHERE task_id = $1) < $4 \
+                "INSERT INTO taskwarden.task_events (task_id, kind, data) \
+                 SELECT $1, $2, $3 WHERE (SELECT count(*) FROM taskwarden.task_events WHERE task_id = $1) < $4 \
                  RETURNING id, task_id, kind, data, created_at",
                 &[&task_id, &kind, data, &MAX_EVENTS_PER_TASK],
             )
@@ -59,7 +59,7 @@ impl Store {
         let s = self.session("store.task_events").await?;
         let rows = s
             .query(
-                "SELECT id, task_id, kind, data, created_at FROM task_events \
+                "SELECT id, task_id, kind, data, created_at FROM taskwarden.task_events \
                  WHERE task_id = $1 AND id > $2 ORDER BY id LIMIT $3",
                 &[&task_id, &after_id, &limit.clamp(1, MAX_LIST_LIMIT)],
             )
@@ -86,11 +86,11 @@ impl Store {
             .query(
                 "WITH page AS ( \
                    SELECT id, octet_length(data::text) + octet_length(kind) AS bytes \
-                   FROM task_events WHERE task_id = $1 AND id > $2 ORDER BY id LIMIT $3), \
+                   FROM taskwarden.task_events WHERE task_id = $1 AND id > $2 ORDER BY id LIMIT $3), \
                  sized AS (SELECT id, sum(bytes) OVER (ORDER BY id) - bytes AS before, \
                                   count(*) OVER () AS n FROM page) \
                  SELECT e.id, e.task_id, e.kind, e.data, e.created_at, sized.n \
-                 FROM sized JOIN task_events e USING (id) \
+                 FROM sized JOIN taskwarden.task_events e USING (id) \
                  WHERE sized.before < $4 OR sized.before = 0 ORDER BY e.id",
                 &[&task_id, &after_id, &limit, &budget],
             )
@@ -116,8 +116,8 @@ impl Store {
         let s = self.session("store.slot_events").await?;
         let rows = s
             .query(
-                "SELECT e.id, e.task_id, e.kind, e.data, e.created_at FROM task_events e \
-                 JOIN tasks t ON t.id = e.task_id \
+                "SELECT e.id, e.task_id, e.kind, e.data, e.created_at FROM taskwarden.task_events e \
+                 JOIN taskwarden.tasks t ON t.id = e.task_id \
                  WHERE t.session_id = $1 AND e.id > $2 ORDER BY e.id LIMIT $3",
                 &[&slot_id, &after_id, &limit.clamp(1, MAX_LIST_LIMIT)],
             )

@@ -18,18 +18,15 @@ use super::{MAX_EVENTS_PER_TASK, Store, StoreError, TASK_COLUMNS, Task, TaskStat
 /// Ends a task's lease; part of every write that takes a task out of `running`.
 pub const END_LEASE: &str = "lease_owner = NULL, lease_expires_at = NULL";
 
-/// The channel new runnable tasks are announced on.
-pub const NOTIFY_CHANNEL: &str = "taskwarden_tasks";
-
 /// Marks tasks running past `max_task_duration` as timed out. `$1` the limit in seconds,
 /// `$2` the allowed set into `timed_out`, `$3` the error text. Returns id, agent, seconds
 /// run. Shared by the supervisor's admin connection.
 /// Which of the task ids `$1` are running (anywhere): the supervisor leaves an agent's
 /// database sessions alone while their task runs on another instance.
 pub const RUNNING_AMONG_SQL: &str =
-    "SELECT id FROM tasks WHERE id = ANY($1) AND status = 'running'";
+    "SELECT id FROM taskwarden.tasks WHERE id = ANY($1) AND status = 'running'";
 
-pub const TIME_OUT_OVERDUE_SQL: &str = "UPDATE tasks SET status = 'timed_out', \
+pub const TIME_OUT_OVERDUE_SQL: &str = "UPDATE taskwarden.tasks SET status = 'timed_out', \
      finished_at = now(), updated_at = now(), lease_owner = NULL, lease_expires_at = NULL, \
      error = $3 \
      WHERE status = ANY($2) AND started_at < now() - make_interval(secs => $1) \
@@ -40,15 +37,15 @@ pub const TIME_OUT_OVERDUE_SQL: &str = "UPDATE tasks SET status = 'timed_out', \
 fn claim_sql() -> String {
     format!(
         "WITH c AS ( \
-           SELECT t.id AS claim_id FROM tasks t \
+           SELECT t.id AS claim_id FROM taskwarden.tasks t \
            WHERE t.status = 'queued' AND t.agent = $1 AND t.run_after <= now() \
-             AND NOT EXISTS (SELECT 1 FROM paused_agents p WHERE p.agent = $1) \
+             AND NOT EXISTS (SELECT 1 FROM taskwarden.paused_agents p WHERE p.agent = $1) \
              AND (cardinality(t.depends_on) = 0 OR NOT EXISTS ( \
-               SELECT 1 FROM tasks d WHERE d.objective_id = t.objective_id \
+               SELECT 1 FROM taskwarden.tasks d WHERE d.objective_id = t.objective_id \
                  AND d.step_key = ANY(t.depends_on) AND d.status <> 'succeeded')) \
            ORDER BY t.priority DESC, t.run_after, t.id \
            LIMIT $2 FOR UPDATE SKIP LOCKED) \
-         UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = now(), \
+         UPDATE taskwarden.tasks SET status = 'running', attempts = attempts + 1, started_at = now(), \
            updated_at = now(), lease_owner = $3, \
            lease_expires_at = now() + make_interval(secs => $4) \
          FROM c WHERE tasks.id = c.claim_id AND tasks.status = ANY($5) \
@@ -144,7 +141,7 @@ impl Store {
         let tx = s.transaction().await?;
         let used: i64 = tx
             .query_one(
-                "INSERT INTO rate_windows AS w (agent, window_start, used) \
+                "INSERT INTO taskwarden.rate_windows AS w (agent, window_start, used) \
                  VALUES ($1, to_timestamp(floor(extract(epoch FROM now()) / $2::bigint) * $2::bigint), 0) \
                  ON CONFLICT (agent) DO UPDATE SET \
                    used = CASE WHEN EXCLUDED.window_start > w.window_start THEN 0 ELSE w.used END, \
@@ -173,7 +170,7 @@ impl Store {
         let tasks: Vec<Task> = rows.iter().map(Task::from_row).collect::<Result<_, _>>()?;
         if !tasks.is_empty() {
             tx.execute(
-                "UPDATE rate_windows SET used = used + $2 WHERE agent = $1",
+                "UPDATE taskwarden.rate_windows SET used = used + $2 WHERE agent = $1",
                 &[&agent, &(tasks.len() as i64)],
             )
             .await?;
@@ -195,9 +192,9 @@ impl Store {
         let n = s
             .execute(
                 &format!(
-                    "WITH l AS (SELECT id FROM tasks WHERE id = ANY($1) AND lease_owner = $2 \
+                    "WITH l AS (SELECT id FROM taskwarden.tasks WHERE id = ANY($1) AND lease_owner = $2 \
                        AND status = 'running' AND status = ANY($3) ORDER BY id FOR UPDATE) \
-                     UPDATE tasks t SET status = 'queued', attempts = greatest(t.attempts - 1, 0), \
+                     UPDATE taskwarden.tasks t SET status = 'queued', attempts = greatest(t.attempts - 1, 0), \
                        {END_LEASE}, updated_at = now() \
                      FROM l WHERE t.id = l.id"
                 ),
@@ -205,7 +202,7 @@ impl Store {
             )
             .await?;
         if n > 0 {
-            s.execute("SELECT pg_notify($1, '')", &[&NOTIFY_CHANNEL])
+            s.execute("SELECT pg_notify($1, '')", &[&s.schema().channel()])
                 .await?;
         }
         Ok(n)
@@ -215,7 +212,7 @@ impl Store {
     pub async fn touch_instance(&self, id: &str, hostname: &str) -> Result<(), StoreError> {
         let s = self.session("store.touch_instance").await?;
         s.execute(
-            "INSERT INTO instances (id, hostname, pid, version) VALUES ($1, $2, $3, $4) \
+            "INSERT INTO taskwarden.instances (id, hostname, pid, version) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()",
             &[
                 &id,
@@ -245,11 +242,11 @@ impl Store {
         // row that was ours then, extended or skipped.
         let rows = s
             .query(
-                "WITH l AS (SELECT id FROM tasks WHERE id = ANY($1) AND lease_owner = $2 \
+                "WITH l AS (SELECT id FROM taskwarden.tasks WHERE id = ANY($1) AND lease_owner = $2 \
                    AND status = 'running' FOR UPDATE SKIP LOCKED), \
-                 u AS (UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => $3) \
+                 u AS (UPDATE taskwarden.tasks t SET lease_expires_at = now() + make_interval(secs => $3) \
                    FROM l WHERE t.id = l.id RETURNING t.id) \
-                 SELECT id FROM tasks WHERE id = ANY($1) AND lease_owner = $2 AND status = 'running'",
+                 SELECT id FROM taskwarden.tasks WHERE id = ANY($1) AND lease_owner = $2 AND status = 'running'",
                 &[&ids, &owner, &lease.as_secs_f64()],
             )
             .await?;
@@ -271,11 +268,11 @@ impl Store {
         let rows = s
             .query(
                 &format!(
-                    "WITH l AS (SELECT id FROM tasks WHERE status = 'running' \
+                    "WITH l AS (SELECT id FROM taskwarden.tasks WHERE status = 'running' \
                        AND status = ANY($3) AND status = ANY($4) AND lease_expires_at < now() \
                        AND NOT (lease_owner = $1 AND id = ANY($2)) \
                        ORDER BY id FOR UPDATE SKIP LOCKED) \
-                     UPDATE tasks t SET \
+                     UPDATE taskwarden.tasks t SET \
                        status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END, \
                        finished_at = CASE WHEN attempts >= max_attempts THEN now() END, \
                        error = 'lease expired (held by ' || COALESCE(lease_owner, '?') || ')', \
@@ -287,7 +284,7 @@ impl Store {
             .await?;
         let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
         if !ids.is_empty() {
-            s.execute("SELECT pg_notify($1, '')", &[&NOTIFY_CHANNEL])
+            s.execute("SELECT pg_notify($1, '')", &[&s.schema().channel()])
                 .await?;
         }
         Ok(ids)
@@ -298,7 +295,7 @@ impl Store {
         let s = self.session("store.reap_instances").await?;
         let rows = s
             .query(
-                "DELETE FROM instances WHERE heartbeat_at < now() - make_interval(secs => $1) \
+                "DELETE FROM taskwarden.instances WHERE heartbeat_at < now() - make_interval(secs => $1) \
                  RETURNING id",
                 &[&dead_after.as_secs_f64()],
             )
@@ -369,7 +366,7 @@ impl Store {
                     "WITH v AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::jsonb[], \
                        $4::text[], $5::timestamptz[], $6::bool[]) \
                        AS v(id, to_status, result, error, run_after, give_back)), \
-                     u AS (UPDATE tasks t SET status = v.to_status, updated_at = now(), \
+                     u AS (UPDATE taskwarden.tasks t SET status = v.to_status, updated_at = now(), \
                        attempts = CASE WHEN v.give_back AND v.to_status = 'queued' \
                          THEN greatest(t.attempts - 1, 0) ELSE t.attempts END, \
                        finished_at = CASE WHEN v.to_status IN ('succeeded','failed','cancelled','timed_out') \
@@ -379,11 +376,11 @@ impl Store {
                        result = CASE WHEN v.to_status = 'succeeded' THEN v.result ELSE t.result END \
                      FROM v WHERE t.id = v.id AND t.status = 'running' AND t.lease_owner = $7 \
                      RETURNING t.id), \
-                     e AS (INSERT INTO task_events (task_id, kind, data) \
+                     e AS (INSERT INTO taskwarden.task_events (task_id, kind, data) \
                        SELECT ev.id, ev.kind, ev.data \
                        FROM unnest($8::bigint[], $9::text[], $10::jsonb[]) AS ev(id, kind, data) \
-                       WHERE EXISTS (SELECT 1 FROM tasks x WHERE x.id = ev.id) \
-                         AND (SELECT count(*) FROM task_events te WHERE te.task_id = ev.id) < $11) \
+                       WHERE EXISTS (SELECT 1 FROM taskwarden.tasks x WHERE x.id = ev.id) \
+                         AND (SELECT count(*) FROM taskwarden.task_events te WHERE te.task_id = ev.id) < $11) \
                      SELECT id FROM u"
                 ),
                 &[
@@ -417,7 +414,7 @@ impl Store {
         let rows = s
             .query(
                 &format!(
-                    "UPDATE tasks SET status = 'cancelled', finished_at = now(), \
+                    "UPDATE taskwarden.tasks SET status = 'cancelled', finished_at = now(), \
                        updated_at = now(), {END_LEASE}, error = $3 \
                      WHERE session_id = $1 AND status = 'running' AND status = ANY($4) \
                        AND id < $2 RETURNING id"
@@ -431,7 +428,7 @@ impl Store {
     /// Wakes every instance's claimer (dependants may be runnable now).
     pub async fn notify_runnable(&self) -> Result<(), StoreError> {
         let s = self.session("store.notify").await?;
-        s.execute("SELECT pg_notify($1, '')", &[&NOTIFY_CHANNEL])
+        s.execute("SELECT pg_notify($1, '')", &[&s.schema().channel()])
             .await?;
         Ok(())
     }

@@ -27,9 +27,7 @@ mod state;
 mod task;
 mod view;
 
-pub use leases::{
-    Claimed, END_LEASE, NOTIFY_CHANNEL, OutcomeRow, RUNNING_AMONG_SQL, TIME_OUT_OVERDUE_SQL,
-};
+pub use leases::{Claimed, END_LEASE, OutcomeRow, RUNNING_AMONG_SQL, TIME_OUT_OVERDUE_SQL};
 pub use objectives::{NewObjective, NewStep, Objective, ObjectiveStatus, validate_objective};
 pub use queue::{MAX_EXTRA_ATTEMPTS, PausedAgent, RetryFilter};
 pub use retention::{Deleted, RetentionAges};
@@ -162,7 +160,7 @@ pub fn list_tasks_sql() -> String {
         "WITH page AS ( \
            SELECT id, octet_length(payload::text) \
                   + COALESCE(octet_length(result::text), 0) AS bytes \
-           FROM tasks \
+           FROM taskwarden.tasks \
            WHERE ($1::text IS NULL OR status = $1) \
              AND ($2::text IS NULL OR session_id = $2) \
              AND ($3::bigint IS NULL OR objective_id = $3) \
@@ -171,7 +169,7 @@ pub fn list_tasks_sql() -> String {
            ORDER BY id LIMIT $5), \
          sized AS (SELECT id, sum(bytes) OVER (ORDER BY id) - bytes AS before, \
                           count(*) OVER () AS n FROM page) \
-         SELECT {TASK_COLUMNS}, sized.n FROM sized JOIN tasks USING (id) \
+         SELECT {TASK_COLUMNS}, sized.n FROM sized JOIN taskwarden.tasks USING (id) \
          WHERE sized.before < $6 OR sized.before = 0 ORDER BY id"
     )
 }
@@ -234,7 +232,7 @@ impl Store {
         let tx = s.transaction().await?;
         let row = tx
             .query_one(
-                "INSERT INTO tasks (agent, payload, session_id, priority, max_attempts, run_after) \
+                "INSERT INTO taskwarden.tasks (agent, payload, session_id, priority, max_attempts, run_after) \
                  VALUES ($1, $2, $3, $4, $5, now()) RETURNING id",
                 &[
                     &t.agent,
@@ -249,7 +247,7 @@ impl Store {
         let row = tx
             .query_one(
                 &format!(
-                    "UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = now(), \
+                    "UPDATE taskwarden.tasks SET status = 'running', attempts = attempts + 1, started_at = now(), \
                        updated_at = now(), lease_owner = $2, \
                        lease_expires_at = now() + make_interval(secs => $3::bigint / 1000.0) \
                      WHERE id = $1 AND status = ANY($4) RETURNING {TASK_COLUMNS}"
@@ -265,7 +263,7 @@ impl Store {
         let s = self.session("store.get_task").await?;
         let row = s
             .query_opt(
-                &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"),
+                &format!("SELECT {TASK_COLUMNS} FROM taskwarden.tasks WHERE id = $1"),
                 &[&id],
             )
             .await?
@@ -324,7 +322,7 @@ impl Store {
         let row = s
             .query_opt(
                 &format!(
-                    "UPDATE tasks SET status = $2, updated_at = now(), \
+                    "UPDATE taskwarden.tasks SET status = $2, updated_at = now(), \
                        attempts = greatest(attempts + CASE WHEN $2 = 'running' THEN 1 ELSE 0 END \
                          - CASE WHEN $10 AND $2 = 'queued' THEN 1 ELSE 0 END, 0), \
                        started_at = CASE WHEN $2 = 'running' THEN now() ELSE started_at END, \
@@ -358,7 +356,7 @@ impl Store {
         }
         let cur = s
             .query_opt(
-                "SELECT status, lease_owner FROM tasks WHERE id = $1",
+                "SELECT status, lease_owner FROM taskwarden.tasks WHERE id = $1",
                 &[&id],
             )
             .await?
@@ -384,7 +382,7 @@ impl Store {
         let s = self.session("store.requeue_running").await?;
         let n = s
             .execute(
-                "UPDATE tasks SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL, \
+                "UPDATE taskwarden.tasks SET status = 'queued', lease_owner = NULL, lease_expires_at = NULL, \
                    attempts = GREATEST(attempts - 1, 0), updated_at = now() \
                  WHERE status = 'running' AND lease_owner = $1",
                 &[&lease_owner],

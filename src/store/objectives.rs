@@ -207,9 +207,9 @@ impl Store {
         for _ in 0..MAX_STEPS {
             let rows = s
                 .query(
-                    "UPDATE tasks t SET status = 'cancelled', finished_at = now(), updated_at = now(), \
+                    "UPDATE taskwarden.tasks t SET status = 'cancelled', finished_at = now(), updated_at = now(), \
                        error = 'dependency ' || d.step_key || ' ended ' || d.status \
-                     FROM tasks d \
+                     FROM taskwarden.tasks d \
                      WHERE t.status = 'queued' AND t.status = ANY($1) AND t.objective_id IS NOT NULL \
                        AND d.objective_id = t.objective_id AND d.step_key = ANY(t.depends_on) \
                        AND d.status IN ('failed', 'cancelled', 'timed_out') \
@@ -246,7 +246,7 @@ impl Store {
         let tx = s.transaction().await?;
         let existing: Vec<String> = tx
             .query(
-                "SELECT step_key FROM tasks WHERE objective_id = $1 AND step_key IS NOT NULL",
+                "SELECT step_key FROM taskwarden.tasks WHERE objective_id = $1 AND step_key IS NOT NULL",
                 &[&objective_id],
             )
             .await?
@@ -281,7 +281,7 @@ impl Store {
             let row = tx
                 .query_one(
                     &format!(
-                        "INSERT INTO tasks (objective_id, step_key, depends_on, agent, payload, session_id, \
+                        "INSERT INTO taskwarden.tasks (objective_id, step_key, depends_on, agent, payload, session_id, \
                          priority, max_attempts, run_after) \
                          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, COALESCE($9, now())) RETURNING {TASK_COLUMNS}"
                     ),
@@ -314,7 +314,7 @@ impl Store {
         let tx = s.transaction().await?;
         let row = tx
             .query_one(
-                "INSERT INTO objectives (title) VALUES ($1) RETURNING id, title, created_at",
+                "INSERT INTO taskwarden.objectives (title) VALUES ($1) RETURNING id, title, created_at",
                 &[&o.title],
             )
             .await?;
@@ -334,14 +334,14 @@ impl Store {
         let s = self.session("store.get_objective").await?;
         let row = s
             .query_opt(
-                "SELECT id, title, created_at FROM objectives WHERE id = $1",
+                "SELECT id, title, created_at FROM taskwarden.objectives WHERE id = $1",
                 &[&id],
             )
             .await?
             .ok_or(StoreError::ObjectiveNotFound(id))?;
         let rows = s
             .query(
-                &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE objective_id = $1 ORDER BY id"),
+                &format!("SELECT {TASK_COLUMNS} FROM taskwarden.tasks WHERE objective_id = $1 ORDER BY id"),
                 &[&id],
             )
             .await?;

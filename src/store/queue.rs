@@ -2,7 +2,6 @@
 //! claim statement checks) and retrying tasks that ended without success — the one way
 //! out of a final status (see `TaskStatus::can_retry` and docs/state_machine.md).
 
-use super::leases::NOTIFY_CHANNEL;
 #[allow(unused_imports)]
 use super::*;
 
@@ -51,17 +50,17 @@ fn retry_sql(pick: &str) -> String {
     format!(
         "WITH pick AS ({pick}), \
          done AS ( \
-           UPDATE tasks t SET status = 'queued', run_after = now(), updated_at = now(), \
+           UPDATE taskwarden.tasks t SET status = 'queued', run_after = now(), updated_at = now(), \
              finished_at = NULL, error = NULL, result = NULL, {END_LEASE}, \
              max_attempts = GREATEST(t.max_attempts, t.attempts + $2) \
            FROM pick WHERE t.id = pick.pick_id AND t.status = ANY($1) \
            RETURNING {TASK_COLUMNS}, pick.was, pick.was_error), \
          ev AS ( \
-           INSERT INTO task_events (task_id, kind, data) \
+           INSERT INTO taskwarden.task_events (task_id, kind, data) \
            SELECT d.id, 'retried', jsonb_build_object('from', d.was, 'error', d.was_error, \
              'attempts', d.attempts, 'max_attempts', d.max_attempts) \
            FROM done d \
-           WHERE (SELECT count(*) FROM task_events e WHERE e.task_id = d.id) < $3) \
+           WHERE (SELECT count(*) FROM taskwarden.task_events e WHERE e.task_id = d.id) < $3) \
          SELECT * FROM done ORDER BY id"
     )
 }
@@ -86,7 +85,7 @@ impl Store {
         let row = s
             .query_one(
                 // On conflict the row is "updated" to itself, so it is returned as it was.
-                "INSERT INTO paused_agents (agent, paused_by, reason) VALUES ($1, $2, $3) \
+                "INSERT INTO taskwarden.paused_agents (agent, paused_by, reason) VALUES ($1, $2, $3) \
                  ON CONFLICT (agent) DO UPDATE SET agent = EXCLUDED.agent \
                  RETURNING agent, paused_at, paused_by, reason",
                 &[&agent, &by, &reason],
@@ -100,10 +99,13 @@ impl Store {
         validate_agent_name(agent)?;
         let s = self.session("store.resume_agent").await?;
         let n = s
-            .execute("DELETE FROM paused_agents WHERE agent = $1", &[&agent])
+            .execute(
+                "DELETE FROM taskwarden.paused_agents WHERE agent = $1",
+                &[&agent],
+            )
             .await?;
         if n > 0 {
-            s.execute("SELECT pg_notify($1, '')", &[&NOTIFY_CHANNEL])
+            s.execute("SELECT pg_notify($1, '')", &[&s.schema().channel()])
                 .await?;
         }
         Ok(n > 0)
@@ -114,7 +116,7 @@ impl Store {
         let s = self.session("store.paused_agents").await?;
         let rows = s
             .query(
-                "SELECT agent, paused_at, paused_by, reason FROM paused_agents ORDER BY agent",
+                "SELECT agent, paused_at, paused_by, reason FROM taskwarden.paused_agents ORDER BY agent",
                 &[],
             )
             .await?;
@@ -132,7 +134,7 @@ impl Store {
         let rows = s
             .query(
                 &retry_sql(
-                    "SELECT id AS pick_id, status AS was, error AS was_error FROM tasks \
+                    "SELECT id AS pick_id, status AS was, error AS was_error FROM taskwarden.tasks \
                      WHERE id = $4 AND status = ANY($1) AND session_id IS NULL FOR UPDATE",
                 ),
                 &[&allowed, &extra_attempts, &MAX_EVENTS_PER_TASK, &id],
@@ -141,7 +143,7 @@ impl Store {
             .map_err(|e| key_taken(e, id))?;
         if let Some(row) = rows.first() {
             let t = Task::from_row(row)?;
-            s.execute("SELECT pg_notify($1, '')", &[&NOTIFY_CHANNEL])
+            s.execute("SELECT pg_notify($1, '')", &[&s.schema().channel()])
                 .await?;
             tracing::info!(
                 task_id = id,
@@ -152,7 +154,10 @@ impl Store {
             return Ok(t);
         }
         let cur = s
-            .query_opt("SELECT status, session_id FROM tasks WHERE id = $1", &[&id])
+            .query_opt(
+                "SELECT status, session_id FROM taskwarden.tasks WHERE id = $1",
+                &[&id],
+            )
             .await?
             .ok_or(StoreError::TaskNotFound(id))?;
         let from: TaskStatus = cur
@@ -206,11 +211,11 @@ impl Store {
         let rows = s
             .query(
                 &retry_sql(
-                    &"SELECT id AS pick_id, status AS was, error AS was_error FROM tasks \
+                    &"SELECT id AS pick_id, status AS was, error AS was_error FROM taskwarden.tasks \
                      WHERE status = ANY($1) AND session_id IS NULL \
                        AND ($4::text IS NULL OR agent = $4) \
                        AND NOT (unique_scope = 'active' AND EXISTS ( \
-                         SELECT 1 FROM tasks o WHERE o.unique_key = tasks.unique_key \
+                         SELECT 1 FROM taskwarden.tasks o WHERE o.unique_key = tasks.unique_key \
                            AND o.id <> tasks.id AND (KEY_HELD))) \
                      ORDER BY id LIMIT $5 FOR UPDATE SKIP LOCKED"
                         .replace("KEY_HELD", KEY_HELD_BY_O),
@@ -227,7 +232,7 @@ impl Store {
             .map_err(|e| key_taken(e, 0))?;
         let tasks: Vec<Task> = rows.iter().map(Task::from_row).collect::<Result<_, _>>()?;
         if !tasks.is_empty() {
-            s.execute("SELECT pg_notify($1, '')", &[&NOTIFY_CHANNEL])
+            s.execute("SELECT pg_notify($1, '')", &[&s.schema().channel()])
                 .await?;
             tracing::info!(retried = tasks.len(), agent = ?f.agent, status = ?f.status.map(|s| s.as_str()), "tasks retried by filter");
         }

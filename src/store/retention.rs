@@ -52,14 +52,14 @@ impl Store {
                 "WITH r AS (SELECT * FROM unnest($1::text[], $2::float8[]) AS r(status, secs)), \
                  doomed AS ( \
                    SELECT d.id, d.status, d.finished_at FROM r CROSS JOIN LATERAL ( \
-                     SELECT t.id, t.status, t.finished_at FROM tasks t \
+                     SELECT t.id, t.status, t.finished_at FROM taskwarden.tasks t \
                      WHERE t.status = r.status AND t.objective_id IS NULL \
                        AND t.status IN ('succeeded', 'failed', 'cancelled', 'timed_out') \
                        AND t.finished_at < now() - make_interval(secs => r.secs) \
                      ORDER BY t.finished_at LIMIT $3 FOR UPDATE SKIP LOCKED) d \
                    LIMIT $3), \
                  gone AS ( \
-                   DELETE FROM tasks t USING doomed d \
+                   DELETE FROM taskwarden.tasks t USING doomed d \
                    WHERE t.id = d.id AND t.status = d.status AND t.finished_at = d.finished_at \
                    RETURNING t.status) \
                  SELECT status, count(*) FROM gone GROUP BY status",
@@ -87,12 +87,12 @@ impl Store {
             .query(
                 "WITH r AS (SELECT * FROM unnest($1::text[], $2::float8[]) AS r(status, secs)), \
                  cand AS ( \
-                   SELECT o.id, (SELECT count(*) FROM tasks t WHERE t.objective_id = o.id) AS steps \
-                   FROM objectives o \
+                   SELECT o.id, (SELECT count(*) FROM taskwarden.tasks t WHERE t.objective_id = o.id) AS steps \
+                   FROM taskwarden.objectives o \
                    WHERE o.created_at < now() - make_interval(secs => $4) \
-                     AND EXISTS (SELECT 1 FROM tasks t WHERE t.objective_id = o.id) \
+                     AND EXISTS (SELECT 1 FROM taskwarden.tasks t WHERE t.objective_id = o.id) \
                      AND NOT EXISTS ( \
-                       SELECT 1 FROM tasks t LEFT JOIN r ON r.status = t.status \
+                       SELECT 1 FROM taskwarden.tasks t LEFT JOIN r ON r.status = t.status \
                        WHERE t.objective_id = o.id \
                          AND (r.secs IS NULL OR t.finished_at IS NULL \
                               OR t.finished_at >= now() - make_interval(secs => r.secs))) \
@@ -103,7 +103,7 @@ impl Store {
                             row_number() OVER (ORDER BY id) AS n FROM cand) x \
                    WHERE upto <= $3 OR n = 1), \
                  locked AS ( \
-                   SELECT t.objective_id, t.status, t.finished_at FROM tasks t \
+                   SELECT t.objective_id, t.status, t.finished_at FROM taskwarden.tasks t \
                    JOIN pick ON t.objective_id = pick.id FOR UPDATE OF t), \
                  ok AS ( \
                    SELECT l.objective_id FROM locked l LEFT JOIN r ON r.status = l.status \
@@ -111,9 +111,9 @@ impl Store {
                    HAVING bool_and(r.secs IS NOT NULL AND l.finished_at IS NOT NULL \
                      AND l.finished_at < now() - make_interval(secs => r.secs))), \
                  gone AS ( \
-                   DELETE FROM tasks t USING ok WHERE t.objective_id = ok.objective_id \
+                   DELETE FROM taskwarden.tasks t USING ok WHERE t.objective_id = ok.objective_id \
                    RETURNING t.status), \
-                 obj AS (DELETE FROM objectives o USING ok WHERE o.id = ok.objective_id) \
+                 obj AS (DELETE FROM taskwarden.objectives o USING ok WHERE o.id = ok.objective_id) \
                  SELECT status, count(*) FROM gone GROUP BY status",
                 &[&statuses, &secs, &limit, &youngest],
             )

@@ -61,13 +61,13 @@ impl Store {
         let mut s = self.session("store.fire_schedule").await?;
         let tx = s.transaction().await?;
         tx.execute(
-            "INSERT INTO schedules (name, last_due) VALUES ($1, now()) ON CONFLICT DO NOTHING",
+            "INSERT INTO taskwarden.schedules (name, last_due) VALUES ($1, now()) ON CONFLICT DO NOTHING",
             &[&task.schedule],
         )
         .await?;
         let Some(row) = tx
             .query_opt(
-                "SELECT last_due, now() FROM schedules WHERE name = $1 FOR UPDATE SKIP LOCKED",
+                "SELECT last_due, now() FROM taskwarden.schedules WHERE name = $1 FOR UPDATE SKIP LOCKED",
                 &[&task.schedule],
             )
             .await?
@@ -91,7 +91,7 @@ impl Store {
             .count() as u64;
         let inserted = tx
             .query_opt(
-                "INSERT INTO tasks (agent, payload, priority, max_attempts, run_after, \
+                "INSERT INTO taskwarden.tasks (agent, payload, priority, max_attempts, run_after, \
                    schedule, scheduled_at) \
                  VALUES ($1, $2, $3, $4, now(), $5, $6) ON CONFLICT DO NOTHING RETURNING id",
                 &[
@@ -109,7 +109,7 @@ impl Store {
             None => None,
         };
         tx.execute(
-            "UPDATE schedules SET last_due = $2, last_task_id = COALESCE($3, last_task_id), \
+            "UPDATE taskwarden.schedules SET last_due = $2, last_task_id = COALESCE($3, last_task_id), \
                updated_at = now() WHERE name = $1",
             &[&task.schedule, &due, &task_id],
         )
@@ -135,7 +135,7 @@ impl Store {
         let s = self.session("store.schedule_rows").await?;
         let rows = s
             .query(
-                "SELECT name, last_due, last_task_id FROM schedules ORDER BY name",
+                "SELECT name, last_due, last_task_id FROM taskwarden.schedules ORDER BY name",
                 &[],
             )
             .await?;

@@ -32,7 +32,7 @@ impl Store {
             .query_opt(
                 // Sums saturate at what the columns hold (bigint, numeric(20, 8)): an
                 // overflow would refuse the report and, worse, every report after it.
-                "UPDATE tasks SET \
+                "UPDATE taskwarden.tasks SET \
                    prompt_tokens = LEAST(prompt_tokens::numeric + $2::bigint, 9223372036854775807)::bigint, \
                    completion_tokens = LEAST(completion_tokens::numeric + $3::bigint, 9223372036854775807)::bigint, \
                    cost_usd = LEAST(cost_usd + $4::float8::numeric, 999999999999.99999999), \

@@ -24,7 +24,10 @@ impl Store {
     pub async fn count_by_status(&self) -> Result<Vec<(TaskStatus, i64)>, StoreError> {
         let s = self.session("store.count_by_status").await?;
         let rows = s
-            .query("SELECT status, count(*) FROM tasks GROUP BY status", &[])
+            .query(
+                "SELECT status, count(*) FROM taskwarden.tasks GROUP BY status",
+                &[],
+            )
             .await?;
         let mut counts: HashMap<String, i64> = HashMap::new();
         for r in rows {
@@ -39,7 +42,7 @@ impl Store {
 
 /// The most entries of each list the view keeps (queues, paused agents, instances) beyond
 /// the configured agents, and so the most `/v1/status` shows: agent names come from
-/// input (`taskwarden_enqueue` takes any), and the view's size must not.
+/// input (`taskwarden.enqueue` takes any), and the view's size must not.
 pub const VIEW_LIST_MAX: i64 = 100;
 
 /// Task counts, queues and instances as read at one moment: what `/v1/status` shows and
@@ -101,14 +104,14 @@ impl DbView {
             COALESCE(extract(epoch FROM now() - min(run_after) \
               FILTER (WHERE run_after <= now() AND cardinality(depends_on) = 0))::float8, 0) AS secs, \
             agent = ANY($1::text[]) AS known \
-          FROM tasks WHERE status = 'queued' GROUP BY agent), \
-        p AS (SELECT agent, paused_at, agent = ANY($1::text[]) AS known FROM paused_agents), \
+          FROM taskwarden.tasks WHERE status = 'queued' GROUP BY agent), \
+        p AS (SELECT agent, paused_at, agent = ANY($1::text[]) AS known FROM taskwarden.paused_agents), \
         a AS (SELECT agent, bool_or(known) AS known FROM \
             (SELECT agent, known FROM q UNION ALL SELECT agent, known FROM p) x GROUP BY agent) \
         SELECT 'status' AS kind, status AS key, count(*) AS n, \
           extract(epoch FROM now() - min(started_at))::float8 AS secs, \
           NULL::timestamptz AS paused_at \
-        FROM tasks GROUP BY status \
+        FROM taskwarden.tasks GROUP BY status \
         UNION ALL \
         (SELECT 'queue', agent, n, secs, NULL FROM q \
           ORDER BY known DESC, n DESC, agent \
@@ -134,7 +137,7 @@ impl DbView {
     pub const INSTANCES_SQL: &str = "SELECT i.id, i.hostname, i.pid, i.version, i.started_at, \
         i.heartbeat_at, COALESCE(l.leader_id = i.id AND l.expires_at > now(), false), \
         count(*) OVER () \
-        FROM instances i LEFT JOIN leader l ON true \
+        FROM taskwarden.instances i LEFT JOIN taskwarden.leader l ON true \
         WHERE i.heartbeat_at > now() - interval '10 minutes' ORDER BY i.started_at LIMIT $1::int8";
 
     pub fn from_rows(counts: &[Row], instances: &[Row]) -> DbView {

@@ -14,6 +14,11 @@
 //!   crashed agent's backends do not linger;
 //! - one past `session_warn_age`: logged once.
 //!
+//! An agent may connect as a role other than the daemon's. Without `pg_read_all_stats`
+//! the daemon sees such a session (its application_name) but not its state or ages, so
+//! it counts it and applies no age rule; without `pg_signal_backend` it cannot end it.
+//! Either is logged once per role, naming the grant, and the rest of the watch goes on.
+//!
 //! Only sessions in taskwarden's own database are watched: task ids are numbers of that
 //! database, and another deployment on the same cluster has tasks with the same ids (its
 //! sessions are its own supervisor's business).
@@ -117,11 +122,27 @@ struct AgentSession {
     idle_in_transaction: bool,
     age_seconds: f64,
     state_seconds: f64,
+    /// Its state and ages are visible to this role (its own, or `pg_read_all_stats`).
+    visible: bool,
+    /// This role may end it (its own, or `pg_signal_backend`, and not a superuser's).
+    signalable: bool,
+    role: String,
 }
 
+/// How many (role, missing grant) pairs are remembered as logged.
+pub(super) const PRIVILEGE_WARNED_MAX: usize = 64;
+
+// backend_start is NULL exactly when the row is another role's and this one lacks
+// pg_read_all_stats; pg_terminate_backend would raise 42501 for a session it may not
+// signal, failing the whole batch, so that is decided here.
 const AGENT_SESSIONS_SQL: &str = "SELECT pid, application_name, coalesce(state, '') = 'idle in transaction', \
-       extract(epoch FROM now() - backend_start)::float8, \
-       coalesce(extract(epoch FROM now() - state_change)::float8, 0) \
+       coalesce(extract(epoch FROM now() - backend_start)::float8, 0), \
+       coalesce(extract(epoch FROM now() - state_change)::float8, 0), \
+       backend_start IS NOT NULL, \
+       coalesce((pg_has_role(usesysid, 'MEMBER') OR pg_has_role('pg_signal_backend', 'MEMBER')) \
+         AND (NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.oid = usesysid) \
+              OR (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user)), false), \
+       coalesce(usename::text, '') \
      FROM pg_stat_activity WHERE application_name LIKE 'taskwarden/task/%' \
        AND datname = current_database() AND pid <> pg_backend_pid()";
 
@@ -231,6 +252,9 @@ impl Supervisor {
                     idle_in_transaction: r.get(2),
                     age_seconds: r.get(3),
                     state_seconds: r.get(4),
+                    visible: r.get(5),
+                    signalable: r.get(6),
+                    role: r.get(7),
                 })
             })
             .collect())
@@ -289,6 +313,14 @@ impl Supervisor {
         let idle_max = sup.agent_idle_in_transaction_max.get().as_secs_f64();
         let warn = sup.session_warn_age.get().as_secs_f64();
         for s in mine {
+            if !s.visible {
+                self.privilege_missing(
+                    &s.role,
+                    "pg_read_all_stats",
+                    "cannot see the state or age of agent sessions of this role: they are counted, but session_max_age, agent_idle_in_transaction_max and session_warn_age do not apply to them",
+                );
+                continue;
+            }
             if s.age_seconds >= max_age {
                 terminate.push((s.pid, "session_max_age"));
                 let reason = format!(
@@ -400,6 +432,18 @@ impl Supervisor {
         sessions: &[AgentSession],
         here: &HashMap<i64, &str>,
     ) -> Result<(), SupervisorError> {
+        let mut allowed = Vec::with_capacity(terminate.len());
+        for t in terminate {
+            match sessions.iter().find(|s| s.pid == t.0) {
+                Some(s) if !s.signalable => self.privilege_missing(
+                    &s.role,
+                    "pg_signal_backend",
+                    "cannot end agent sessions of this role: the watchdog's terminations of them are skipped",
+                ),
+                _ => allowed.push(*t),
+            }
+        }
+        let terminate = allowed.as_slice();
         if terminate.is_empty() {
             return Ok(());
         }
@@ -426,5 +470,19 @@ impl Supervisor {
                 .increment(1);
         }
         Ok(())
+    }
+
+    /// Logs, once per role and grant, what the watch cannot do without the grant.
+    fn privilege_missing(&mut self, role: &str, grant: &'static str, what: &'static str) {
+        if self.privilege_warned.len() >= PRIVILEGE_WARNED_MAX {
+            return;
+        }
+        if self.privilege_warned.insert((role.to_string(), grant)) {
+            tracing::warn!(
+                session_role = role,
+                missing_grant = grant,
+                "{what} (GRANT {grant} TO the daemon's role to watch them fully)"
+            );
+        }
     }
 }

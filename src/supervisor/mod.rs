@@ -130,6 +130,9 @@ pub struct Supervisor {
     agent_cpu: std::collections::HashMap<i64, f64>,
     /// Agent sessions already warned about (pruned to live ones every tick).
     agent_sessions_warned: std::collections::HashSet<i32>,
+    /// Roles whose agent sessions this role may not see the state of, or may not end,
+    /// already logged (each once; bounded by [`agents::PRIVILEGE_WARNED_MAX`]).
+    privilege_warned: std::collections::HashSet<(String, &'static str)>,
 }
 
 impl Supervisor {
@@ -157,6 +160,7 @@ impl Supervisor {
             lock_refusal_logged: false,
             agent_cpu: Default::default(),
             agent_sessions_warned: Default::default(),
+            privilege_warned: Default::default(),
         }
     }
 

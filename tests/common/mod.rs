@@ -216,12 +216,20 @@ impl TestDb {
     }
 }
 
+/// A plain connection for a test's own SQL. Its search_path finds taskwarden's tables
+/// (in the `taskwarden` schema) by their bare names, so a test reads as SQL written by hand
+/// would; the daemon's own sessions keep the server's default path, which does not, so the
+/// suite also checks that every statement of the daemon names its schema.
 pub async fn connect(pg: &tokio_postgres::Config) -> tokio_postgres::Client {
     let (client, conn) = pg
         .connect(tokio_postgres::NoTls)
         .await
         .expect("connect to test PostgreSQL");
     tokio::spawn(conn);
+    client
+        .batch_execute("SET search_path = taskwarden, public")
+        .await
+        .expect("set the test session's search_path");
     client
 }
 
