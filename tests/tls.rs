@@ -165,6 +165,7 @@ impl TlsServer {
             pgdata.join("pg_hba.conf"),
             "local all all trust\n\
              hostssl all certuser 127.0.0.1/32 cert\n\
+             hostssl all pwuser 127.0.0.1/32 scram-sha-256\n\
              hostssl all all 127.0.0.1/32 trust\n",
         )
         .unwrap();
@@ -188,8 +189,13 @@ impl TlsServer {
                 .args(["-w", "-t", "60", "-o", &opts, "start"]);
         });
         s.psql_in("postgres", "CREATE ROLE certuser LOGIN");
+        s.psql_in(
+            "postgres",
+            &format!("CREATE ROLE pwuser LOGIN PASSWORD '{PWUSER_PASSWORD}'"),
+        );
         s.psql_in("postgres", "CREATE DATABASE app");
         s.psql_in("postgres", "CREATE DATABASE certdb OWNER certuser");
+        s.psql_in("postgres", "GRANT CREATE ON DATABASE app TO pwuser");
         s
     }
 
@@ -264,21 +270,141 @@ impl Drop for TlsServer {
     }
 }
 
+/// The password of the role that must authenticate (scram-sha-256).
+const PWUSER_PASSWORD: &str = "c0rrect:h0rse\\staple";
+
 /// `taskwarden migrate` against `url`: it connects, migrates and exits.
 fn migrate(dir: &Path, url: &str, extra: &str) -> Output {
+    migrate_env(dir, url, extra, &[])
+}
+
+/// [`migrate`] with an environment of libpq's variables (and no others of the test's).
+fn migrate_env(dir: &Path, url: &str, extra: &str, env: &[(&str, &str)]) -> Output {
     let cfg = dir.join("migrate.toml");
     std::fs::write(
         &cfg,
         format!("[database]\nurl = {url:?}\nconnect_timeout = \"5s\"\n{extra}\n"),
     )
     .unwrap();
-    Command::new(common::bin())
-        .args(["migrate", "--config"])
+    let mut cmd = Command::new(common::bin());
+    cmd.args(["migrate", "--config"])
         .arg(&cfg)
         .env_remove("TASKWARDEN_DATABASE_URL")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+        .env("HOME", dir)
+        .stdin(Stdio::null());
+    for k in taskwarden::db::libpq_env::VARS {
+        cmd.env_remove(k);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+/// libpq's conventions: `PG*` variables fill what the URL leaves out (the URL wins), and
+/// the password comes from the password file, which is ignored when others can read it.
+/// The role here must give a password (scram-sha-256), over verified TLS.
+#[test]
+fn libpq_environment_variables_and_the_password_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = TlsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = s.file("ca.crt").display().to_string();
+    let port = s.port.to_string();
+    let base: Vec<(&str, &str)> = vec![
+        ("PGHOST", "localhost"),
+        ("PGPORT", &port),
+        ("PGUSER", "pwuser"),
+        ("PGDATABASE", "app"),
+        ("PGSSLMODE", "verify-full"),
+        ("PGSSLROOTCERT", &ca),
+    ];
+    fn plus<'a>(
+        base: &[(&'a str, &'a str)],
+        extra: &[(&'a str, &'a str)],
+    ) -> Vec<(&'a str, &'a str)> {
+        let mut v = base.to_vec();
+        v.extend_from_slice(extra);
+        v
+    }
+    let with = |extra: &[(&'static str, &'static str)]| plus(&base, extra);
+
+    // Everything from the environment, but no password anywhere: the server's refusal.
+    let o = migrate_env(dir.path(), "postgresql://", "", &base);
+    assert!(!o.status.success(), "{}", said(&o));
+    assert!(said(&o).contains("password"), "{}", said(&o));
+
+    // PGPASSWORD.
+    let o = migrate_env(
+        dir.path(),
+        "postgresql://",
+        "",
+        &with(&[("PGPASSWORD", PWUSER_PASSWORD)]),
+    );
+    assert!(o.status.success(), "PGPASSWORD: {}", said(&o));
+    let schema = s.psql("SELECT nspowner::regrole FROM pg_namespace WHERE nspname = 'taskwarden'");
+    assert_eq!(schema.trim(), "pwuser", "the schema is the role's own");
+
+    // The password file, with libpq's escapes for ':' and '\'.
+    let passfile = dir.path().join("pgpass");
+    let escaped = PWUSER_PASSWORD.replace('\\', "\\\\").replace(':', "\\:");
+    std::fs::write(
+        &passfile,
+        format!("# taskwarden\nelsewhere:*:*:*:wrong\nlocalhost:{port}:app:pwuser:{escaped}\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let pf = passfile.display().to_string();
+    let o = migrate_env(
+        dir.path(),
+        "postgresql://",
+        "",
+        &plus(&base, &[("PGPASSFILE", &pf)]),
+    );
+    assert!(o.status.success(), "PGPASSFILE: {}", said(&o));
+    // ~/.pgpass when PGPASSFILE is not set (HOME is the test's directory).
+    std::fs::copy(&passfile, dir.path().join(".pgpass")).unwrap();
+    std::fs::set_permissions(
+        dir.path().join(".pgpass"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let o = migrate_env(dir.path(), "postgresql://", "", &base);
+    assert!(o.status.success(), "~/.pgpass: {}", said(&o));
+
+    // A password file others can read is ignored, and the daemon says why.
+    std::fs::set_permissions(
+        dir.path().join(".pgpass"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let o = migrate_env(dir.path(), "postgresql://", "", &base);
+    assert!(!o.status.success(), "{}", said(&o));
+    assert!(said(&o).contains("group or world access"), "{}", said(&o));
+
+    // The URL wins over the environment: its user, database and sslmode.
+    let o = migrate_env(
+        dir.path(),
+        &format!(
+            "postgresql://taskwarden@localhost:{port}/app?sslmode=verify-full&sslrootcert={ca}"
+        ),
+        "",
+        &with(&[("PGPASSWORD", "wrong"), ("PGSSLMODE", "disable")]),
+    );
+    assert!(o.status.success(), "URL over environment: {}", said(&o));
+    // PGSSLMODE applies where the URL says nothing: disable meets hostssl-only.
+    let o = migrate_env(
+        dir.path(),
+        "postgresql://",
+        "",
+        &with(&[("PGPASSWORD", PWUSER_PASSWORD), ("PGSSLMODE", "disable")]),
+    );
+    assert!(!o.status.success());
+    assert!(said(&o).contains("no encryption"), "{}", said(&o));
+    // A bad variable is named.
+    let o = migrate_env(dir.path(), "postgresql://", "", &with(&[("PGPORT", "54x")]));
+    assert!(!o.status.success());
+    assert!(said(&o).contains("PGPORT"), "{}", said(&o));
 }
 
 fn said(o: &Output) -> String {

@@ -27,6 +27,7 @@ pub(crate) use error::with_deadline;
 pub use error::{DbError, describe_pg_error};
 
 pub mod embedded;
+pub mod libpq_env;
 pub mod migrate;
 pub mod schema;
 pub use schema::Schema;

@@ -55,7 +55,7 @@ impl SslMode {
         }
     }
 
-    fn parse(s: &str) -> Result<SslMode, TlsError> {
+    pub(super) fn parse(s: &str) -> Result<SslMode, TlsError> {
         Ok(match s {
             "disable" => SslMode::Disable,
             "allow" => SslMode::Allow,
@@ -95,6 +95,8 @@ pub enum TlsError {
     ClientAuth(String),
     #[error("invalid connection string: {0}")]
     Url(String),
+    #[error("{0}")]
+    Environment(String),
 }
 
 /// The TLS parameters, from a URL or the `[database]` keys (empty: not given).
@@ -236,11 +238,21 @@ fn percent_decode(v: &str) -> Result<String, TlsError> {
 /// Parses a connection string whose TLS parameters may be any of libpq's; the TLS ones
 /// are returned beside the tokio-postgres config.
 pub fn parse_url(conn: &str) -> Result<(tokio_postgres::Config, TlsParams), TlsError> {
-    let (clean, params) = split_tls_params(conn)?;
-    let pg = clean
+    let env = super::libpq_env::Env::process();
+    let (clean, params) = url_params(conn, &env)?;
+    let mut pg = clean
         .parse::<tokio_postgres::Config>()
         .map_err(|e| TlsError::Url(e.to_string()))?;
+    super::libpq_env::fill(&mut pg, &env).map_err(|e| TlsError::Environment(e.to_string()))?;
     Ok((pg, params))
+}
+
+/// The TLS parameters of a connection string with what it leaves out taken from the
+/// environment (`PGSSL*`), and the rest of the string.
+fn url_params(conn: &str, env: &super::libpq_env::Env) -> Result<(String, TlsParams), TlsError> {
+    let (clean, mut params) = split_tls_params(conn)?;
+    super::libpq_env::fill_tls(&mut params, env)?;
+    Ok((clean, params))
 }
 
 /// The `sslmode` in force for `url` under `cfg`, without reading any certificate (what
@@ -249,7 +261,7 @@ pub fn mode_for_url(url: &str, cfg: &DatabaseConfig) -> Result<SslMode, TlsError
     let from_url = if url.trim().is_empty() {
         None
     } else {
-        split_tls_params(url)?.1.mode
+        url_params(url, &super::libpq_env::Env::process())?.1.mode
     };
     Ok(from_url.unwrap_or(cfg.sslmode))
 }
@@ -303,7 +315,7 @@ impl Tls {
         let from_url = if url.trim().is_empty() {
             TlsParams::default()
         } else {
-            split_tls_params(url)?.1
+            url_params(url, &super::libpq_env::Env::process())?.1
         };
         Tls::build(&TlsParams::of_config(cfg).overridden_by(from_url))
     }
