@@ -631,3 +631,30 @@ async fn verify_full_runs_tasks_on_encrypted_sessions_only() {
     })
     .await;
 }
+
+/// The start-up check on the server's connection limit: a pool that could take more than
+/// the server allows is warned about, naming both figures (the server here has
+/// `max_connections = 100`, 3 of them reserved); one that fits is not.
+#[test]
+fn a_pool_larger_than_the_server_allows_is_warned_about_at_start() {
+    let s = TlsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = s.file("ca.crt").display().to_string();
+    let url = s.url(
+        "localhost",
+        "taskwarden",
+        "app",
+        &format!("sslmode=verify-full&sslrootcert={ca}"),
+    );
+    let o = migrate(dir.path(), &url, "pool_size = 90\nmax_overflow = 20");
+    assert!(o.status.success(), "{}", said(&o));
+    assert!(
+        said(&o).contains("may open 112 connections")
+            && said(&o).contains("the server allows 97 (max_connections 100 - 3 reserved)"),
+        "{}",
+        said(&o)
+    );
+    let o = migrate(dir.path(), &url, "pool_size = 20\nmax_overflow = 10");
+    assert!(o.status.success(), "{}", said(&o));
+    assert!(!said(&o).contains("may open"), "{}", said(&o));
+}

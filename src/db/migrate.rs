@@ -58,6 +58,8 @@ const ENQUEUE_ARGS: &str = "text, jsonb, integer, integer, timestamptz, text, te
 pub enum MigrateError {
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error(transparent)]
+    Preflight(#[from] crate::db::preflight::PreflightError),
     #[error("taking the migration lock failed: {0}")]
     Lock(#[source] DbError),
     #[error("another instance held the migration lock for more than {0:?}")]
@@ -133,6 +135,7 @@ pub async fn run(
     cfg: &DatabaseConfig,
 ) -> Result<MigrationReport, MigrateError> {
     let client = connect_direct(pg, cfg, "migrate").await?;
+    crate::db::preflight::check(&client, cfg).await?;
     let waited = Instant::now();
     let limit = client.deadline().saturating_mul(MIGRATION_RUN_FACTOR);
     loop {

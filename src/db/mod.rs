@@ -29,6 +29,7 @@ pub use error::{DbError, describe_pg_error};
 pub mod embedded;
 pub mod libpq_env;
 pub mod migrate;
+pub mod preflight;
 pub mod schema;
 pub use schema::Schema;
 pub mod tls;
