@@ -68,7 +68,7 @@ metrics_table! {
     AGENT_RESIDENT_MEMORY_BYTES = "agent_resident_memory_bytes", Gauge, Bytes, ["agent"], "Resident memory of the process trees of the agent's tasks running here (sum over tasks; supervisor's last sample).";
     AGENT_PROCESSES = "agent_processes", Gauge, Count, ["agent"], "Processes in the trees of the agent's tasks running here (the shim not counted).";
     AGENT_CPU_SECONDS_TOTAL = "agent_cpu_seconds_total", FloatCounter, Seconds, ["agent"], "CPU time used by the process trees of the agent's tasks here (grows by each sample's increase).";
-    AGENT_DB_SESSIONS = "agent_db_sessions", Gauge, Count, ["agent"], "The agent's own PostgreSQL sessions (application_name taskwarden/task/<id>) of its tasks running here.";
+    AGENT_DB_SESSIONS = "agent_db_sessions", Gauge, Count, ["agent"], "The agent's own PostgreSQL sessions (application_name <schema>/task/<id>) of its tasks running here.";
     AGENT_DB_SESSIONS_MAX = "agent_db_sessions_max", Gauge, Count, ["agent"], "The agent's db_sessions_max (its session budget; absent when it has none).";
     AGENT_LIMITS_HIT_TOTAL = "agent_limits_hit_total", Counter, Count, ["agent", "limit"], "Tasks killed for passing a limit of their agent (memory_max, processes_max, cpu_time_max, session_max_age), and agent sessions terminated (idle_in_transaction, task_ended).";
     QUEUE_DEPTH = "queue_depth", Gauge, Count, ["agent"], "Queued tasks per agent, due or not (supervisor's last reading).";

@@ -69,6 +69,27 @@ fn stop(mut d: Daemon) -> String {
     out
 }
 
+/// `taskwarden migrate` with `cfg`'s [database] section and `url`: (success, output).
+fn migrate_cli(dir: &Path, url: &str, schema: &str) -> (bool, String) {
+    let cfg = dir.join("migrate.toml");
+    std::fs::write(
+        &cfg,
+        format!("[database]\nurl = {url:?}\nschema = {schema:?}\n"),
+    )
+    .unwrap();
+    let o = std::process::Command::new(common::bin())
+        .args(["migrate", "--config"])
+        .arg(&cfg)
+        .env_remove("TASKWARDEN_DATABASE_URL")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr),
+    )
+}
+
 /// The test database's URL for another role (the test server trusts local connections).
 fn url_as(t: &TestDb, role: &str) -> String {
     let user = t.pg.get_user().unwrap_or("postgres");
@@ -133,6 +154,17 @@ async fn a_least_privilege_role_installs_beside_the_applications_own_tables() {
         let app_rows = "SELECT (SELECT string_agg(id || title || done, ',' ORDER BY id) FROM public.tasks) \
                         || '/' || (SELECT string_agg(id || name, ',' ORDER BY id) FROM public.objectives)";
         let before_rows: String = admin.query_one(app_rows, &[]).await.unwrap().get(0);
+
+        // A schema someone else made and did not give the role: refused, naming the grant.
+        admin.batch_execute("CREATE SCHEMA adminmade").await.unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let (ok, said) = migrate_cli(scratch.path(), &url_as(&t, &daemon_role), "adminmade");
+        assert!(!ok, "{said}");
+        assert!(
+            said.contains("may not use it")
+                && said.contains(&format!("GRANT USAGE, CREATE ON SCHEMA adminmade TO {daemon_role}")),
+            "{said}"
+        );
 
         // An agent that connects as the application's role and sits idle in a transaction
         // past agent_idle_in_transaction_max: ended by the watchdog only when the daemon's
@@ -240,9 +272,34 @@ async fn a_least_privilege_role_installs_beside_the_applications_own_tables() {
             1,
             "the missing grant is said once:\n{out}"
         );
-        // With the grants README names, the same agent's session is ended.
+        // With pg_read_all_stats alone the sessions are seen but cannot be ended: the
+        // agent's idle session and a session of another role named like the daemon's
+        // (idle in a transaction, so it looks orphaned) are left alone, each said once,
+        // and the supervisor keeps ticking without an error.
         admin
-            .batch_execute(&format!("GRANT pg_read_all_stats, pg_signal_backend TO {daemon_role}"))
+            .batch_execute(&format!("GRANT pg_read_all_stats TO {daemon_role}"))
+            .await
+            .unwrap();
+        let mut lookalike = t.pg.clone();
+        lookalike.user(&app_role).application_name(&t.application_name);
+        let (lookalike, conn) = lookalike.connect(tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        lookalike.batch_execute("BEGIN; SELECT 1").await.unwrap();
+        let seen = submit_task(&http, &base, "idler", json!({})).await.unwrap();
+        assert!(wait_status(&http, &base, seen, "succeeded").await);
+        assert!(
+            lookalike.query_one("SELECT 1", &[]).await.is_ok(),
+            "the other role's session was ended"
+        );
+        let out = tokio::task::block_in_place(|| d.drain());
+        assert!(!out.contains("supervisor tick failed"), "{out}");
+        for what in ["cannot end agent sessions", "carry our application_name"] {
+            assert_eq!(out.matches(what).count(), 1, "{what:?} said once:\n{out}");
+        }
+        lookalike.batch_execute("COMMIT").await.unwrap();
+        // With both grants README names, the same agent's session is ended.
+        admin
+            .batch_execute(&format!("GRANT pg_signal_backend TO {daemon_role}"))
             .await
             .unwrap();
         let strict = submit_task(&http, &base, "idler", json!({})).await.unwrap();
@@ -312,6 +369,18 @@ async fn snapshot(c: &tokio_postgres::Client, schema: &str) -> Vec<String> {
 /// `taskwarden` without a row lost or changed, and the old function still enqueues.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_installation_in_public_is_moved_in_place() {
+    moved_in_place(None).await;
+}
+
+/// The same into a schema whose name ends in the default's (the SQL's qualifier is
+/// rewritten once, not again inside the new name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_installation_in_public_is_moved_into_a_schema_named_like_the_default() {
+    moved_in_place(Some("staging_taskwarden")).await;
+}
+
+async fn moved_in_place(schema: Option<&str>) {
+    let target = schema.unwrap_or("taskwarden");
     bounded(TEST_LIMIT, async {
         let t = TestDb::new_unmigrated().await;
         let admin = t.admin().await;
@@ -361,7 +430,7 @@ async fn an_installation_in_public_is_moved_in_place() {
         assert!(before[0].lines().count() == 9 && before[1].lines().count() == 8, "{before:?}");
 
         let dir = tempfile::tempdir().unwrap();
-        let cfg = config(&t, dir.path(), "ran.log", None);
+        let cfg = config(&t, dir.path(), "ran.log", schema);
         let (mut d, base) = start(dir.path(), &cfg, &t.url());
         assert!(
             tokio::task::block_in_place(|| d.wait_for("moved into the schema", LIMIT)).is_some(),
@@ -380,7 +449,7 @@ async fn an_installation_in_public_is_moved_in_place() {
         )
         .await;
         assert_eq!(leftovers, 0, "tables or sequences left in public");
-        let after = snapshot(&admin, "taskwarden").await;
+        let after = snapshot(&admin, target).await;
         let strip = |s: &str| {
             s.lines()
                 .filter(|l| !l.starts_with(&format!("{old_id}|")))
@@ -402,7 +471,7 @@ async fn an_installation_in_public_is_moved_in_place() {
             .get(0);
         assert!(new_id > old_id);
         let via_new: i64 = app
-            .query_one("SELECT taskwarden.enqueue('rec', '{\"n\": 111}')", &[])
+            .query_one(&format!("SELECT {target}.enqueue('rec', '{{\"n\": 111}}')"), &[])
             .await
             .expect("the new enqueue for a role that could enqueue before")
             .get(0);
@@ -425,18 +494,32 @@ async fn an_installation_in_public_is_moved_in_place() {
 async fn two_schemas_in_one_database_see_nothing_of_each_other() {
     bounded(TEST_LIMIT, async {
         let t = TestDb::new_unmigrated().await;
+        let admin = t.admin().await;
+        // Another deployment's migration holds the default schema's lock the whole time:
+        // each schema migrates under its own.
+        admin
+            .batch_execute("SELECT pg_advisory_lock(x'74776d6967726174'::int8)")
+            .await
+            .unwrap();
+        // An agent holding a database session for a few seconds; ended early, psql fails
+        // and so does the task (max_attempts 1).
+        let sleeper = format!(
+            "[agents.sleeper]\nkind = \"command\"\ncommand = [\"psql\", {:?}, \"-X\", \"-q\", \"-v\", \"ON_ERROR_STOP=1\", \"-c\", \"SELECT pg_sleep(4)\"]\n",
+            t.url()
+        );
         let dir_a = tempfile::tempdir().unwrap();
         let dir_b = tempfile::tempdir().unwrap();
         let (da, base_a) = start(
             dir_a.path(),
-            &config(&t, dir_a.path(), "ran.log", Some("alpha")),
+            &config_with(&t, dir_a.path(), "ran.log", Some("alpha"), "", &sleeper),
             &t.url(),
         );
         let (db, base_b) = start(
             dir_b.path(),
-            &config(&t, dir_b.path(), "ran.log", Some("beta")),
+            &config_with(&t, dir_b.path(), "ran.log", Some("beta"), "", &sleeper),
             &t.url(),
-        );
+        )
+;
         let http = http_client(Duration::from_secs(20));
         let mut ids_a = Vec::new();
         for n in 1..=5 {
@@ -454,8 +537,11 @@ async fn two_schemas_in_one_database_see_nothing_of_each_other() {
                     .unwrap(),
             );
         }
+        // Task ids are each schema's own, so alpha's first task and beta's share id 1: the
+        // other deployment's supervisor must not take alpha's agent session for its own
+        // (nor end it as the session of a task that is not running).
+        let slept = submit_task(&http, &base_a, "sleeper", json!({})).await.unwrap();
         // Enqueued from SQL into one schema: the other deployment never sees it.
-        let admin = t.admin().await;
         let sql_id: i64 = admin
             .query_one("SELECT alpha.enqueue('rec', '{\"n\": 100}')", &[])
             .await
@@ -474,6 +560,20 @@ async fn two_schemas_in_one_database_see_nothing_of_each_other() {
                 "beta task {id}"
             );
         }
+        assert!(
+            wait_status(&http, &base_a, slept, "succeeded").await,
+            "alpha's agent session was ended"
+        );
+        let text = common::daemon::scrape(&http, &base_b).await;
+        assert_eq!(
+            taskwarden::metrics::parse_value(
+                &text,
+                taskwarden::metrics::DB_BACKENDS_TERMINATED_TOTAL,
+                &[]
+            ),
+            Some(0.0),
+            "beta terminated a backend"
+        );
         let ran_a = payload_counts(&dir_a.path().join("ran.log"));
         let ran_b = payload_counts(&dir_b.path().join("ran.log"));
         assert_eq!(

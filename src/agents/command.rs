@@ -23,15 +23,6 @@ use tokio_util::codec::{AnyDelimiterCodec, FramedRead};
 
 use super::{Agent, AgentError, AgentOutput, BoxFuture, TaskContext};
 
-/// The `application_name` an agent's own database sessions carry (`PGAPPNAME`), which the
-/// supervisor reads back in `pg_stat_activity`.
-pub fn task_application_name(task_id: i64) -> String {
-    format!("{TASK_APPLICATION_PREFIX}{task_id}")
-}
-
-/// What every agent session's `application_name` starts with.
-pub const TASK_APPLICATION_PREFIX: &str = "taskwarden/task/";
-
 /// Longest stdout line accepted; a longer one fails the attempt.
 pub const MAX_LINE_BYTES: usize = 1024 * 1024;
 /// How much of stderr is kept for the error message.
@@ -143,7 +134,7 @@ fn command(
         .env("TASKWARDEN_ATTEMPT", ctx.attempt.to_string())
         // libpq, psycopg, node-postgres, JDBC (via PGAPPNAME in their drivers) label the
         // agent's own backends with it: the supervisor finds them in pg_stat_activity.
-        .env("PGAPPNAME", task_application_name(ctx.task_id))
+        .env("PGAPPNAME", &ctx.application_name)
         .env(
             "TASKWARDEN_SESSION_ID",
             ctx.slot_id.clone().unwrap_or_default(),

@@ -195,6 +195,10 @@ pub struct TaskContext {
     pub attempt: i32,
     /// The run slot the task runs in, if any.
     pub slot_id: Option<String>,
+    /// The `application_name` the agent's own database sessions should carry
+    /// (`<schema>/task/<id>`; command agents get it as `PGAPPNAME`), by which the
+    /// supervisor finds them in `pg_stat_activity`.
+    pub application_name: String,
     /// Cancelled when the task is cancelled, replaced or timed out. Agents that do work
     /// between awaits should check it; the orchestrator also drops the future.
     pub cancel: CancellationToken,
@@ -237,6 +241,7 @@ impl TaskContext {
             payload: task.payload.clone(),
             attempt: task.attempts,
             slot_id: task.slot_id.clone(),
+            application_name: crate::db::Schema::default().task_application_name(task.id),
             cancel,
             metrics,
             out: OutputWriter {
@@ -255,6 +260,12 @@ impl TaskContext {
     /// The bounds its output is held to (`[workers]` max_result_bytes, max_event_bytes).
     pub fn with_limits(mut self, limits: storable::Limits) -> TaskContext {
         self.out.limits = limits;
+        self
+    }
+
+    /// The schema of the deployment the task belongs to (names its agent sessions).
+    pub fn in_schema(mut self, schema: &crate::db::Schema) -> TaskContext {
+        self.application_name = schema.task_application_name(self.task_id);
         self
     }
 

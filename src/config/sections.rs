@@ -145,7 +145,7 @@ pub struct SupervisorConfig {
     pub memory_alert_ratio: f64,
     pub log_resource_usage: bool,
     pub resource_log_interval: Dur,
-    /// An agent's own database session (application_name `taskwarden/task/<id>`) idle in
+    /// An agent's own database session (application_name `<schema>/task/<id>`) idle in
     /// a transaction longer than this is terminated; the task goes on.
     pub agent_idle_in_transaction_max: Dur,
     /// A finished run whose outcome has waited longer than this to be written makes the

@@ -28,8 +28,26 @@ mod embedded {
     refinery::embed_migrations!("migrations");
 }
 
-/// Advisory-lock key for migrations: "twmigrat" as a big-endian i64.
+/// Advisory-lock key for migrations: "twmigrat" as a big-endian i64 (the default
+/// schema's; another schema's is derived from it, see [`lock_key`]).
 const MIGRATION_LOCK_KEY: i64 = 0x7477_6d69_6772_6174;
+
+/// The migration lock of `schema`: deployments in other schemas of the same database
+/// migrate without waiting for each other. The default schema keeps the key of earlier
+/// versions, so an older instance starting meanwhile still waits its turn.
+fn lock_key(schema: &Schema) -> i64 {
+    if schema.name() == crate::db::schema::DEFAULT {
+        return MIGRATION_LOCK_KEY;
+    }
+    // FNV-1a: stable across builds and platforms (std's hasher is not).
+    let h = schema
+        .name()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    MIGRATION_LOCK_KEY ^ (h as i64)
+}
 /// How long an instance waits for another one's migrations before giving up.
 pub const LOCK_WAIT: Duration = Duration::from_secs(300);
 /// The whole run may take this many `query_timeout`s.
@@ -81,6 +99,14 @@ pub enum MigrateError {
         schema: String,
         #[source]
         source: DbError,
+    },
+    #[error(
+        "schema {schema} exists (owned by {owner}) but role {role} may not use it: ALTER SCHEMA {schema} OWNER TO {role}, or GRANT USAGE, CREATE ON SCHEMA {schema} TO {role}"
+    )]
+    SchemaPrivileges {
+        schema: String,
+        role: String,
+        owner: String,
     },
 }
 
@@ -143,7 +169,7 @@ pub async fn run(
         let got: bool = client
             .query_one(
                 "SELECT pg_try_advisory_xact_lock($1)",
-                &[&MIGRATION_LOCK_KEY],
+                &[&lock_key(client.schema())],
             )
             .await
             .map_err(MigrateError::Lock)?
@@ -220,6 +246,24 @@ async fn ensure_schema(client: &DirectClient, schema: &Schema) -> Result<(), Mig
                 schema: schema.name().to_string(),
                 source,
             })?;
+        return Ok(());
+    }
+    // Someone else's schema: say which grant is missing, not a bare 42501 later.
+    let r = client
+        .query_one(
+            "SELECT has_schema_privilege($1, 'USAGE'), has_schema_privilege($1, 'CREATE'), \
+                    current_user::text, pg_get_userbyid(nspowner)::text \
+             FROM pg_namespace WHERE nspname = $1",
+            &[&schema.name()],
+        )
+        .await?;
+    let (usage, create): (bool, bool) = (r.get(0), r.get(1));
+    if !(usage && create) {
+        return Err(MigrateError::SchemaPrivileges {
+            schema: schema.name().to_string(),
+            role: r.get(2),
+            owner: r.get(3),
+        });
     }
     Ok(())
 }

@@ -42,13 +42,43 @@ impl Schema {
         &self.name
     }
 
-    /// `sql` with its objects in this schema.
+    /// `sql` with its objects in this schema: every `taskwarden.` that begins a name (not
+    /// the tail of a longer one, such as an already rewritten `staging_taskwarden.`).
     pub fn sql<'a>(&self, sql: &'a str) -> Cow<'a, str> {
         if &*self.name == DEFAULT || !sql.contains(WRITTEN) {
-            Cow::Borrowed(sql)
-        } else {
-            Cow::Owned(sql.replace(WRITTEN, &self.qualifier))
+            return Cow::Borrowed(sql);
         }
+        let mut out = String::with_capacity(sql.len() + 16);
+        let mut rest = sql;
+        while let Some(at) = rest.find(WRITTEN) {
+            let (before, after) = rest.split_at(at);
+            out.push_str(before);
+            let tail_of_name = out
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$' || c == '"');
+            out.push_str(if tail_of_name {
+                WRITTEN
+            } else {
+                &self.qualifier
+            });
+            rest = &after[WRITTEN.len()..];
+        }
+        out.push_str(rest);
+        Cow::Owned(out)
+    }
+
+    /// What the `application_name` of every agent session of this deployment starts with
+    /// (`<schema>/task/`; the default's is the `taskwarden/task/` of earlier versions), so
+    /// two deployments in one database never take each other's sessions for their own.
+    pub fn task_sessions_prefix(&self) -> String {
+        format!("{}/task/", self.name)
+    }
+
+    /// The `application_name` an agent's own sessions carry for `task_id` (`PGAPPNAME`).
+    /// At most 38 + 6 + 20 bytes: within PostgreSQL's 63, so it is never cut.
+    pub fn task_application_name(&self, task_id: i64) -> String {
+        format!("{}{task_id}", self.task_sessions_prefix())
     }
 
     /// The channel the task table's insert trigger notifies (`<schema>_tasks`; the
@@ -57,6 +87,115 @@ impl Schema {
         format!("{}_tasks", self.name)
     }
 }
+
+/// The longest schema name: `<schema>/task/<id>` must fit in 63 bytes for any task id.
+pub const MAX_LEN: usize = 38;
+
+/// PostgreSQL 15's reserved key words and those reserved but allowed as function or type
+/// names (`pg_get_keywords()` categories R and T): neither can stand for a schema in
+/// `<schema>.<table>` without quotes.
+const RESERVED: &[&str] = &[
+    "all",
+    "analyse",
+    "analyze",
+    "and",
+    "any",
+    "array",
+    "as",
+    "asc",
+    "asymmetric",
+    "both",
+    "case",
+    "cast",
+    "check",
+    "collate",
+    "column",
+    "constraint",
+    "create",
+    "current_catalog",
+    "current_date",
+    "current_role",
+    "current_time",
+    "current_timestamp",
+    "current_user",
+    "default",
+    "deferrable",
+    "desc",
+    "distinct",
+    "do",
+    "else",
+    "end",
+    "except",
+    "false",
+    "fetch",
+    "for",
+    "foreign",
+    "from",
+    "grant",
+    "group",
+    "having",
+    "in",
+    "initially",
+    "intersect",
+    "into",
+    "lateral",
+    "leading",
+    "limit",
+    "localtime",
+    "localtimestamp",
+    "not",
+    "null",
+    "offset",
+    "on",
+    "only",
+    "or",
+    "order",
+    "placing",
+    "primary",
+    "references",
+    "returning",
+    "select",
+    "session_user",
+    "some",
+    "symmetric",
+    "table",
+    "then",
+    "to",
+    "trailing",
+    "true",
+    "union",
+    "unique",
+    "user",
+    "using",
+    "variadic",
+    "when",
+    "where",
+    "window",
+    "with",
+    "authorization",
+    "binary",
+    "collation",
+    "concurrently",
+    "cross",
+    "current_schema",
+    "freeze",
+    "full",
+    "ilike",
+    "inner",
+    "is",
+    "isnull",
+    "join",
+    "left",
+    "like",
+    "natural",
+    "notnull",
+    "outer",
+    "overlaps",
+    "right",
+    "similar",
+    "tablesample",
+    "verbose",
+];
 
 /// Whether `name` can be a schema here: a lower-case SQL identifier that needs no quoting
 /// (so it reads the same in every statement, in `psql` and in the grants README gives),
@@ -75,9 +214,14 @@ pub fn validate(name: &str) -> Result<(), String> {
             "{name:?} is not a plain lower-case identifier (a-z, 0-9, _; not starting with a digit)"
         ));
     }
-    if name.len() > 50 {
+    if name.len() > MAX_LEN {
         return Err(format!(
-            "{name:?} is longer than 50 bytes (its notification channel, <schema>_tasks, must fit PostgreSQL's 63)"
+            "{name:?} is longer than {MAX_LEN} bytes (the names derived from it, such as its agents' session name <schema>/task/<id>, must fit PostgreSQL's 63)"
+        ));
+    }
+    if RESERVED.contains(&name) {
+        return Err(format!(
+            "{name:?} is a reserved word in PostgreSQL's SQL and cannot name a schema unquoted: choose another name"
         ));
     }
     if name == "public" || name == "information_schema" || name.starts_with("pg_") {
@@ -123,8 +267,16 @@ mod tests {
         ] {
             assert!(validate(bad).is_err(), "{bad:?}");
         }
-        assert!(validate(&"a".repeat(51)).is_err());
-        for good in ["taskwarden", "jobs", "_tw2", "app_queue"] {
+        assert!(validate(&"a".repeat(MAX_LEN + 1)).is_err());
+        for good in [
+            "taskwarden",
+            "jobs",
+            "_tw2",
+            "app_queue",
+            "time",
+            "values",
+            "int",
+        ] {
             assert!(validate(good).is_ok(), "{good:?}");
         }
     }

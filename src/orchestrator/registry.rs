@@ -36,7 +36,7 @@ struct Entry {
 
 /// What the supervisor last saw of a running task's agent: its process tree (every
 /// process under the root, the shim itself not counted) and its own database sessions
-/// (backends whose `application_name` is `taskwarden/task/<id>`).
+/// (backends whose `application_name` is `<schema>/task/<id>`).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct AgentUsage {
     /// Processes in the tree (none sampled yet, or an in-process agent: 0).

@@ -106,6 +106,7 @@ impl Orchestrator {
             i.metrics.clone(),
         )
         .on_process_tree(Arc::new(move |pid| running.set_tree_root(task_id, pid)))
+        .in_schema(i.db.schema())
         .with_limits(limits);
         tracing::info!(task_id = task.id, agent = %task.agent, attempt = task.attempts, max_attempts = task.max_attempts, "task started");
         let output = ctx.output();

@@ -1,6 +1,6 @@
 //! The agents under the watchdog: each running task's process tree (every process under
 //! the shim, which a subreaper keeps together even when they double-fork or call setsid)
-//! and the agent's own PostgreSQL sessions (`application_name = taskwarden/task/<id>`,
+//! and the agent's own PostgreSQL sessions (`application_name = <schema>/task/<id>`, `taskwarden/task/<id>` by default,
 //! which command agents get as `PGAPPNAME`). Every tick samples both, exports them per
 //! agent, stores them per task for status, and enforces:
 //!
@@ -29,7 +29,6 @@
 
 #[allow(unused_imports)]
 use super::*;
-use crate::agents::command::TASK_APPLICATION_PREFIX;
 use crate::orchestrator::registry::{AgentUsage, Kill};
 use std::collections::{HashMap, HashSet};
 
@@ -135,16 +134,17 @@ pub(super) const PRIVILEGE_WARNED_MAX: usize = 64;
 // backend_start is NULL exactly when the row is another role's and this one lacks
 // pg_read_all_stats; pg_terminate_backend would raise 42501 for a session it may not
 // signal, failing the whole batch, so that is decided here.
-const AGENT_SESSIONS_SQL: &str = "SELECT pid, application_name, coalesce(state, '') = 'idle in transaction', \
-       coalesce(extract(epoch FROM now() - backend_start)::float8, 0), \
-       coalesce(extract(epoch FROM now() - state_change)::float8, 0), \
-       backend_start IS NOT NULL, \
-       coalesce((pg_has_role(usesysid, 'MEMBER') OR pg_has_role('pg_signal_backend', 'MEMBER')) \
-         AND (NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.oid = usesysid) \
-              OR (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user)), false), \
-       coalesce(usename::text, '') \
-     FROM pg_stat_activity WHERE application_name LIKE 'taskwarden/task/%' \
-       AND datname = current_database() AND pid <> pg_backend_pid()";
+fn agent_sessions_sql() -> String {
+    format!(
+        "SELECT pid, application_name, coalesce(state, '') = 'idle in transaction', \
+           coalesce(extract(epoch FROM now() - backend_start)::float8, 0), \
+           coalesce(extract(epoch FROM now() - state_change)::float8, 0), \
+           backend_start IS NOT NULL, {}, coalesce(usename::text, '') \
+         FROM pg_stat_activity WHERE left(application_name, length($1)) = $1 \
+           AND datname = current_database() AND pid <> pg_backend_pid()",
+        super::MAY_SIGNAL
+    )
+}
 
 const TERMINATE_SQL: &str =
     "SELECT count(*) FILTER (WHERE pg_terminate_backend(p)) FROM unnest($1::int4[]) AS p";
@@ -238,7 +238,13 @@ impl Supervisor {
     }
 
     async fn agent_sessions(&mut self) -> Result<Vec<AgentSession>, SupervisorError> {
-        let rows = self.admin().await?.query(AGENT_SESSIONS_SQL, &[]).await?;
+        let prefix =
+            crate::db::Schema::new(&self.config.load().database.schema).task_sessions_prefix();
+        let rows = self
+            .admin()
+            .await?
+            .query(&agent_sessions_sql(), &[&prefix])
+            .await?;
         // Forget the warnings of sessions that are gone (bounded by what exists now).
         let live: HashSet<i32> = rows.iter().map(|r| r.get::<_, i32>(0)).collect();
         self.agent_sessions_warned.retain(|p| live.contains(p));
@@ -248,7 +254,7 @@ impl Supervisor {
                 let name: String = r.get(1);
                 Some(AgentSession {
                     pid: r.get(0),
-                    task_id: name.strip_prefix(TASK_APPLICATION_PREFIX)?.parse().ok()?,
+                    task_id: name.strip_prefix(prefix.as_str())?.parse().ok()?,
                     idle_in_transaction: r.get(2),
                     age_seconds: r.get(3),
                     state_seconds: r.get(4),
@@ -473,11 +479,16 @@ impl Supervisor {
     }
 
     /// Logs, once per role and grant, what the watch cannot do without the grant.
-    fn privilege_missing(&mut self, role: &str, grant: &'static str, what: &'static str) {
+    pub(super) fn privilege_missing(
+        &mut self,
+        role: &str,
+        grant: &'static str,
+        what: &'static str,
+    ) {
         if self.privilege_warned.len() >= PRIVILEGE_WARNED_MAX {
             return;
         }
-        if self.privilege_warned.insert((role.to_string(), grant)) {
+        if self.privilege_warned.insert((role.to_string(), what)) {
             tracing::warn!(
                 session_role = role,
                 missing_grant = grant,

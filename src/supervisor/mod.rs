@@ -130,7 +130,8 @@ pub struct Supervisor {
     agent_cpu: std::collections::HashMap<i64, f64>,
     /// Agent sessions already warned about (pruned to live ones every tick).
     agent_sessions_warned: std::collections::HashSet<i32>,
-    /// Roles whose agent sessions this role may not see the state of, or may not end,
+    /// (role, what cannot be done) pairs: sessions of roles this one may not see the state
+    /// of, or may not end,
     /// already logged (each once; bounded by [`agents::PRIVILEGE_WARNED_MAX`]).
     privilege_warned: std::collections::HashSet<(String, &'static str)>,
 }
@@ -499,6 +500,10 @@ impl Supervisor {
         }
     }
 
+    /// SQL (over `pg_stat_activity`'s `usesysid`) for whether this role may end the
+    /// session: its own role's (or a member's), or any with `pg_signal_backend`, and a
+    /// superuser's only as a superuser. `pg_terminate_backend` raises 42501 otherwise,
+    /// failing the whole statement, so every termination asks first.
     async fn check_backends(
         &mut self,
         cfg: &Config,
@@ -522,19 +527,32 @@ impl Supervisor {
         let admin = self.admin().await?;
         let rows = admin
             .query(
-                "SELECT pid, state, pg_terminate_backend(pid) FROM pg_stat_activity \
+                &format!(
+                    "SELECT pid, state, CASE WHEN {MAY_SIGNAL} THEN pg_terminate_backend(pid) END, \
+                        coalesce(usename::text, '') \
+                 FROM pg_stat_activity \
                  WHERE application_name = $1 AND datname = current_database() \
                    AND pid <> pg_backend_pid() AND NOT (pid = ANY($2)) \
                    AND ((state IN ('idle in transaction', 'idle in transaction (aborted)') \
                          AND state_change < now() - make_interval(secs => $3)) \
-                     OR state_change < now() - make_interval(secs => $4))",
+                     OR state_change < now() - make_interval(secs => $4))"
+                ),
                 &[&app, &ours, &grace_s, &max_age_s],
             )
             .await?;
         for r in &rows {
             let pid: i32 = r.get(0);
             let state: Option<String> = r.get(1);
-            if r.get::<_, bool>(2) {
+            let Some(terminated) = r.get::<_, Option<bool>>(2) else {
+                let role: String = r.get(3);
+                self.privilege_missing(
+                    &role,
+                    "pg_signal_backend",
+                    "cannot end sessions of this role that carry our application_name and look orphaned: they are left alone",
+                );
+                continue;
+            };
+            if terminated {
                 report.orphans_terminated.push(pid);
                 self.metrics
                     .counter(m::DB_BACKENDS_TERMINATED_TOTAL, &[])
@@ -553,6 +571,11 @@ impl Supervisor {
         Ok(())
     }
 }
+
+/// See [`Supervisor::check_backends`]: whether this role may signal the row's backend.
+pub(crate) const MAY_SIGNAL: &str = "coalesce((pg_has_role(usesysid, 'MEMBER') OR pg_has_role('pg_signal_backend', 'MEMBER')) \
+     AND (NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.oid = usesysid) \
+          OR (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user)), false)";
 
 #[cfg(test)]
 mod tests {
