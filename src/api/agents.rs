@@ -1,7 +1,20 @@
 //! `/v1/agents/{name}/pause` and `/resume`: an agent's queue, paused cluster-wide.
 
-#[allow(unused_imports)]
-use super::*;
+use super::ApiState;
+use super::body::AgentParam;
+use super::body::parse_optional_json;
+use super::errors::ApiError;
+use super::errors::ErrorBody;
+use axum::body::Bytes;
+use axum::extract::Path;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::response::Response;
+use chrono::DateTime;
+use chrono::Utc;
+use serde::Deserialize;
+use serde::Serialize;
 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]

@@ -1,8 +1,15 @@
 //! Bearer-token authentication for `/v1`: case-insensitive scheme, a comparison whose
 //! time depends only on the secret.
 
-#[allow(unused_imports)]
-use super::*;
+use super::ApiState;
+use super::errors::ApiError;
+use axum::extract::Request;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::http::StatusCode;
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::Response;
 
 /// Compares a presented token with the secret in time that depends only on the secret's
 /// length, never on the presented one's length or content.

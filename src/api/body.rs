@@ -1,8 +1,18 @@
 //! Request input: JSON bodies (bounded, NUL-free, fields named on error), path and query
 //! parameters, and the JSON 405.
 
-#[allow(unused_imports)]
-use super::*;
+use super::errors::ApiError;
+use axum::body::Bytes;
+use axum::extract::FromRequest;
+use axum::extract::Request;
+use axum::extract::rejection::BytesRejection;
+use axum::http::HeaderMap;
+use axum::http::StatusCode;
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::Response;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 /// A JSON object body whose errors name the offending field (serde_path_to_error).
 pub struct JsonBody<T>(pub T);

@@ -1,7 +1,12 @@
 //! API errors: one JSON shape, `{"error", "field"?}`, and the status a client can act on.
 
-#[allow(unused_imports)]
-use super::*;
+use crate::db::DbError;
+use crate::orchestrator::OrchestratorError;
+use crate::store::StoreError;
+use axum::http::StatusCode;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::response::Response;
 
 /// A JSON error response.
 #[derive(Debug)]

@@ -1,8 +1,22 @@
 //! What operators and probes read: `/metrics`, `/healthz`, `/readyz`, `/v1/status` — none
 //! needs a free pool connection.
 
-#[allow(unused_imports)]
-use super::*;
+use super::ApiState;
+use super::ConfigMeta;
+use super::errors::ApiError;
+use super::errors::ErrorBody;
+use crate::config::Config;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::response::Response;
+use axum::response::sse::Event;
+use chrono::DateTime;
+use chrono::Utc;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// The Prometheus exposition (text format 0.0.4); no token needed.
 #[utoipa::path(get, path = "/metrics", tag = "operations",

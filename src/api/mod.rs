@@ -20,47 +20,37 @@ mod tasks;
 mod ui;
 mod write_stall;
 
-use agents::*;
-use auth::*;
+use agents::{pause_agent, resume_agent};
+use auth::auth;
 pub use body::JsonBody;
-use body::*;
+use body::{method_not_allowed, reject_nul};
 pub use errors::ApiError;
-use errors::ErrorBody;
-use health::*;
-use objectives::*;
+use health::{healthz, metrics, readyz, status, status_stream};
+use objectives::{create_objective, get_objective};
 pub use openapi::document as openapi_document;
 use openapi::openapi_json;
-use slots::*;
-use tasks::*;
+#[allow(deprecated)] // the old routes stay served for one release
+use slots::{run_in_session, run_in_slot, session_events, slot_events};
+use tasks::{cancel_task, create_task, get_task, list_tasks, retry_task, retry_tasks, task_events};
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, OriginalUri, Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::middleware::{self, Next};
-use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::middleware::{self};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use crate::alerts::Alerts;
 use crate::config::Config;
-use crate::db::{Db, DbError};
+use crate::db::Db;
 use crate::metrics::Metrics;
+use crate::orchestrator::Orchestrator;
 use crate::orchestrator::registry::RunningTasks;
-use crate::orchestrator::{Orchestrator, OrchestratorError};
-use crate::store::{
-    NewObjective, NewTask, RetryFilter, Store, StoreError, Task, TaskFilter, TaskStatus,
-};
+use crate::store::Store;
 use crate::supervisor::Heartbeat;
 
 /// Longest time a request may take to produce its response head.

@@ -1,7 +1,17 @@
 //! `/v1/objectives`: create (steps or a planner) and read.
 
-#[allow(unused_imports)]
-use super::*;
+use super::ApiState;
+use super::body::IdParam;
+use super::body::JsonBody;
+use super::body::parse_id;
+use super::errors::ApiError;
+use super::errors::ErrorBody;
+use crate::store::NewObjective;
+use axum::extract::Path;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::response::Response;
 
 /// Creates an objective from its steps (or a planner's), written whole or not at all.
 #[utoipa::path(post, path = "/v1/objectives", tag = "objectives", request_body = NewObjective,

@@ -3,8 +3,8 @@
 //! `docs/openapi.json` (a unit test below fails when the two differ; `taskwarden openapi >
 //! docs/openapi.json` writes it again).
 
-#[allow(unused_imports)]
-use super::*;
+use axum::http::header;
+use axum::response::IntoResponse;
 
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};

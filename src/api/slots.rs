@@ -2,8 +2,31 @@
 //! `GET /v1/slots/{id}/events` (SSE, resumable). The paths under `/v1/sessions/` that
 //! named them before are served by the same handlers.
 
-#[allow(unused_imports)]
-use super::*;
+use super::ApiState;
+use super::body::JsonBody;
+use super::body::SlotParam;
+use super::body::check_slot_param;
+use super::body::event_id;
+use super::body::last_event_id;
+use super::errors::ApiError;
+use super::errors::ErrorBody;
+use crate::store::NewTask;
+use crate::store::Task;
+use axum::extract::OriginalUri;
+use axum::extract::Path;
+use axum::extract::Query;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::response::Response;
+use axum::response::sse::Event;
+use axum::response::sse::KeepAlive;
+use axum::response::sse::Sse;
+use serde::Deserialize;
+use serde_json::json;
+use std::convert::Infallible;
+use std::time::Duration;
 
 /// Events replayed per database page when a subscriber resumes.
 pub(super) const REPLAY_PAGE: i64 = 500;

@@ -1,8 +1,35 @@
 //! `/v1/tasks`: submit (one task or a bulk), read, list (bounded in rows and bytes),
 //! cancel, retry (one task or by filter).
 
-#[allow(unused_imports)]
-use super::*;
+use super::ApiState;
+use super::body::AnyJson;
+use super::body::IdParam;
+use super::body::JsonBody;
+use super::body::from_object_named;
+use super::body::from_value_named;
+use super::body::last_event_id;
+use super::body::opt_integer;
+use super::body::parse_id;
+use super::body::parse_optional_json;
+use super::errors::ApiError;
+use super::errors::ErrorBody;
+use crate::store::NewTask;
+use crate::store::RetryFilter;
+use crate::store::Task;
+use crate::store::TaskFilter;
+use crate::store::TaskStatus;
+use axum::body::Bytes;
+use axum::extract::Path;
+use axum::extract::Query;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::http::StatusCode;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::response::Response;
+use serde::Deserialize;
+use serde::Serialize;
+use std::time::Duration;
 
 /// The body of `POST /v1/tasks`: one task, or a bulk (an array, written all or none).
 #[derive(Serialize, utoipa::ToSchema)]

@@ -6,8 +6,9 @@
 //! never put in a URL). Live parts follow server-sent events read with `fetch`
 //! (`/v1/status/stream`, a task's events), never a polling loop.
 
-#[allow(unused_imports)]
-use super::*;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::response::Response;
 
 const INDEX: &str = include_str!("../../ui/index.html");
 const SCRIPT: &str = include_str!("../../ui/app.js");

@@ -1,7 +1,6 @@
 //! What the client prints: the status page, tasks, events and objectives as plain-text
 //! tables (the `--json` forms print the API's answer as it came).
 
-#[allow(unused_imports)]
 use super::*;
 
 /// Left-aligned columns with a header row.

@@ -1,7 +1,10 @@
 //! Durations in the config file: humantime syntax, never negative, never above a year.
 
-#[allow(unused_imports)]
-use super::*;
+use serde::Deserialize;
+use serde::Deserializer;
+use serde::Serialize;
+use serde::Serializer;
+use std::time::Duration;
 
 /// A duration written in the file as `"5s"`, `"30m"`, `"1h 30m"` (humantime syntax).
 /// Negative values cannot be written: the parser refuses a leading minus.

@@ -28,10 +28,9 @@ pub use sections::*;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
 /// Env var that overrides `database.url`, so a secret URL need not live in the file.
 pub const DATABASE_URL_ENV: &str = "TASKWARDEN_DATABASE_URL";
@@ -236,6 +235,7 @@ fn check_section<T: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn issues(text: &str) -> Vec<ConfigIssue> {
         match Config::parse(text) {

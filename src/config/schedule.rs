@@ -1,8 +1,13 @@
 //! Job-queue config beyond one section: periodic tasks (`[schedules.NAME]`, a cron
 //! expression in UTC) and an agent's rate limit (`rate = "N/sec|min|hour"`).
 
-#[allow(unused_imports)]
-use super::*;
+use super::Config;
+use serde::Deserialize;
+use serde::Deserializer;
+use serde::Serialize;
+use serde::Serializer;
+use std::fmt;
+use std::time::Duration;
 
 /// Most starts a rate may allow per window.
 pub const MAX_RATE_COUNT: u32 = 1_000_000;
@@ -139,6 +144,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{ConfigIssue, ParseError};
 
     #[test]
     fn rates_parse_and_print() {

@@ -1,8 +1,16 @@
 //! The config sections, one struct each, with their defaults — the numbers from the seeds.
 //! `config.toml` at the repository root shows every key with its default and its bound.
 
-#[allow(unused_imports)]
-use super::*;
+use super::DATABASE_URL_ENV;
+use super::LOG_RESOURCE_USAGE_ENV;
+use super::duration::ByteSize;
+use super::duration::Dur;
+use super::schedule::Rate;
+use serde::Deserialize;
+use serde::Deserializer;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]

@@ -1,8 +1,13 @@
 //! Validation of each section, one function per section, called by `Config::validate`
 //! (every problem reported with its dotted key, none hiding another).
 
-#[allow(unused_imports)]
-use super::*;
+use super::Config;
+use super::MAX_EVENT_BYTES;
+use super::MAX_HTTP_CONNECTIONS;
+use super::MAX_PREFETCH;
+use super::MAX_RESULT_BYTES;
+use super::sections::AgentKind;
+use std::time::Duration;
 
 impl Config {
     /// The pool and connection settings.

@@ -2,8 +2,20 @@
 //! the supervisor's admin connection): the same deadline on every round trip, and a
 //! socket closed at once when dropped.
 
-#[allow(unused_imports)]
-use super::*;
+use super::error::DbError;
+use super::error::describe_pg_error;
+use super::error::with_deadline;
+use super::limit_settings;
+use super::param;
+use super::param::Params;
+use super::schema::Schema;
+use super::session_settings_via;
+use super::session_target;
+use crate::config::DatabaseConfig;
+use crate::config::Pooler;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio_postgres::Row;
 
 /// A connection outside the pool, for the few jobs that must not depend on it (migrations
 /// under an advisory lock, the supervisor's admin connection). Like

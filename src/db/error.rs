@@ -1,8 +1,9 @@
 //! Database errors: typed, with SQLSTATE, message, detail and hint when the server sent
 //! them, and whether a retry may succeed; and the client-side deadline of a round trip.
 
-#[allow(unused_imports)]
-use super::*;
+use super::PoolStatus;
+use std::panic::Location;
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {

@@ -3,8 +3,23 @@
 //! an uncommitted transaction rolls back, and a connection with an abandoned statement, a
 //! discard request or a closed socket is cancelled and discarded instead of reused.
 
-#[allow(unused_imports)]
-use super::*;
+use super::CANCEL_REQUEST_LIMIT;
+use super::Db;
+use super::PgManager;
+use super::error::DbError;
+use super::error::with_deadline;
+use super::param;
+use super::param::Params;
+use super::schema::Schema;
+use crate::tracker::SessionInfo;
+use deadpool::managed::Object;
+use deadpool_postgres::ClientWrapper;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use std::time::Instant;
+use tokio_postgres::Row;
 
 // Each statement is bracketed by begin/end_statement (see SessionInfo): the end is not in
 // a Drop guard on purpose, so a future dropped mid-statement — or one that missed its

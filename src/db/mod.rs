@@ -23,7 +23,6 @@ pub mod param;
 pub use param::{Param, Params, SqlType};
 
 pub use direct::{DirectClient, connect_direct};
-pub(crate) use error::with_deadline;
 pub use error::{DbError, describe_pg_error};
 
 pub mod embedded;
@@ -41,10 +40,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use deadpool::managed::{
-    self, Metrics as PoolMetrics, Object, PoolError, RecycleResult, TimeoutType, Timeouts,
+    self, Metrics as PoolMetrics, PoolError, RecycleResult, TimeoutType, Timeouts,
 };
 use deadpool_postgres::{ClientWrapper, ManagerConfig, RecyclingMethod};
-use tokio_postgres::Row;
 
 use crate::config::{DatabaseConfig, Pooler};
 use crate::metrics::Metrics;

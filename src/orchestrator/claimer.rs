@@ -10,8 +10,17 @@
 //! starved, and a newly queued higher-priority task waits behind at most that much work),
 //! and never more than `workers.prefetch`. At shutdown the queue is handed back.
 
-#[allow(unused_imports)]
-use super::*;
+use super::Orchestrator;
+use crate::agents::AgentEntry;
+use crate::metrics as m;
+use crate::orchestrator::registry::Registration;
+use crate::store::StoreError;
+use crate::store::Task;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use std::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// The prefetch holds at most what this instance finished within this long.
 pub const PREFETCH_HORIZON: Duration = Duration::from_millis(50);

@@ -2,8 +2,15 @@
 //! their events) written in batches, one statement each, retried with backoff while the
 //! database is unreachable; drained at shutdown.
 
-#[allow(unused_imports)]
-use super::*;
+use super::COMPLETION_BATCH;
+use super::Completion;
+use super::Orchestrator;
+use crate::metrics as m;
+use crate::store::StoreError;
+use crate::store::TaskStatus;
+use std::collections::HashSet;
+use std::sync::Arc;
+use tokio::sync::mpsc;
 
 impl Orchestrator {
     /// Writes succeeded outcomes in batches: one statement for everything queued, so a

@@ -2,8 +2,15 @@
 //! re-queue expired leases, reap dead instances, cancel dependants of failed steps, and
 //! delete finished tasks past their retention age ([`super::retention`]).
 
-#[allow(unused_imports)]
-use super::*;
+use super::Orchestrator;
+use crate::config::Config;
+use crate::orchestrator::elector::Elector;
+use crate::periodic::Periodic;
+use crate::periodic::Ran;
+use crate::store::StoreError;
+use std::sync::Arc;
+use std::time::Duration;
+use std::time::Instant;
 
 impl Orchestrator {
     pub(super) async fn cascade(&self) {

@@ -1,8 +1,14 @@
 //! Lease keeping: every lease/3 this instance refreshes its `instances` row and extends
 //! the leases of the tasks it runs; a task whose row is no longer ours is cancelled here.
 
-#[allow(unused_imports)]
-use super::*;
+use super::Orchestrator;
+use super::hostname;
+use crate::periodic::Periodic;
+use crate::periodic::Ran;
+use crate::store::StoreError;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
 
 impl Orchestrator {
     /// Every third of `workers.lease`; a pass may take at most one lease (later, the

@@ -37,33 +37,23 @@ mod scheduler;
 mod slots;
 mod submit;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use futures_util::{FutureExt, StreamExt};
-use rand::Rng;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::agents::{
-    AgentEntry, AgentError, AgentOutput, Agents, EventHub, OutputWriter, TaskContext,
-};
+use crate::agents::{AgentEntry, AgentError, AgentOutput, Agents, EventHub};
 use crate::config::Config;
 use crate::db::{Db, DbError};
-use crate::metrics::{self as m, Metrics};
-use crate::orchestrator::elector::Elector;
+use crate::metrics::Metrics;
 use crate::orchestrator::registry::{Registration, RunningTasks};
-use crate::periodic::{Periodic, Ran};
-use crate::store::{
-    Enqueued, NewObjective, NewStep, NewTask, Objective, PausedAgent, RetryFilter, Store,
-    StoreError, Task, TaskStatus, TransitionArgs,
-};
+use crate::store::{Store, StoreError, Task};
 
-use crate::tracker::Owner;
 pub use retention::RetentionReport;
 pub use scheduler::ScheduleState;
 

@@ -1,8 +1,11 @@
 //! The notification listener: `LISTEN <schema>_tasks` on a connection of its own,
 //! probed while idle so a frozen link is replaced; claims fall back to polling meanwhile.
 
-#[allow(unused_imports)]
-use super::*;
+use super::Orchestrator;
+use crate::db::DbError;
+use futures_util::FutureExt;
+use futures_util::StreamExt;
+use std::sync::Arc;
 
 impl Orchestrator {
     pub(super) async fn listener(self) {

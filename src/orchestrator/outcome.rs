@@ -3,9 +3,13 @@
 //! between tries to write an outcome while the database is unreachable
 //! ([`write_retry_pause`]). The runner does the writing.
 
-#[allow(unused_imports)]
-use super::*;
+use super::Outcome;
+use crate::agents::AgentError;
+use crate::agents::AgentOutput;
 use crate::agents::storable;
+use crate::store::TaskStatus;
+use crate::store::TransitionArgs;
+use std::time::Duration;
 
 /// Exponential backoff between attempts of a task: base·2^(attempt-1) (attempt clamped to
 /// 1..=20), capped at `max`, then scaled by `jitter` so retries of many tasks that failed

@@ -1,7 +1,10 @@
 //! A planner agent's reply becomes the objective's next steps.
 
-#[allow(unused_imports)]
-use super::*;
+use super::Orchestrator;
+use crate::agents::AgentError;
+use crate::store::NewStep;
+use crate::store::StoreError;
+use crate::store::Task;
 
 impl Orchestrator {
     /// A planner's reply is the objective's next steps: `[...]` or `{"steps": [...]}`.

@@ -8,8 +8,18 @@
 //! old, so a resume elsewhere restarts claims here within one poll (at once on the
 //! instance that took the resume).
 
-#[allow(unused_imports)]
-use super::*;
+use super::Inner;
+use super::Orchestrator;
+use super::OrchestratorError;
+use crate::metrics as m;
+use crate::store::PausedAgent;
+use crate::store::RetryFilter;
+use crate::store::StoreError;
+use crate::store::Task;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::MutexGuard;
+use std::time::Instant;
 
 /// The paused agents as last read, and when; `generation` grows at every local pause or
 /// resume, so a read that raced with one is not kept.

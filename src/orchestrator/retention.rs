@@ -5,8 +5,12 @@
 //! instance still leads and within the run's time budget; what is left waits for the next
 //! run. Counted in `taskwarden_tasks_deleted_total{status}`.
 
-#[allow(unused_imports)]
-use super::*;
+use super::Orchestrator;
+use crate::config::Config;
+use crate::metrics as m;
+use crate::orchestrator::elector::Elector;
+use crate::store::StoreError;
+use std::time::Instant;
 
 use crate::config::RetentionConfig;
 use crate::store::{Deleted, RetentionAges};

@@ -3,12 +3,28 @@
 //! writes for it, and its event) to the batched outcome writer, which keeps the lease
 //! until it is written; a slot whose run ended starts the next prefetched task.
 
+use super::Completion;
+use super::Orchestrator;
+use super::Outcome;
+use super::RunCount;
 use super::outcome::{
     AttemptOf, Decision, decide, make_storable, retry_backoff, write_retry_pause,
 };
-#[allow(unused_imports)]
-use super::*;
+use crate::agents::AgentEntry;
+use crate::agents::AgentOutput;
+use crate::agents::OutputWriter;
+use crate::agents::TaskContext;
+use crate::metrics as m;
+use crate::orchestrator::registry::Registration;
 use crate::store::OutcomeRow;
+use crate::store::Task;
+use crate::store::TaskStatus;
+use crate::tracker::Owner;
+use rand::Rng;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 impl Orchestrator {
     /// Runs one attempt of `task` (already running under our lease) on its own task.

@@ -11,8 +11,14 @@
 //! one run is queued for the latest missed due time, and the others are counted in
 //! `taskwarden_schedule_skipped_total` and logged.
 
-#[allow(unused_imports)]
-use super::*;
+use super::Orchestrator;
+use crate::metrics as m;
+use crate::periodic::Periodic;
+use crate::periodic::Ran;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 

@@ -2,8 +2,15 @@
 //! starts the new run at once, then cancels the one it replaces and waits for it outside
 //! every lock (the third seed's deadlock, done right). At most one task runs per slot.
 
-#[allow(unused_imports)]
-use super::*;
+use super::Orchestrator;
+use super::OrchestratorError;
+use super::REPLACE_WAIT;
+use super::SlotEntry;
+use crate::store::NewTask;
+use crate::store::StoreError;
+use crate::store::Task;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 
 impl Orchestrator {
     /// Runs a task in run slot `slot_id` now, replacing the slot's running task.

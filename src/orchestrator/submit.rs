@@ -1,8 +1,18 @@
 //! Taking work in: submitting tasks, creating objectives (with a planner step when asked),
 //! and cancelling. Everything here answers an API call.
 
-#[allow(unused_imports)]
-use super::*;
+use super::Orchestrator;
+use super::OrchestratorError;
+use super::PLAN_STEP;
+use super::invalid;
+use crate::store::Enqueued;
+use crate::store::NewObjective;
+use crate::store::NewStep;
+use crate::store::NewTask;
+use crate::store::Objective;
+use crate::store::Task;
+use crate::store::TaskStatus;
+use crate::store::TransitionArgs;
 
 impl Orchestrator {
     /// Queues a task (agent must be known). Workers anywhere may run it.

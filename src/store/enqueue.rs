@@ -11,7 +11,17 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::*;
+use super::Store;
+use super::StoreError;
+use super::invalid;
+use super::task::MAX_NAME_LEN;
+use super::task::NewTask;
+use super::task::TASK_COLUMNS;
+use super::task::Task;
+use crate::db::Session;
+use chrono::DateTime;
+use chrono::Utc;
+use std::time::Duration;
 
 /// Most tasks one bulk submit may carry, whatever `http.max_bulk_items` says.
 pub const MAX_BULK_ITEMS: usize = 10_000;

@@ -1,7 +1,13 @@
 //! Task events: stored in order, bounded per task, replayed by task or by run slot.
 
-#[allow(unused_imports)]
-use super::*;
+use super::MAX_LIST_LIMIT;
+use super::Store;
+use super::StoreError;
+use super::invalid;
+use chrono::DateTime;
+use chrono::Utc;
+use serde::Serialize;
+use tokio_postgres::Row;
 
 /// Most events stored per task; later ones are dropped (and the drop is logged).
 pub const MAX_EVENTS_PER_TASK: i64 = 1000;

@@ -37,12 +37,9 @@ pub(crate) use task::TASK_COLUMNS;
 pub use task::{MAX_NAME_LEN, MAX_STEPS, NewTask, Task};
 pub use view::{DbView, QueueView, STATUS_INSTANCE_SILENCE, VIEW_LIST_MAX};
 
-use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
-use tokio_postgres::Row;
 
 use crate::db::{Db, DbError, Session};
 use crate::tracker::Owner;

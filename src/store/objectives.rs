@@ -6,7 +6,17 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::*;
+use super::Store;
+use super::StoreError;
+use super::invalid;
+use super::state::TaskStatus;
+use super::task::MAX_NAME_LEN;
+use super::task::MAX_STEPS;
+use super::task::NewTask;
+use super::task::TASK_COLUMNS;
+use super::task::Task;
+use chrono::DateTime;
+use chrono::Utc;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]

@@ -2,8 +2,20 @@
 //! claim statement checks) and retrying tasks that ended without success — the one way
 //! out of a final status (see `TaskStatus::can_retry` and docs/state_machine.md).
 
-#[allow(unused_imports)]
-use super::*;
+use super::MAX_LIST_LIMIT;
+use super::Store;
+use super::StoreError;
+use super::events::MAX_EVENTS_PER_TASK;
+use super::invalid;
+use super::leases::END_LEASE;
+use super::state::TaskStatus;
+use super::task::MAX_NAME_LEN;
+use super::task::TASK_COLUMNS;
+use super::task::Task;
+use chrono::DateTime;
+use chrono::Utc;
+use serde::Serialize;
+use tokio_postgres::Row;
 
 /// A paused agent, as `paused_agents` holds it.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -7,8 +7,12 @@
 //! status. A step still queued or running (or one kept forever) keeps the whole objective,
 //! so dependency checks and the objective's derived status never see a half-deleted graph.
 
-#[allow(unused_imports)]
-use super::*;
+use super::Store;
+use super::StoreError;
+use super::state::TaskStatus;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tokio_postgres::Row;
 
 /// How long finished tasks are kept, per final status; `None` keeps them forever.
 #[derive(Debug, Clone, Default, PartialEq)]

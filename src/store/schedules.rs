@@ -13,7 +13,8 @@
 
 use chrono::{DateTime, Utc};
 
-use super::*;
+use super::Store;
+use super::StoreError;
 
 /// Most missed due times counted after a gap (the count is a log figure, not a loop over
 /// them all).

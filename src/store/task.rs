@@ -1,8 +1,15 @@
 //! A task as the store reads it (`Task`, the columns it is read from) and as a caller
 //! submits it (`NewTask`, validated before any statement).
 
-#[allow(unused_imports)]
-use super::*;
+use super::StoreError;
+use super::enqueue::UniqueScope;
+use super::invalid;
+use super::state::TaskStatus;
+use chrono::DateTime;
+use chrono::Utc;
+use serde::Deserialize;
+use serde::Serialize;
+use tokio_postgres::Row;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Task {

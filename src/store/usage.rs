@@ -1,7 +1,10 @@
 //! LLM usage reported by agents: validated, then added to the task's counters.
 
-#[allow(unused_imports)]
-use super::*;
+use super::Store;
+use super::StoreError;
+use super::invalid;
+use serde::Deserialize;
+use serde::Serialize;
 
 /// Token usage reported by an agent, added to the task's totals.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use tokio_postgres::Row;
 
-use super::*;
+use super::Store;
+use super::StoreError;
+use super::state::TaskStatus;
+use std::collections::HashMap;
 
 impl Store {
     /// Reads the [`DbView`] on a pooled session, waiting at most `wait` for one; `known`

@@ -27,9 +27,14 @@
 //! before it is killed (with systemd `Delegate=yes` the kernel's cgroup limits would be
 //! exact; not used yet).
 
-#[allow(unused_imports)]
-use super::*;
+use super::Supervisor;
+use super::SupervisorError;
+use super::lock_timeout_for;
+use crate::config::Config;
+use crate::metrics as m;
 use crate::orchestrator::registry::{AgentUsage, Kill};
+use crate::store::TaskStatus;
+use std::collections::BTreeMap;
 use std::collections::{HashMap, HashSet};
 
 /// One process as /proc/PID/stat shows it.

@@ -2,8 +2,10 @@
 //! (`pg_stat_ssl`): what `/v1/status` and `taskwarden status` show beside the `sslmode` in
 //! force, so "TLS is on" is a reading, not a belief.
 
-#[allow(unused_imports)]
-use super::*;
+use super::Supervisor;
+use super::SupervisorError;
+use crate::config::Config;
+use crate::metrics as m;
 
 /// The last reading.
 #[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]

@@ -2,8 +2,18 @@
 //! database error, the dated database view), the one readiness rule `/readyz` and the
 //! systemd watchdog share, and the live pool and session gauges written at each scrape.
 
-#[allow(unused_imports)]
-use super::*;
+use crate::config::Config;
+use crate::db::Db;
+use crate::db::PoolStatus;
+use crate::metrics as m;
+use crate::metrics::Metrics;
+use crate::store::DbView;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use std::time::SystemTime;
+use std::time::UNIX_EPOCH;
 
 /// Shared view of the loop's liveness, for readiness, the systemd watchdog and status.
 #[derive(Debug, Default)]

@@ -43,10 +43,8 @@ pub use liveness::{
     Heartbeat, not_ready_reason, record_live_gauges, restart_would_mend, stall_bound,
 };
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use serde_json::json;

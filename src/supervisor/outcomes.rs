@@ -4,8 +4,12 @@
 //! unready (the reason names the task), fires `outcomes_stalled` and shows in
 //! `taskwarden_outcome_write_lag_seconds`; the systemd watchdog reads the same verdict.
 
-#[allow(unused_imports)]
-use super::*;
+use super::Supervisor;
+use crate::alerts;
+use crate::alerts::Severity;
+use crate::config::Config;
+use crate::metrics as m;
+use serde_json::json;
 
 impl Supervisor {
     /// Measures the outcome lag, fires or resolves `outcomes_stalled`, and records the

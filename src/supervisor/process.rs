@@ -1,8 +1,14 @@
 //! The process itself: resident memory against the cgroup limit or the machine, the
 //! memory alert and its emergency cleanup, and the periodic resource status line.
 
-#[allow(unused_imports)]
-use super::*;
+use super::Supervisor;
+use super::TickReport;
+use crate::alerts;
+use crate::alerts::Severity;
+use crate::config::Config;
+use crate::metrics as m;
+use serde_json::json;
+use std::time::Instant;
 
 impl Supervisor {
     pub(super) async fn check_process(&mut self, cfg: &Config, report: &mut TickReport) {

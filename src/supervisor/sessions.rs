@@ -3,9 +3,18 @@
 //! terminated, owner cancelled); lent pool capacity for one whose holder keeps it anyway;
 //! and the callers holding the most, for the pool alert.
 
-#[allow(unused_imports)]
-use super::*;
+use super::Supervisor;
+use super::SupervisorError;
+use super::TickReport;
+use crate::alerts;
+use crate::alerts::Severity;
+use crate::config::Config;
+use crate::metrics as m;
 use crate::tracker::SessionInfo;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// One caller's share of the live sessions, as the pool alert reports it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]

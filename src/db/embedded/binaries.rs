@@ -1,8 +1,10 @@
 //! Finding the PostgreSQL server binaries: `$TASKWARDEN_PG_BINDIR`, PATH, then Debian's
 //! versioned directories, newest first.
 
-#[allow(unused_imports)]
-use super::*;
+use super::EmbeddedError;
+use super::PG_BINDIR_ENV;
+use std::fs;
+use std::path::PathBuf;
 
 /// Where the server binaries live.
 #[derive(Debug, Clone)]

@@ -1,8 +1,9 @@
 //! Exclusive ownership of a `data_dir`: an `flock` on `taskwarden.lock`, holding the owner's
 //! pid, for the embedded cluster's whole life.
 
-#[allow(unused_imports)]
-use super::*;
+use super::EmbeddedError;
+use std::fs;
+use std::path::Path;
 
 /// The exclusive claim on a `data_dir`: an `flock` held as long as this value lives (the
 /// kernel drops it when the process dies, however it dies).

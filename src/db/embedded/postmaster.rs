@@ -2,8 +2,26 @@
 //! own session, with a parent-death signal), waiting until it accepts connections, and
 //! clearing a stale one left by a killed daemon.
 
-#[allow(unused_imports)]
-use super::*;
+use super::Cluster;
+use super::ClusterOptions;
+use super::EmbeddedError;
+use super::as_user;
+use super::binaries::PgBinaries;
+use super::lock::DataDirLock;
+use nix::sys::signal::Signal;
+use nix::sys::signal::kill;
+use nix::unistd::Pid;
+use nix::unistd::User;
+use std::fs;
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::path::PathBuf;
+use std::process::Command;
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::Duration;
+use std::time::Instant;
 
 impl Cluster {
     /// The postmaster's command line: a unix socket in `pgdata` and no TCP, output to our
