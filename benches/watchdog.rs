@@ -21,11 +21,11 @@ use arc_swap::ArcSwap;
 use deadpool_postgres::{ManagerConfig, RecyclingMethod};
 use taskwarden::alerts::Alerts;
 use taskwarden::config::{Config, DatabaseConfig};
+use taskwarden::db::tracker::NewSession;
 use taskwarden::db::{Db, session_settings};
 use taskwarden::metrics::Metrics;
 use taskwarden::orchestrator::registry::RunningTasks;
 use taskwarden::supervisor::Supervisor;
-use taskwarden::tracker::NewSession;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 

@@ -94,6 +94,15 @@ impl Alerts {
         tasks: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Alerts {
+        // The state alerts, at 0 until they fire, so dashboards and rules see them.
+        for alert in [POOL_UTILIZATION_HIGH, MEMORY_HIGH, OUTCOMES_STALLED] {
+            metrics
+                .gauge(metrics::ALERTS_FIRING, &[("alert", alert)])
+                .set(0.0);
+            metrics
+                .counter(metrics::ALERTS_TOTAL, &[("alert", alert)])
+                .absolute(0);
+        }
         let (tx, rx) = mpsc::channel(WEBHOOK_QUEUE);
         tasks.spawn(deliver(rx, Arc::clone(&config), metrics.clone(), shutdown));
         Alerts {

@@ -17,21 +17,21 @@ use taskwarden::config::{Config, ConfigError};
 fn load_client(arg: &ConfigArg) -> Result<(String, Config), ConfigError> {
     use taskwarden::client::{ClientConfig, SYSTEM_CONFIG, pick_client_config};
     if let Some(p) = &arg.config {
-        return Ok((p.display().to_string(), Config::load(p)?));
+        return Ok((p.display().to_string(), taskwarden::db::load_config(p)?));
     }
     match pick_client_config(Path::new("config.toml"), Path::new(SYSTEM_CONFIG)) {
-        ClientConfig::File(p) => Ok((p.display().to_string(), Config::load(&p)?)),
+        ClientConfig::File(p) => Ok((p.display().to_string(), taskwarden::db::load_config(&p)?)),
         ClientConfig::Defaults(why) => Ok((why, Config::default())),
     }
 }
 
 fn load(arg: &ConfigArg) -> Result<(PathBuf, Config), ConfigError> {
     match &arg.config {
-        Some(p) => Ok((p.clone(), Config::load(p)?)),
+        Some(p) => Ok((p.clone(), taskwarden::db::load_config(p)?)),
         None => {
             let p = Path::new("config.toml");
             if p.exists() {
-                Ok((p.to_path_buf(), Config::load(p)?))
+                Ok((p.to_path_buf(), taskwarden::db::load_config(p)?))
             } else {
                 Ok((p.to_path_buf(), Config::default()))
             }

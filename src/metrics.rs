@@ -280,15 +280,6 @@ impl Metrics {
                 .absolute(0);
         }
         m.gauge(OUTCOME_WRITE_LAG_SECONDS, &[]).set(0.0);
-        // The state alerts, at 0 until they fire, so dashboards and rules see them.
-        for alert in [
-            crate::alerts::POOL_UTILIZATION_HIGH,
-            crate::alerts::MEMORY_HIGH,
-            crate::alerts::OUTCOMES_STALLED,
-        ] {
-            m.gauge(ALERTS_FIRING, &[("alert", alert)]).set(0.0);
-            m.counter(ALERTS_TOTAL, &[("alert", alert)]).absolute(0);
-        }
         for name in ["supervisor", "lease_keeper", "leader"] {
             m.counter(LOOP_OVERRUNS_TOTAL, &[("loop", name)])
                 .absolute(0);
@@ -506,25 +497,14 @@ impl ProcessFigures {
 
 /// The CPU, memory and start-time figures of a `/proc/<pid>/stat` line.
 pub fn parse_proc_stat(stat: &str, ticks: f64, page: f64, boot: Option<f64>) -> ProcessFigures {
-    // The command name (field 2) may hold spaces and parentheses: fields start after the
-    // last ')', with field 3 (state) first.
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+    let Some(s) = crate::process::Stat::parse(stat) else {
         return ProcessFigures::default();
     };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<f64>().ok());
-    let cpu = match (field(14), field(15)) {
-        (Some(u), Some(s)) => Some((u + s) / ticks),
-        _ => None,
-    };
     ProcessFigures {
-        cpu_seconds: cpu,
-        virtual_memory_bytes: field(23),
-        resident_memory_bytes: field(24).map(|p| p * page),
-        start_time_seconds: match (boot, field(22)) {
-            (Some(b), Some(s)) => Some(b + s / ticks),
-            _ => None,
-        },
+        cpu_seconds: Some(s.utime.saturating_add(s.stime) as f64 / ticks),
+        virtual_memory_bytes: Some(s.vsize as f64),
+        resident_memory_bytes: Some(s.rss_pages as f64 * page),
+        start_time_seconds: boot.map(|b| b + s.starttime as f64 / ticks),
         ..ProcessFigures::default()
     }
 }

@@ -4,7 +4,7 @@
 //! it reads `taskwarden_config_reloads_total{result}` from `/metrics` (no token needed),
 //! sends SIGHUP, and waits until one of the two counts moves — the daemon counts a reload
 //! only once the new config is in force, or once it has refused the file. Exit 0 when it
-//! applied the file; otherwise an error naming the problems (the same `Config::load` the
+//! applied the file; otherwise an error naming the problems (the same `db::load_config` the
 //! daemon ran, on the same file, as the same user).
 
 use std::path::{Path, PathBuf};
@@ -139,7 +139,7 @@ async fn counts(http: &reqwest::Client, url: &str) -> Result<Counts, String> {
 /// from the raw TOML (a file the daemon will refuse still names where the daemon is),
 /// else the default.
 pub fn listen_of(path: &Path) -> String {
-    if let Ok(c) = Config::load(path) {
+    if let Ok(c) = crate::db::load_config(path) {
         return c.http.listen;
     }
     std::fs::read_to_string(path)
@@ -149,9 +149,9 @@ pub fn listen_of(path: &Path) -> String {
         .unwrap_or_else(|| Config::default().http.listen)
 }
 
-/// Why the daemon refused the file: the problems `Config::load` reports, every one by key.
+/// Why the daemon refused the file: the problems `db::load_config` reports, every one by key.
 fn refusal_reason(path: &Path) -> String {
-    match Config::load(path) {
+    match crate::db::load_config(path) {
         Err(e) => e.to_string(),
         Ok(_) => "The file is valid now (changed since?); the daemon's log line \
                   `config reload failed` has its reason."
@@ -172,7 +172,7 @@ mod tests {
             "[http]\nlisten = \"127.0.0.1:9999\"\n[supervisor]\npool_alert_ratio = 7\n",
         )
         .unwrap();
-        assert!(Config::load(&invalid).is_err());
+        assert!(crate::db::load_config(&invalid).is_err());
         assert_eq!(listen_of(&invalid), "127.0.0.1:9999");
 
         let not_toml = dir.path().join("broken.toml");

@@ -52,27 +52,7 @@ impl Notifier {
     }
 }
 
-/// What systemd hands the service's main process alone. A child that inherits them talks
-/// to systemd as if it were the service — PostgreSQL sends READY=1 when it sees
-/// `NOTIFY_SOCKET` ("reception only permitted for main PID"), and `WATCHDOG_PID` would
-/// name a process that is not the child's own.
-pub const MAIN_PROCESS_ENV: &[&str] = &[
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-];
-
-/// Removes [`MAIN_PROCESS_ENV`] from a child's environment: every process the daemon
-/// starts (initdb, the postmaster, the agent shim or an agent program) goes through this.
-pub fn scrub_child_env(cmd: &mut std::process::Command) -> &mut std::process::Command {
-    for name in MAIN_PROCESS_ENV {
-        cmd.env_remove(name);
-    }
-    cmd
-}
+pub use crate::process::{MAIN_PROCESS_ENV, scrub_child_env};
 
 /// Sends one notification to `$NOTIFY_SOCKET`; a no-op outside systemd.
 pub fn notify(state: &str) {

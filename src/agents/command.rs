@@ -76,12 +76,11 @@ impl Drop for TreeKill {
 }
 
 fn is_our_shim(pid: Pid) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw())).unwrap_or_default();
-    let ppid = stat
-        .rsplit_once(')')
-        .and_then(|(_, r)| r.split_whitespace().nth(1))
-        .and_then(|p| p.parse::<u32>().ok());
-    ppid == Some(std::process::id()) && u32::try_from(pid.as_raw()).is_ok_and(super::shim::is_shim)
+    let Ok(raw) = u32::try_from(pid.as_raw()) else {
+        return false;
+    };
+    crate::process::Stat::read(raw).is_some_and(|s| s.ppid == std::process::id())
+        && super::shim::is_shim(raw)
 }
 
 fn shim_path() -> Option<&'static std::path::Path> {
@@ -126,7 +125,7 @@ fn command(
             c
         }
     };
-    crate::systemd::scrub_child_env(cmd.as_std_mut());
+    crate::process::scrub_child_env(cmd.as_std_mut());
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -132,30 +132,11 @@ fn kill_tree() {
 
 /// Pids of every live (not zombie) process whose parent chain reaches `root`.
 pub fn descendants(root: i32) -> Vec<i32> {
-    let mut parent_of = std::collections::HashMap::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-            continue;
-        };
-        let mut f = rest.split_whitespace();
-        let state = f.next().unwrap_or("");
-        let Some(ppid) = f.next().and_then(|p| p.parse::<i32>().ok()) else {
-            continue;
-        };
-        if state != "Z" {
-            parent_of.insert(pid, ppid);
-        }
-    }
+    let parent_of: std::collections::HashMap<i32, i32> = crate::process::all()
+        .into_iter()
+        .filter(|(_, s)| !s.zombie())
+        .filter_map(|(pid, s)| Some((i32::try_from(pid).ok()?, i32::try_from(s.ppid).ok()?)))
+        .collect();
     let mut out = Vec::new();
     for &pid in parent_of.keys() {
         let mut p = pid;

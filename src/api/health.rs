@@ -102,7 +102,7 @@ pub(super) struct SessionsReport {
     warn_age_seconds: f64,
     max_age_seconds: f64,
     /// Open sessions, oldest first; at most 100 (see `truncated`).
-    live: Vec<crate::tracker::SessionSnapshot>,
+    live: Vec<crate::db::tracker::SessionSnapshot>,
     /// Open sessions, listed or not.
     live_total: usize,
 }

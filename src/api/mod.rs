@@ -78,25 +78,6 @@ impl ConfigMeta {
     }
 }
 
-/// The API token in force: `http.api_token`, or the first line of `http.api_token_file`.
-pub fn resolve_token(cfg: &Config) -> Result<Option<String>, std::io::Error> {
-    if !cfg.http.api_token.is_empty() {
-        return Ok(Some(cfg.http.api_token.clone()));
-    }
-    if !cfg.http.api_token_file.is_empty() {
-        let t = std::fs::read_to_string(&cfg.http.api_token_file)?;
-        let t = t.lines().next().unwrap_or("").trim().to_string();
-        if t.is_empty() {
-            return Err(std::io::Error::other(format!(
-                "{} is empty",
-                cfg.http.api_token_file
-            )));
-        }
-        return Ok(Some(t));
-    }
-    Ok(None)
-}
-
 #[derive(Clone)]
 pub struct ApiState {
     pub config: Arc<ArcSwap<Config>>,

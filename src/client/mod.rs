@@ -106,7 +106,7 @@ impl Client {
         let (token, token_source) = match token.filter(|t| !t.is_empty()) {
             Some(t) => (Some(t), "--token/TASKWARDEN_API_TOKEN".to_string()),
             None => {
-                let t = crate::api::resolve_token(config)
+                let t = crate::config::resolve_token(config)
                     .map_err(|e| ClientError::Input(format!("http.api_token_file: {e}")))?;
                 let source = if t.is_some() {
                     format!("http.api_token in {config_path}")

@@ -8,6 +8,7 @@
 
 mod duration;
 mod schedule;
+pub mod schema_name;
 
 /// Bound of `workers.prefetch`.
 pub const MAX_PREFETCH: u32 = 10_000;
@@ -232,6 +233,25 @@ fn check_section<T: DeserializeOwned>(
     }
 }
 
+/// The API token in force: `http.api_token`, or the first line of `http.api_token_file`.
+pub fn resolve_token(cfg: &Config) -> Result<Option<String>, std::io::Error> {
+    if !cfg.http.api_token.is_empty() {
+        return Ok(Some(cfg.http.api_token.clone()));
+    }
+    if !cfg.http.api_token_file.is_empty() {
+        let t = std::fs::read_to_string(&cfg.http.api_token_file)?;
+        let t = t.lines().next().unwrap_or("").trim().to_string();
+        if t.is_empty() {
+            return Err(std::io::Error::other(format!(
+                "{} is empty",
+                cfg.http.api_token_file
+            )));
+        }
+        return Ok(Some(t));
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,7 +304,7 @@ mod tests {
         let c =
             Config::parse("[retention]\nsucceeded = \"0\"\nfailed = \"\"\ncancelled = \"90m\"\n")
                 .unwrap();
-        use crate::store::TaskStatus as T;
+        use crate::task_state::TaskStatus as T;
         assert_eq!(
             c.retention.ages(),
             vec![

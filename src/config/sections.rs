@@ -50,7 +50,7 @@ pub struct DatabaseConfig {
     /// applications can enqueue from their own transactions (0 = unix socket only).
     pub embedded_listen_port: u16,
     /// libpq's `sslmode` for `url` and `direct_url` (their own `sslmode=` wins).
-    pub sslmode: crate::db::tls::SslMode,
+    pub sslmode: SslMode,
     /// Root certificate(s) to verify the server against: a PEM file, or `system`.
     pub sslrootcert: String,
     /// A client certificate (PEM) and its key, for `cert` authentication.
@@ -96,7 +96,7 @@ impl Default for DatabaseConfig {
             pre_ping: true,
             pre_ping_idle: Dur::millis(500),
             application_name: "taskwarden".into(),
-            schema: crate::db::schema::DEFAULT.into(),
+            schema: super::schema_name::DEFAULT.into(),
             statement_timeout: Dur::secs(10),
             idle_in_transaction_timeout: Dur::secs(15),
             query_timeout: Dur::secs(15),
@@ -393,8 +393,8 @@ impl Default for RetentionConfig {
 
 impl RetentionConfig {
     /// The age of each final status that is not kept forever.
-    pub fn ages(&self) -> Vec<(crate::store::TaskStatus, Duration)> {
-        use crate::store::TaskStatus as T;
+    pub fn ages(&self) -> Vec<(crate::task_state::TaskStatus, Duration)> {
+        use crate::task_state::TaskStatus as T;
         [
             (T::Succeeded, self.succeeded),
             (T::Failed, self.failed),
@@ -415,4 +415,46 @@ fn keep_or_age<'de, D: Deserializer<'de>>(d: D) -> Result<Dur, D::Error> {
         return Ok(Dur(Duration::ZERO));
     }
     Dur::deserialize(serde::de::value::StringDeserializer::<D::Error>::new(s))
+}
+
+/// Most tasks one bulk submit may carry, whatever `http.max_bulk_items` says.
+pub const MAX_BULK_ITEMS: usize = 10_000;
+
+/// libpq's `sslmode` (what each means for a connection is `db/tls.rs`'s business).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    Disable,
+    Allow,
+    #[default]
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// libpq's name for it, or `None` for a word that is not one of them.
+    pub fn parse(s: &str) -> Option<SslMode> {
+        Some(match s {
+            "disable" => SslMode::Disable,
+            "allow" => SslMode::Allow,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => return None,
+        })
+    }
 }

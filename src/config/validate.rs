@@ -42,7 +42,7 @@ impl Config {
                 ),
             );
         }
-        if let Err(why) = crate::db::schema::validate(&db.schema) {
+        if let Err(why) = super::schema_name::validate(&db.schema) {
             bad("database.schema", why);
         }
         if db.application_name.is_empty() {
@@ -52,23 +52,6 @@ impl Config {
                 "database.application_name",
                 "PostgreSQL keeps at most 63 bytes".into(),
             );
-        }
-        for (key, url) in [
-            ("database.url", &db.url),
-            ("database.direct_url", &db.direct_url),
-        ] {
-            if url.is_empty() {
-                continue;
-            }
-            if let Err(e) = crate::db::tls::parse_url(url) {
-                bad(
-                    key,
-                    format!("not a PostgreSQL connection URL (postgresql://user@host/db): {e}"),
-                );
-            } else if let Err(e) = crate::db::tls::Tls::for_url(url, db) {
-                // Certificates are read now, so a missing CA file is found by check-config.
-                bad(key, e.to_string());
-            }
         }
         if (1..1024).contains(&db.embedded_listen_port) {
             bad(
@@ -248,10 +231,10 @@ impl Config {
         if self.http.max_body_bytes == 0 {
             bad("http.max_body_bytes", "must be greater than zero".into());
         }
-        if !(1..=crate::store::MAX_BULK_ITEMS).contains(&self.http.max_bulk_items) {
+        if !(1..=crate::config::MAX_BULK_ITEMS).contains(&self.http.max_bulk_items) {
             bad(
                 "http.max_bulk_items",
-                format!("must be in 1..={}", crate::store::MAX_BULK_ITEMS),
+                format!("must be in 1..={}", crate::config::MAX_BULK_ITEMS),
             );
         }
         if !(1024..=1024 * 1024 * 1024).contains(&self.http.max_response_bytes) {

@@ -18,7 +18,8 @@ use futures_util::StreamExt;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
 
-use crate::api::{self, ApiState, ConfigMeta, resolve_token};
+use crate::api::{self, ApiState, ConfigMeta};
+use crate::config::resolve_token;
 use crate::config::{Config, ConfigError};
 use crate::db::DbError;
 use crate::db::embedded::{Cluster, ClusterOptions, EMBEDDED_DB, EmbeddedError};
@@ -529,7 +530,7 @@ async fn stop_parts(d: &Parts) -> Result<(), DaemonError> {
 /// (then `false`, after logging every problem). A successful reload is counted only once
 /// the new config is in force, so whoever sees the count (`taskwarden reload`) sees it.
 fn reload(d: &Daemon, log: &LogHandle) -> bool {
-    let new = match Config::load(&d.config_path) {
+    let new = match crate::db::load_config(&d.config_path) {
         Ok(c) => c,
         Err(e) => {
             d.metrics

@@ -11,7 +11,7 @@ use super::error::with_deadline;
 use super::param;
 use super::param::Params;
 use super::schema::Schema;
-use crate::tracker::SessionInfo;
+use crate::db::tracker::SessionInfo;
 use deadpool::managed::Object;
 use deadpool_postgres::ClientWrapper;
 use std::fmt;

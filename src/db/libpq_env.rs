@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use tokio_postgres::config::Host;
 
-use super::tls::{SslMode, TlsError, TlsParams};
+use super::tls::{TlsError, TlsParams};
 
 /// The variables read, in the order README's table lists them.
 pub const VARS: [&str; 11] = [
@@ -100,7 +100,7 @@ pub fn fill_tls(p: &mut TlsParams, env: &Env) -> Result<(), TlsError> {
     if p.mode.is_none()
         && let Some(m) = env.get("PGSSLMODE")
     {
-        p.mode = Some(SslMode::parse(m)?);
+        p.mode = Some(super::tls::parse_mode(m)?);
     }
     for (field, var) in [
         (&mut p.root_cert, "PGSSLROOTCERT"),
@@ -277,6 +277,7 @@ fn split_fields(line: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::SslMode;
 
     #[test]
     fn password_file_lines_match_as_libpq_reads_them() {

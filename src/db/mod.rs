@@ -25,11 +25,14 @@ pub use param::{Param, Params, SqlType};
 pub use direct::{DirectClient, connect_direct};
 pub use error::{DbError, describe_pg_error};
 
+pub mod config_check;
 pub mod embedded;
 pub mod libpq_env;
 pub mod migrate;
 pub mod preflight;
 pub mod schema;
+pub mod tracker;
+pub use config_check::load_config;
 pub use schema::Schema;
 pub mod tls;
 
@@ -45,8 +48,8 @@ use deadpool::managed::{
 use deadpool_postgres::{ClientWrapper, ManagerConfig, RecyclingMethod};
 
 use crate::config::{DatabaseConfig, Pooler};
+use crate::db::tracker::{NewSession, Owner, SessionInfo, Tracker};
 use crate::metrics::Metrics;
-use crate::tracker::{NewSession, Owner, SessionInfo, Tracker};
 
 /// A pre-ping (`database.pre_ping`) slower than this discards the idle connection.
 pub const PING_LIMIT: Duration = Duration::from_secs(1);

@@ -24,56 +24,24 @@ use rustls::client::{VerifierBuilderError, WebPkiServerVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
-use serde::{Deserialize, Serialize};
 use tokio_postgres::config::SslMode as WireMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::DatabaseConfig;
 
-/// libpq's `sslmode`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SslMode {
-    Disable,
-    Allow,
-    #[default]
-    Prefer,
-    Require,
-    VerifyCa,
-    VerifyFull,
+pub use crate::config::SslMode;
+
+/// `mode` from its libpq name, or the error naming the word.
+pub(super) fn parse_mode(s: &str) -> Result<SslMode, TlsError> {
+    SslMode::parse(s).ok_or_else(|| TlsError::Mode(s.to_string()))
 }
 
-impl SslMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SslMode::Disable => "disable",
-            SslMode::Allow => "allow",
-            SslMode::Prefer => "prefer",
-            SslMode::Require => "require",
-            SslMode::VerifyCa => "verify-ca",
-            SslMode::VerifyFull => "verify-full",
-        }
-    }
-
-    pub(super) fn parse(s: &str) -> Result<SslMode, TlsError> {
-        Ok(match s {
-            "disable" => SslMode::Disable,
-            "allow" => SslMode::Allow,
-            "prefer" => SslMode::Prefer,
-            "require" => SslMode::Require,
-            "verify-ca" => SslMode::VerifyCa,
-            "verify-full" => SslMode::VerifyFull,
-            other => return Err(TlsError::Mode(other.to_string())),
-        })
-    }
-
-    /// What tokio-postgres is told: it encrypts or not; verification is ours.
-    fn wire(self) -> WireMode {
-        match self {
-            SslMode::Disable | SslMode::Allow => WireMode::Disable,
-            SslMode::Prefer => WireMode::Prefer,
-            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => WireMode::Require,
-        }
+/// What tokio-postgres is told: it encrypts or not; verification is ours.
+fn wire(mode: SslMode) -> WireMode {
+    match mode {
+        SslMode::Disable | SslMode::Allow => WireMode::Disable,
+        SslMode::Prefer => WireMode::Prefer,
+        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => WireMode::Require,
     }
 }
 
@@ -142,7 +110,7 @@ pub fn split_tls_params(conn: &str) -> Result<(String, TlsParams), TlsError> {
     let mut params = TlsParams::default();
     let mut take = |k: &str, v: String| -> Result<bool, TlsError> {
         match k {
-            "sslmode" => params.mode = Some(SslMode::parse(&v)?),
+            "sslmode" => params.mode = Some(parse_mode(&v)?),
             "sslrootcert" => params.root_cert = v,
             "sslcert" => params.cert = v,
             "sslkey" => params.key = v,
@@ -397,7 +365,7 @@ impl Tls {
         pg.ssl_mode(if sockets_only {
             WireMode::Disable
         } else {
-            self.mode.wire()
+            wire(self.mode)
         });
     }
 

@@ -23,8 +23,7 @@ use chrono::DateTime;
 use chrono::Utc;
 use std::time::Duration;
 
-/// Most tasks one bulk submit may carry, whatever `http.max_bulk_items` says.
-pub const MAX_BULK_ITEMS: usize = 10_000;
+pub use crate::config::MAX_BULK_ITEMS;
 
 /// Shortest period of `unique_scope = "period"`.
 const MIN_UNIQUE_FOR: Duration = Duration::from_secs(1);

@@ -23,16 +23,15 @@ mod objectives;
 mod queue;
 mod retention;
 mod schedules;
-mod state;
 mod task;
 mod view;
 
+pub use crate::task_state::TaskStatus;
 pub use leases::{Claimed, END_LEASE, OutcomeRow, RUNNING_AMONG_SQL, TIME_OUT_OVERDUE_SQL};
 pub use objectives::{NewObjective, NewStep, Objective, ObjectiveStatus, validate_objective};
 pub use queue::{MAX_EXTRA_ATTEMPTS, PausedAgent, RetryFilter};
 pub use retention::{Deleted, RetentionAges};
 pub use schedules::{Fired, ScheduledTask};
-pub use state::TaskStatus;
 pub(crate) use task::TASK_COLUMNS;
 pub use task::{MAX_NAME_LEN, MAX_STEPS, NewTask, Task};
 pub use view::{DbView, QueueView, STATUS_INSTANCE_SILENCE, VIEW_LIST_MAX};
@@ -41,8 +40,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use crate::db::tracker::Owner;
 use crate::db::{Db, DbError, Session};
-use crate::tracker::Owner;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -9,12 +9,12 @@ use serde::{Deserialize, Serialize};
 use super::Store;
 use super::StoreError;
 use super::invalid;
-use super::state::TaskStatus;
 use super::task::MAX_NAME_LEN;
 use super::task::MAX_STEPS;
 use super::task::NewTask;
 use super::task::TASK_COLUMNS;
 use super::task::Task;
+use crate::task_state::TaskStatus;
 use chrono::DateTime;
 use chrono::Utc;
 

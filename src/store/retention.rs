@@ -9,7 +9,7 @@
 
 use super::Store;
 use super::StoreError;
-use super::state::TaskStatus;
+use crate::task_state::TaskStatus;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio_postgres::Row;

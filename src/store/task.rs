@@ -4,7 +4,7 @@
 use super::StoreError;
 use super::enqueue::UniqueScope;
 use super::invalid;
-use super::state::TaskStatus;
+use crate::task_state::TaskStatus;
 use chrono::DateTime;
 use chrono::Utc;
 use serde::Deserialize;

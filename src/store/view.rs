@@ -7,7 +7,7 @@ use tokio_postgres::Row;
 
 use super::Store;
 use super::StoreError;
-use super::state::TaskStatus;
+use crate::task_state::TaskStatus;
 use std::collections::HashMap;
 
 impl Store {

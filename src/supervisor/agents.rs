@@ -37,7 +37,7 @@ use crate::store::TaskStatus;
 use std::collections::BTreeMap;
 use std::collections::{HashMap, HashSet};
 
-/// One process as /proc/PID/stat shows it.
+/// One process as the supervisor sums it up.
 #[derive(Debug, Clone, Copy)]
 struct Proc {
     ppid: u32,
@@ -48,28 +48,23 @@ struct Proc {
     reaped_ticks: u64,
 }
 
-fn read_proc(pid: u32) -> Option<Proc> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses: fields start after the last ')'.
-    let (_, rest) = stat.rsplit_once(')')?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    Some(Proc {
-        ppid: u32::try_from(num(1)).ok()?,
-        zombie: f.first() == Some(&"Z"),
-        own_ticks: num(11).saturating_add(num(12)),
-        reaped_ticks: num(13).saturating_add(num(14)),
-        rss_pages: num(21),
-    })
+impl From<crate::process::Stat> for Proc {
+    fn from(s: crate::process::Stat) -> Proc {
+        Proc {
+            ppid: s.ppid,
+            zombie: s.zombie(),
+            rss_pages: s.rss_pages,
+            own_ticks: s.utime.saturating_add(s.stime),
+            reaped_ticks: s.cutime.saturating_add(s.cstime),
+        }
+    }
 }
 
 /// Every process on the machine, by pid (read once per tick).
 fn all_procs() -> HashMap<u32, Proc> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return HashMap::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|pid| Some((pid, read_proc(pid)?)))
+    crate::process::all()
+        .into_iter()
+        .map(|(pid, s)| (pid, Proc::from(s)))
         .collect()
 }
 

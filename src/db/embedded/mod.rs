@@ -296,7 +296,7 @@ impl Cluster {
                 ])
                 .stdin(Stdio::null());
             as_user(&mut cmd, user);
-            crate::systemd::scrub_child_env(&mut cmd);
+            crate::process::scrub_child_env(&mut cmd);
             let out = cmd.output().map_err(EmbeddedError::Spawn)?;
             if !out.status.success() {
                 return Err(EmbeddedError::Initdb {

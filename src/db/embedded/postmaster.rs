@@ -68,7 +68,7 @@ impl Cluster {
             ]);
         }
         as_user(&mut cmd, user);
-        crate::systemd::scrub_child_env(&mut cmd);
+        crate::process::scrub_child_env(&mut cmd);
         // SAFETY: setsid and prctl are async-signal-safe; they run in the child after
         // setuid (so the credential change cannot clear the death signal) and before exec.
         unsafe {
