@@ -286,7 +286,7 @@ impl Metrics {
             m.counter(LOOP_DEADLINE_MISSES_TOTAL, &[("loop", name)])
                 .absolute(0);
         }
-        for status in ["succeeded", "failed", "cancelled", "timed_out"] {
+        for status in crate::task_state::TaskStatus::FINAL.map(|s| s.as_str()) {
             m.counter(TASKS_DELETED_TOTAL, &[("status", status)])
                 .absolute(0);
         }

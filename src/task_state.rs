@@ -50,14 +50,16 @@ impl TaskStatus {
         }
     }
 
+    /// The final statuses, written once here: a task in one of them is done.
+    pub const FINAL: [TaskStatus; 4] = [
+        TaskStatus::Succeeded,
+        TaskStatus::Failed,
+        TaskStatus::Cancelled,
+        TaskStatus::TimedOut,
+    ];
+
     pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            TaskStatus::Succeeded
-                | TaskStatus::Failed
-                | TaskStatus::Cancelled
-                | TaskStatus::TimedOut
-        )
+        TaskStatus::FINAL.contains(&self)
     }
 
     /// The state machine: queued → running → succeeded | failed | cancelled | timed_out;

@@ -571,7 +571,7 @@ async fn a_task_list_stops_at_its_byte_budget_and_says_where_to_go_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completion_batches_and_lease_extensions_over_the_same_rows_never_deadlock() {
-    // The completion writer finishes tasks in the order they ended; the lease keeper
+    // The outcome writer finishes tasks in the order they ended; the lease keeper
     // extends every lease at once. The keeper never waits for a row lock (it skips rows
     // being written), so running them side by side over the same rows, batch after batch,
     // never trips the deadlock detector, and every row still ours is reported as ours.

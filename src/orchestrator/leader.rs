@@ -13,18 +13,6 @@ use std::time::Duration;
 use std::time::Instant;
 
 impl Orchestrator {
-    pub(super) async fn cascade(&self) {
-        match self.inner.store.cancel_blocked_dependants().await {
-            Ok(ids) if !ids.is_empty() => {
-                tracing::info!(cancelled = ?ids, "dependants of a failed step cancelled")
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "cancelling dependants failed; the leader retries")
-            }
-        }
-    }
-
     /// Holds or seeks leadership every third of its time to live (`workers.lease`), and
     /// while leading does the cluster-wide duties. Resigns at shutdown.
     pub(super) async fn leader(self) {
@@ -85,7 +73,7 @@ impl Orchestrator {
             tracing::warn!(instance = %id, "reaped a dead instance");
         }
         if elector.is_leading() {
-            self.cascade().await;
+            super::outcome_writer::cancel_blocked_dependants(&self.inner.store).await;
         }
         Ok(())
     }

@@ -7,8 +7,10 @@
 //! - [`claimer`]: starts tasks in free slots from a small adaptive prefetch and claims
 //!   more in one statement, woken by [`notifications`], freed capacity, or `poll_interval`;
 //! - [`runner`]: one attempt — agent, time limit, cancel, outcome — and [`planner`] for a
-//!   planner agent's reply; [`outcome`] decides what the outcome writes; successes go to
-//!   [`completions`], written in batches;
+//!   planner agent's reply; [`outcome`] decides what the outcome writes, and every
+//!   outcome goes down a bounded channel to the [`outcome_writer`], which writes them in
+//!   batches and then does what follows a written outcome (metrics, the log line, an
+//!   objective's dependants);
 //! - [`leases`]: keeps this instance's leases and `instances` row fresh;
 //! - [`elector`] and [`leader`]: leadership as a row with an expiry, and the leader's duties,
 //!   among them [`retention`];
@@ -22,12 +24,12 @@
 //! once. No lock is held across an await anywhere here.
 
 mod claimer;
-mod completions;
 pub mod elector;
 mod leader;
 mod leases;
 mod notifications;
 mod outcome;
+mod outcome_writer;
 mod planner;
 mod queue;
 pub mod registry;
@@ -135,9 +137,9 @@ struct Inner {
     finishes: Mutex<VecDeque<Instant>>,
     /// The agents paused cluster-wide, as the claimer last read them.
     paused: Mutex<queue::PausedCache>,
-    /// Successful outcomes waiting to be written in one batch.
-    completions: mpsc::Sender<Completion>,
-    completions_rx: Mutex<Option<mpsc::Receiver<Completion>>>,
+    /// Outcomes on their way to the outcome writer (bounded: a runner waits when full).
+    outcomes: mpsc::Sender<PendingOutcome>,
+    outcomes_rx: Mutex<Option<mpsc::Receiver<PendingOutcome>>>,
     shutdown: CancellationToken,
     /// Cancelled first at shutdown: no new claims or slot runs, running ones finish.
     claiming: CancellationToken,
@@ -150,7 +152,7 @@ struct Inner {
 }
 
 /// An attempt's outcome waiting for the batch writer.
-struct Completion {
+struct PendingOutcome {
     task: Task,
     /// What to write; `row.to` with `label` names the outcome in logs and metrics.
     row: crate::store::OutcomeRow,
@@ -163,7 +165,7 @@ struct Completion {
 
 /// Most outcomes written in one statement; also the queue's bound (a runner waits when
 /// it is full, which holds its concurrency slot: backpressure, not loss).
-pub const COMPLETION_BATCH: usize = 512;
+pub const OUTCOME_BATCH: usize = 512;
 
 /// The orchestrator of one daemon. Cheap to clone.
 #[derive(Clone)]
@@ -283,7 +285,7 @@ impl Orchestrator {
         let cfg = p.config.load();
         let agents = Agents::from_config(&cfg, &p.extra_agents);
         let limit = cfg.workers.concurrency as usize;
-        let (ctx, crx) = mpsc::channel(COMPLETION_BATCH);
+        let (ctx, crx) = mpsc::channel(OUTCOME_BATCH);
         Orchestrator {
             inner: Arc::new(Inner {
                 config: Arc::clone(&p.config),
@@ -305,8 +307,8 @@ impl Orchestrator {
                 prefetched: Mutex::new(HashMap::new()),
                 finishes: Mutex::new(VecDeque::new()),
                 paused: Mutex::default(),
-                completions: ctx,
-                completions_rx: Mutex::new(Some(crx)),
+                outcomes: ctx,
+                outcomes_rx: Mutex::new(Some(crx)),
                 claiming: p.shutdown.child_token(),
                 shutdown: p.shutdown,
                 tasks: p.tasks,
@@ -320,12 +322,12 @@ impl Orchestrator {
     pub fn start(&self) {
         let i = &self.inner;
         let rx = i
-            .completions_rx
+            .outcomes_rx
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some(rx) = rx {
-            i.tasks.spawn(self.clone().completion_writer(rx));
+            i.tasks.spawn(self.clone().outcome_writer(rx));
         }
         i.tasks.spawn(self.clone().claimer());
         let cfg = i.config.load();

@@ -182,7 +182,7 @@ mod tests {
     }
 
     #[test]
-    fn success_goes_to_the_completion_writer_even_at_shutdown() {
+    fn success_goes_to_the_outcome_writer_even_at_shutdown() {
         for shutting_down in [false, true] {
             let out = AgentOutput::result(serde_json::json!({"answer": 42}));
             match decide(

@@ -3,9 +3,9 @@
 //! writes for it, and its event) to the batched outcome writer, which keeps the lease
 //! until it is written; a slot whose run ended starts the next prefetched task.
 
-use super::Completion;
 use super::Orchestrator;
 use super::Outcome;
+use super::PendingOutcome;
 use super::RunCount;
 use super::outcome::{
     AttemptOf, Decision, decide, make_storable, retry_backoff, write_retry_pause,
@@ -227,7 +227,7 @@ impl Orchestrator {
                 label,
             ),
         };
-        let c = Completion {
+        let c = PendingOutcome {
             task: task.clone(),
             row,
             label,
@@ -237,55 +237,12 @@ impl Orchestrator {
         if c.row.to == TaskStatus::Cancelled {
             // Written here, at once: whoever cancelled (a run slot replacing its run, an
             // API call) waits for the run to end, and it ends when its outcome is written.
-            self.write_completions(&mut vec![c]).await;
+            self.write_outcomes(&mut vec![c]).await;
             return;
         }
-        if let Err(tokio::sync::mpsc::error::SendError(c)) = i.completions.send(c).await {
+        if let Err(tokio::sync::mpsc::error::SendError(c)) = i.outcomes.send(c).await {
             // The writer has stopped (shutdown): write this one here, once.
-            self.write_completions(&mut vec![c]).await;
-        }
-    }
-
-    /// Bookkeeping after an outcome was written: metrics, log, objective follow-ups.
-    pub(super) async fn finished(
-        &self,
-        task: &Task,
-        to: TaskStatus,
-        label: &str,
-        ran: Duration,
-        error: Option<&str>,
-    ) {
-        let i = &self.inner;
-        // "retried" is its own outcome: "failed" counts final failures only.
-        i.metrics
-            .counter(
-                m::TASKS_FINISHED_TOTAL,
-                &[("agent", &task.agent), ("outcome", label)],
-            )
-            .increment(1);
-        i.metrics
-            .histogram(m::TASK_DURATION_SECONDS, &[("agent", &task.agent)])
-            .record(ran.as_secs_f64());
-        if to == TaskStatus::TimedOut {
-            // Past the agent's own timeout here; the supervisor counts its own timeouts
-            // (max_task_duration), which never reach this write.
-            i.metrics
-                .counter(m::TASKS_TIMED_OUT_TOTAL, &[])
-                .increment(1);
-        }
-        let error = error.unwrap_or("");
-        if to == TaskStatus::Queued {
-            tracing::info!(task_id = task.id, agent = %task.agent, attempt = task.attempts, outcome = label, ran_ms = ran.as_millis() as u64, error, "task attempt failed; will retry");
-        } else {
-            tracing::info!(task_id = task.id, agent = %task.agent, attempt = task.attempts, outcome = label, ran_ms = ran.as_millis() as u64, error, "task finished");
-        }
-        if task.objective_id.is_some() {
-            if to != TaskStatus::Succeeded && to != TaskStatus::Queued {
-                self.cascade().await;
-            }
-            // Dependants may be runnable now, here or elsewhere.
-            i.wake.notify_one();
-            let _ = i.store.notify_runnable().await;
+            self.write_outcomes(&mut vec![c]).await;
         }
     }
 

@@ -122,7 +122,7 @@ impl Orchestrator {
             )
             .await?;
         self.inner.running.cancel(id);
-        self.cascade().await;
+        super::outcome_writer::cancel_blocked_dependants(&self.inner.store).await;
         Ok(t)
     }
 }

@@ -2,27 +2,30 @@
 //! their events) written in batches, one statement each, retried with backoff while the
 //! database is unreachable; drained at shutdown.
 
-use super::COMPLETION_BATCH;
-use super::Completion;
+use super::OUTCOME_BATCH;
 use super::Orchestrator;
+use super::PendingOutcome;
 use crate::metrics as m;
 use crate::store::StoreError;
+use crate::store::Task;
 use crate::store::TaskStatus;
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::mpsc;
 
 impl Orchestrator {
-    /// Writes succeeded outcomes in batches: one statement for everything queued, so a
-    /// busy instance pays one commit per batch instead of one per task. On shutdown it
+    /// Writes outcomes (successes, retries, failures, snoozes) in batches: one statement
+    /// for everything queued, so a busy instance pays one commit per batch instead of one
+    /// per task. On shutdown it
     /// drains what is queued before it stops.
-    pub(super) async fn completion_writer(self, mut rx: mpsc::Receiver<Completion>) {
+    pub(super) async fn outcome_writer(self, mut rx: mpsc::Receiver<PendingOutcome>) {
         let i = Arc::clone(&self.inner);
-        let mut batch: Vec<Completion> = Vec::with_capacity(COMPLETION_BATCH);
+        let mut batch: Vec<PendingOutcome> = Vec::with_capacity(OUTCOME_BATCH);
         loop {
             tokio::select! {
                 biased;
-                n = rx.recv_many(&mut batch, COMPLETION_BATCH) => {
+                n = rx.recv_many(&mut batch, OUTCOME_BATCH) => {
                     if n == 0 {
                         return;
                     }
@@ -37,27 +40,31 @@ impl Orchestrator {
                 }
             }
             self.gather(&mut rx, &mut batch).await;
-            self.write_completions(&mut batch).await;
+            self.write_outcomes(&mut batch).await;
             if i.shutdown.is_cancelled() && rx.is_empty() {
                 return;
             }
         }
     }
 
-    /// Waits up to `workers.completion_window` for more successes to join the batch, so a
+    /// Waits up to `workers.completion_window` for more outcomes to join the batch, so a
     /// busy instance writes many per statement instead of whatever was queued the moment
     /// the writer became free.
-    async fn gather(&self, rx: &mut mpsc::Receiver<Completion>, batch: &mut Vec<Completion>) {
+    async fn gather(
+        &self,
+        rx: &mut mpsc::Receiver<PendingOutcome>,
+        batch: &mut Vec<PendingOutcome>,
+    ) {
         let i = &self.inner;
         let window = i.config.load().workers.completion_window.get();
         if window.is_zero() || i.shutdown.is_cancelled() {
             return;
         }
         let until = tokio::time::Instant::now() + window;
-        while batch.len() < COMPLETION_BATCH {
+        while batch.len() < OUTCOME_BATCH {
             tokio::select! {
                 biased;
-                n = rx.recv_many(batch, COMPLETION_BATCH - batch.len()) => if n == 0 { return },
+                n = rx.recv_many(batch, OUTCOME_BATCH - batch.len()) => if n == 0 { return },
                 _ = tokio::time::sleep_until(until) => return,
                 _ = i.shutdown.cancelled() => return,
             }
@@ -69,7 +76,7 @@ impl Orchestrator {
     /// others are written at once; that row's task is failed instead, with an error naming
     /// the refusal. Transient failures are retried with backoff (the outcomes and their
     /// leases are kept meanwhile) until shutdown.
-    pub(super) async fn write_completions(&self, batch: &mut Vec<Completion>) {
+    pub(super) async fn write_outcomes(&self, batch: &mut Vec<PendingOutcome>) {
         let all: Vec<usize> = (0..batch.len()).collect();
         let (mut written, refused) = self.write_isolating(batch, all).await;
         if !refused.is_empty() {
@@ -98,7 +105,7 @@ impl Orchestrator {
         }
         for c in batch.drain(..) {
             if written.contains(&c.task.id) {
-                self.finished(&c.task, c.row.to, c.label, c.ran, c.row.error.as_deref())
+                self.after_written(&c.task, c.row.to, c.label, c.ran, c.row.error.as_deref())
                     .await;
             } else {
                 tracing::info!(
@@ -118,7 +125,7 @@ impl Orchestrator {
     /// gives up on what is left (leases then expire and others re-run it).
     async fn write_isolating(
         &self,
-        batch: &[Completion],
+        batch: &[PendingOutcome],
         idxs: Vec<usize>,
     ) -> (HashSet<i64>, Vec<(usize, StoreError)>) {
         let i = &self.inner;
@@ -133,7 +140,7 @@ impl Orchestrator {
             let rows: Vec<crate::store::OutcomeRow> =
                 group.iter().map(|&k| batch[k].row.clone()).collect();
             let r = i.store.write_outcomes(&rows, &i.instance_id).await;
-            i.record_write("completion writer", &r, HashSet::len);
+            i.record_write("outcome writer", &r, HashSet::len);
             match r {
                 Ok(ids) => {
                     written.extend(ids);
@@ -206,6 +213,66 @@ fn refused_row(
             "outcome_refused",
             serde_json::json!({ "outcome": label, "field": field, "error": why }),
         )),
+    }
+}
+
+impl Orchestrator {
+    /// Bookkeeping after an outcome was written: metrics, log, objective follow-ups.
+    async fn after_written(
+        &self,
+        task: &Task,
+        to: TaskStatus,
+        label: &str,
+        ran: Duration,
+        error: Option<&str>,
+    ) {
+        let i = &self.inner;
+        // "retried" is its own outcome: "failed" counts final failures only.
+        i.metrics
+            .counter(
+                m::TASKS_FINISHED_TOTAL,
+                &[("agent", &task.agent), ("outcome", label)],
+            )
+            .increment(1);
+        i.metrics
+            .histogram(m::TASK_DURATION_SECONDS, &[("agent", &task.agent)])
+            .record(ran.as_secs_f64());
+        if to == TaskStatus::TimedOut {
+            // Past the agent's own timeout here; the supervisor counts its own timeouts
+            // (max_task_duration), which never reach this write.
+            i.metrics
+                .counter(m::TASKS_TIMED_OUT_TOTAL, &[])
+                .increment(1);
+        }
+        let error = error.unwrap_or("");
+        if to == TaskStatus::Queued {
+            tracing::info!(task_id = task.id, agent = %task.agent, attempt = task.attempts, outcome = label, ran_ms = ran.as_millis() as u64, error, "task attempt failed; will retry");
+        } else {
+            tracing::info!(task_id = task.id, agent = %task.agent, attempt = task.attempts, outcome = label, ran_ms = ran.as_millis() as u64, error, "task finished");
+        }
+        if task.objective_id.is_some() {
+            if to != TaskStatus::Succeeded && to != TaskStatus::Queued {
+                cancel_blocked_dependants(&i.store).await;
+            }
+            // Dependants may be runnable now, here or elsewhere.
+            i.wake.notify_one();
+            let _ = i.store.notify_runnable().await;
+        }
+    }
+}
+
+/// Cancels the steps that can no longer run because a step they depend on ended without
+/// succeeding (after an outcome is written, after a cancel, and by the leader as a
+/// sweep). A failure is only logged: the leader's sweep retries it.
+pub(super) async fn cancel_blocked_dependants(store: &crate::store::Store) {
+    match store.cancel_blocked_dependants().await {
+        Ok(ids) if !ids.is_empty() => {
+            tracing::info!(cancelled = ?ids, "dependants of a failed step cancelled")
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "cancelling dependants failed; the leader retries")
+        }
     }
 }
 
