@@ -2,7 +2,6 @@
 //! thin callers of the HTTP API that print tables for people, or the API's JSON with
 //! `--json`.
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use serde_json::Value;

@@ -1,7 +1,9 @@
 //! What the client prints: the status page, tasks, events and objectives as plain-text
 //! tables (the `--json` forms print the API's answer as it came).
 
-use super::*;
+use std::fmt::Write as _;
+
+use serde_json::Value;
 
 /// Left-aligned columns with a header row.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {

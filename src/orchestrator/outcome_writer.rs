@@ -172,51 +172,7 @@ impl Orchestrator {
         }
         (written, refused)
     }
-}
 
-/// The field of an outcome row the database most likely refused, for the log and the
-/// task's error: the one holding a NUL, else the largest.
-fn suspect_field(row: &crate::store::OutcomeRow) -> &'static str {
-    let nul_json = |v: &serde_json::Value| v.to_string().contains("\\u0000");
-    if row.error.as_deref().is_some_and(|e| e.contains('\0')) {
-        "error"
-    } else if row.result.as_ref().is_some_and(nul_json) {
-        "result"
-    } else if row.event.as_ref().is_some_and(|(_, d)| nul_json(d)) {
-        "event"
-    } else if row.result.is_some() {
-        "result"
-    } else {
-        "row"
-    }
-}
-
-/// What is written instead of an outcome the database refused: the task failed, with an
-/// error (and an `outcome_refused` event) that says what was refused and why, nothing of
-/// the refused content kept.
-fn refused_row(
-    row: &crate::store::OutcomeRow,
-    label: &str,
-    e: &StoreError,
-) -> crate::store::OutcomeRow {
-    let field = suspect_field(row);
-    let why = crate::agents::storable::error(&e.to_string());
-    let error = format!("outcome ({label}) refused by the database; {field}: {why}");
-    crate::store::OutcomeRow {
-        id: row.id,
-        to: TaskStatus::Failed,
-        result: None,
-        error: Some(error),
-        run_after: None,
-        give_back_attempt: false,
-        event: Some((
-            "outcome_refused",
-            serde_json::json!({ "outcome": label, "field": field, "error": why }),
-        )),
-    }
-}
-
-impl Orchestrator {
     /// Bookkeeping after an outcome was written: metrics, log, objective follow-ups.
     async fn after_written(
         &self,
@@ -258,6 +214,48 @@ impl Orchestrator {
             i.wake.notify_one();
             let _ = i.store.notify_runnable().await;
         }
+    }
+}
+
+/// The field of an outcome row the database most likely refused, for the log and the
+/// task's error: the one holding a NUL, else the largest.
+fn suspect_field(row: &crate::store::OutcomeRow) -> &'static str {
+    let nul_json = |v: &serde_json::Value| v.to_string().contains("\\u0000");
+    if row.error.as_deref().is_some_and(|e| e.contains('\0')) {
+        "error"
+    } else if row.result.as_ref().is_some_and(nul_json) {
+        "result"
+    } else if row.event.as_ref().is_some_and(|(_, d)| nul_json(d)) {
+        "event"
+    } else if row.result.is_some() {
+        "result"
+    } else {
+        "row"
+    }
+}
+
+/// What is written instead of an outcome the database refused: the task failed, with an
+/// error (and an `outcome_refused` event) that says what was refused and why, nothing of
+/// the refused content kept.
+fn refused_row(
+    row: &crate::store::OutcomeRow,
+    label: &str,
+    e: &StoreError,
+) -> crate::store::OutcomeRow {
+    let field = suspect_field(row);
+    let why = crate::agents::storable::error(&e.to_string());
+    let error = format!("outcome ({label}) refused by the database; {field}: {why}");
+    crate::store::OutcomeRow {
+        id: row.id,
+        to: TaskStatus::Failed,
+        result: None,
+        error: Some(error),
+        run_after: None,
+        give_back_attempt: false,
+        event: Some((
+            "outcome_refused",
+            serde_json::json!({ "outcome": label, "field": field, "error": why }),
+        )),
     }
 }
 
