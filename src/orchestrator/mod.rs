@@ -158,7 +158,7 @@ struct PendingOutcome {
     row: crate::store::OutcomeRow,
     label: &'static str,
     ran: Duration,
-    /// Kept until the outcome is written, so the heartbeat keeps the lease alive (and the
+    /// Kept until the outcome is written, so the lease keeper keeps the lease alive (and the
     /// leader does not re-queue it) while the database is unreachable.
     _registration: Registration,
 }
@@ -318,7 +318,7 @@ impl Orchestrator {
         }
     }
 
-    /// Starts the claimer, listener, heartbeat, leader and scheduler loops.
+    /// Starts the outcome writer, claimer, listener, lease keeper, leader and scheduler loops.
     pub fn start(&self) {
         let i = &self.inner;
         let rx = i

@@ -63,7 +63,7 @@ impl Orchestrator {
         );
 
         // Replaced tasks end as cancelled in the database, with the reason; local ones
-        // are cancelled here, ones running elsewhere at their instance's next heartbeat.
+        // are cancelled here, ones running elsewhere at their instance's next lease-keeper pass.
         let replaced = self.cancel_older_slot_runs(slot_id, task.id).await;
         if let Err(e) = &replaced {
             tracing::warn!(slot_id, task_id = task.id, error = %e, "could not record replaced slot tasks");

@@ -107,7 +107,7 @@ impl Orchestrator {
     }
 
     /// Cancels a queued or running task, wherever it runs (another instance notices at
-    /// its next heartbeat).
+    /// its lease keeper's next pass).
     pub async fn cancel(&self, id: i64, reason: &str) -> Result<Task, OrchestratorError> {
         let t = self
             .inner
