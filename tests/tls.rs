@@ -392,6 +392,19 @@ fn libpq_environment_variables_and_the_password_file() {
         &with(&[("PGPASSWORD", "wrong"), ("PGSSLMODE", "disable")]),
     );
     assert!(o.status.success(), "URL over environment: {}", said(&o));
+    // A URL naming its host but no port takes PGPORT (tokio-postgres alone would put
+    // 5432 there), and an empty password in it is no password: PGPASSWORD applies.
+    let o = migrate_env(
+        dir.path(),
+        &format!("postgresql://pwuser:@localhost/app?sslmode=verify-full&sslrootcert={ca}"),
+        "",
+        &with(&[("PGPASSWORD", PWUSER_PASSWORD)]),
+    );
+    assert!(
+        o.status.success(),
+        "host-only URL with PGPORT: {}",
+        said(&o)
+    );
     // PGSSLMODE applies where the URL says nothing: disable meets hostssl-only.
     let o = migrate_env(
         dir.path(),
@@ -634,7 +647,8 @@ async fn verify_full_runs_tasks_on_encrypted_sessions_only() {
 
 /// The start-up check on the server's connection limit: a pool that could take more than
 /// the server allows is warned about, naming both figures (the server here has
-/// `max_connections = 100`, 3 of them reserved); one that fits is not.
+/// `max_connections = 100`; the role is a superuser, so none is reserved for it); one that
+/// fits is not.
 #[test]
 fn a_pool_larger_than_the_server_allows_is_warned_about_at_start() {
     let s = TlsServer::start();
@@ -650,7 +664,8 @@ fn a_pool_larger_than_the_server_allows_is_warned_about_at_start() {
     assert!(o.status.success(), "{}", said(&o));
     assert!(
         said(&o).contains("may open 112 connections")
-            && said(&o).contains("the server allows 97 (max_connections 100 - 3 reserved)"),
+            // The daemon's role here is a superuser, which may use the reserved slots.
+            && said(&o).contains("the server allows 100 (max_connections 100 - 0 reserved)"),
         "{}",
         said(&o)
     );

@@ -19,7 +19,11 @@ pub fn check(db: &DatabaseConfig) -> Vec<ConfigIssue> {
             continue;
         }
         let message = if let Err(e) = super::tls::parse_url(url) {
-            format!("not a PostgreSQL connection URL (postgresql://user@host/db): {e}")
+            match e {
+                // A PG* variable, not the URL, is what cannot be used.
+                super::tls::TlsError::Environment(why) => format!("from the environment: {why}"),
+                e => format!("not a PostgreSQL connection URL (postgresql://user@host/db): {e}"),
+            }
         } else if let Err(e) = super::tls::Tls::for_url(url, db) {
             // Certificates are read now, so a missing CA file is found by check-config.
             e.to_string()

@@ -60,7 +60,9 @@ impl Env {
             .flatten();
         Env {
             vars,
+            // An empty HOME counts as unset, as libpq has it.
             home: std::env::var_os("HOME")
+                .filter(|h| !h.is_empty())
                 .map(PathBuf::from)
                 .or_else(|| user.as_ref().map(|u| u.dir.clone())),
             os_user: user.map(|u| u.name),
@@ -81,6 +83,26 @@ impl Env {
 
     fn get(&self, k: &str) -> Option<&str> {
         self.vars.get(k).map(String::as_str)
+    }
+
+    /// `PGPORT`, checked: one port or a comma-separated list, each 1..=65535.
+    pub(super) fn port(&self) -> Result<Option<String>, EnvError> {
+        let Some(ports) = self.get("PGPORT").map(str::trim).filter(|p| !p.is_empty()) else {
+            return Ok(None);
+        };
+        let ok: Option<Vec<u16>> = ports
+            .split(',')
+            .map(|p| p.trim().parse::<u16>().ok().filter(|p| *p != 0))
+            .collect();
+        match ok {
+            Some(list) => Ok(Some(
+                list.iter()
+                    .map(u16::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )),
+            None => Err(EnvError::Port(ports.to_string())),
+        }
     }
 }
 
@@ -164,7 +186,8 @@ pub fn fill(pg: &mut tokio_postgres::Config, env: &Env) -> Result<(), EnvError> 
     {
         pg.dbname(d);
     }
-    if pg.get_password().is_none() {
+    // An empty password is no password: libpq then looks further, as here.
+    if pg.get_password().is_none_or(<[u8]>::is_empty) {
         if let Some(pw) = env.get("PGPASSWORD") {
             pg.password(pw);
         } else if let Some(pw) = from_password_file(pg, env) {
@@ -250,7 +273,8 @@ pub fn lookup(text: &str, want: [&str; 4]) -> Option<String> {
     None
 }
 
-/// A line's fields: split on `:` not escaped by `\`; the fifth takes the rest of the line.
+/// A line's fields: split on `:` not escaped by `\` (the password ends at the next one, as
+/// libpq reads it).
 fn split_fields(line: &str) -> Vec<String> {
     let mut out = vec![String::new()];
     let mut chars = line.chars();
@@ -264,6 +288,7 @@ fn split_fields(line: &str) -> Vec<String> {
                 }
             }
             ':' if out.len() < 5 => out.push(String::new()),
+            ':' => break,
             c => {
                 if let Some(last) = out.last_mut() {
                     last.push(c);
@@ -301,7 +326,7 @@ mod tests {
         );
         assert_eq!(
             lookup(text, ["localhost", "5432", "d", "carol"]).as_deref(),
-            Some("with:colons:in:it")
+            Some("with")
         );
         assert_eq!(lookup(text, ["elsewhere", "5432", "app", "alice"]), None);
     }
@@ -354,6 +379,14 @@ mod tests {
         assert_eq!(pg.get_user(), Some("osuser"));
         assert_eq!(pg.get_hosts(), &[Host::Unix(default_socket_dir().into())]);
         assert_eq!(pg.get_password(), None);
+    }
+
+    #[test]
+    fn an_empty_password_is_no_password() {
+        let env = Env::of(&[("PGPASSWORD", "from-env")], None, Some("u"));
+        let mut pg: tokio_postgres::Config = "postgresql://u:@h/d".parse().unwrap();
+        fill(&mut pg, &env).unwrap();
+        assert_eq!(pg.get_password(), Some(&b"from-env"[..]));
     }
 
     #[test]

@@ -31,18 +31,23 @@ pub struct ServerFacts {
     pub version: String,
     pub version_num: i32,
     pub max_connections: i64,
-    /// `superuser_reserved_connections` plus, from PostgreSQL 16, `reserved_connections`.
+    /// `superuser_reserved_connections` (unless this role is a superuser, which may use
+    /// them) plus, from PostgreSQL 16, `reserved_connections`.
     pub reserved: i64,
-    /// Client backends connected now (all roles, all databases this role may see).
+    /// Client backends connected now besides this check's own (another role's count too:
+    /// without `pg_read_all_stats` their `backend_type` reads NULL).
     pub in_use: i64,
 }
 
 const FACTS_SQL: &str = "SELECT current_setting('server_version'), \
        current_setting('server_version_num')::int4, \
        current_setting('max_connections')::int8, \
-       current_setting('superuser_reserved_connections')::int8 \
+       CASE WHEN (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN 0 \
+            ELSE current_setting('superuser_reserved_connections')::int8 END \
          + coalesce(current_setting('reserved_connections', true)::int8, 0), \
-       (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')";
+       (SELECT count(*) FROM pg_stat_activity \
+         WHERE (backend_type = 'client backend' OR (backend_type IS NULL AND usesysid IS NOT NULL)) \
+           AND pid <> pg_backend_pid())";
 
 /// Reads the facts and applies the checks: `Err` for a server too old, a WARN (returned
 /// too, for tests and `migrate`'s report) when the pool could outgrow what is left.

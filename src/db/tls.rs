@@ -119,14 +119,17 @@ pub fn split_tls_params(conn: &str) -> Result<(String, TlsParams), TlsError> {
         Ok(true)
     };
     let trimmed = conn.trim();
-    if trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://") {
-        let Some((base, query)) = trimmed.split_once('?') else {
+    if let Some(query_at) = uri_query_start(trimmed) {
+        let Some(query_at) = query_at else {
             return Ok((trimmed.to_string(), params));
         };
+        let (base, query) = (&trimmed[..query_at], &trimmed[query_at + 1..]);
         let mut kept = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            if !take(k, percent_decode(v)?)? {
+            // Only ours are decoded here (tokio-postgres decodes the rest), and an error
+            // names the key, never the value: it may be a password.
+            if !TLS_KEYS.contains(&k) || !take(k, percent_decode(k, v)?)? {
                 kept.push(pair);
             }
         }
@@ -150,12 +153,114 @@ pub fn split_tls_params(conn: &str) -> Result<(String, TlsParams), TlsError> {
     Ok((kept.join(" "), params))
 }
 
+/// The URL keys taken out here.
+const TLS_KEYS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
+
+/// For a `postgresql://` URI, where its query string starts (`Some(None)`: it has none);
+/// `None` for a `key=value` string. As libpq reads a URI, the user and password run to
+/// the first `@` (before any `/`), so a `?` inside a password does not start the query.
+fn uri_query_start(conn: &str) -> Option<Option<usize>> {
+    let scheme = ["postgresql://", "postgres://"]
+        .into_iter()
+        .find(|p| conn.starts_with(p))?;
+    let rest = &conn[scheme.len()..];
+    let authority_from = match rest.find(['@', '/']) {
+        Some(i) if rest.as_bytes()[i] == b'@' => i + 1,
+        _ => 0,
+    };
+    Some(
+        rest[authority_from..]
+            .find('?')
+            .map(|i| scheme.len() + authority_from + i),
+    )
+}
+
+/// Whether the connection string names a port itself (in a URI's host part or as
+/// `port=`), so `PGPORT` must not apply.
+pub(super) fn names_port(conn: &str) -> bool {
+    let conn = conn.trim();
+    match uri_query_start(conn) {
+        Some(query_at) => {
+            let scheme = if conn.starts_with("postgresql://") {
+                13
+            } else {
+                11
+            };
+            let end = query_at.unwrap_or(conn.len());
+            let rest = &conn[scheme..end];
+            let host_from = match rest.find(['@', '/']) {
+                Some(i) if rest.as_bytes()[i] == b'@' => i + 1,
+                _ => 0,
+            };
+            let hosts = rest[host_from..].split('/').next().unwrap_or("");
+            let in_hosts = hosts.split(',').any(|h| {
+                let after_v6 = h.rfind(']').map_or(h, |i| &h[i + 1..]);
+                after_v6.contains(':')
+            });
+            let in_query = query_at.is_some_and(|q| {
+                conn[q + 1..]
+                    .split('&')
+                    .any(|p| p.split_once('=').map_or(p, |(k, _)| k) == "port")
+            });
+            in_hosts || in_query
+        }
+        None => conn
+            .split_whitespace()
+            .any(|p| p.split_once('=').is_some_and(|(k, _)| k.trim() == "port")),
+    }
+}
+
+/// `conn` (which names no port) with `ports` (PGPORT: one, or one per host) written in: after
+/// each host of a URI's host part (a `port=` beside a written host would be a second port
+/// to tokio-postgres), else as a `port` parameter.
+fn with_port(conn: &str, ports: &str) -> String {
+    let Some(query_at) = uri_query_start(conn) else {
+        return format!("{conn} port={ports}");
+    };
+    let scheme = if conn.starts_with("postgresql://") {
+        13
+    } else {
+        11
+    };
+    let end = query_at.unwrap_or(conn.len());
+    let rest = &conn[scheme..end];
+    let host_from = scheme
+        + match rest.find(['@', '/']) {
+            Some(i) if rest.as_bytes()[i] == b'@' => i + 1,
+            _ => 0,
+        };
+    let host_end = conn[host_from..end]
+        .find('/')
+        .map_or(end, |i| host_from + i);
+    let hosts = &conn[host_from..host_end];
+    if hosts.is_empty() {
+        let sep = if query_at.is_some() { '&' } else { '?' };
+        return format!("{conn}{sep}port={ports}");
+    }
+    let ports: Vec<&str> = ports.split(',').collect();
+    let written: Vec<String> = hosts
+        .split(',')
+        .enumerate()
+        .map(|(i, h)| {
+            let p = ports.get(i).or(ports.first()).copied().unwrap_or("5432");
+            format!("{h}:{p}")
+        })
+        .collect();
+    format!(
+        "{}{}{}",
+        &conn[..host_from],
+        written.join(","),
+        &conn[host_end..]
+    )
+}
+
 /// One `key=value` (or `key='quoted value'`) at the start of `s`: ((key, the pair's text),
 /// the value, what follows).
 fn next_pair(s: &str) -> Result<((&str, &str), String, &str), TlsError> {
     let eq = s
         .find('=')
-        .ok_or_else(|| TlsError::Url(format!("{s:?}: expected key=value")))?;
+        // The text may hold a password: say what is wrong, not what was written.
+        .ok_or_else(|| TlsError::Url("expected key=value: a word without '='".into()))?;
     let key = s[..eq].trim();
     let after_eq = s[eq + 1..].trim_start();
     let start = s.len() - after_eq.len();
@@ -176,14 +281,16 @@ fn next_pair(s: &str) -> Result<((&str, &str), String, &str), TlsError> {
                 c => value.push(c),
             }
         }
-        return Err(TlsError::Url(format!("{s:?}: unterminated quoted value")));
+        return Err(TlsError::Url(format!(
+            "the quoted value of {key} is not closed"
+        )));
     }
     let len = after_eq.find(char::is_whitespace).unwrap_or(after_eq.len());
     let end = start + len;
     Ok(((key, &s[..end]), after_eq[..len].to_string(), &s[end..]))
 }
 
-fn percent_decode(v: &str) -> Result<String, TlsError> {
+fn percent_decode(key: &str, v: &str) -> Result<String, TlsError> {
     let bytes = v.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -192,7 +299,9 @@ fn percent_decode(v: &str) -> Result<String, TlsError> {
             let hex = v
                 .get(i + 1..i + 3)
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| TlsError::Url(format!("bad percent escape in {v:?}")))?;
+                .ok_or_else(|| {
+                    TlsError::Url(format!("bad percent escape in the value of {key}"))
+                })?;
             out.push(hex);
             i += 3;
         } else {
@@ -200,14 +309,22 @@ fn percent_decode(v: &str) -> Result<String, TlsError> {
             i += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| TlsError::Url(format!("{v:?} is not UTF-8")))
+    String::from_utf8(out).map_err(|_| TlsError::Url(format!("the value of {key} is not UTF-8")))
 }
 
 /// Parses a connection string whose TLS parameters may be any of libpq's; the TLS ones
 /// are returned beside the tokio-postgres config.
 pub fn parse_url(conn: &str) -> Result<(tokio_postgres::Config, TlsParams), TlsError> {
     let env = super::libpq_env::Env::process();
-    let (clean, params) = url_params(conn, &env)?;
+    let (mut clean, params) = url_params(conn, &env)?;
+    // tokio-postgres gives a URI's host port 5432 when none is written, where libpq would
+    // take PGPORT: so PGPORT is written into the string first.
+    let port = env
+        .port()
+        .map_err(|e| TlsError::Environment(e.to_string()))?;
+    if let Some(port) = port.filter(|_| !names_port(&clean)) {
+        clean = with_port(&clean, &port);
+    }
     let mut pg = clean
         .parse::<tokio_postgres::Config>()
         .map_err(|e| TlsError::Url(e.to_string()))?;
@@ -543,6 +660,72 @@ impl ServerCertVerifier for ChainOnly {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_question_mark_in_the_password_does_not_start_the_query() {
+        let (clean, p) = split_tls_params(
+            "postgresql://qq:pa?ss@db:5432/app?sslmode=require&application_name=x",
+        )
+        .unwrap();
+        assert_eq!(p.mode, Some(SslMode::Require));
+        assert_eq!(
+            clean,
+            "postgresql://qq:pa?ss@db:5432/app?application_name=x"
+        );
+        assert_eq!(uri_query_start("postgresql://h/db"), Some(None));
+        assert_eq!(uri_query_start("host=h"), None);
+    }
+
+    #[test]
+    fn errors_never_show_a_value() {
+        for conn in [
+            "postgresql://u@h/db?password=S3cr3t%zz&sslmode=require",
+            "postgresql://u@h/db?sslrootcert=S3cr3t%zz",
+            "postgresql://u@h/db?sslkey=S3cr3t%ff",
+            "host=/tmp user=u password='S3cr3t",
+            "host=/tmp S3cr3t",
+        ] {
+            match split_tls_params(conn) {
+                Ok(_) => {}
+                Err(e) => assert!(!e.to_string().contains("S3cr3t"), "{conn}: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn pgport_is_written_where_the_string_names_none() {
+        assert_eq!(
+            with_port("postgresql://u:p@h/db?x=1", "5499"),
+            "postgresql://u:p@h:5499/db?x=1"
+        );
+        assert_eq!(
+            with_port("postgresql://h1,h2", "1,2"),
+            "postgresql://h1:1,h2:2"
+        );
+        assert_eq!(
+            with_port("postgresql://%2Ftmp%2Fs/db", "7"),
+            "postgresql://%2Ftmp%2Fs:7/db"
+        );
+        assert_eq!(with_port("postgresql://", "7"), "postgresql://?port=7");
+        assert_eq!(
+            with_port("postgresql:///db?host=/s", "7"),
+            "postgresql:///db?host=/s&port=7"
+        );
+        assert_eq!(with_port("host=h", "7"), "host=h port=7");
+    }
+
+    #[test]
+    fn a_port_is_named_in_the_host_part_or_as_a_key() {
+        assert!(names_port("postgresql://u:p@h:5499/db"));
+        assert!(names_port("postgresql://u@h1:1,h2:2/db"));
+        assert!(names_port("postgresql://u@[::1]:5499/db"));
+        assert!(names_port("postgresql://u@h/db?port=5499"));
+        assert!(names_port("host=h port=5499"));
+        assert!(!names_port("postgresql://u:pa:ss@h/db"));
+        assert!(!names_port("postgresql://u@[::1]/db"));
+        assert!(!names_port("postgresql://"));
+        assert!(!names_port("host=h user=u"));
+    }
 
     #[test]
     fn tls_parameters_leave_the_url_and_the_rest_stays() {
