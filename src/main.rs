@@ -14,15 +14,22 @@ use taskwarden::config::{Config, ConfigError};
 
 /// The config a client command uses, and a name for where it came from (for hints):
 /// --config, else ./config.toml, else /etc/taskwarden/config.toml, else the defaults.
+/// A file with problems outside `[http]` still reaches the daemon (see `client_config`),
+/// with a warning on stderr.
 fn load_client(arg: &ConfigArg) -> Result<(String, Config), ConfigError> {
-    use taskwarden::client::{ClientConfig, SYSTEM_CONFIG, pick_client_config};
-    if let Some(p) = &arg.config {
-        return Ok((p.display().to_string(), taskwarden::db::load_config(p)?));
+    use taskwarden::client::{ClientConfig, SYSTEM_CONFIG, client_config, pick_client_config};
+    let path = match &arg.config {
+        Some(p) => p.clone(),
+        None => match pick_client_config(Path::new("config.toml"), Path::new(SYSTEM_CONFIG)) {
+            ClientConfig::File(p) => p,
+            ClientConfig::Defaults(why) => return Ok((why, Config::default())),
+        },
+    };
+    let (config, warning) = client_config(&path)?;
+    if let Some(w) = warning {
+        eprintln!("taskwarden: warning: {w}");
     }
-    match pick_client_config(Path::new("config.toml"), Path::new(SYSTEM_CONFIG)) {
-        ClientConfig::File(p) => Ok((p.display().to_string(), taskwarden::db::load_config(&p)?)),
-        ClientConfig::Defaults(why) => Ok((why, Config::default())),
-    }
+    Ok((path.display().to_string(), config))
 }
 
 fn load(arg: &ConfigArg) -> Result<(PathBuf, Config), ConfigError> {

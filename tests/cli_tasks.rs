@@ -337,3 +337,67 @@ async fn task_events_route_and_task_commands_end_to_end() {
     })
     .await;
 }
+
+/// Issue 27, item 5: after the config file was broken (a reload refused it, the daemon
+/// runs on), `taskwarden status --config FILE` still reaches the daemon through the
+/// file's `[http]` section and says what is wrong; a file whose `[http]` is itself wrong,
+/// or that is not TOML, is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reaches_the_daemon_past_a_broken_config_file() {
+    bounded(LIMIT, async {
+        let t = TestDb::new().await;
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let good = format!(
+            "[database]\napplication_name = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\napi_token = \"{TOKEN}\"\n{AGENTS}",
+            t.application_name
+        );
+        let mut d = tokio::task::block_in_place(|| {
+            let mut d = Daemon::start(
+                dir.path(),
+                &good,
+                &[("TASKWARDEN_DATABASE_URL", &t.url())],
+            );
+            d.base_url();
+            d
+        });
+        let cfg = dir.path().join("config.toml");
+        let status = |extra: &str| {
+            std::fs::write(&cfg, format!("{good}\n{extra}")).unwrap();
+            let o = Command::new("timeout")
+                .arg("60")
+                .arg(bin())
+                .args(["status", "--json", "--config"])
+                .arg(&cfg)
+                .current_dir(dir.path())
+                .env_remove("TASKWARDEN_API_TOKEN")
+                .env_remove("TASKWARDEN_URL")
+                .env_remove("TASKWARDEN_CONFIG")
+                .output()
+                .unwrap();
+            (o.status.code(), text(&o))
+        };
+        let (code, (out, err)) = status("[workers]\nconcurrency = 0\n");
+        assert_eq!(code, Some(0), "{out}\n{err}");
+        assert!(
+            err.contains("has problems (workers.concurrency")
+                && err.contains("[http] section only"),
+            "{err}"
+        );
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert!(v["pool"].is_object(), "not the daemon's status: {out}");
+        // [http] itself wrong: where the daemon listens is not known, so refused.
+        let (code, (_, err)) = status("[http.extra]\n");
+        assert!(code != Some(0) && err.contains("http.extra"), "{err}");
+        let (code, (_, err)) = status("this is not toml [");
+        assert!(code != Some(0) && err.contains("not valid TOML"), "{err}");
+        std::fs::write(&cfg, &good).unwrap();
+        d.signal(Signal::SIGTERM);
+        assert!(tokio::task::block_in_place(|| d.wait_exit(LIMIT)).success());
+    })
+    .await;
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 
 mod render;
 
@@ -394,6 +394,44 @@ pub enum ClientConfig {
     File(std::path::PathBuf),
     /// The built-in defaults, and why (for the 401 hint).
     Defaults(String),
+}
+
+/// The config a client command reaches the daemon with, from the file at `path`. A client
+/// needs only `[http]` (where the daemon listens, its token): when the file has problems
+/// elsewhere — the state right after a refused reload, with the daemon still running on
+/// the config it had — the `[http]` section alone is used, and the second value says so.
+/// A file that is not TOML at all, or whose `[http]` itself is wrong, is still an error.
+pub fn client_config(path: &std::path::Path) -> Result<(Config, Option<String>), ConfigError> {
+    match Config::load(path) {
+        Ok(c) => Ok((c, None)),
+        Err(ConfigError::Invalid { path, issues }) => {
+            let http_only = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| t.parse::<toml::Table>().ok())
+                .and_then(|t| match t.get("http") {
+                    Some(h) => h.clone().try_into::<crate::config::HttpConfig>().ok(),
+                    None => Some(crate::config::HttpConfig::default()),
+                });
+            match http_only {
+                Some(http) if !issues.iter().any(|i| i.key.starts_with("http.")) => {
+                    let keys: Vec<&str> = issues.iter().map(|i| i.key.as_str()).collect();
+                    Ok((
+                        Config {
+                            http,
+                            ..Config::default()
+                        },
+                        Some(format!(
+                            "{} has problems ({}; `taskwarden check-config` names them): reaching the daemon with its [http] section only",
+                            path.display(),
+                            keys.join(", ")
+                        )),
+                    ))
+                }
+                _ => Err(ConfigError::Invalid { path, issues }),
+            }
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// `local` (./config.toml) when it exists, else `system` when it exists and this user may
