@@ -46,6 +46,24 @@ pub struct Env {
 impl Env {
     /// The running process's environment.
     pub fn process() -> Env {
+        let user = nix::unistd::User::from_uid(nix::unistd::getuid())
+            .ok()
+            .flatten();
+        let vars = Env::vars_only().vars;
+        Env {
+            vars,
+            // An empty HOME counts as unset, as libpq has it.
+            home: std::env::var_os("HOME")
+                .filter(|h| !h.is_empty())
+                .map(PathBuf::from)
+                .or_else(|| user.as_ref().map(|u| u.dir.clone())),
+            os_user: user.map(|u| u.name),
+        }
+    }
+
+    /// The `PG*` variables alone, without the user database lookup: enough for the TLS
+    /// settings, which the supervisor reads every tick.
+    pub fn vars_only() -> Env {
         let vars = VARS
             .iter()
             .filter_map(|k| {
@@ -55,17 +73,10 @@ impl Env {
                     .map(|v| (k.to_string(), v))
             })
             .collect();
-        let user = nix::unistd::User::from_uid(nix::unistd::getuid())
-            .ok()
-            .flatten();
         Env {
             vars,
-            // An empty HOME counts as unset, as libpq has it.
-            home: std::env::var_os("HOME")
-                .filter(|h| !h.is_empty())
-                .map(PathBuf::from)
-                .or_else(|| user.as_ref().map(|u| u.dir.clone())),
-            os_user: user.map(|u| u.name),
+            home: None,
+            os_user: None,
         }
     }
 

@@ -346,7 +346,7 @@ pub fn mode_for_url(url: &str, cfg: &DatabaseConfig) -> Result<SslMode, TlsError
     let from_url = if url.trim().is_empty() {
         None
     } else {
-        url_params(url, &super::libpq_env::Env::process())?.1.mode
+        url_params(url, &super::libpq_env::Env::vars_only())?.1.mode
     };
     Ok(from_url.unwrap_or(cfg.sslmode))
 }
@@ -400,7 +400,7 @@ impl Tls {
         let from_url = if url.trim().is_empty() {
             TlsParams::default()
         } else {
-            url_params(url, &super::libpq_env::Env::process())?.1
+            url_params(url, &super::libpq_env::Env::vars_only())?.1
         };
         Tls::build(&TlsParams::of_config(cfg).overridden_by(from_url))
     }
