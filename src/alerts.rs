@@ -30,6 +30,14 @@ pub const OUTCOMES_STALLED: &str = "outcomes_stalled";
 pub const SESSION_FORCE_CLOSED: &str = "session_force_closed";
 pub const TASK_TIMED_OUT: &str = "task_timed_out";
 pub const ORPHAN_BACKEND_TERMINATED: &str = "orphan_backend_terminated";
+/// A `[watch.NAME]` rule's sessions at or above `pool_alert_ratio` of its `max_sessions`;
+/// fires once per rule (its subject is the rule's name).
+pub const WATCH_SESSIONS_HIGH: &str = "watch_sessions_high";
+/// The server's client connections (or a role's, against its connection limit) at or
+/// above `pool_alert_ratio` of what it admits.
+pub const SERVER_CONNECTIONS_HIGH: &str = "server_connections_high";
+/// A session of a watched application past a limit of its rule (logged once per session).
+pub const WATCH_SESSION_OVER_LIMIT: &str = "watch_session_over_limit";
 
 /// Events waiting for webhook delivery; beyond this they are dropped and counted.
 pub const WEBHOOK_QUEUE: usize = 256;
@@ -57,6 +65,10 @@ pub enum AlertState {
 #[derive(Debug, Clone, Serialize)]
 pub struct AlertEvent {
     pub alert: &'static str,
+    /// What it is about, for an alert that can fire for several things at once (a watch
+    /// rule's name for `watch_sessions_high`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
     pub state: AlertState,
     pub severity: Severity,
     pub summary: String,
@@ -69,6 +81,10 @@ pub struct AlertEvent {
 pub struct FiringAlert {
     #[schema(value_type = String)]
     pub alert: &'static str,
+    /// What it is about, for an alert that can fire for several things at once (a watch
+    /// rule's name for `watch_sessions_high`); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
     pub severity: Severity,
     pub summary: String,
     pub since: DateTime<Utc>,
@@ -79,8 +95,11 @@ pub struct Alerts {
     inner: Arc<Inner>,
 }
 
+/// A firing alert's key: its name and its subject ("" for none).
+type FiringKey = (&'static str, String);
+
 struct Inner {
-    firing: Mutex<BTreeMap<&'static str, FiringAlert>>,
+    firing: Mutex<BTreeMap<FiringKey, FiringAlert>>,
     metrics: Metrics,
     config: Arc<ArcSwap<Config>>,
     webhook: mpsc::Sender<AlertEvent>,
@@ -95,7 +114,13 @@ impl Alerts {
         shutdown: CancellationToken,
     ) -> Alerts {
         // The state alerts, at 0 until they fire, so dashboards and rules see them.
-        for alert in [POOL_UTILIZATION_HIGH, MEMORY_HIGH, OUTCOMES_STALLED] {
+        for alert in [
+            POOL_UTILIZATION_HIGH,
+            MEMORY_HIGH,
+            OUTCOMES_STALLED,
+            WATCH_SESSIONS_HIGH,
+            SERVER_CONNECTIONS_HIGH,
+        ] {
             metrics
                 .gauge(metrics::ALERTS_FIRING, &[("alert", alert)])
                 .set(0.0);
@@ -115,7 +140,7 @@ impl Alerts {
         }
     }
 
-    fn firing_map(&self) -> MutexGuard<'_, BTreeMap<&'static str, FiringAlert>> {
+    fn firing_map(&self) -> MutexGuard<'_, BTreeMap<FiringKey, FiringAlert>> {
         self.inner.firing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -127,28 +152,45 @@ impl Alerts {
         summary: String,
         details: serde_json::Value,
     ) -> bool {
+        self.fire_for(alert, None, severity, summary, details)
+    }
+
+    /// Fires a state alert for one `subject` of several (a watch rule); false if it is
+    /// already firing for it. `alerts_firing{alert}` counts the subjects firing.
+    pub fn fire_for(
+        &self,
+        alert: &'static str,
+        subject: Option<&str>,
+        severity: Severity,
+        summary: String,
+        details: serde_json::Value,
+    ) -> bool {
         let at = Utc::now();
-        {
+        let key = (alert, subject.unwrap_or_default().to_string());
+        let n = {
             let mut f = self.firing_map();
-            if f.contains_key(alert) {
+            if f.contains_key(&key) {
                 return false;
             }
             f.insert(
-                alert,
+                key,
                 FiringAlert {
                     alert,
+                    subject: subject.map(str::to_string),
                     severity,
                     summary: summary.clone(),
                     since: at,
                 },
             );
-        }
+            f.keys().filter(|(a, _)| *a == alert).count()
+        };
         self.inner
             .metrics
             .gauge(metrics::ALERTS_FIRING, &[("alert", alert)])
-            .set(1.0);
+            .set(n as f64);
         self.emit(AlertEvent {
             alert,
+            subject: subject.map(str::to_string),
             state: AlertState::Firing,
             severity,
             summary,
@@ -165,15 +207,32 @@ impl Alerts {
         summary: String,
         details: serde_json::Value,
     ) -> bool {
-        let Some(was) = self.firing_map().remove(alert) else {
-            return false;
+        self.resolve_for(alert, None, summary, details)
+    }
+
+    /// Resolves a state alert for one subject; false if it was not firing for it.
+    pub fn resolve_for(
+        &self,
+        alert: &'static str,
+        subject: Option<&str>,
+        summary: String,
+        details: serde_json::Value,
+    ) -> bool {
+        let key = (alert, subject.unwrap_or_default().to_string());
+        let (was, n) = {
+            let mut f = self.firing_map();
+            let Some(was) = f.remove(&key) else {
+                return false;
+            };
+            (was, f.keys().filter(|(a, _)| *a == alert).count())
         };
         self.inner
             .metrics
             .gauge(metrics::ALERTS_FIRING, &[("alert", alert)])
-            .set(0.0);
+            .set(n as f64);
         self.emit(AlertEvent {
             alert,
+            subject: subject.map(str::to_string),
             state: AlertState::Resolved,
             severity: was.severity,
             summary,
@@ -193,6 +252,7 @@ impl Alerts {
     ) {
         self.emit(AlertEvent {
             alert,
+            subject: None,
             state: AlertState::Event,
             severity,
             summary,
@@ -201,8 +261,23 @@ impl Alerts {
         });
     }
 
-    pub fn is_firing(&self, alert: &str) -> bool {
-        self.firing_map().contains_key(alert)
+    /// Whether `alert` fires (for no subject: the alerts that have none).
+    pub fn is_firing(&self, alert: &'static str) -> bool {
+        self.is_firing_for(alert, None)
+    }
+
+    pub fn is_firing_for(&self, alert: &'static str, subject: Option<&str>) -> bool {
+        self.firing_map()
+            .contains_key(&(alert, subject.unwrap_or_default().to_string()))
+    }
+
+    /// The subjects `alert` fires for.
+    pub fn firing_subjects(&self, alert: &'static str) -> Vec<String> {
+        self.firing_map()
+            .keys()
+            .filter(|(a, _)| *a == alert)
+            .map(|(_, s)| s.clone())
+            .collect()
     }
 
     pub fn firing(&self) -> Vec<FiringAlert> {
@@ -217,15 +292,16 @@ impl Alerts {
                 .increment(1);
         }
         let details = e.details.to_string();
+        let subject = e.subject.as_deref();
         match (e.severity, e.state) {
             (_, AlertState::Resolved) => {
-                tracing::info!(alert = e.alert, state = "resolved", details = %details, "{}", e.summary)
+                tracing::info!(alert = e.alert, subject, state = "resolved", details = %details, "{}", e.summary)
             }
             (Severity::Warning, _) => {
-                tracing::warn!(alert = e.alert, state = ?e.state, details = %details, "{}", e.summary)
+                tracing::warn!(alert = e.alert, subject, state = ?e.state, details = %details, "{}", e.summary)
             }
             (Severity::Critical, _) => {
-                tracing::error!(alert = e.alert, state = ?e.state, details = %details, "{}", e.summary)
+                tracing::error!(alert = e.alert, subject, state = ?e.state, details = %details, "{}", e.summary)
             }
         }
         if self.inner.config.load().alerts.webhook_url.is_empty() {

@@ -64,6 +64,14 @@ metrics_table! {
     DB_SESSIONS_FORCE_CLOSED_TOTAL = "db_sessions_force_closed_total", Counter, Count, [], "DB sessions force-closed after session_max_age.";
     DB_BACKENDS_TERMINATED_TOTAL = "db_backends_terminated_total", Counter, Count, [], "PostgreSQL backends terminated by the supervisor (force-closes and orphans).";
     TASKS = "tasks", Gauge, Count, ["status"], "Tasks in the database by status.";
+    WATCH_SESSIONS = "watch_sessions", Gauge, Count, ["watch", "state"], "Sessions a [watch.NAME] rule matches, by state: active, idle, idle_in_transaction, unknown (this role may not see the state: grant pg_read_all_stats) (supervisor's last reading).";
+    WATCH_MAX_SESSIONS = "watch_max_sessions", Gauge, Count, ["watch"], "The rule's max_sessions (the application's session budget; absent when it has none).";
+    WATCH_SESSION_OLDEST_AGE_SECONDS = "watch_session_oldest_age_seconds", Gauge, Seconds, ["watch"], "Age of the oldest session the rule matches (0 when none).";
+    WATCH_SESSIONS_OVER_LIMIT_TOTAL = "watch_sessions_over_limit_total", Counter, Count, ["watch", "reason"], "Sessions found past a limit of their rule, once per session and limit, reason = idle_in_transaction_max, session_max_age or query_max_duration (with action = alert, nothing more is done).";
+    WATCH_SESSIONS_TERMINATED_TOTAL = "watch_sessions_terminated_total", Counter, Count, ["watch", "reason"], "Sessions a rule with action = terminate ended (pg_terminate_backend), reason = idle_in_transaction_max or session_max_age.";
+    WATCH_QUERIES_CANCELLED_TOTAL = "watch_queries_cancelled_total", Counter, Count, ["watch"], "Queries past query_max_duration a rule with action = terminate cancelled (pg_cancel_backend).";
+    SERVER_CONNECTIONS = "server_connections", Gauge, Count, ["state"], "Client connections to the whole PostgreSQL server, every application's, by state: active, idle, idle_in_transaction, unknown (supervisor's last reading).";
+    SERVER_MAX_CONNECTIONS = "server_max_connections", Gauge, Count, [], "Client connections the server admits to ordinary roles: max_connections minus the reserved slots.";
     TASKS_FINISHED_TOTAL = "tasks_finished_total", Counter, Count, ["agent", "outcome"], "Task attempts finished, by agent and outcome: succeeded, failed (final: no attempt left or a fatal error), retried (failed, will run again after backoff), timed_out, cancelled, snoozed (the agent asked to run again later; the attempt is not counted), over_limit (killed for passing its agent's memory_max, processes_max or cpu_time_max; final).";
     AGENT_RESIDENT_MEMORY_BYTES = "agent_resident_memory_bytes", Gauge, Bytes, ["agent"], "Resident memory of the process trees of the agent's tasks running here (sum over tasks; supervisor's last sample).";
     AGENT_PROCESSES = "agent_processes", Gauge, Count, ["agent"], "Processes in the trees of the agent's tasks running here (the shim not counted).";
@@ -97,6 +105,7 @@ metrics_table! {
     SUPERVISOR_LAST_TICK_TIMESTAMP_SECONDS = "supervisor_last_tick_timestamp_seconds", Gauge, Seconds, [], "Unix time the last supervisor tick finished.";
     SUPERVISOR_TICKS_TOTAL = "supervisor_ticks_total", Counter, Count, ["result"], "Supervisor ticks, result = ok or error.";
     SUPERVISOR_LOCK_TIMEOUTS_TOTAL = "supervisor_lock_timeouts_total", Counter, Count, ["check"], "Supervisor statements on taskwarden's tables refused by its lock_timeout (another session held a conflicting lock), by check: time_out (tasks past max_task_duration), task_view (task counts, queues, instances), agent_sessions (whether an agent session's task still runs).";
+    SUPERVISOR_WATCH_ERRORS_TOTAL = "supervisor_watch_errors_total", Counter, Count, [], "Supervisor passes whose watch of the applications' sessions the server refused (logged once per message; the other checks go on).";
     SUPERVISOR_TASK_FIGURES_STALE = "supervisor_task_figures_stale", Gauge, Count, [], "1 while the task and queue figures are from an earlier supervisor pass (the last read was refused by lock_timeout), else 0.";
     LOOP_LATENESS_SECONDS = "loop_lateness_seconds", Gauge, Seconds, ["loop"], "How late the periodic loop's last pass started against its schedule (supervisor, lease_keeper, leader, scheduler).";
     LOOP_RUN_SECONDS = "loop_run_seconds", Histogram, Seconds, ["loop"], "Duration of one pass of a periodic loop.";
@@ -200,12 +209,15 @@ type GaugeSample = (&'static str, Vec<(&'static str, String)>, f64);
 
 type GaugeSeries = BTreeMap<(&'static str, Vec<(&'static str, String)>), Arc<RemovableGauge>>;
 
-/// Per-agent gauges: their label values come and go with agents, and the exporter's
-/// recorder cannot forget a series, so [`Metrics`] keeps these itself and can drop them
-/// ([`Metrics::retain_gauges`]).
+/// Per-agent and per-rule gauges: their label values come and go with agents and watch
+/// rules, and the exporter's recorder cannot forget a series, so [`Metrics`] keeps these
+/// itself and can drop them ([`Metrics::retain_gauges`]).
 fn removable(name: &str) -> bool {
-    DEFS.iter()
-        .any(|d| d.name == name && d.kind == Kind::Gauge && d.labels.contains(&"agent"))
+    DEFS.iter().any(|d| {
+        d.name == name
+            && d.kind == Kind::Gauge
+            && (d.labels.contains(&"agent") || d.labels.contains(&"watch"))
+    })
 }
 
 /// A metrics registry. Cheap to clone.
@@ -272,6 +284,7 @@ impl Metrics {
             TASKS_TIMED_OUT_TOTAL,
             EMERGENCY_CLEANUPS_TOTAL,
             ALERT_WEBHOOK_FAILURES_TOTAL,
+            SUPERVISOR_WATCH_ERRORS_TOTAL,
         ] {
             m.counter(name, &[]).absolute(0);
         }

@@ -195,6 +195,9 @@ pub(super) struct StatusReport {
     logging: LoggingReport,
     /// The agents this instance runs, with their limits.
     agents: std::collections::BTreeMap<String, AgentReport>,
+    /// The server's client connections and each `[watch.NAME]` rule's sessions, oldest
+    /// first (supervisor's last reading; null before its first).
+    watch: Option<crate::supervisor::WatchView>,
 }
 
 /// The most entries `/v1/status` lists of each list (beyond the configured agents, for
@@ -381,5 +384,6 @@ async fn status_report(s: &ApiState) -> StatusReport {
             level: cfg.logging.level.clone(),
         },
         agents: agents_report(s, &cfg),
+        watch: s.heartbeat.watch().map(|w| (*w).clone()),
     }
 }

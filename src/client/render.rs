@@ -57,6 +57,7 @@ pub fn render_status(v: &Value) -> String {
     render_pool(&mut out, &v["pool"]);
     render_tls(&mut out, &v["database_tls"]);
     render_sessions(&mut out, &v["sessions"]);
+    render_watch(&mut out, &v["watch"]);
     render_tasks(&mut out, &v["tasks"]);
     render_queues(&mut out, &v["queues"]);
     render_alerts(&mut out, &v["alerts_firing"]);
@@ -134,6 +135,74 @@ fn render_sessions(out: &mut String, ss: &Value) {
             &["ID", "AGE", "LABEL", "CALLER", "PID", "TASK"],
             &rows,
         ));
+    }
+}
+
+/// The server's connection use, and each watch rule's sessions, oldest first (at most 20
+/// per rule are listed; the counts cover all).
+fn render_watch(out: &mut String, w: &Value) {
+    if w.is_null() {
+        return;
+    }
+    let srv = &w["server"];
+    let _ = writeln!(
+        out,
+        "\nSERVER  client connections {}/{} ({:.0}%)  active {}  idle {}  idle in transaction {}",
+        s(&srv["in_use"]),
+        s(&srv["max"]),
+        srv["utilization"].as_f64().unwrap_or(0.0) * 100.0,
+        s(&srv["by_state"]["active"]),
+        s(&srv["by_state"]["idle"]),
+        s(&srv["by_state"]["idle_in_transaction"])
+    );
+    let Some(rules) = w["rules"].as_object() else {
+        return;
+    };
+    for (name, r) in rules {
+        let budget = match r["max_sessions"].as_u64() {
+            Some(m) => format!("/{m}"),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "\nWATCH {name}  ({}, {})  sessions {}{budget}  active {}  idle {}  idle in transaction {}  oldest {}",
+            s(&r["application_name"]),
+            s(&r["action"]),
+            s(&r["sessions_total"]),
+            s(&r["by_state"]["active"]),
+            s(&r["by_state"]["idle"]),
+            s(&r["by_state"]["idle_in_transaction"]),
+            seconds(&r["oldest_age_seconds"])
+        );
+        let rows = rows_of(&r["sessions"], 20, |x| {
+            let over: Vec<String> = x["over_limit"]
+                .as_array()
+                .map(|a| a.iter().map(s).collect())
+                .unwrap_or_default();
+            vec![
+                s(&x["pid"]),
+                seconds(&x["age_seconds"]),
+                s(&x["state"]),
+                seconds(&x["state_seconds"]),
+                s(&x["application_name"]),
+                format!("{}@{}", s(&x["user"]), s(&x["database"])),
+                over.join(","),
+            ]
+        });
+        if !rows.is_empty() {
+            out.push_str(&table(
+                &[
+                    "PID",
+                    "AGE",
+                    "STATE",
+                    "IN STATE",
+                    "APPLICATION",
+                    "ROLE@DB",
+                    "PAST LIMIT",
+                ],
+                &rows,
+            ));
+        }
     }
 }
 
@@ -219,12 +288,11 @@ fn render_queues(out: &mut String, queues: &Value) {
 
 fn render_alerts(out: &mut String, firing: &Value) {
     let alerts = rows_of(firing, usize::MAX, |x| {
-        vec![
-            s(&x["alert"]),
-            s(&x["severity"]),
-            s(&x["since"]),
-            s(&x["summary"]),
-        ]
+        let alert = match x["subject"].as_str() {
+            Some(subj) => format!("{}[{subj}]", s(&x["alert"])),
+            None => s(&x["alert"]),
+        };
+        vec![alert, s(&x["severity"]), s(&x["since"]), s(&x["summary"])]
     });
     if alerts.is_empty() {
         out.push_str("\nALERTS  none firing\n");

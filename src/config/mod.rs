@@ -21,6 +21,7 @@ pub const MAX_HTTP_CONNECTIONS: usize = 1 << 16;
 pub mod reload;
 mod sections;
 mod validate;
+pub mod watch;
 
 pub use duration::{ByteSize, Dur, MAX_DURATION};
 pub use schedule::{MAX_RATE_COUNT, Rate, ScheduleConfig, parse_cron};
@@ -89,6 +90,8 @@ pub struct Config {
     pub retention: RetentionConfig,
     /// `[schedules.NAME]`: periodic tasks.
     pub schedules: BTreeMap<String, ScheduleConfig>,
+    /// `[watch.NAME]`: the sessions of applications sharing the database.
+    pub watch: BTreeMap<String, watch::WatchConfig>,
 }
 
 impl Config {
@@ -152,6 +155,7 @@ impl Config {
         self.validate_edges(&mut bad);
         self.validate_retention(&mut bad);
         self.validate_schedules(&mut bad);
+        self.validate_watch(&mut bad);
         v
     }
 }
@@ -182,6 +186,17 @@ fn check_keys(table: &toml::Table, issues: &mut Vec<ConfigIssue>) {
                 None => issues.push(ConfigIssue {
                     key: "schedules".into(),
                     message: "must be a table of [schedules.NAME] sections".into(),
+                }),
+            },
+            "watch" => match value.as_table() {
+                Some(rules) => {
+                    for (name, w) in rules {
+                        check_section::<watch::WatchConfig>(&format!("watch.{name}"), w, issues);
+                    }
+                }
+                None => issues.push(ConfigIssue {
+                    key: "watch".into(),
+                    message: "must be a table of [watch.NAME] sections".into(),
                 }),
             },
             "agents" => match value.as_table() {

@@ -29,6 +29,8 @@ pub struct Heartbeat {
     view_stale: std::sync::atomic::AtomicBool,
     /// Whether this instance's sessions are encrypted, as last read.
     encryption: std::sync::Mutex<Option<super::Encryption>>,
+    /// The applications' sessions and the server's connections, as last read.
+    watch: std::sync::Mutex<Option<Arc<super::WatchView>>>,
 }
 
 /// Why the daemon is not ready, if it is not: the supervisor has not completed a tick
@@ -127,6 +129,13 @@ impl Heartbeat {
     }
     pub(super) fn set_view(&self, v: DbView) {
         *self.view.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(v));
+    }
+    /// The watch rules' sessions and the server's connections, if a tick has read them.
+    pub fn watch(&self) -> Option<Arc<super::WatchView>> {
+        self.watch.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    pub(super) fn set_watch(&self, v: super::WatchView) {
+        *self.watch.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(v));
     }
     /// Whether the view is older than the last tick (its read was refused by a lock).
     pub fn view_stale(&self) -> bool {

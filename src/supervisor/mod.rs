@@ -14,8 +14,9 @@
 //! - each running task's agent — its process tree and its own database sessions — is
 //!   sampled and held to its agent's limits (`agents.rs`).
 //!
-//! The DB-session duties are in `sessions.rs`, the process's in `process.rs`, and what the
-//! API and systemd read of the supervisor in `liveness.rs`.
+//! The DB-session duties are in `sessions.rs`, the process's in `process.rs`, the
+//! applications' sessions (`[watch.NAME]` rules, server-wide connection use) in
+//! `watch.rs`, and what the API and systemd read of the supervisor in `liveness.rs`.
 //!
 //! It talks to PostgreSQL on its own admin connection, never through the pool: the pool
 //! being exhausted is exactly when it must keep working. It may cancel tasks and flag
@@ -37,6 +38,10 @@ mod sessions;
 pub use sessions::{CallerSessions, top_callers};
 
 mod liveness;
+
+mod watch;
+
+pub use watch::{RoleConnections, ServerConnections, WatchRuleView, WatchView, WatchedSession};
 
 use liveness::unix_ms;
 pub use liveness::{
@@ -132,6 +137,8 @@ pub struct Supervisor {
     /// of, or may not end,
     /// already logged (each once; bounded by [`agents::PRIVILEGE_WARNED_MAX`]).
     privilege_warned: std::collections::HashSet<(String, &'static str)>,
+    /// What the watch rules already logged (see `watch.rs`).
+    watch: watch::WatchMemory,
 }
 
 impl Supervisor {
@@ -160,6 +167,7 @@ impl Supervisor {
             agent_cpu: Default::default(),
             agent_sessions_warned: Default::default(),
             privilege_warned: Default::default(),
+            watch: Default::default(),
         }
     }
 
@@ -256,6 +264,7 @@ impl Supervisor {
             self.check_tasks(&cfg, &mut report).await?;
             self.check_backends(&cfg, &mut report).await?;
             self.check_agents(&cfg).await?;
+            self.check_watch(&cfg).await?;
             self.check_encryption(&cfg).await
         }
         .await;
