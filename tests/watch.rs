@@ -320,3 +320,102 @@ async fn an_alert_rule_logs_and_counts_and_ends_nothing() {
     })
     .await;
 }
+
+/// Server-wide use on a server of the test's own (20 connections, 3 reserved: 17 for
+/// ordinary roles): connections opened until `server_connections_high` fires, closed
+/// until it clears; then a role at its connection limit fires it alone. The rules are
+/// reloaded with SIGHUP: a rule added to the file applies without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_connections_high_fires_and_clears_and_rules_reload() {
+    bounded(Duration::from_secs(120), async {
+        let cluster = common::cluster::Cluster::start(
+            "-c max_connections=20 -c superuser_reserved_connections=3",
+        );
+        cluster.psql("CREATE ROLE capped LOGIN CONNECTION LIMIT 4");
+        let dir = tempfile::tempdir().unwrap();
+        let url = cluster.url("taskwarden", "postgres");
+        let base_cfg = "[database]\npool_size = 2\nmax_overflow = 0\n[http]\nlisten = \"127.0.0.1:0\"\n\
+             [supervisor]\ninterval = \"300ms\"\n";
+        let mut d = Daemon::start(
+            dir.path(),
+            base_cfg,
+            &[("TASKWARDEN_DATABASE_URL", url.as_str())],
+        );
+        let base = d.base_url();
+        let http = http_client(Duration::from_secs(10));
+        let read = eventually(LIMIT, || async {
+            !status(&http, &base).await["watch"].is_null()
+        })
+        .await;
+        assert!(read, "no watch reading:\n{}", d.drain());
+        let s = status(&http, &base).await;
+        assert_eq!(s["watch"]["server"]["max"], 17, "{}", s["watch"]);
+
+        let mut held = Vec::new();
+        let mut fired = false;
+        for _ in 0..17 {
+            let pg = cluster.pg("taskwarden", "postgres");
+            let Ok((client, conn)) = pg.connect(tokio_postgres::NoTls).await else {
+                break;
+            };
+            tokio::spawn(conn);
+            held.push(client);
+            fired = eventually(Duration::from_secs(1), || async {
+                firing_for(&status(&http, &base).await, "server_connections_high", None)
+            })
+            .await;
+            if fired {
+                break;
+            }
+        }
+        assert!(fired, "never fired with {} more connections:\n{}", held.len(), d.drain());
+        let s = status(&http, &base).await;
+        let srv = &s["watch"]["server"];
+        assert!(
+            srv["utilization"].as_f64().unwrap() >= 0.8,
+            "fired below the line: {srv}"
+        );
+        let text = scrape(&http, &base).await;
+        assert_eq!(metric(&text, "taskwarden_server_max_connections"), 17.0);
+        assert!(metric(&text, "taskwarden_server_connections{state=\"idle\"}") >= 1.0);
+        held.clear();
+        let cleared = eventually(LIMIT, || async {
+            !firing_for(&status(&http, &base).await, "server_connections_high", None)
+        })
+        .await;
+        assert!(cleared, "did not clear:\n{}", d.drain());
+
+        // A role at its own limit (4 of 4) fires it, the server being far from full.
+        for _ in 0..4 {
+            let (client, conn) = cluster
+                .pg("capped", "postgres")
+                .connect(tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            held.push(client);
+        }
+        let fired = eventually(LIMIT, || async {
+            firing_for(&status(&http, &base).await, "server_connections_high", None)
+        })
+        .await;
+        assert!(fired, "a role at its limit did not fire it:\n{}", d.drain());
+        assert!(d.drain().contains("capped 4 of 4"), "{}", d.output());
+
+        // A rule added to the file applies at SIGHUP.
+        let _app = Psql::open(&cluster.url("capped", "postgres"), "reloaded-app", "SELECT 1;");
+        held.pop();
+        std::fs::write(
+            dir.path().join("config.toml"),
+            format!("{base_cfg}[watch.late]\napplication_name = \"reloaded-*\"\n"),
+        )
+        .unwrap();
+        d.signal(nix::sys::signal::Signal::SIGHUP);
+        let seen = eventually(LIMIT, || async {
+            status(&http, &base).await["watch"]["rules"]["late"]["sessions_total"] == 1
+        })
+        .await;
+        assert!(seen, "the reloaded rule does not apply:\n{}", d.drain());
+    })
+    .await;
+}

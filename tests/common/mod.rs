@@ -9,6 +9,7 @@
 //! `application_name`, so tests that terminate "our" backends only ever touch their own.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod daemon;
 pub mod pgbouncer;
 pub mod proxy;
