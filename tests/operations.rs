@@ -57,7 +57,7 @@ fn promtool_accepts_the_alert_rules() {
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("SUCCESS: 12 rules found"), "{text}");
+    assert!(text.contains("SUCCESS: 14 rules found"), "{text}");
     // Every rule links its runbook (README anchors) under the standard annotation.
     let rules = std::fs::read_to_string(root().join("dashboards/alerts.yml")).unwrap();
     assert!(!rules.contains(" runbook:"), "a rule carries `runbook`");
@@ -67,7 +67,7 @@ fn promtool_accepts_the_alert_rules() {
         .lines()
         .filter_map(|l| l.trim().strip_prefix("- alert: "))
         .collect();
-    assert_eq!(names.len(), 12);
+    assert_eq!(names.len(), 14);
     for name in names {
         let anchor = format!("runbook_url: \"README.md#{}\"", name.to_lowercase());
         assert!(rules.contains(&anchor), "{name}: no {anchor}");
@@ -125,7 +125,14 @@ fn the_dashboard_is_complete_and_names_only_exported_metrics() {
         .collect();
     assert_eq!(
         rows,
-        vec!["Pool", "Sessions", "Tasks", "LLM usage", "Daemon"]
+        vec![
+            "Pool",
+            "Sessions",
+            "Tasks",
+            "Applications sharing the database",
+            "LLM usage",
+            "Daemon"
+        ]
     );
     for p in d["panels"]
         .as_array()
@@ -277,7 +284,8 @@ async fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() {
         "[database]\napplication_name = {:?}\n[supervisor]\ninterval = \"500ms\"\n\
          [workers]\nretry_backoff = \"10ms\"\nretry_backoff_max = \"20ms\"\n\
          [agents.llm]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", {script:?}]\n\
-         [agents.flaky]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"cat >/dev/null; exit 1\"]\n",
+         [agents.flaky]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"cat >/dev/null; exit 1\"]\n\
+         [watch.everyone]\napplication_name = \"*\"\nmax_sessions = 10000\n",
         t.application_name
     );
     let url = t.url();
@@ -434,7 +442,7 @@ async fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() {
         .iter()
         .map(|g| g["rules"].as_array().unwrap().len())
         .sum();
-    assert_eq!(n, 12);
+    assert_eq!(n, 14);
     drop(prom);
     d.signal(Signal::SIGTERM);
     assert!(tokio::task::block_in_place(|| d.wait_exit(Duration::from_secs(120))).success());
