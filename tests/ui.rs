@@ -20,6 +20,8 @@ use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 
 const TOKEN: &str = "console-secret";
+/// The application_name of the leaked session the overview must list under its rule.
+const LEAKED_APP: &str = "uiapp:task_tracking.py:41:create_task_in_db";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_shows_an_incident_and_acts_on_tasks_in_chromium() {
@@ -39,7 +41,8 @@ async fn the_console_shows_an_incident_and_acts_on_tasks_in_chromium() {
              [workers]\npoll_interval = \"200ms\"\nretry_backoff = \"10ms\"\nretry_backoff_max = \"20ms\"\nshutdown_grace = \"1s\"\n\
              [agents.ok]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"cat >/dev/null; echo '{{\\\"result\\\": 1}}'\"]\n\
              [agents.bad]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"cat >/dev/null; echo '{{\\\"progress\\\": \\\"trying\\\"}}'; echo refused >&2; exit 3\"]\n\
-             [agents.slow]\nkind = \"command\"\ncommand = [\"sleep\", \"120\"]\n",
+             [agents.slow]\nkind = \"command\"\ncommand = [\"sleep\", \"120\"]\n\
+             [watch.leaky]\napplication_name = \"uiapp*\"\nmax_sessions = 10\n",
             t.application_name
         );
         let url = t.url();
@@ -99,6 +102,22 @@ async fn the_console_shows_an_incident_and_acts_on_tasks_in_chromium() {
 
         let shots = root.join("target/ui-screenshots");
         std::fs::create_dir_all(&shots).unwrap();
+        // An application's session leaked idle in its transaction, named by its caller:
+        // the overview lists it under its watch rule.
+        let mut leaked = std::process::Command::new(common::replica::bindir().join("psql"))
+            .args(["-X", "-q", "-d", &url])
+            .env("PGAPPNAME", LEAKED_APP)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write;
+            let stdin = leaked.stdin.as_mut().unwrap();
+            stdin.write_all(b"BEGIN; SELECT 1;\n").unwrap();
+            stdin.flush().unwrap();
+        }
         let mut node = tokio::process::Command::new("node")
             .arg(root.join("tests/ui/console.mjs"))
             .env("BASE", &base)
@@ -107,6 +126,7 @@ async fn the_console_shows_an_incident_and_acts_on_tasks_in_chromium() {
             .env("FAILED_ID", failed_id.to_string())
             .env("OBJECTIVE_ID", objective["id"].to_string())
             .env("SHOTS", &shots)
+            .env("LEAKED_APP", LEAKED_APP)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
@@ -125,6 +145,8 @@ async fn the_console_shows_an_incident_and_acts_on_tasks_in_chromium() {
             said.push(line);
         }
         let out = node.wait_with_output().await.unwrap();
+        let _ = leaked.kill();
+        let _ = leaked.wait();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
             out.status.success(),

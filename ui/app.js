@@ -136,11 +136,12 @@ function overview() {
     alerts: h('section', { id: 'alerts', 'aria-labelledby': 'h-alerts' }),
     tasks: h('section', { id: 'tasks', 'aria-labelledby': 'h-tasks' }),
     sessions: h('section', { id: 'sessions', 'aria-labelledby': 'h-sessions' }),
+    watch: h('section', { id: 'watch', 'aria-labelledby': 'h-watch' }),
     running: h('section', { id: 'running', 'aria-labelledby': 'h-running' }),
     instances: h('section', { id: 'instances', 'aria-labelledby': 'h-instances' }),
   };
   show(h('h1', {}, 'Overview'), h('div', { class: 'grid' }, parts.pool, parts.alerts), parts.tasks,
-    parts.sessions, parts.running, parts.instances);
+    parts.sessions, parts.watch, parts.running, parts.instances);
   followStatus((s) => drawOverview(s, parts));
 }
 
@@ -159,7 +160,7 @@ function drawOverview(s, parts) {
 
   parts.alerts.replaceChildren(h('h2', { id: 'h-alerts' }, 'Alerts firing'),
     s.alerts_firing.length ? h('ul', {}, s.alerts_firing.map((a) => h('li', { class: a.severity === 'critical' ? 'bad' : 'warn' },
-      `${a.alert} (${a.severity}) since ${when(a.since)}: ${a.summary}`))) : h('p', { class: 'ok' }, 'none'),
+      `${a.alert}${a.subject ? '[' + a.subject + ']' : ''} (${a.severity}) since ${when(a.since)}: ${a.summary}`))) : h('p', { class: 'ok' }, 'none'),
     s.ready ? h('p', { class: 'ok' }, 'ready') : h('p', { class: 'bad' }, 'not ready: ' + (s.not_ready_reason || '')));
 
   const by = (s.tasks && s.tasks.by_status) || {};
@@ -173,6 +174,27 @@ function drawOverview(s, parts) {
     table(['caller', 'label', 'age / max', 'backend pid', 'task'], s.sessions.live.map((x) => [
       x.caller, x.label, h('span', { class: 'age ' + (x.age_seconds >= s.sessions.warn_age_seconds ? 'warn' : '') }, `${secs(x.age_seconds)} / ${secs(max)}`),
       String(x.backend_pid), taskLink(x.task_id)]), { id: 'sessions-table', empty: 'no session open' }));
+
+  // The applications beside taskwarden: the server's connections and each [watch.NAME]
+  // rule's sessions, oldest first, with who opened them (application_name).
+  const w = s.watch;
+  if (!w) {
+    parts.watch.replaceChildren(h('h2', { id: 'h-watch' }, 'Applications\' DB sessions'), h('p', { class: 'muted' }, 'not read yet'));
+  } else {
+    const srv = w.server;
+    const rules = Object.entries(w.rules || {});
+    // replaceChildren takes nodes only: the optional ones are filtered out.
+    parts.watch.replaceChildren(...[h('h2', { id: 'h-watch' }, 'Applications\' DB sessions'),
+      h('p', { id: 'server-connections', class: srv.utilization >= p.alert_ratio ? 'warn' : '' },
+        `server: ${srv.in_use} of ${srv.max} client connections in use (${Math.round(srv.utilization * 100)}%)`),
+      rules.length ? null : h('p', { class: 'muted' }, 'no [watch.NAME] rule configured'),
+      ...rules.map(([name, r]) => h('div', { class: 'watch-rule', 'data-watch': name },
+        h('h3', {}, `${name}: ${r.sessions_total}${r.max_sessions ? ' of ' + r.max_sessions : ''} sessions (${r.application_name}, ${r.action})`),
+        table(['application (caller)', 'state', 'in state', 'age', 'role@db', 'pid', 'past limit'], r.sessions.map((x) => [
+          x.application_name, x.state || 'unknown', x.state_seconds === null ? '' : secs(x.state_seconds),
+          h('span', { class: 'age ' + (x.over_limit.length ? 'warn' : '') }, secs(x.age_seconds)),
+          `${x.user}@${x.database}`, String(x.pid), x.over_limit.join(', ')]), { empty: 'no session' })))].filter(Boolean));
+  }
 
   parts.running.replaceChildren(h('h2', { id: 'h-running' }, 'Running here, with their agents\' processes and sessions'),
     table(['task', 'agent', 'running', 'processes', 'memory', 'CPU', 'agent DB sessions'], s.tasks.running_here.map((t) => [

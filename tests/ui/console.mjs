@@ -6,7 +6,7 @@
 // throws: the process exits non-zero with the reason.
 import { chromium } from 'playwright-core';
 
-const { BASE, TOKEN, RUNNING_ID, FAILED_ID, OBJECTIVE_ID, SHOTS } = process.env;
+const { BASE, TOKEN, RUNNING_ID, FAILED_ID, OBJECTIVE_ID, SHOTS, LEAKED_APP } = process.env;
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 
 function check(ok, what) {
@@ -74,6 +74,13 @@ try {
     return rows.filter((r) => /src\/.*\.rs:\d+/.test(r.textContent) && /pause/.test(r.textContent)).length >= 2;
   }, null, 20000);
   check(true, 'the held sessions appear with their caller and label');
+  // Beside them, the applications' sessions: the leaked one under its rule, with its caller.
+  await waitFor(page, (app) => {
+    const rule = document.querySelector('[data-watch="leaky"]');
+    return !!rule && [...rule.querySelectorAll('tbody tr')].some((r) => r.textContent.includes(app) && /idle in transaction/.test(r.textContent))
+      && /client connections in use/.test(document.querySelector('#server-connections')?.textContent || '');
+  }, LEAKED_APP, 20000);
+  check(true, 'the overview lists a watched application\'s leaked session with its caller');
   await page.screenshot({ path: `${SHOTS}/overview-incident.png`, fullPage: true });
   console.log('HELD-OK');
   await waitFor(page, () => /in use [01] of 2/.test(document.querySelector('#pool-figures')?.textContent || ''), null, 30000);
