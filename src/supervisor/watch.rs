@@ -33,6 +33,8 @@ pub const WATCH_LIST_MAX: usize = 20;
 pub const ROLES_LIST_MAX: usize = 20;
 /// The first characters of a session's query kept for logs and status.
 const QUERY_PREFIX_CHARS: usize = 200;
+/// Names (role, database, application) are at most 63 bytes in PostgreSQL.
+const NAME_CHARS: usize = 63;
 /// Callers (application names) named in a `watch_sessions_high` alert.
 const TOP_CALLERS: usize = 5;
 
@@ -298,6 +300,13 @@ impl Supervisor {
                     .filter(|s| s.matches(w, net.as_ref()))
                     .collect();
                 for s in &mine {
+                    if s.state.is_none() {
+                        self.privilege_missing(
+                            &s.user,
+                            "pg_read_all_stats",
+                            "cannot see the state and ages of this role's sessions that a watch rule matches: they count as unknown and no limit applies to them",
+                        );
+                    }
                     for reason in s.over(w) {
                         self.over_limit(name, w, s, reason);
                         if w.action == WatchAction::Terminate {
@@ -327,9 +336,11 @@ impl Supervisor {
             .iter()
             .map(|r| Session {
                 pid: r.get("pid"),
-                user: r.get("usename"),
-                database: r.get("datname"),
-                application_name: r.get("app"),
+                // Names are input (a role or database may be named with a newline): kept
+                // printable and within PostgreSQL's 63 bytes, as the query's start is.
+                user: prefix(&r.get::<_, String>("usename"), NAME_CHARS),
+                database: prefix(&r.get::<_, String>("datname"), NAME_CHARS),
+                application_name: prefix(&r.get::<_, String>("app"), NAME_CHARS),
                 client_addr: r.get("client_addr"),
                 state: r.get("state"),
                 started: r.get::<_, Option<f64>>("started").unwrap_or_default(),
