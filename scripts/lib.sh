@@ -65,6 +65,33 @@ ensure_schemathesis() {
   export TASKWARDEN_SCHEMATHESIS="$venv/bin/schemathesis"
 }
 
+# Installs the Python packages of examples/clients (SQLAlchemy, asyncpg, psycopg; pinned in
+# examples/clients/requirements.txt) into a virtualenv under the user's cache, named by the
+# file's hash so a change installs afresh, and node-postgres into examples/clients/node;
+# exports TASKWARDEN_CLIENTS_PYTHON (tests/clients.rs and tests/first_seed.rs run them).
+ensure_clients() {
+  local sum venv
+  sum=$(sha256sum examples/clients/requirements.txt | cut -c1-12)
+  venv="${XDG_CACHE_HOME:-$HOME/.cache}/taskwarden/clients-$sum"
+  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import sqlalchemy, asyncpg, psycopg' >/dev/null 2>&1; then
+    echo "installing the client examples' packages from PyPI into $venv" >&2
+    if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+      local sudo=""
+      if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+      $sudo apt-get update -q
+      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends python3-venv
+    fi
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q -r examples/clients/requirements.txt
+  fi
+  export TASKWARDEN_CLIENTS_PYTHON="$venv/bin/python"
+  if [ ! -d examples/clients/node/node_modules/pg ]; then
+    echo "installing node-postgres into examples/clients/node/node_modules (npm ci)" >&2
+    npm ci --prefix examples/clients/node --no-audit --no-fund
+  fi
+}
+
 # Installs Debian's Chromium (the console test drives it; never a downloaded browser).
 ensure_chromium() {
   if [ -x /usr/bin/chromium ]; then return 0; fi

@@ -5,7 +5,8 @@
 # Installs PostgreSQL, Prometheus (the operations tests scrape with a real one),
 # systemd-analyze (they verify the unit with it) and pgbouncer (the pooler tests) with
 # apt-get when they are missing, schemathesis (the OpenAPI test) from PyPI, and Chromium
-# (Debian's) with playwright-core (npm) for the console test.
+# (Debian's) with playwright-core (npm) for the console test, and the client examples'
+# packages (SQLAlchemy, asyncpg, psycopg from PyPI; node-postgres from npm).
 # Extra arguments go to the test runner. Last, scripts/systemd-e2e.sh tests the systemd
 # unit on a booted minimal Debian (see there).
 set -euo pipefail
@@ -18,6 +19,7 @@ ensure_pgbouncer
 ensure_schemathesis
 ensure_chromium
 ensure_playwright
+ensure_clients
 
 if [ -z "${TASKWARDEN_TEST_DATABASE_URL:-}" ]; then
   bindir=$(pg_bindir)

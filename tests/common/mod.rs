@@ -324,3 +324,15 @@ pub fn marked(marker: &str) -> Vec<i32> {
     }
     out
 }
+
+/// The python of the virtualenv with the client examples' packages (SQLAlchemy, asyncpg,
+/// psycopg): `ensure_clients` in scripts/lib.sh installs them and exports
+/// `TASKWARDEN_CLIENTS_PYTHON`; without it a test that needs them fails, saying so.
+pub fn clients_python() -> String {
+    std::env::var("TASKWARDEN_CLIENTS_PYTHON").unwrap_or_else(|_| {
+        panic!(
+            "TASKWARDEN_CLIENTS_PYTHON is not set: run scripts/test.sh, or \
+             `. scripts/lib.sh && ensure_clients` first"
+        )
+    })
+}
