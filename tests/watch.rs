@@ -419,3 +419,140 @@ async fn server_connections_high_fires_and_clears_and_rules_reload() {
     })
     .await;
 }
+
+/// A terminate rule as wide as `*` (in this test's database) ends an application's session
+/// past its age, and never the daemon's own: its pool's, its listener's and supervisor's
+/// (`<name>:listener`, `<name>:supervisor`). Tasks keep running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_as_wide_as_everything_spares_the_daemons_own_sessions() {
+    bounded(Duration::from_secs(90), async {
+        let t = TestDb::new().await;
+        let rules = format!(
+            "[watch.all]\napplication_name = \"*\"\ndatabase = \"{}\"\n\
+             session_max_age = \"2s\"\naction = \"terminate\"\n\
+             [agents.ok]\nkind = \"command\"\ncommand = [\"cat\"]\n",
+            t.name
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let url = t.url();
+        let mut d = Daemon::start(
+            dir.path(),
+            &config(&t, &rules),
+            &[("TASKWARDEN_DATABASE_URL", url.as_str())],
+        );
+        let base = d.base_url();
+        let http = http_client(Duration::from_secs(10));
+        let victim = format!("v{}-victim", std::process::id());
+        let _v = Psql::open(&url, &victim, "SELECT 1;");
+        // Each check on a connection of its own, younger than the rule's 2 s.
+        let gone = eventually(LIMIT, || async {
+            let c = t.admin().await;
+            count(
+                &c,
+                &format!("SELECT count(*) FROM pg_stat_activity WHERE application_name = '{victim}'"),
+            )
+            .await
+                == 0
+        })
+        .await;
+        assert!(gone, "the application's session was not ended:\n{}", d.drain());
+        // Several ages of 2 s later, the daemon's own sessions are all still there.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let out = d.drain();
+        let ours = &t.application_name;
+        assert!(
+            !out.lines().any(|l| l.contains("terminated a watched") && l.contains(ours.as_str())),
+            "the daemon ended its own sessions:\n{out}"
+        );
+        assert!(!out.contains("lost its connection"), "{out}");
+        let c = t.admin().await;
+        let own = count(
+            &c,
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name IN ('{ours}:listener', '{ours}:supervisor')"
+            ),
+        )
+        .await;
+        assert_eq!(own, 2, "{out}");
+        let id = common::daemon::submit_task(&http, &base, "ok", serde_json::json!({}))
+            .await
+            .unwrap();
+        let done = eventually(LIMIT, || async {
+            common::daemon::task_status(&http, &base, id).await.as_deref() == Some("succeeded")
+        })
+        .await;
+        assert!(done, "{}", d.drain());
+    })
+    .await;
+}
+
+/// Run by a role without `pg_read_all_stats`, the daemon still sees another role's
+/// sessions a rule matches (PostgreSQL hides their type, state and ages): counted as
+/// `unknown`, in the server's figures too, the missing grant said once, nothing ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_pg_read_all_stats_other_roles_sessions_still_count() {
+    bounded(Duration::from_secs(90), async {
+        let t = TestDb::new_unmigrated().await;
+        let low = format!("watchlow{}", std::process::id());
+        let c = t.admin().await;
+        c.batch_execute(&format!(
+            "CREATE ROLE {low} LOGIN; GRANT CONNECT, CREATE ON DATABASE {db} TO {low};",
+            db = t.name
+        ))
+        .await
+        .unwrap();
+        let tag = format!("u{}", std::process::id());
+        let rules = format!(
+            "[watch.app]\napplication_name = \"{tag}-*\"\nmax_sessions = 100\n\
+             idle_in_transaction_max = \"1s\"\naction = \"terminate\"\n"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let user = t.pg.get_user().unwrap_or("postgres").to_string();
+        let url_low = t.url().replacen(
+            &format!("postgresql://{user}"),
+            &format!("postgresql://{low}"),
+            1,
+        );
+        let mut d = Daemon::start(
+            dir.path(),
+            &config(&t, &rules),
+            &[("TASKWARDEN_DATABASE_URL", url_low.as_str())],
+        );
+        let base = d.base_url();
+        let http = http_client(Duration::from_secs(10));
+        // The superuser's session, idle in a transaction: invisible in detail to `low`.
+        let name = format!("{tag}-app:jobs.py:3:run");
+        let _s = Psql::open(&t.url(), &name, "BEGIN; SELECT 1;");
+        let seen = eventually(LIMIT, || async {
+            let s = status(&http, &base).await;
+            s["watch"]["rules"]["app"]["sessions_total"] == 1
+                && s["watch"]["rules"]["app"]["by_state"]["unknown"] == 1
+        })
+        .await;
+        assert!(seen, "{}", status(&http, &base).await["watch"]);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let out = d.drain();
+        assert_eq!(
+            out.matches("missing_grant=\"pg_read_all_stats\"").count()
+                + out.matches("missing_grant=pg_read_all_stats").count(),
+            1,
+            "{out}"
+        );
+        assert_eq!(
+            pids(&c, &name).await.len(),
+            1,
+            "a session it cannot see was ended"
+        );
+        let s = status(&http, &base).await;
+        assert!(
+            s["watch"]["server"]["by_state"]["unknown"]
+                .as_i64()
+                .unwrap_or(0)
+                >= 1,
+            "{}",
+            s["watch"]["server"]
+        );
+        assert!(s["ready"] == true, "{s}");
+    })
+    .await;
+}

@@ -52,6 +52,17 @@ impl Config {
                 "database.application_name",
                 "PostgreSQL keeps at most 63 bytes".into(),
             );
+        } else if !db
+            .application_name
+            .bytes()
+            .all(|b| (b' '..=b'~').contains(&b))
+        {
+            // The server shows other bytes as '?' (or \xNN from 16 on): the daemon would
+            // not recognise its own sessions, and its checks would take them for others'.
+            bad(
+                "database.application_name",
+                "printable ASCII only: PostgreSQL rewrites other characters, and the daemon must find its own sessions by this name".into(),
+            );
         }
         if (1..1024).contains(&db.embedded_listen_port) {
             bad(

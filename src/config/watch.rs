@@ -96,6 +96,17 @@ impl Cidr {
                 .filter(|p| *p <= max)
                 .ok_or_else(|| format!("{s:?}: the prefix length must be 0..={max}"))?,
         };
+        // A network written as IPv4-mapped IPv6 (`::ffff:10.0.0.0/104`) is the IPv4 one:
+        // PostgreSQL shows such clients by their IPv4 address.
+        if let IpAddr::V6(v6) = net
+            && let Some(v4) = v6.to_ipv4_mapped()
+            && prefix >= 96
+        {
+            return Ok(Cidr {
+                net: IpAddr::V4(v4),
+                prefix: prefix - 96,
+            });
+        }
         Ok(Cidr { net, prefix })
     }
 
@@ -258,8 +269,32 @@ mod tests {
                 .unwrap()
                 .contains("::1".parse().unwrap())
         );
+        let mapped = Cidr::parse("::ffff:127.0.0.0/104").unwrap();
+        assert!(mapped.contains("127.0.0.1".parse().unwrap()));
+        assert!(!mapped.contains("128.0.0.1".parse().unwrap()));
+        assert!(
+            Cidr::parse("::ffff:127.0.0.1")
+                .unwrap()
+                .contains("127.0.0.1".parse().unwrap())
+        );
         assert!(Cidr::parse("10.0.0.0/33").is_err());
         assert!(Cidr::parse("myhost").is_err());
+    }
+
+    #[test]
+    fn the_daemons_own_name_is_printable_ascii_so_rules_can_tell_it_apart() {
+        // PostgreSQL 15 shows "advdémon" as "advd??mon": the daemon would take its own
+        // sessions for an application's.
+        // As written in the TOML file.
+        for bad in [r#""advdémon""#, r#""tab\there""#, r#""ctl\u0001""#] {
+            let Err(ParseError::Invalid(issues)) =
+                Config::parse(&format!("[database]\napplication_name = {bad}\n"))
+            else {
+                panic!("{bad:?} accepted");
+            };
+            assert_eq!(issues[0].key, "database.application_name", "{issues:?}");
+        }
+        assert!(Config::parse("[database]\napplication_name = \"my-app_1 (prod)\"\n").is_ok());
     }
 
     #[test]

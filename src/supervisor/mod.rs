@@ -579,8 +579,10 @@ impl Supervisor {
     }
 }
 
-/// See [`Supervisor::check_backends`]: whether this role may signal the row's backend.
-pub(crate) const MAY_SIGNAL: &str = "coalesce((pg_has_role(usesysid, 'MEMBER') OR pg_has_role('pg_signal_backend', 'MEMBER')) \
+/// See [`Supervisor::check_backends`]: whether this role may signal the row's backend. It
+/// asks for the role's privileges (`USAGE`: membership that inherits), as the server's
+/// own check does; a NOINHERIT membership is not enough.
+pub(crate) const MAY_SIGNAL: &str = "coalesce((pg_has_role(usesysid, 'USAGE') OR pg_has_role('pg_signal_backend', 'USAGE')) \
      AND (NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.oid = usesysid) \
           OR (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user)), false)";
 

@@ -193,8 +193,18 @@ pub(super) struct WatchMemory {
     refused: Option<String>,
 }
 
+/// A client session, as `pg_stat_activity` shows it to any role: another role's sessions
+/// have a NULL `backend_type` (and state, ages) unless this role has `pg_read_all_stats`,
+/// so a row with a role and no type counts as a client too.
+macro_rules! client {
+    () => {
+        "(backend_type = 'client backend' OR (backend_type IS NULL AND usesysid IS NOT NULL))"
+    };
+}
+
 /// Reads every client session but this connection's own, with ages computed by the server.
-const SESSIONS_SQL: &str = "SELECT pid, coalesce(usename::text, '') AS usename, \
+const SESSIONS_SQL: &str = concat!(
+    "SELECT pid, coalesce(usename::text, '') AS usename, \
         coalesce(datname::text, '') AS datname, coalesce(application_name, '') AS app, \
         host(client_addr) AS client_addr, state, \
         extract(epoch FROM backend_start)::float8 AS started, \
@@ -204,15 +214,21 @@ const SESSIONS_SQL: &str = "SELECT pid, coalesce(usename::text, '') AS usename, 
         extract(epoch FROM now() - state_change)::float8 AS state_age, \
         extract(epoch FROM now() - query_start)::float8 AS query_age, \
         coalesce(left(query, 200), '') AS query \
-     FROM pg_stat_activity \
-     WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()";
+     FROM pg_stat_activity WHERE ",
+    client!(),
+    " AND pid <> pg_backend_pid()"
+);
 
 /// Connections by state, and what the server admits to ordinary roles.
-const SERVER_SQL: &str = "SELECT coalesce(CASE WHEN state LIKE 'idle in transaction%' \
+const SERVER_SQL: &str = concat!(
+    "SELECT coalesce(CASE WHEN state LIKE 'idle in transaction%' \
         THEN 'idle_in_transaction' WHEN state = 'idle' THEN 'idle' \
         WHEN state IS NULL THEN 'unknown' ELSE 'active' END, 'unknown') AS state, \
         count(*) AS n \
-     FROM pg_stat_activity WHERE backend_type = 'client backend' GROUP BY 1";
+     FROM pg_stat_activity WHERE ",
+    client!(),
+    " GROUP BY 1"
+);
 
 const SERVER_MAX_SQL: &str = "SELECT current_setting('max_connections')::int8 \
         - current_setting('superuser_reserved_connections')::int8 \
@@ -221,7 +237,8 @@ const SERVER_MAX_SQL: &str = "SELECT current_setting('max_connections')::int8 \
 const ROLES_SQL: &str = "SELECT r.rolname::text AS role, r.rolconnlimit::int8 AS lim, \
         count(a.pid) AS n \
      FROM pg_roles r LEFT JOIN pg_stat_activity a \
-       ON a.usesysid = r.oid AND a.backend_type = 'client backend' \
+       ON a.usesysid = r.oid \
+      AND (a.backend_type = 'client backend' OR a.backend_type IS NULL) \
      WHERE r.rolconnlimit >= 0 GROUP BY r.rolname, r.rolconnlimit \
      ORDER BY count(a.pid)::float8 / greatest(r.rolconnlimit, 1) DESC, 1 LIMIT $1";
 
@@ -299,6 +316,10 @@ impl Supervisor {
                     .iter()
                     .filter(|s| s.matches(w, net.as_ref()))
                     .collect();
+                // A flood (hundreds of sessions past a limit at once) is logged as its first
+                // WATCH_LIST_MAX and one line for the rest; every one is counted.
+                let mut logged = 0;
+                let mut unlogged = 0;
                 for s in &mine {
                     if s.state.is_none() {
                         self.privilege_missing(
@@ -308,11 +329,25 @@ impl Supervisor {
                         );
                     }
                     for reason in s.over(w) {
-                        self.over_limit(name, w, s, reason);
+                        let quiet = logged >= WATCH_LIST_MAX;
+                        if self.over_limit(name, w, s, reason, quiet) {
+                            if quiet {
+                                unlogged += 1;
+                            } else {
+                                logged += 1;
+                            }
+                        }
                         if w.action == WatchAction::Terminate {
                             signals.push((s, reason, name));
                         }
                     }
+                }
+                if unlogged > 0 {
+                    tracing::warn!(
+                        watch = %name,
+                        sessions = unlogged,
+                        "{unlogged} more sessions of a watched application are past a limit of their rule this pass (not logged one by one; counted in taskwarden_watch_sessions_over_limit_total; `taskwarden status` lists them)"
+                    );
                 }
                 rules.insert(name.clone(), self.record_rule(cfg, name, w, &mine));
             }
@@ -353,7 +388,7 @@ impl Supervisor {
             })
             // taskwarden's own sessions (every instance's pool, its agents') have their
             // own checks; a rule as wide as "*" must not end them.
-            .filter(|s| s.application_name != ours && !s.application_name.starts_with(&agents))
+            .filter(|s| !is_ours(&s.application_name, &ours, &agents))
             .collect())
     }
 
@@ -376,7 +411,7 @@ impl Supervisor {
             .await?
             .iter()
             .map(|r| RoleConnections {
-                role: r.get("role"),
+                role: prefix(&r.get::<_, String>("role"), NAME_CHARS),
                 limit: r.get("lim"),
                 connections: r.get("n"),
             })
@@ -463,14 +498,23 @@ impl Supervisor {
         }
     }
 
-    /// A session past a limit of its rule: logged and counted once per session and limit.
-    fn over_limit(&mut self, rule: &str, w: &WatchConfig, s: &Session, reason: &'static str) {
+    /// A session past a limit of its rule: counted once per session and limit, and logged
+    /// unless `quiet` (the rule has logged [`WATCH_LIST_MAX`] this tick already). Whether
+    /// it was new.
+    fn over_limit(
+        &mut self,
+        rule: &str,
+        w: &WatchConfig,
+        s: &Session,
+        reason: &'static str,
+        quiet: bool,
+    ) -> bool {
         if !self
             .watch
             .logged
             .insert((rule.to_string(), s.key(), reason))
         {
-            return;
+            return false;
         }
         self.metrics
             .counter(
@@ -485,23 +529,28 @@ impl Supervisor {
         }
         .map(|d| d.get().as_secs_f64())
         .unwrap_or_default();
+        if quiet {
+            return true;
+        }
         tracing::warn!(
             watch = rule,
             reason,
             limit_seconds = limit_s,
             action = w.action.as_str(),
             pid = s.pid,
-            user = %s.user,
-            database = %s.database,
-            application_name = %s.application_name,
+            // Quoted: names and the query are input, and must not pose as other fields.
+            user = ?s.user,
+            database = ?s.database,
+            application_name = ?s.application_name,
             client_addr = s.client_addr.as_deref().unwrap_or("local"),
             state = s.state.as_deref().unwrap_or("unknown"),
             age_seconds = s.age.round(),
             state_seconds = s.state_age.unwrap_or_default().round(),
-            query = %s.query,
-            "a watched application's session is past its rule's {reason} ({limit_s}s): opened by {}",
-            if s.application_name.is_empty() { "(no application_name)" } else { &s.application_name }
+            query = ?s.query,
+            "a watched application's session is past its rule's {reason} ({limit_s}s): opened by {:?}",
+            s.application_name
         );
+        true
     }
 
     /// Terminates (or, for a query, cancels) the sessions listed, each only if unchanged.
@@ -512,6 +561,84 @@ impl Supervisor {
         if list.is_empty() {
             return Ok(());
         }
+        let results = match self.signal_batch(list).await {
+            Ok(r) => r,
+            // A refusal the privilege check did not foresee (42501) fails the whole
+            // statement: signal one by one, so one session only fails its own.
+            Err(SupervisorError::Db(e))
+                if e.sqlstate()
+                    == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) =>
+            {
+                let mut all = HashMap::new();
+                for one in list.chunks(1) {
+                    match self.signal_batch(one).await {
+                        Ok(r) => all.extend(r),
+                        Err(SupervisorError::Db(e))
+                            if e.sqlstate()
+                                == Some(
+                                    &tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE,
+                                ) =>
+                        {
+                            self.privilege_missing(
+                                &one[0].0.user,
+                                "pg_signal_backend",
+                                "the server refused to end sessions of this role that a watch rule with action = \"terminate\" matches: they are only logged",
+                            );
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                all
+            }
+            Err(e) => return Err(e),
+        };
+        // In the order listed (rules as configured): the first rule and limit that ended
+        // a session names it, and a session is counted once.
+        let mut counted: HashSet<(i32, &str)> = HashSet::new();
+        for (s, reason, rule) in list {
+            let Some((done, role)) = results.get(&(s.pid, *reason)) else {
+                continue;
+            };
+            let Some(ok) = done else {
+                self.privilege_missing(
+                    role,
+                    "pg_signal_backend",
+                    "cannot end sessions of this role that a watch rule with action = \"terminate\" matches: they are only logged",
+                );
+                continue;
+            };
+            let what = if *reason == QUERY_DURATION {
+                "query"
+            } else {
+                "session"
+            };
+            if !ok || !counted.insert((s.pid, what)) {
+                continue;
+            }
+            if *reason == QUERY_DURATION {
+                self.metrics
+                    .counter(m::WATCH_QUERIES_CANCELLED_TOTAL, &[("watch", rule)])
+                    .increment(1);
+                tracing::warn!(watch = rule, reason, pid = s.pid, application_name = ?s.application_name, query = ?s.query, "cancelled a watched application's query past its rule's {reason}");
+            } else {
+                self.metrics
+                    .counter(
+                        m::WATCH_SESSIONS_TERMINATED_TOTAL,
+                        &[("watch", rule), ("reason", reason)],
+                    )
+                    .increment(1);
+                tracing::warn!(watch = rule, reason, pid = s.pid, application_name = ?s.application_name, state = s.state.as_deref().unwrap_or("unknown"), "terminated a watched application's session past its rule's {reason}");
+            }
+        }
+        Ok(())
+    }
+
+    /// One signal statement for `list`: per (pid, limit) signalled, whether it went out
+    /// (None: this role may not signal that session) and the session's role.
+    async fn signal_batch(
+        &mut self,
+        list: &[(&Session, &'static str, &str)],
+    ) -> Result<HashMap<(i32, &'static str), (Option<bool>, String)>, SupervisorError> {
         let pids: Vec<i32> = list.iter().map(|(s, _, _)| s.pid).collect();
         let started: Vec<f64> = list.iter().map(|(s, _, _)| s.started).collect();
         let kinds: Vec<&str> = list.iter().map(|(_, k, _)| *k).collect();
@@ -528,51 +655,20 @@ impl Supervisor {
             .await?
             .query(&signal_sql(), &[&pids, &started, &kinds, &since])
             .await?;
-        // One signal per session: the first rule and limit listed for it names it.
-        let mut done: HashMap<(i32, &str), bool> = HashMap::new();
+        let mut out = HashMap::new();
         for r in &rows {
             let pid: i32 = r.get("pid");
             let kind: String = r.get("kind");
-            let Some((s, reason, rule)) = list
-                .iter()
-                .find(|(s, k, _)| s.pid == pid && *k == kind)
-                .copied()
+            let Some(kind) = [IDLE_IN_TRANSACTION, SESSION_AGE, QUERY_DURATION]
+                .into_iter()
+                .find(|k| *k == kind)
             else {
                 continue;
             };
-            let Some(ok) = r.get::<_, Option<bool>>("done") else {
-                let role: String = r.get("usename");
-                self.privilege_missing(
-                    &role,
-                    "pg_signal_backend",
-                    "cannot end sessions of this role that a watch rule with action = \"terminate\" matches: they are only logged",
-                );
-                continue;
-            };
-            let what = if reason == QUERY_DURATION {
-                "query"
-            } else {
-                "session"
-            };
-            if !ok || done.insert((pid, what), true).is_some() {
-                continue;
-            }
-            if reason == QUERY_DURATION {
-                self.metrics
-                    .counter(m::WATCH_QUERIES_CANCELLED_TOTAL, &[("watch", rule)])
-                    .increment(1);
-                tracing::warn!(watch = rule, reason, pid, application_name = %s.application_name, query = %s.query, "cancelled a watched application's query past its rule's {reason}");
-            } else {
-                self.metrics
-                    .counter(
-                        m::WATCH_SESSIONS_TERMINATED_TOTAL,
-                        &[("watch", rule), ("reason", reason)],
-                    )
-                    .increment(1);
-                tracing::warn!(watch = rule, reason, pid, application_name = %s.application_name, state = s.state.as_deref().unwrap_or("unknown"), "terminated a watched application's session past its rule's {reason}");
-            }
+            let role = prefix(&r.get::<_, String>("usename"), NAME_CHARS);
+            out.insert((pid, kind), (r.get::<_, Option<bool>>("done"), role));
         }
-        Ok(())
+        Ok(out)
     }
 
     /// A rule's gauges and budget alert; returns what status shows of it.
@@ -687,6 +783,17 @@ impl Supervisor {
             }
         }
     }
+}
+
+/// Whether `app` names one of taskwarden's own sessions: its pool's (`ours`), its direct
+/// connections' (`ours:listener`, `ours:supervisor`, … — cut at 63 bytes by the server, so
+/// a prefix), its agents' (`<schema>/task/<id>`).
+fn is_ours(app: &str, ours: &str, agents: &str) -> bool {
+    app == ours
+        || app
+            .strip_prefix(ours)
+            .is_some_and(|rest| rest.starts_with(':'))
+        || app.starts_with(agents)
 }
 
 /// The application names most of `sessions` carry, with their counts, most first: with
