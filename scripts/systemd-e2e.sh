@@ -393,4 +393,18 @@ errors=$(T=30 cexec journalctl -b --no-pager -u taskwarden | grep -E '\bERROR\b'
 [ -z "$errors" ] || die "unexpected ERROR lines in the journal:
 $errors"
 say "ok: the journal has no child notifications and no unexpected ERROR"
+# Each line reaches the journal at its level's priority (the daemon prefixes <N> when its
+# stdout is the journal's stream): -p err finds the refused reloads' errors and no INFO
+# or WARN line, -p warning no INFO line.
+err_lines=$(T=30 cexec journalctl -b --no-pager -o cat -u taskwarden -p err || true)
+printf '%s\n' "$err_lines" | grep -q 'config reload failed' ||
+  die "journalctl -p err does not find the refused reloads' errors:
+$err_lines"
+if printf '%s\n' "$err_lines" | grep -E '\b(INFO|WARN)\b'; then
+  die "journalctl -p err shows lines below error priority"
+fi
+if T=30 cexec journalctl -b --no-pager -o cat -u taskwarden -p warning | grep -E '\bINFO\b'; then
+  die "journalctl -p warning shows INFO lines"
+fi
+say "ok: journalctl -p err and -p warning show exactly the errors and the warnings"
 phase "all checks passed"

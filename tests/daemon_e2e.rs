@@ -32,9 +32,12 @@ fn embedded_default_starts_is_ready_and_stops_its_postgres_on_sigterm() {
     let ready = d
         .wait_for(READY, LIMIT)
         .unwrap_or_else(|| panic!("never ready:\n{}", d.output()));
-    // JSON logs carry fields, not prose.
+    // JSON logs carry fields, not prose, flat (what Loki, Elastic and Datadog parse).
     let v: serde_json::Value = serde_json::from_str(&ready).unwrap();
-    assert_eq!(v["fields"]["pool_max"], 30);
+    assert_eq!(v["pool_max"], 30, "{ready}");
+    assert_eq!(v["level"], "INFO", "{ready}");
+    assert!(v["message"].as_str().unwrap().contains(READY), "{ready}");
+    assert!(v.get("fields").is_none(), "{ready}");
     assert!(d.output().contains("cluster initialised"));
     let pg = postmaster_pid(&data);
     assert!(alive(pg));
@@ -73,12 +76,14 @@ async fn log_resource_usage_env_prints_status_lines_with_fields() {
         &[
             ("TASKWARDEN_DATABASE_URL", &url),
             ("LOG_RESOURCE_USAGE", "true"),
+            // Not this process's stdout: no journal priority prefixes.
+            ("JOURNAL_STREAM", "1:1"),
         ],
     );
     let line = tokio::task::block_in_place(|| d.wait_for("resource status", LIMIT));
     let line = line.unwrap_or_else(|| panic!("no status line:\n{}", d.output()));
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    let f = &v["fields"];
+    let f = &v;
     assert_eq!(f["pool_max"], 30, "{line}");
     assert!(f["resident_memory_bytes"].as_u64().unwrap() > 0, "{line}");
     assert!(

@@ -57,7 +57,7 @@ fn promtool_accepts_the_alert_rules() {
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("SUCCESS: 14 rules found"), "{text}");
+    assert!(text.contains("SUCCESS: 18 rules found"), "{text}");
     // Every rule links its runbook (README anchors) under the standard annotation.
     let rules = std::fs::read_to_string(root().join("dashboards/alerts.yml")).unwrap();
     assert!(!rules.contains(" runbook:"), "a rule carries `runbook`");
@@ -67,7 +67,7 @@ fn promtool_accepts_the_alert_rules() {
         .lines()
         .filter_map(|l| l.trim().strip_prefix("- alert: "))
         .collect();
-    assert_eq!(names.len(), 14);
+    assert_eq!(names.len(), 18);
     for name in names {
         let anchor = format!("runbook_url: \"README.md#{}\"", name.to_lowercase());
         assert!(rules.contains(&anchor), "{name}: no {anchor}");
@@ -442,7 +442,7 @@ async fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() {
         .iter()
         .map(|g| g["rules"].as_array().unwrap().len())
         .sum();
-    assert_eq!(n, 14);
+    assert_eq!(n, 18);
     drop(prom);
     d.signal(Signal::SIGTERM);
     assert!(tokio::task::block_in_place(|| d.wait_exit(Duration::from_secs(120))).success());

@@ -56,13 +56,16 @@ impl Serialize for Dur {
     }
 }
 
-/// A size in bytes, written as an integer or a string with a binary unit: `"512MiB"`,
-/// `"2GiB"`, `"64KiB"`, `"1048576"`.
+/// A size in bytes, written as an integer or a string with a unit: `"512MiB"`, `"2GiB"`,
+/// `"64KiB"`, `"1048576"`, or PostgreSQL's spellings `"100MB"`, `"64kB"`, `"1GB"`, which
+/// PostgreSQL (and so this) reads as multiples of 1024.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ByteSize(pub u64);
 
 impl ByteSize {
-    /// Parses `"512MiB"`, `"2 GiB"`, `"100KiB"`, `"1048576"` (KiB/MiB/GiB/TiB, or B).
+    /// Parses `"512MiB"`, `"2 GiB"`, `"100KiB"`, `"1048576"` (KiB/MiB/GiB/TiB, or B), and
+    /// PostgreSQL's `kB`/`MB`/`GB`/`TB` (also `KB`), each 1024 times the one before, as in
+    /// `postgresql.conf`.
     pub fn parse(s: &str) -> Result<ByteSize, String> {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -72,13 +75,13 @@ impl ByteSize {
             .map_err(|_| format!("invalid size {s:?}; write e.g. \"512MiB\" or \"2GiB\""))?;
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,
-            "KiB" => 1 << 10,
-            "MiB" => 1 << 20,
-            "GiB" => 1 << 30,
-            "TiB" => 1 << 40,
+            "KiB" | "kB" | "KB" => 1 << 10,
+            "MiB" | "MB" => 1 << 20,
+            "GiB" | "GB" => 1 << 30,
+            "TiB" | "TB" => 1 << 40,
             u => {
                 return Err(format!(
-                    "unknown unit {u:?} in {s:?}; use B, KiB, MiB, GiB or TiB"
+                    "unknown unit {u:?} in {s:?}; use B, KiB, MiB, GiB, TiB or PostgreSQL's kB, MB, GB, TB (multiples of 1024)"
                 ));
             }
         };
@@ -129,11 +132,17 @@ mod byte_size_tests {
     use super::ByteSize;
 
     #[test]
-    fn sizes_parse_with_binary_units_and_refuse_the_rest() {
+    fn sizes_parse_with_binary_and_postgresql_units_and_refuse_the_rest() {
         assert_eq!(ByteSize::parse("512MiB"), Ok(ByteSize(512 << 20)));
         assert_eq!(ByteSize::parse("2 GiB"), Ok(ByteSize(2 << 30)));
         assert_eq!(ByteSize::parse("1048576"), Ok(ByteSize(1 << 20)));
-        assert!(ByteSize::parse("512MB").is_err());
+        // PostgreSQL's spellings, as postgresql.conf reads them (1024-based).
+        assert_eq!(ByteSize::parse("100MB"), Ok(ByteSize(100 << 20)));
+        assert_eq!(ByteSize::parse("64kB"), Ok(ByteSize(64 << 10)));
+        assert_eq!(ByteSize::parse("1GB"), Ok(ByteSize(1 << 30)));
+        assert!(ByteSize::parse("512mb").is_err());
+        assert!(ByteSize::parse("1Mb").is_err());
+        assert!(ByteSize::parse("1.5GB").is_err());
         assert!(ByteSize::parse("-1").is_err());
         assert!(ByteSize::parse("99999999999TiB").is_err());
         assert_eq!(ByteSize(3 << 20).to_string(), "3.0 MiB");

@@ -100,7 +100,7 @@ impl Daemon {
     pub fn addr(&mut self) -> Option<String> {
         let line = self.wait_for("taskwarden ready", Duration::from_secs(120))?;
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-            return v["fields"]["listen"].as_str().map(str::to_string);
+            return v["listen"].as_str().map(str::to_string);
         }
         line.split("listen=")
             .nth(1)?
