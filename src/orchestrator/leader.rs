@@ -8,7 +8,6 @@ use crate::orchestrator::elector::Elector;
 use crate::periodic::Periodic;
 use crate::periodic::Ran;
 use crate::store::StoreError;
-use std::sync::Arc;
 use std::time::Duration;
 use std::time::Instant;
 
@@ -16,7 +15,7 @@ impl Orchestrator {
     /// Holds or seeks leadership every third of its time to live (`workers.lease`), and
     /// while leading does the cluster-wide duties. Resigns at shutdown.
     pub(super) async fn leader(self) {
-        let i = Arc::clone(&self.inner);
+        let i = &self.inner.ctx;
         let mut elector = Elector::new(i.instance_id.clone(), i.db.clone(), i.metrics.clone());
         let mut every = Periodic::new("leader", i.metrics.clone(), i.shutdown.clone());
         let mut last_retention: Option<Instant> = None;
@@ -53,7 +52,7 @@ impl Orchestrator {
         elector: &Elector,
         cfg: &Config,
     ) -> Result<(), StoreError> {
-        let i = &self.inner;
+        let i = &self.inner.ctx;
         // Our own runs (including outcomes still waiting to be written) are not expired,
         // whatever the lease column says after an outage.
         let local: Vec<i64> = i.running.snapshot().iter().map(|t| t.task_id).collect();
@@ -73,7 +72,7 @@ impl Orchestrator {
             tracing::warn!(instance = %id, "reaped a dead instance");
         }
         if elector.is_leading() {
-            super::outcome_writer::cancel_blocked_dependants(&self.inner.store).await;
+            super::outcome_writer::cancel_blocked_dependants(&self.inner.ctx.store).await;
         }
         Ok(())
     }

@@ -2,19 +2,17 @@
 //! the leases of the tasks it runs; a task whose row is no longer ours is cancelled here.
 
 use super::Orchestrator;
-use super::hostname;
 use crate::periodic::Periodic;
 use crate::periodic::Ran;
 use crate::store::StoreError;
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 impl Orchestrator {
     /// Every third of `workers.lease`; a pass may take at most one lease (later, the
     /// leases it would extend have lapsed anyway).
     pub(super) async fn keep_leases(self) {
-        let i = Arc::clone(&self.inner);
+        let i = &self.inner.ctx;
         let mut every = Periodic::new("lease_keeper", i.metrics.clone(), i.shutdown.clone());
         loop {
             let lease = i.config.load().workers.lease.get();
@@ -33,16 +31,20 @@ impl Orchestrator {
     /// Every beat writes (the instance row), so it also tells readiness whether writes
     /// reach the database when nothing else is written.
     pub async fn beat(&self, lease: Duration) -> Result<(), StoreError> {
-        let i = &self.inner;
+        let i = &self.inner.ctx;
         let ids: Vec<i64> = i.running.snapshot().iter().map(|t| t.task_id).collect();
         let touched = i.store.touch_instance(&i.instance_id, &hostname()).await;
-        i.record_write("lease keeper", &touched, |_| 1);
+        self.inner
+            .writer
+            .record_write("lease keeper", &touched, |_| 1);
         touched?;
         if ids.is_empty() {
             return Ok(());
         }
         let still = i.store.extend_leases(&ids, &i.instance_id, lease).await;
-        i.record_write("lease keeper", &still, HashSet::len);
+        self.inner
+            .writer
+            .record_write("lease keeper", &still, HashSet::len);
         let still = still?;
         for id in ids.into_iter().filter(|id| !still.contains(id)) {
             if i.running.cancel(id) {
@@ -54,4 +56,11 @@ impl Orchestrator {
         }
         Ok(())
     }
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown".into())
 }

@@ -5,11 +5,15 @@ use super::Orchestrator;
 use crate::db::DbError;
 use futures_util::FutureExt;
 use futures_util::StreamExt;
-use std::sync::Arc;
+
+/// What the listener alone needs: the connection settings it opens its own session with.
+pub(super) struct ListenerState {
+    pub(super) pg: tokio_postgres::Config,
+}
 
 impl Orchestrator {
     pub(super) async fn listener(self) {
-        let i = Arc::clone(&self.inner);
+        let i = &self.inner.ctx;
         while !i.shutdown.is_cancelled() {
             if let Err(e) = self.listen_once().await {
                 tracing::warn!(error = %e, "task notification listener lost its connection; polling meanwhile");
@@ -26,11 +30,12 @@ impl Orchestrator {
     /// round trip every `query_timeout` proves the link alive, so a frozen connection is
     /// replaced within two deadlines instead of silently delivering nothing.
     pub(super) async fn listen_once(&self) -> Result<(), DbError> {
-        let i = &self.inner;
+        let i = &self.inner.ctx;
         let cfg = i.config.load_full();
         let deadline = cfg.database.query_timeout.get();
         // LISTEN needs a session that lasts: `direct_url` when set.
-        let (mut pg, pooler, tls) = crate::db::session_target(&i.pg, &cfg.database)?;
+        let (mut pg, pooler, tls) =
+            crate::db::session_target(&self.inner.listener.pg, &cfg.database)?;
         crate::db::session_settings_via(&mut pg, &cfg.database, pooler);
         pg.application_name(format!("{}:listener", cfg.database.application_name));
         let connect_limit = cfg.database.connect_timeout.get();

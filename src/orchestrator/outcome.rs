@@ -3,13 +3,24 @@
 //! between tries to write an outcome while the database is unreachable
 //! ([`write_retry_pause`]). The runner does the writing.
 
-use super::Outcome;
+use super::registry::Kill;
 use crate::agents::AgentError;
 use crate::agents::AgentOutput;
 use crate::agents::storable;
 use crate::store::TaskStatus;
 use crate::store::TransitionArgs;
 use std::time::Duration;
+
+/// How one attempt ended.
+pub(super) enum Outcome {
+    Succeeded(AgentOutput),
+    Failed(AgentError),
+    TimedOut(Duration),
+    Cancelled,
+    /// Ended by the supervisor: a resource limit of the agent, or one of its database
+    /// sessions past `session_max_age`.
+    Killed(Kill),
+}
 
 /// Exponential backoff between attempts of a task: base·2^(attempt-1) (attempt clamped to
 /// 1..=20), capped at `max`, then scaled by `jitter` so retries of many tasks that failed

@@ -2,17 +2,123 @@
 //! their events) written in batches, one statement each, retried with backoff while the
 //! database is unreachable; drained at shutdown.
 
-use super::OUTCOME_BATCH;
 use super::Orchestrator;
-use super::PendingOutcome;
+use super::registry::Registration;
+use crate::db::DbError;
 use crate::metrics as m;
+use crate::store::OutcomeRow;
 use crate::store::StoreError;
 use crate::store::Task;
 use crate::store::TaskStatus;
 use std::collections::HashSet;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+
+/// Most outcomes written in one statement; also the channel's bound (a runner waits when
+/// it is full, which holds its permit: backpressure, not loss).
+pub const OUTCOME_BATCH: usize = 512;
+
+/// An attempt's outcome on its way from a runner to the writer.
+pub(super) struct PendingOutcome {
+    pub(super) task: Task,
+    /// What to write; `row.to` with `label` names the outcome in logs and metrics.
+    pub(super) row: OutcomeRow,
+    pub(super) label: &'static str,
+    pub(super) ran: Duration,
+    /// Kept until the outcome is written, so the lease keeper keeps the lease alive (and the
+    /// leader does not re-queue it) while the database is unreachable.
+    pub(super) _registration: Registration,
+}
+
+/// The writer's state: both ends of the channel from the runners (the receiver until the
+/// writer's loop takes it), and the write stall readiness reads.
+pub(super) struct WriterState {
+    tx: mpsc::Sender<PendingOutcome>,
+    rx: Mutex<Option<mpsc::Receiver<PendingOutcome>>>,
+    /// Since when this instance's writes have found the database unreachable or silent, and
+    /// the latest such failure; `None` once one succeeds. See [`Orchestrator::write_stall`].
+    stall: Mutex<Option<(Instant, String)>>,
+}
+
+impl WriterState {
+    pub(super) fn new() -> WriterState {
+        let (tx, rx) = mpsc::channel(OUTCOME_BATCH);
+        WriterState {
+            tx,
+            rx: Mutex::new(Some(rx)),
+            stall: Mutex::new(None),
+        }
+    }
+
+    /// The channel's receiving end, once: for the writer's loop.
+    pub(super) fn take_receiver(&self) -> Option<mpsc::Receiver<PendingOutcome>> {
+        self.rx.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Queues an outcome for the writer, waiting while the channel is full; gives it back
+    /// when the writer has stopped (shutdown).
+    pub(super) async fn send(&self, c: PendingOutcome) -> Result<(), PendingOutcome> {
+        self.tx.send(c).await.map_err(|mpsc::error::SendError(c)| c)
+    }
+
+    /// Records how one of the loops' writes (a claim, an outcome batch, a lease beat)
+    /// ended, for readiness: rows written (`rows` of the result) clear the stall — a
+    /// statement that changed nothing committed nothing, so it proves nothing; a failure
+    /// that says the database could not be reached or did not answer starts the stall (or
+    /// extends it); any other failure (a refused statement, a busy pool) says nothing
+    /// about the database and is ignored.
+    pub(super) fn record_write<T>(
+        &self,
+        writer: &'static str,
+        r: &Result<T, StoreError>,
+        rows: impl FnOnce(&T) -> usize,
+    ) {
+        let mut stall = self.stall.lock().unwrap_or_else(|p| p.into_inner());
+        match r {
+            Ok(v) if rows(v) > 0 => *stall = None,
+            Ok(_) => {}
+            Err(e) if unreachable(e) => {
+                let since = stall.as_ref().map_or_else(Instant::now, |(t, _)| *t);
+                *stall = Some((since, format!("{writer}: {e}")));
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// The write stall as `/readyz` words it, if there is one.
+    pub(super) fn stall(&self) -> Option<String> {
+        let stall = self.stall.lock().unwrap_or_else(|p| p.into_inner());
+        stall.as_ref().map(|(since, e)| {
+            format!(
+                "database takes no writes (for {:.1}s): {e}",
+                since.elapsed().as_secs_f64()
+            )
+        })
+    }
+}
+
+/// Whether `e` says the database could not be reached or did not answer in time (rather
+/// than refusing one statement, or the pool being busy).
+fn unreachable(e: &StoreError) -> bool {
+    match e {
+        StoreError::Db(
+            d @ (DbError::Deadline(_)
+            | DbError::Connect(_)
+            | DbError::ConnectTimeout(_)
+            | DbError::Query(_)),
+        ) => {
+            d.is_transient()
+                && !matches!(
+                    d.sqlstate().map(|c| c.code()),
+                    // Serialization failure, deadlock, a statement or lock time-out: the
+                    // database works (a lock is watched as outcome lag instead).
+                    Some("40001" | "40P01" | "57014" | "55P03")
+                )
+        }
+        _ => false,
+    }
+}
 
 impl Orchestrator {
     /// Writes outcomes (successes, retries, failures, snoozes) in batches: one statement
@@ -20,7 +126,7 @@ impl Orchestrator {
     /// per task. On shutdown it
     /// drains what is queued before it stops.
     pub(super) async fn outcome_writer(self, mut rx: mpsc::Receiver<PendingOutcome>) {
-        let i = Arc::clone(&self.inner);
+        let i = &self.inner.ctx;
         let mut batch: Vec<PendingOutcome> = Vec::with_capacity(OUTCOME_BATCH);
         loop {
             tokio::select! {
@@ -55,7 +161,7 @@ impl Orchestrator {
         rx: &mut mpsc::Receiver<PendingOutcome>,
         batch: &mut Vec<PendingOutcome>,
     ) {
-        let i = &self.inner;
+        let i = &self.inner.ctx;
         let window = i.config.load().workers.completion_window.get();
         if window.is_zero() || i.shutdown.is_cancelled() {
             return;
@@ -93,6 +199,7 @@ impl Orchestrator {
             written.extend(ids);
             let metric = |result| {
                 self.inner
+                    .ctx
                     .metrics
                     .counter(m::OUTCOMES_REFUSED_TOTAL, &[("result", result)])
             };
@@ -128,7 +235,7 @@ impl Orchestrator {
         batch: &[PendingOutcome],
         idxs: Vec<usize>,
     ) -> (HashSet<i64>, Vec<(usize, StoreError)>) {
-        let i = &self.inner;
+        let i = &self.inner.ctx;
         let mut written = HashSet::new();
         let mut refused = Vec::new();
         let mut todo = vec![idxs];
@@ -137,10 +244,11 @@ impl Orchestrator {
             if group.is_empty() {
                 continue;
             }
-            let rows: Vec<crate::store::OutcomeRow> =
-                group.iter().map(|&k| batch[k].row.clone()).collect();
+            let rows: Vec<OutcomeRow> = group.iter().map(|&k| batch[k].row.clone()).collect();
             let r = i.store.write_outcomes(&rows, &i.instance_id).await;
-            i.record_write("outcome writer", &r, HashSet::len);
+            self.inner
+                .writer
+                .record_write("outcome writer", &r, HashSet::len);
             match r {
                 Ok(ids) => {
                     written.extend(ids);
@@ -182,7 +290,7 @@ impl Orchestrator {
         ran: Duration,
         error: Option<&str>,
     ) {
-        let i = &self.inner;
+        let i = &self.inner.ctx;
         // "retried" is its own outcome: "failed" counts final failures only.
         i.metrics
             .counter(
@@ -219,7 +327,7 @@ impl Orchestrator {
 
 /// The field of an outcome row the database most likely refused, for the log and the
 /// task's error: the one holding a NUL, else the largest.
-fn suspect_field(row: &crate::store::OutcomeRow) -> &'static str {
+fn suspect_field(row: &OutcomeRow) -> &'static str {
     let nul_json = |v: &serde_json::Value| v.to_string().contains("\\u0000");
     if row.error.as_deref().is_some_and(|e| e.contains('\0')) {
         "error"
@@ -237,15 +345,11 @@ fn suspect_field(row: &crate::store::OutcomeRow) -> &'static str {
 /// What is written instead of an outcome the database refused: the task failed, with an
 /// error (and an `outcome_refused` event) that says what was refused and why, nothing of
 /// the refused content kept.
-fn refused_row(
-    row: &crate::store::OutcomeRow,
-    label: &str,
-    e: &StoreError,
-) -> crate::store::OutcomeRow {
+fn refused_row(row: &OutcomeRow, label: &str, e: &StoreError) -> OutcomeRow {
     let field = suspect_field(row);
     let why = crate::agents::storable::error(&e.to_string());
     let error = format!("outcome ({label}) refused by the database; {field}: {why}");
-    crate::store::OutcomeRow {
+    OutcomeRow {
         id: row.id,
         to: TaskStatus::Failed,
         result: None,
@@ -280,7 +384,7 @@ mod tests {
 
     #[test]
     fn a_refused_outcome_becomes_a_storable_failure_naming_the_field() {
-        let mut row = crate::store::OutcomeRow::succeeded(7, Some(serde_json::json!("a\u{0}")));
+        let mut row = OutcomeRow::succeeded(7, Some(serde_json::json!("a\u{0}")));
         assert_eq!(suspect_field(&row), "result");
         row.error = Some("x\0".into());
         assert_eq!(suspect_field(&row), "error");

@@ -18,9 +18,10 @@ impl Orchestrator {
             return Ok(());
         };
         let steps = parse_plan(result)?;
-        let known = self.inner.agents.load().names();
+        let known = self.inner.ctx.agents.load().names();
         let added = self
             .inner
+            .ctx
             .store
             .add_steps(objective_id, &steps, Some(&known))
             .await
@@ -34,7 +35,7 @@ impl Orchestrator {
             steps = added.len(),
             "planner added steps"
         );
-        self.inner.wake.notify_one();
+        self.inner.ctx.wake.notify_one();
         Ok(())
     }
 }

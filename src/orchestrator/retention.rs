@@ -34,7 +34,7 @@ impl Orchestrator {
     /// One retention run with the configuration in force, as the leader does it (without
     /// the leadership check: for tests and tools).
     pub async fn retention_once(&self) -> Result<RetentionReport, StoreError> {
-        let cfg = self.inner.config.load_full();
+        let cfg = self.inner.ctx.config.load_full();
         self.retain(&cfg.retention, &|| true).await
     }
 
@@ -63,7 +63,7 @@ impl Orchestrator {
         r: &RetentionConfig,
         go_on: &(dyn Fn() -> bool + Sync),
     ) -> Result<RetentionReport, StoreError> {
-        let i = &self.inner;
+        let i = &self.inner.ctx;
         let ages = RetentionAges {
             by_status: r.ages(),
         };

@@ -4,12 +4,12 @@
 //! until it is written; a slot whose run ended starts the next prefetched task.
 
 use super::Orchestrator;
-use super::Outcome;
-use super::PendingOutcome;
-use super::RunCount;
+use super::capacity::RunPermit;
 use super::outcome::{
-    AttemptOf, Decision, decide, make_storable, retry_backoff, write_retry_pause,
+    AttemptOf, Decision, Outcome, decide, make_storable, retry_backoff, write_retry_pause,
 };
+use super::outcome_writer::PendingOutcome;
+use super::slots::SlotRun;
 use crate::agents::AgentEntry;
 use crate::agents::AgentOutput;
 use crate::agents::OutputWriter;
@@ -22,7 +22,6 @@ use crate::store::Task;
 use crate::store::TaskStatus;
 use rand::Rng;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -33,38 +32,27 @@ impl Orchestrator {
         task: Task,
         entry: AgentEntry,
         cancel: CancellationToken,
-        slot: Option<(String, CancellationToken, tokio::sync::OwnedSemaphorePermit)>,
+        slot: Option<SlotRun>,
     ) {
-        let i = Arc::clone(&self.inner);
-        i.total.fetch_add(1, Ordering::Relaxed);
-        *i.counts().entry(task.agent.clone()).or_insert(0) += 1;
-        let count = RunCount {
-            inner: Arc::clone(&i),
-            agent: task.agent.clone(),
-        };
+        let permit = RunPermit::take(&self.inner, &task.agent);
+        let i = &self.inner.ctx;
         let registration = i.running.register(task.id, &task.agent, cancel.clone());
         let this = self.clone();
         i.tasks.spawn(async move {
-            let _count = count;
-            let Some((slot_id, done, _permit)) = slot else {
+            let Some(slot) = slot else {
                 this.run_attempt(&task, &entry, &cancel, registration).await;
-                // The slot this run held starts the next task claimed ahead at once:
-                // waiting for the claimer would stall every freed slot behind its claim
+                // The permit this run held starts the next task claimed ahead at once:
+                // waiting for the claimer would stall every freed permit behind its claim
                 // round trip, about a third of the time with short tasks.
-                let mut agent = task.agent;
-                while let Some((task, entry, cancel, registration)) = this.next_prefetched(&agent) {
+                while let Some((task, entry, cancel, registration)) = this.next_prefetched(&permit)
+                {
                     this.run_attempt(&task, &entry, &cancel, registration).await;
-                    agent = task.agent;
                 }
                 return;
             };
-            // Whatever happens, the run slot's waiters learn that this run ended.
-            let _done = done.drop_guard();
-            this.run_attempt(&task, &entry, &cancel, registration).await;
-            let mut slots = this.inner.slots();
-            if slots.get(&slot_id).is_some_and(|e| e.task_id == task.id) {
-                slots.remove(&slot_id);
-            }
+            let run = this.run_attempt(&task, &entry, &cancel, registration);
+            this.inner.slots.run_to_end(task.id, slot, run).await;
+            drop(permit);
         });
     }
 
@@ -95,7 +83,7 @@ impl Orchestrator {
         cancel: &CancellationToken,
         registration: &Registration,
     ) -> Outcome {
-        let i = &self.inner;
+        let i = &self.inner.ctx;
         let limit = entry
             .timeout
             .min(i.config.load().supervisor.max_task_duration.get());
@@ -180,7 +168,7 @@ impl Orchestrator {
     /// carries (`attempt_failed`, `snoozed`). `registration` lives until the write is
     /// done, so the lease is kept meanwhile.
     pub(super) async fn finish(&self, task: &Task, outcome: Outcome, registration: Registration) {
-        let i = &self.inner;
+        let i = &self.inner.ctx;
         registration.run_ended();
         let ran = task
             .started_at
@@ -240,7 +228,7 @@ impl Orchestrator {
             self.write_outcomes(&mut vec![c]).await;
             return;
         }
-        if let Err(tokio::sync::mpsc::error::SendError(c)) = i.outcomes.send(c).await {
+        if let Err(c) = self.inner.writer.send(c).await {
             // The writer has stopped (shutdown): write this one here, once.
             self.write_outcomes(&mut vec![c]).await;
         }
@@ -252,7 +240,7 @@ impl Orchestrator {
         let pause = write_retry_pause(*attempt);
         *attempt += 1;
         tokio::select! {
-            _ = self.inner.shutdown.cancelled() => false,
+            _ = self.inner.ctx.shutdown.cancelled() => false,
             _ = tokio::time::sleep(pause) => true,
         }
     }
@@ -260,7 +248,7 @@ impl Orchestrator {
     /// The delay before the next attempt, with the configured base and cap and a random
     /// 50–100 % jitter ([`retry_backoff`]).
     pub(super) fn backoff(&self, attempt: i32) -> Duration {
-        let w = &self.inner.config.load().workers;
+        let w = &self.inner.ctx.config.load().workers;
         retry_backoff(
             w.retry_backoff.get(),
             w.retry_backoff_max.get(),

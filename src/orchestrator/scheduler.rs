@@ -16,7 +16,7 @@ use crate::metrics as m;
 use crate::periodic::Periodic;
 use crate::periodic::Ran;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use std::time::Instant;
 
@@ -47,10 +47,22 @@ pub struct ScheduleState {
     wake_at: Option<Instant>,
 }
 
+/// The schedules as the scheduler last saw them (for `/v1/status` and its next wake-up).
+#[derive(Default)]
+pub(super) struct SchedulerState {
+    schedules: Mutex<BTreeMap<String, ScheduleState>>,
+}
+
+impl SchedulerState {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, ScheduleState>> {
+        self.schedules.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 impl Orchestrator {
     /// The scheduler loop (see the module doc); under the periodic driver.
     pub(super) async fn scheduler(self) {
-        let i = Arc::clone(&self.inner);
+        let i = &self.inner.ctx;
         let mut every = Periodic::new("scheduler", i.metrics.clone(), i.shutdown.clone());
         loop {
             if !every.wait(SCHEDULER_MAX_SLEEP).await {
@@ -68,17 +80,17 @@ impl Orchestrator {
     /// One pass: tries every schedule whose wake-up time has come; returns how soon the
     /// next one is due (None: none within [`SCHEDULER_MAX_SLEEP`]).
     async fn schedule_once(&self) -> Option<Duration> {
-        let i = &self.inner;
+        let i = &self.inner.ctx;
         let cfg = i.config.load_full();
         tracing::debug!(schedules = cfg.schedules.len(), "scheduler pass");
         {
             // Drop what a reload removed.
-            let mut st = i.schedules();
+            let mut st = self.inner.scheduler.lock();
             st.retain(|name, _| cfg.schedules.contains_key(name));
         }
         for (name, sc) in &cfg.schedules {
             let wake_at = {
-                let mut st = i.schedules();
+                let mut st = self.inner.scheduler.lock();
                 let e = st.entry(name.clone()).or_default();
                 if e.cron != sc.cron || e.agent != sc.agent {
                     // New, or changed by a reload: try at once.
@@ -106,7 +118,7 @@ impl Orchestrator {
                 priority: sc.priority,
             };
             let fired = i.store.fire_schedule(&cron, &task).await;
-            let mut st = i.schedules();
+            let mut st = self.inner.scheduler.lock();
             let e = st.entry(name.clone()).or_default();
             let next_in = match fired {
                 Ok(Fired::Queued {
@@ -142,7 +154,9 @@ impl Orchestrator {
             e.wake_at = Some(Instant::now() + next_in);
         }
         let now = Instant::now();
-        i.schedules()
+        self.inner
+            .scheduler
+            .lock()
             .values()
             .filter_map(|e| e.wake_at)
             .map(|w| w.saturating_duration_since(now))
@@ -151,7 +165,7 @@ impl Orchestrator {
 
     /// Each schedule as this instance last saw it.
     pub fn schedules_status(&self) -> BTreeMap<String, ScheduleState> {
-        self.inner.schedules().clone()
+        self.inner.scheduler.lock().clone()
     }
 }
 
