@@ -17,8 +17,8 @@
 //! within one poll (at once on the instance that took the resume).
 
 use super::Context;
-use super::Orchestrator;
-use super::capacity::RunPermit;
+use super::capacity::{Capacity, RunPermit};
+use super::outcome_writer::OutcomeWriter;
 use crate::agents::AgentEntry;
 use crate::metrics as m;
 use crate::orchestrator::registry::Registration;
@@ -42,7 +42,7 @@ struct Prefetched {
 
 /// What the claimer keeps between rounds: the tasks claimed ahead and the pause list.
 #[derive(Default)]
-pub(super) struct ClaimerState {
+pub(super) struct Claimer {
     /// Tasks claimed ahead per agent, not started yet.
     prefetched: Mutex<HashMap<String, VecDeque<Prefetched>>>,
     /// The agents paused cluster-wide, as last read.
@@ -58,7 +58,7 @@ struct PausedCache {
     generation: u64,
 }
 
-impl ClaimerState {
+impl Claimer {
     fn prefetched(&self) -> MutexGuard<'_, HashMap<String, VecDeque<Prefetched>>> {
         self.prefetched.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -131,30 +131,35 @@ impl ClaimerState {
         }
         Ok(agents)
     }
-}
 
-impl Orchestrator {
-    pub(super) async fn claimer(self) {
-        let i = &self.inner.ctx;
+    /// The claimer's loop: claim rounds until claiming stops, then the prefetch goes back.
+    /// `start` runs a task on the runner.
+    pub(super) async fn run(
+        &self,
+        ctx: &Context,
+        capacity: &Capacity,
+        writer: &OutcomeWriter,
+        start: &(dyn Fn(Task, AgentEntry) + Sync),
+    ) {
         // The first round runs at once: work queued before the start would otherwise
         // wait a whole poll interval (no notification comes for it).
         let mut first = true;
         loop {
             if !first {
-                let poll = i.config.load().workers.poll_interval.get();
+                let poll = ctx.config.load().workers.poll_interval.get();
                 tokio::select! {
-                    _ = i.claiming.cancelled() => break,
-                    _ = i.wake.notified() => {}
+                    _ = ctx.claiming.cancelled() => break,
+                    _ = ctx.wake.notified() => {}
                     _ = tokio::time::sleep(poll) => {}
                 }
             }
             first = false;
             // Keep claiming while there is both capacity and work.
             loop {
-                if i.claiming.is_cancelled() {
+                if ctx.claiming.is_cancelled() {
                     break;
                 }
-                match self.claim_once().await {
+                match self.claim_once(ctx, capacity, writer, start).await {
                     Ok(0) => break,
                     Ok(_) => continue,
                     Err(e) => {
@@ -164,40 +169,41 @@ impl Orchestrator {
                 }
             }
         }
-        self.hand_back_prefetched().await;
+        self.hand_back_prefetched(ctx).await;
     }
 
     /// One claim round over every agent with free capacity; returns how many tasks it
     /// started or prefetched.
-    pub async fn claim_once(&self) -> Result<usize, StoreError> {
-        let i = &self.inner.ctx;
-        let claimer = &self.inner.claimer;
-        let cfg = i.config.load();
-        let agents = i.agents.load_full();
-        let target = self.prefetch_target(cfg.workers.prefetch as usize);
+    pub(super) async fn claim_once(
+        &self,
+        ctx: &Context,
+        capacity: &Capacity,
+        writer: &OutcomeWriter,
+        start: &(dyn Fn(Task, AgentEntry) + Sync),
+    ) -> Result<usize, StoreError> {
+        let cfg = ctx.config.load();
+        let agents = ctx.agents.load_full();
+        let target = prefetch_target(capacity, cfg.workers.prefetch as usize);
         // Paused agents are skipped here; the claim statement refuses them regardless.
-        let paused = claimer.paused_agents(i).await?;
+        let paused = self.paused_agents(ctx).await?;
         let mut moved = 0;
         for (name, entry) in agents.iter() {
             if paused.contains(name) {
                 // What was claimed ahead goes back: a paused agent's tasks stay queued.
-                let held = claimer.take(name, usize::MAX);
-                self.release_prefetched(held).await;
+                let held = self.take(name, usize::MAX);
+                self.release_prefetched(ctx, held).await;
                 continue;
             }
-            let mut free = self.inner.capacity.free_for(
-                name,
-                entry.concurrency,
-                cfg.workers.concurrency as usize,
-            );
-            for p in claimer.take(name, free) {
+            let mut free =
+                capacity.free_for(name, entry.concurrency, cfg.workers.concurrency as usize);
+            for p in self.take(name, free) {
                 free -= 1;
                 moved += 1;
                 // Its own registration replaces the prefetch one.
                 drop(p.registration);
-                self.spawn_run(p.task, entry.clone(), CancellationToken::new(), None);
+                start(p.task, entry.clone());
             }
-            let queued = claimer.len(name);
+            let queued = self.len(name);
             // Refill when half empty; claim for free slots whenever there are some.
             let ahead = if queued * 2 <= target {
                 target - queued
@@ -210,22 +216,20 @@ impl Orchestrator {
             // A rate-limited agent claims at most what its window has left, prefetch
             // included: the rate counts claims, not starts.
             let rate = cfg.agents.get(name).and_then(|a| a.rate);
-            let claimed = i
+            let claimed = ctx
                 .store
                 .claim_rated(
                     name,
                     (free + ahead) as i64,
-                    &i.instance_id,
+                    &ctx.instance_id,
                     cfg.workers.lease.get(),
                     rate,
                 )
                 .await;
-            self.inner
-                .writer
-                .record_write("claimer", &claimed, |c| c.tasks.len());
+            writer.record_write("claimer", &claimed, |c| c.tasks.len());
             let claimed = claimed?;
             if claimed.throttled {
-                i.metrics
+                ctx.metrics
                     .counter(m::CLAIMS_THROTTLED_TOTAL, &[("agent", name.as_str())])
                     .increment(1);
                 tracing::debug!(agent = %name, claimed = claimed.tasks.len(), rate = ?rate.map(|r| r.to_string()), "claim cut short by the agent's rate limit");
@@ -236,9 +240,11 @@ impl Orchestrator {
                 moved += 1;
                 if free > 0 {
                     free -= 1;
-                    self.spawn_run(t, entry.clone(), CancellationToken::new(), None);
+                    start(t, entry.clone());
                 } else {
-                    let registration = i.running.register(t.id, &t.agent, CancellationToken::new());
+                    let registration =
+                        ctx.running
+                            .register(t.id, &t.agent, CancellationToken::new());
                     ahead_claimed.push(Prefetched {
                         task: t,
                         registration,
@@ -246,8 +252,7 @@ impl Orchestrator {
                 }
             }
             if !ahead_claimed.is_empty() {
-                claimer
-                    .prefetched()
+                self.prefetched()
                     .entry(name.clone())
                     .or_default()
                     .extend(ahead_claimed);
@@ -262,67 +267,52 @@ impl Orchestrator {
     /// them). Wakes the claimer when the local queue is down to its refill mark.
     pub(super) fn next_prefetched(
         &self,
+        ctx: &Context,
+        capacity: &Capacity,
         permit: &RunPermit,
     ) -> Option<(Task, AgentEntry, CancellationToken, Registration)> {
-        let i = &self.inner.ctx;
-        let claimer = &self.inner.claimer;
         let agent = permit.agent();
-        if i.claiming.is_cancelled() || claimer.paused_as_last_read(agent) {
+        if ctx.claiming.is_cancelled() || self.paused_as_last_read(agent) {
             return None;
         }
-        let cfg = i.config.load();
-        let entry = i.agents.load().get(agent).cloned()?;
-        if self
-            .inner
-            .capacity
-            .over(agent, entry.concurrency, cfg.workers.concurrency as usize)
-        {
+        let cfg = ctx.config.load();
+        let entry = ctx.agents.load().get(agent).cloned()?;
+        if capacity.over(agent, entry.concurrency, cfg.workers.concurrency as usize) {
             return None;
         }
-        let p = claimer.take(agent, 1).pop();
+        let p = self.take(agent, 1).pop();
         if p.is_some() {
             // Without a next task, the permit records the finish as it drops.
             permit.handed_on();
         }
-        if claimer.len(agent) * 2 <= self.prefetch_target(cfg.workers.prefetch as usize) {
-            i.wake.notify_one();
+        if self.len(agent) * 2 <= prefetch_target(capacity, cfg.workers.prefetch as usize) {
+            ctx.wake.notify_one();
         }
         let p = p?;
         // Its own registration replaces the prefetch one (as in claim_once).
         drop(p.registration);
         let cancel = CancellationToken::new();
-        let registration = i.running.register(p.task.id, &p.task.agent, cancel.clone());
+        let registration = ctx
+            .running
+            .register(p.task.id, &p.task.agent, cancel.clone());
         Some((p.task, entry, cancel, registration))
-    }
-
-    /// How many tasks to hold ahead per agent now: what finished here within
-    /// [`PREFETCH_HORIZON`], at most `max`.
-    fn prefetch_target(&self, max: usize) -> usize {
-        self.inner.capacity.finished_within(PREFETCH_HORIZON, max)
     }
 
     /// At shutdown: prefetched tasks never started go back to the queue at once, for any
     /// instance to take (instead of waiting for their leases to lapse).
-    pub(super) async fn hand_back_prefetched(&self) {
-        let all: Vec<Prefetched> = self
-            .inner
-            .claimer
-            .prefetched()
-            .drain()
-            .flat_map(|(_, q)| q)
-            .collect();
-        self.release_prefetched(all).await;
+    async fn hand_back_prefetched(&self, ctx: &Context) {
+        let all: Vec<Prefetched> = self.prefetched().drain().flat_map(|(_, q)| q).collect();
+        self.release_prefetched(ctx, all).await;
     }
 
     /// Hands tasks claimed ahead back to the queue; their registrations (which keep the
     /// leases extended) go only once that is written.
-    async fn release_prefetched(&self, held: Vec<Prefetched>) {
-        let i = &self.inner.ctx;
+    async fn release_prefetched(&self, ctx: &Context, held: Vec<Prefetched>) {
         if held.is_empty() {
             return;
         }
         let ids: Vec<i64> = held.iter().map(|p| p.task.id).collect();
-        match i.store.release(&ids, &i.instance_id).await {
+        match ctx.store.release(&ids, &ctx.instance_id).await {
             Ok(n) => tracing::info!(tasks = n, "prefetched tasks handed back to the queue"),
             Err(e) => {
                 tracing::warn!(tasks = ids.len(), error = %e, "handing back prefetched tasks failed; their leases will lapse and re-queue them")
@@ -330,4 +320,10 @@ impl Orchestrator {
         }
         drop(held);
     }
+}
+
+/// How many tasks to hold ahead per agent now: what finished here within
+/// [`PREFETCH_HORIZON`], at most `max`.
+fn prefetch_target(capacity: &Capacity, max: usize) -> usize {
+    capacity.finished_within(PREFETCH_HORIZON, max)
 }

@@ -1,8 +1,12 @@
 //! The orchestrator: claims runnable tasks, runs them on their agents, records the
 //! outcome, and coordinates with other instances through PostgreSQL only. One file per
-//! role; each role's own state is a type in its file, and [`Inner`] holds one field of
-//! each beside the shared [`Context`] (config, store, pool, agents, metrics, the running
-//! registry, the event hub, the instance id, shutdown and the claimer's wake-up):
+//! role, each role a type that owns its state (`Claimer`, `Capacity`, `OutcomeWriter`,
+//! `Scheduler`, `Listener`, `RunSlotState`; `Leader`, built by its loop; `LeaseKeeper`
+//! has none) and is handed the shared [`Context`] (config, store, pool, agents,
+//! metrics, the running registry, the event hub, the instance id, shutdown and the
+//! claimer's wake-up). [`Inner`] is that context plus one field per role. What stays on
+//! `Orchestrator` is the API's side (submit, queue, run slots) and the runner, which
+//! they and the claimer start runs through:
 //!
 //! - [`submit`]: tasks, objectives and cancels coming in from the API;
 //! - [`slots`]: run slots (`/v1/slots/{id}/run`), replace-then-await;
@@ -59,6 +63,8 @@ use crate::db::{Db, DbError};
 use crate::metrics::Metrics;
 use crate::orchestrator::registry::RunningTasks;
 use crate::store::{Store, StoreError};
+use leader::Leader;
+use leases::LeaseKeeper;
 
 pub use outcome_writer::OUTCOME_BATCH;
 pub use retention::RetentionReport;
@@ -141,12 +147,12 @@ impl AgentSet {
 /// The shared context and, one field each, the state every role owns.
 struct Inner {
     ctx: Context,
-    claimer: claimer::ClaimerState,
+    claimer: claimer::Claimer,
     capacity: capacity::Capacity,
     slots: slots::RunSlotState,
-    scheduler: scheduler::SchedulerState,
-    writer: outcome_writer::WriterState,
-    listener: notifications::ListenerState,
+    scheduler: scheduler::Scheduler,
+    writer: outcome_writer::OutcomeWriter,
+    listener: notifications::Listener,
 }
 
 /// The orchestrator of one daemon. Cheap to clone.
@@ -194,12 +200,12 @@ impl Orchestrator {
                     shutdown: p.shutdown,
                     tasks: p.tasks,
                 },
-                claimer: claimer::ClaimerState::default(),
+                claimer: claimer::Claimer::default(),
                 capacity: capacity::Capacity::default(),
                 slots: slots::RunSlotState::new(limit),
-                scheduler: scheduler::SchedulerState::default(),
-                writer: outcome_writer::WriterState::new(),
-                listener: notifications::ListenerState { pg: p.pg },
+                scheduler: scheduler::Scheduler::default(),
+                writer: outcome_writer::OutcomeWriter::new(),
+                listener: notifications::Listener { pg: p.pg },
             }),
         }
     }
@@ -207,22 +213,38 @@ impl Orchestrator {
     /// Starts the outcome writer, claimer, listener, lease keeper, leader and scheduler loops.
     pub fn start(&self) {
         let i = &self.inner.ctx;
-        if let Some(rx) = self.inner.writer.take_receiver() {
-            i.tasks.spawn(self.clone().outcome_writer(rx));
-        }
-        i.tasks.spawn(self.clone().claimer());
+        let o = Arc::clone(&self.inner);
+        i.tasks.spawn(async move { o.writer.run(&o.ctx).await });
+        let o = self.clone();
+        i.tasks.spawn(async move {
+            let i = &o.inner;
+            let start = |task, entry| o.start_claimed(task, entry);
+            i.claimer.run(&i.ctx, &i.capacity, &i.writer, &start).await
+        });
         let cfg = i.config.load();
         if crate::db::can_listen(&cfg.database) {
-            i.tasks.spawn(self.clone().listener());
+            let o = Arc::clone(&self.inner);
+            i.tasks.spawn(async move { o.listener.run(&o.ctx).await });
         } else {
             tracing::info!(
                 poll_interval = %humantime::format_duration(cfg.workers.poll_interval.get()),
                 "behind a transaction pooler without database.direct_url: no LISTEN, new tasks are found by polling"
             );
         }
-        i.tasks.spawn(self.clone().keep_leases());
-        i.tasks.spawn(self.clone().leader());
-        i.tasks.spawn(self.clone().scheduler());
+        let o = Arc::clone(&self.inner);
+        i.tasks.spawn(async move {
+            LeaseKeeper {
+                ctx: &o.ctx,
+                writer: &o.writer,
+            }
+            .run()
+            .await
+        });
+        let o = Arc::clone(&self.inner);
+        i.tasks
+            .spawn(async move { Leader::new(&o.ctx).run(&o.ctx).await });
+        let o = Arc::clone(&self.inner);
+        i.tasks.spawn(async move { o.scheduler.run(&o.ctx).await });
     }
 
     /// Stops taking new work (claims and slot runs); running tasks go on.
@@ -270,6 +292,41 @@ impl Orchestrator {
     /// it beside the supervisor's view.
     pub fn write_stall(&self) -> Option<String> {
         self.inner.writer.stall()
+    }
+
+    /// One claim round over every agent with free capacity, as the claimer does when woken;
+    /// returns how many tasks it started or prefetched.
+    pub async fn claim_once(&self) -> Result<usize, StoreError> {
+        let i = &self.inner;
+        let start = |task, entry| self.start_claimed(task, entry);
+        i.claimer
+            .claim_once(&i.ctx, &i.capacity, &i.writer, &start)
+            .await
+    }
+
+    /// Extends this instance's leases once, as the lease keeper does every third of
+    /// `workers.lease` (see `leases`).
+    pub async fn beat(&self, lease: Duration) -> Result<(), StoreError> {
+        let i = &self.inner;
+        LeaseKeeper {
+            ctx: &i.ctx,
+            writer: &i.writer,
+        }
+        .beat(lease)
+        .await
+    }
+
+    /// One retention run with the configuration in force, as the leader does it (without
+    /// the leadership check: for tests and tools).
+    pub async fn retention_once(&self) -> Result<RetentionReport, StoreError> {
+        let ctx = &self.inner.ctx;
+        let cfg = ctx.config.load_full();
+        retention::retain(ctx, &cfg.retention, &|| true).await
+    }
+
+    /// Each schedule as this instance last saw it.
+    pub fn schedules_status(&self) -> BTreeMap<String, ScheduleState> {
+        self.inner.scheduler.status()
     }
 
     /// Waits until no run started here is still going (for shutdown), up to `limit`.

@@ -2,7 +2,8 @@
 //! their events) written in batches, one statement each, retried with backoff while the
 //! database is unreachable; drained at shutdown.
 
-use super::Orchestrator;
+use super::Context;
+use super::outcome::retry_pause;
 use super::registry::Registration;
 use crate::db::DbError;
 use crate::metrics as m;
@@ -33,18 +34,18 @@ pub(super) struct PendingOutcome {
 
 /// The writer's state: both ends of the channel from the runners (the receiver until the
 /// writer's loop takes it), and the write stall readiness reads.
-pub(super) struct WriterState {
+pub(super) struct OutcomeWriter {
     tx: mpsc::Sender<PendingOutcome>,
     rx: Mutex<Option<mpsc::Receiver<PendingOutcome>>>,
     /// Since when this instance's writes have found the database unreachable or silent, and
-    /// the latest such failure; `None` once one succeeds. See [`Orchestrator::write_stall`].
+    /// the latest such failure; `None` once one succeeds. See `Orchestrator::write_stall`.
     stall: Mutex<Option<(Instant, String)>>,
 }
 
-impl WriterState {
-    pub(super) fn new() -> WriterState {
+impl OutcomeWriter {
+    pub(super) fn new() -> OutcomeWriter {
         let (tx, rx) = mpsc::channel(OUTCOME_BATCH);
-        WriterState {
+        OutcomeWriter {
             tx,
             rx: Mutex::new(Some(rx)),
             stall: Mutex::new(None),
@@ -96,37 +97,15 @@ impl WriterState {
             )
         })
     }
-}
 
-/// Whether `e` says the database could not be reached or did not answer in time (rather
-/// than refusing one statement, or the pool being busy).
-fn unreachable(e: &StoreError) -> bool {
-    match e {
-        StoreError::Db(
-            d @ (DbError::Deadline(_)
-            | DbError::Connect(_)
-            | DbError::ConnectTimeout(_)
-            | DbError::Query(_)),
-        ) => {
-            d.is_transient()
-                && !matches!(
-                    d.sqlstate().map(|c| c.code()),
-                    // Serialization failure, deadlock, a statement or lock time-out: the
-                    // database works (a lock is watched as outcome lag instead).
-                    Some("40001" | "40P01" | "57014" | "55P03")
-                )
-        }
-        _ => false,
-    }
-}
-
-impl Orchestrator {
     /// Writes outcomes (successes, retries, failures, snoozes) in batches: one statement
     /// for everything queued, so a busy instance pays one commit per batch instead of one
     /// per task. On shutdown it
     /// drains what is queued before it stops.
-    pub(super) async fn outcome_writer(self, mut rx: mpsc::Receiver<PendingOutcome>) {
-        let i = &self.inner.ctx;
+    pub(super) async fn run(&self, ctx: &Context) {
+        let Some(mut rx) = self.take_receiver() else {
+            return;
+        };
         let mut batch: Vec<PendingOutcome> = Vec::with_capacity(OUTCOME_BATCH);
         loop {
             tokio::select! {
@@ -136,7 +115,7 @@ impl Orchestrator {
                         return;
                     }
                 }
-                _ = i.shutdown.cancelled() => {
+                _ = ctx.shutdown.cancelled() => {
                     while let Ok(c) = rx.try_recv() {
                         batch.push(c);
                     }
@@ -145,9 +124,9 @@ impl Orchestrator {
                     }
                 }
             }
-            self.gather(&mut rx, &mut batch).await;
-            self.write_outcomes(&mut batch).await;
-            if i.shutdown.is_cancelled() && rx.is_empty() {
+            self.gather(ctx, &mut rx, &mut batch).await;
+            self.write_outcomes(ctx, &mut batch).await;
+            if ctx.shutdown.is_cancelled() && rx.is_empty() {
                 return;
             }
         }
@@ -158,12 +137,12 @@ impl Orchestrator {
     /// the writer became free.
     async fn gather(
         &self,
+        ctx: &Context,
         rx: &mut mpsc::Receiver<PendingOutcome>,
         batch: &mut Vec<PendingOutcome>,
     ) {
-        let i = &self.inner.ctx;
-        let window = i.config.load().workers.completion_window.get();
-        if window.is_zero() || i.shutdown.is_cancelled() {
+        let window = ctx.config.load().workers.completion_window.get();
+        if window.is_zero() || ctx.shutdown.is_cancelled() {
             return;
         }
         let until = tokio::time::Instant::now() + window;
@@ -172,7 +151,7 @@ impl Orchestrator {
                 biased;
                 n = rx.recv_many(batch, OUTCOME_BATCH - batch.len()) => if n == 0 { return },
                 _ = tokio::time::sleep_until(until) => return,
-                _ = i.shutdown.cancelled() => return,
+                _ = ctx.shutdown.cancelled() => return,
             }
         }
     }
@@ -182,9 +161,9 @@ impl Orchestrator {
     /// others are written at once; that row's task is failed instead, with an error naming
     /// the refusal. Transient failures are retried with backoff (the outcomes and their
     /// leases are kept meanwhile) until shutdown.
-    pub(super) async fn write_outcomes(&self, batch: &mut Vec<PendingOutcome>) {
+    pub(super) async fn write_outcomes(&self, ctx: &Context, batch: &mut Vec<PendingOutcome>) {
         let all: Vec<usize> = (0..batch.len()).collect();
-        let (mut written, refused) = self.write_isolating(batch, all).await;
+        let (mut written, refused) = self.write_isolating(ctx, batch, all).await;
         if !refused.is_empty() {
             let mut again = Vec::with_capacity(refused.len());
             for (idx, e) in refused {
@@ -194,13 +173,11 @@ impl Orchestrator {
                 c.label = "failed";
                 again.push(idx);
             }
-            let (ids, lost) = self.write_isolating(batch, again).await;
+            let (ids, lost) = self.write_isolating(ctx, batch, again).await;
             let failed = ids.len();
             written.extend(ids);
             let metric = |result| {
-                self.inner
-                    .ctx
-                    .metrics
+                ctx.metrics
                     .counter(m::OUTCOMES_REFUSED_TOTAL, &[("result", result)])
             };
             metric("failed").increment(failed as u64);
@@ -212,8 +189,15 @@ impl Orchestrator {
         }
         for c in batch.drain(..) {
             if written.contains(&c.task.id) {
-                self.after_written(&c.task, c.row.to, c.label, c.ran, c.row.error.as_deref())
-                    .await;
+                self.after_written(
+                    ctx,
+                    &c.task,
+                    c.row.to,
+                    c.label,
+                    c.ran,
+                    c.row.error.as_deref(),
+                )
+                .await;
             } else {
                 tracing::info!(
                     task_id = c.task.id,
@@ -232,10 +216,10 @@ impl Orchestrator {
     /// gives up on what is left (leases then expire and others re-run it).
     async fn write_isolating(
         &self,
+        ctx: &Context,
         batch: &[PendingOutcome],
         idxs: Vec<usize>,
     ) -> (HashSet<i64>, Vec<(usize, StoreError)>) {
-        let i = &self.inner.ctx;
         let mut written = HashSet::new();
         let mut refused = Vec::new();
         let mut todo = vec![idxs];
@@ -245,10 +229,8 @@ impl Orchestrator {
                 continue;
             }
             let rows: Vec<OutcomeRow> = group.iter().map(|&k| batch[k].row.clone()).collect();
-            let r = i.store.write_outcomes(&rows, &i.instance_id).await;
-            self.inner
-                .writer
-                .record_write("outcome writer", &r, HashSet::len);
+            let r = ctx.store.write_outcomes(&rows, &ctx.instance_id).await;
+            self.record_write("outcome writer", &r, HashSet::len);
             match r {
                 Ok(ids) => {
                     written.extend(ids);
@@ -272,7 +254,7 @@ impl Orchestrator {
                         tracing::error!(tasks = group.len(), attempt, error = %e, "writing task outcomes failed; retrying");
                     }
                     todo.push(group);
-                    if !self.retry_pause(&mut attempt).await {
+                    if !retry_pause(&ctx.shutdown, &mut attempt).await {
                         break;
                     }
                 }
@@ -284,27 +266,27 @@ impl Orchestrator {
     /// Bookkeeping after an outcome was written: metrics, log, objective follow-ups.
     async fn after_written(
         &self,
+        ctx: &Context,
         task: &Task,
         to: TaskStatus,
         label: &str,
         ran: Duration,
         error: Option<&str>,
     ) {
-        let i = &self.inner.ctx;
         // "retried" is its own outcome: "failed" counts final failures only.
-        i.metrics
+        ctx.metrics
             .counter(
                 m::TASKS_FINISHED_TOTAL,
                 &[("agent", &task.agent), ("outcome", label)],
             )
             .increment(1);
-        i.metrics
+        ctx.metrics
             .histogram(m::TASK_DURATION_SECONDS, &[("agent", &task.agent)])
             .record(ran.as_secs_f64());
         if to == TaskStatus::TimedOut {
             // Past the agent's own timeout here; the supervisor counts its own timeouts
             // (max_task_duration), which never reach this write.
-            i.metrics
+            ctx.metrics
                 .counter(m::TASKS_TIMED_OUT_TOTAL, &[])
                 .increment(1);
         }
@@ -316,12 +298,34 @@ impl Orchestrator {
         }
         if task.objective_id.is_some() {
             if to != TaskStatus::Succeeded && to != TaskStatus::Queued {
-                cancel_blocked_dependants(&i.store).await;
+                cancel_blocked_dependants(&ctx.store).await;
             }
             // Dependants may be runnable now, here or elsewhere.
-            i.wake.notify_one();
-            let _ = i.store.notify_runnable().await;
+            ctx.wake.notify_one();
+            let _ = ctx.store.notify_runnable().await;
         }
+    }
+}
+
+/// Whether `e` says the database could not be reached or did not answer in time (rather
+/// than refusing one statement, or the pool being busy).
+fn unreachable(e: &StoreError) -> bool {
+    match e {
+        StoreError::Db(
+            d @ (DbError::Deadline(_)
+            | DbError::Connect(_)
+            | DbError::ConnectTimeout(_)
+            | DbError::Query(_)),
+        ) => {
+            d.is_transient()
+                && !matches!(
+                    d.sqlstate().map(|c| c.code()),
+                    // Serialization failure, deadlock, a statement or lock time-out: the
+                    // database works (a lock is watched as outcome lag instead).
+                    Some("40001" | "40P01" | "57014" | "55P03")
+                )
+        }
+        _ => false,
     }
 }
 

@@ -1,14 +1,15 @@
 //! One attempt of one task: run the agent under its cancel token and time limit, write
 //! the output it kept during an outage, then hand the outcome (what the state machine
 //! writes for it, and its event) to the batched outcome writer, which keeps the lease
-//! until it is written; a slot whose run ended starts the next prefetched task.
+//! until it is written; a permit whose run ended starts the next prefetched task.
 
 use super::Orchestrator;
 use super::capacity::RunPermit;
 use super::outcome::{
-    AttemptOf, Decision, Outcome, decide, make_storable, retry_backoff, write_retry_pause,
+    AttemptOf, Decision, Outcome, decide, make_storable, retry_backoff, retry_pause,
 };
 use super::outcome_writer::PendingOutcome;
+use super::planner::apply_plan;
 use super::slots::SlotRun;
 use crate::agents::AgentEntry;
 use crate::agents::AgentOutput;
@@ -44,7 +45,10 @@ impl Orchestrator {
                 // The permit this run held starts the next task claimed ahead at once:
                 // waiting for the claimer would stall every freed permit behind its claim
                 // round trip, about a third of the time with short tasks.
-                while let Some((task, entry, cancel, registration)) = this.next_prefetched(&permit)
+                while let Some((task, entry, cancel, registration)) = this
+                    .inner
+                    .claimer
+                    .next_prefetched(&this.inner.ctx, &this.inner.capacity, &permit)
                 {
                     this.run_attempt(&task, &entry, &cancel, registration).await;
                 }
@@ -54,6 +58,11 @@ impl Orchestrator {
             this.inner.slots.run_to_end(task.id, slot, run).await;
             drop(permit);
         });
+    }
+
+    /// Runs a task the claimer claimed (or took from its prefetch) on a permit of its own.
+    pub(super) fn start_claimed(&self, task: Task, entry: AgentEntry) {
+        self.spawn_run(task, entry, CancellationToken::new(), None);
     }
 
     /// One attempt and its outcome, queued for the outcome writer (a cancel: written at once).
@@ -69,7 +78,7 @@ impl Orchestrator {
         if entry.planner
             && let Outcome::Succeeded(out) = &outcome
             && out.snooze.is_none()
-            && let Err(e) = self.apply_plan(task, &out.result).await
+            && let Err(e) = apply_plan(&self.inner.ctx, task, &out.result).await
         {
             outcome = Outcome::Failed(e);
         }
@@ -152,7 +161,9 @@ impl Orchestrator {
                 }
                 Err(e) if e.is_transient() => {
                     tracing::warn!(task_id = task.id, agent = %task.agent, attempt, error = %e, "writing kept task output failed; retrying");
-                    if cancel.is_cancelled() || !self.retry_pause(&mut attempt).await {
+                    if cancel.is_cancelled()
+                        || !retry_pause(&self.inner.ctx.shutdown, &mut attempt).await
+                    {
                         return;
                     }
                 }
@@ -225,23 +236,18 @@ impl Orchestrator {
         if c.row.to == TaskStatus::Cancelled {
             // Written here, at once: whoever cancelled (a run slot replacing its run, an
             // API call) waits for the run to end, and it ends when its outcome is written.
-            self.write_outcomes(&mut vec![c]).await;
+            self.inner
+                .writer
+                .write_outcomes(&self.inner.ctx, &mut vec![c])
+                .await;
             return;
         }
         if let Err(c) = self.inner.writer.send(c).await {
             // The writer has stopped (shutdown): write this one here, once.
-            self.write_outcomes(&mut vec![c]).await;
-        }
-    }
-
-    /// Backoff between attempts to write an outcome ([`write_retry_pause`]). False when
-    /// the daemon is shutting down (the outcome is then left to lease expiry).
-    pub(super) async fn retry_pause(&self, attempt: &mut u32) -> bool {
-        let pause = write_retry_pause(*attempt);
-        *attempt += 1;
-        tokio::select! {
-            _ = self.inner.ctx.shutdown.cancelled() => false,
-            _ = tokio::time::sleep(pause) => true,
+            self.inner
+                .writer
+                .write_outcomes(&self.inner.ctx, &mut vec![c])
+                .await;
         }
     }
 
