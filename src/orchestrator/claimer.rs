@@ -1,10 +1,10 @@
 //! The claimer: wakes on a notification, on freed capacity, or every `poll_interval`,
-//! starts prefetched tasks in the free slots, and claims more per agent in one statement.
+//! starts prefetched tasks on the free permits, and claims more per agent in one statement.
 //!
-//! Claiming only for free slots made a busy instance claim a handful of tasks per round
-//! trip, one claim per freed slot. Instead each agent keeps a small local queue of tasks
+//! Claiming only for free permits made a busy instance claim a handful of tasks per round
+//! trip, one claim per freed permit. Instead each agent keeps a small local queue of tasks
 //! claimed ahead (leased to this instance, registered so the lease keeper extends them):
-//! a freed slot starts the next one at once, and a claim refills the queue when it is half
+//! a freed permit starts the next one at once, and a claim refills the queue when it is half
 //! empty. The queue's size adapts to the work: at most what this instance finished in the
 //! last [`PREFETCH_HORIZON`] (so slow agents prefetch nothing, other instances are not
 //! starved, and a newly queued higher-priority task waits behind at most that much work),
@@ -204,7 +204,7 @@ impl Claimer {
                 start(p.task, entry.clone());
             }
             let queued = self.len(name);
-            // Refill when half empty; claim for free slots whenever there are some.
+            // Refill when half empty; claim for free permits whenever there are some.
             let ahead = if queued * 2 <= target {
                 target - queued
             } else {

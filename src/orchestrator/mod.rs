@@ -285,7 +285,7 @@ impl Orchestrator {
     }
 
     /// Why this instance cannot do its work, if its writes fail: the latest claim,
-    /// completion batch or lease beat found the database unreachable or got no answer
+    /// outcome batch or lease beat found the database unreachable or got no answer
     /// within `query_timeout`, and none has succeeded since. A server that answers the
     /// supervisor's reads but commits nothing (a promoted standby still waiting for a
     /// synchronous standby of its own, a full disk) shows here, not there. `/readyz` reads
