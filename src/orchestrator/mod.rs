@@ -1,17 +1,25 @@
 //! The orchestrator: claims runnable tasks, runs them on their agents, records the
 //! outcome, and coordinates with other instances through PostgreSQL only. One file per
-//! role, each an `impl Orchestrator` block over the shared state defined here:
+//! role, each role a type that owns its state (`Claimer`, `Capacity`, `OutcomeWriter`,
+//! `Scheduler`, `Listener`, `RunSlotState`; `Leader`, built by its loop; `LeaseKeeper`
+//! has none) and is handed the shared [`Context`] (config, store, pool, agents,
+//! metrics, the running registry, the event hub, the instance id, shutdown and the
+//! claimer's wake-up). [`Inner`] is that context plus one field per role. What stays on
+//! `Orchestrator` is the API's side (submit, queue, run slots) and the runner, which
+//! they and the claimer start runs through:
 //!
 //! - [`submit`]: tasks, objectives and cancels coming in from the API;
 //! - [`slots`]: run slots (`/v1/slots/{id}/run`), replace-then-await;
-//! - [`claimer`]: starts tasks in free slots from a small adaptive prefetch and claims
-//!   more in one statement, woken by [`notifications`], freed capacity, or `poll_interval`;
+//! - [`claimer`]: starts prefetched tasks on free capacity and claims more in one
+//!   statement, woken by [`notifications`], freed capacity, or `poll_interval`; it owns
+//!   the prefetch queue and the pause list it last read;
+//! - [`capacity`]: what runs here, per agent and in all; a run holds a `RunPermit`;
 //! - [`runner`]: one attempt — agent, time limit, cancel, outcome — and [`planner`] for a
 //!   planner agent's reply; [`outcome`] decides what the outcome writes, and every
 //!   outcome goes down a bounded channel to the [`outcome_writer`], which writes them in
 //!   batches and then does what follows a written outcome (metrics, the log line, an
 //!   objective's dependants);
-//! - [`leases`]: keeps this instance's leases and `instances` row fresh;
+//! - [`leases`]: the lease keeper, keeping this instance's leases and `instances` row fresh;
 //! - [`elector`] and [`leader`]: leadership as a row with an expiry, and the leader's duties,
 //!   among them [`retention`];
 //! - [`scheduler`]: queues the runs of `[schedules.NAME]` at their due times (every
@@ -23,6 +31,7 @@
 //! cancellation the future — and every DB guard and child process it holds — is dropped at
 //! once. No lock is held across an await anywhere here.
 
+mod capacity;
 mod claimer;
 pub mod elector;
 mod leader;
@@ -39,25 +48,28 @@ mod scheduler;
 mod slots;
 mod submit;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::agents::{AgentEntry, AgentError, AgentOutput, Agents, EventHub};
+use crate::agents::{AgentEntry, Agents, EventHub};
 use crate::config::Config;
 use crate::db::{Db, DbError};
 use crate::metrics::Metrics;
-use crate::orchestrator::registry::{Registration, RunningTasks};
-use crate::store::{Store, StoreError, Task};
+use crate::orchestrator::registry::RunningTasks;
+use crate::store::{Store, StoreError};
+use leader::Leader;
+use leases::LeaseKeeper;
 
+pub use outcome_writer::OUTCOME_BATCH;
 pub use retention::RetentionReport;
 pub use scheduler::ScheduleState;
+pub use slots::REPLACE_WAIT;
 
 /// The step a planner objective starts with.
 pub const PLAN_STEP: &str = "plan";
@@ -68,9 +80,6 @@ fn invalid(field: &str, message: impl Into<String>) -> OrchestratorError {
         message: message.into(),
     })
 }
-
-/// How long a slot run waits for the task it replaced to end before answering.
-pub const REPLACE_WAIT: Duration = Duration::from_secs(10);
 
 /// "known agents: a, b" (or that none is configured), for unknown-agent errors.
 pub fn known_agents(known: &[String]) -> String {
@@ -95,100 +104,61 @@ pub enum OrchestratorError {
     Db(#[from] DbError),
 }
 
-/// How one attempt ended.
-enum Outcome {
-    Succeeded(AgentOutput),
-    Failed(AgentError),
-    TimedOut(Duration),
-    Cancelled,
-    /// Ended by the supervisor: a resource limit of the agent, or one of its database
-    /// sessions past `session_max_age`.
-    Killed(registry::Kill),
-}
-
-struct SlotEntry {
-    task_id: i64,
-    cancel: CancellationToken,
-    done: CancellationToken,
-}
-
-struct Inner {
+/// What every role reads and none owns. A role's own state is not here but in its file
+/// (see [`Inner`]), so what one role keeps cannot be reached by another except through
+/// that role's methods.
+struct Context {
     config: Arc<ArcSwap<Config>>,
-    pg: tokio_postgres::Config,
     db: Db,
     store: Store,
-    agents: ArcSwap<Agents>,
-    extra_agents: BTreeMap<String, AgentEntry>,
+    agents: AgentSet,
     running: Arc<RunningTasks>,
     hub: EventHub,
     metrics: Metrics,
     instance_id: String,
+    /// Wakes the claimer: new work, freed capacity, a resume, a reload.
     wake: Notify,
-    /// Tasks this instance runs, by agent (claimed or slot runs).
-    per_agent: Mutex<HashMap<String, usize>>,
-    total: AtomicUsize,
-    /// Bounds the runs started in run slots, which do not wait for free capacity as claims do.
-    slot_runs: Arc<Semaphore>,
-    slot_run_limit: usize,
-    slots: Mutex<HashMap<String, SlotEntry>>,
-    /// Tasks claimed ahead per agent, not started yet (see `claimer`).
-    prefetched: Mutex<HashMap<String, VecDeque<claimer::Prefetched>>>,
-    /// When recent runs ended (at most `workers.prefetch` kept): the prefetch's measure.
-    finishes: Mutex<VecDeque<Instant>>,
-    /// The agents paused cluster-wide, as the claimer last read them.
-    paused: Mutex<queue::PausedCache>,
-    /// Outcomes on their way to the outcome writer (bounded: a runner waits when full).
-    outcomes: mpsc::Sender<PendingOutcome>,
-    outcomes_rx: Mutex<Option<mpsc::Receiver<PendingOutcome>>>,
     shutdown: CancellationToken,
     /// Cancelled first at shutdown: no new claims or slot runs, running ones finish.
     claiming: CancellationToken,
     tasks: TaskTracker,
-    /// Since when this instance's writes have found the database unreachable or silent, and
-    /// the latest such failure; `None` once one succeeds. See [`Orchestrator::write_stall`].
-    write_stall: Mutex<Option<(Instant, String)>>,
-    /// The schedules as the scheduler last saw them (for `/v1/status`).
-    schedules: Mutex<BTreeMap<String, scheduler::ScheduleState>>,
 }
 
-/// An attempt's outcome waiting for the batch writer.
-struct PendingOutcome {
-    task: Task,
-    /// What to write; `row.to` with `label` names the outcome in logs and metrics.
-    row: crate::store::OutcomeRow,
-    label: &'static str,
-    ran: Duration,
-    /// Kept until the outcome is written, so the lease keeper keeps the lease alive (and the
-    /// leader does not re-queue it) while the database is unreachable.
-    _registration: Registration,
+/// The agents in force: rebuilt from the config at a reload, with the ones an embedding
+/// program supplied kept beside them.
+struct AgentSet {
+    live: ArcSwap<Agents>,
+    extra: BTreeMap<String, AgentEntry>,
 }
 
-/// Most outcomes written in one statement; also the queue's bound (a runner waits when
-/// it is full, which holds its concurrency slot: backpressure, not loss).
-pub const OUTCOME_BATCH: usize = 512;
+impl AgentSet {
+    fn load(&self) -> arc_swap::Guard<Arc<Agents>> {
+        self.live.load()
+    }
+    fn load_full(&self) -> Arc<Agents> {
+        self.live.load_full()
+    }
+    fn rebuild(&self, cfg: &Config) {
+        self.live
+            .store(Arc::new(Agents::from_config(cfg, &self.extra)));
+    }
+}
+
+/// The shared context and, one field each, the state every role owns.
+struct Inner {
+    ctx: Context,
+    claimer: claimer::Claimer,
+    capacity: capacity::Capacity,
+    slots: slots::RunSlotState,
+    scheduler: scheduler::Scheduler,
+    writer: outcome_writer::OutcomeWriter,
+    listener: notifications::Listener,
+}
 
 /// The orchestrator of one daemon. Cheap to clone.
 #[derive(Clone)]
 pub struct Orchestrator {
     inner: Arc<Inner>,
-}
-
-/// Decrements the per-agent and total counts when a run ends.
-struct RunCount {
-    inner: Arc<Inner>,
-    agent: String,
-}
-
-impl Drop for RunCount {
-    fn drop(&mut self) {
-        self.inner.note_finish();
-        self.inner.total.fetch_sub(1, Ordering::Relaxed);
-        if let Some(n) = self.inner.counts().get_mut(&self.agent) {
-            *n = n.saturating_sub(1);
-        }
-        // Capacity freed: look for more work.
-        self.inner.wake.notify_one();
-    }
 }
 
 pub struct OrchestratorParts {
@@ -206,202 +176,157 @@ pub struct OrchestratorParts {
     pub extra_agents: BTreeMap<String, AgentEntry>,
 }
 
-impl Inner {
-    fn counts(&self) -> MutexGuard<'_, HashMap<String, usize>> {
-        self.per_agent.lock().unwrap_or_else(|p| p.into_inner())
-    }
-    fn slots(&self) -> MutexGuard<'_, HashMap<String, SlotEntry>> {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner())
-    }
-    fn prefetched(&self) -> MutexGuard<'_, HashMap<String, VecDeque<claimer::Prefetched>>> {
-        self.prefetched.lock().unwrap_or_else(|p| p.into_inner())
-    }
-    /// A run ended: counted for the prefetch horizon ([`claimer::PREFETCH_HORIZON`]).
-    fn note_finish(&self) {
-        let keep = self.config.load().workers.prefetch as usize;
-        let mut f = self.finishes();
-        f.push_back(Instant::now());
-        while f.len() > keep {
-            f.pop_front();
-        }
-    }
-
-    fn finishes(&self) -> MutexGuard<'_, VecDeque<Instant>> {
-        self.finishes.lock().unwrap_or_else(|p| p.into_inner())
-    }
-    fn schedules(&self) -> MutexGuard<'_, BTreeMap<String, scheduler::ScheduleState>> {
-        self.schedules.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Records how one of the loops' writes (a claim, a completion batch, a lease beat)
-    /// ended, for readiness: rows written (`rows` of the result) clear the stall — a
-    /// statement that changed nothing committed nothing, so it proves nothing; a failure
-    /// that says the database could not be reached or did not answer starts the stall (or
-    /// extends it); any other failure (a refused statement, a busy pool) says nothing
-    /// about the database and is ignored.
-    fn record_write<T>(
-        &self,
-        writer: &'static str,
-        r: &Result<T, StoreError>,
-        rows: impl FnOnce(&T) -> usize,
-    ) {
-        let mut stall = self.write_stall.lock().unwrap_or_else(|p| p.into_inner());
-        match r {
-            Ok(v) if rows(v) > 0 => *stall = None,
-            Ok(_) => {}
-            Err(e) if unreachable(e) => {
-                let since = stall.as_ref().map_or_else(Instant::now, |(t, _)| *t);
-                *stall = Some((since, format!("{writer}: {e}")));
-            }
-            Err(_) => {}
-        }
-    }
-}
-
-/// Whether `e` says the database could not be reached or did not answer in time (rather
-/// than refusing one statement, or the pool being busy).
-fn unreachable(e: &StoreError) -> bool {
-    match e {
-        StoreError::Db(
-            d @ (DbError::Deadline(_)
-            | DbError::Connect(_)
-            | DbError::ConnectTimeout(_)
-            | DbError::Query(_)),
-        ) => {
-            d.is_transient()
-                && !matches!(
-                    d.sqlstate().map(|c| c.code()),
-                    // Serialization failure, deadlock, a statement or lock time-out: the
-                    // database works (a lock is watched as outcome lag instead).
-                    Some("40001" | "40P01" | "57014" | "55P03")
-                )
-        }
-        _ => false,
-    }
-}
-
 impl Orchestrator {
     pub fn new(p: OrchestratorParts) -> Orchestrator {
         let cfg = p.config.load();
         let agents = Agents::from_config(&cfg, &p.extra_agents);
         let limit = cfg.workers.concurrency as usize;
-        let (ctx, crx) = mpsc::channel(OUTCOME_BATCH);
         Orchestrator {
             inner: Arc::new(Inner {
-                config: Arc::clone(&p.config),
-                pg: p.pg,
-                db: p.db,
-                store: p.store,
-                agents: ArcSwap::from_pointee(agents),
-                extra_agents: p.extra_agents,
-                running: p.running,
-                hub: p.hub,
-                metrics: p.metrics,
-                instance_id: p.instance_id,
-                wake: Notify::new(),
-                per_agent: Mutex::new(HashMap::new()),
-                total: AtomicUsize::new(0),
-                slot_runs: Arc::new(Semaphore::new(limit)),
-                slot_run_limit: limit,
-                slots: Mutex::new(HashMap::new()),
-                prefetched: Mutex::new(HashMap::new()),
-                finishes: Mutex::new(VecDeque::new()),
-                paused: Mutex::default(),
-                outcomes: ctx,
-                outcomes_rx: Mutex::new(Some(crx)),
-                claiming: p.shutdown.child_token(),
-                shutdown: p.shutdown,
-                tasks: p.tasks,
-                write_stall: Mutex::new(None),
-                schedules: Mutex::default(),
+                ctx: Context {
+                    config: Arc::clone(&p.config),
+                    db: p.db,
+                    store: p.store,
+                    agents: AgentSet {
+                        live: ArcSwap::from_pointee(agents),
+                        extra: p.extra_agents,
+                    },
+                    running: p.running,
+                    hub: p.hub,
+                    metrics: p.metrics,
+                    instance_id: p.instance_id,
+                    wake: Notify::new(),
+                    claiming: p.shutdown.child_token(),
+                    shutdown: p.shutdown,
+                    tasks: p.tasks,
+                },
+                claimer: claimer::Claimer::default(),
+                capacity: capacity::Capacity::default(),
+                slots: slots::RunSlotState::new(limit),
+                scheduler: scheduler::Scheduler::default(),
+                writer: outcome_writer::OutcomeWriter::new(),
+                listener: notifications::Listener { pg: p.pg },
             }),
         }
     }
 
     /// Starts the outcome writer, claimer, listener, lease keeper, leader and scheduler loops.
     pub fn start(&self) {
-        let i = &self.inner;
-        let rx = i
-            .outcomes_rx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(rx) = rx {
-            i.tasks.spawn(self.clone().outcome_writer(rx));
-        }
-        i.tasks.spawn(self.clone().claimer());
+        let i = &self.inner.ctx;
+        let o = Arc::clone(&self.inner);
+        i.tasks.spawn(async move { o.writer.run(&o.ctx).await });
+        let o = self.clone();
+        i.tasks.spawn(async move {
+            let i = &o.inner;
+            let start = |task, entry| o.start_claimed(task, entry);
+            i.claimer.run(&i.ctx, &i.capacity, &i.writer, &start).await
+        });
         let cfg = i.config.load();
         if crate::db::can_listen(&cfg.database) {
-            i.tasks.spawn(self.clone().listener());
+            let o = Arc::clone(&self.inner);
+            i.tasks.spawn(async move { o.listener.run(&o.ctx).await });
         } else {
             tracing::info!(
                 poll_interval = %humantime::format_duration(cfg.workers.poll_interval.get()),
                 "behind a transaction pooler without database.direct_url: no LISTEN, new tasks are found by polling"
             );
         }
-        i.tasks.spawn(self.clone().keep_leases());
-        i.tasks.spawn(self.clone().leader());
-        i.tasks.spawn(self.clone().scheduler());
+        let o = Arc::clone(&self.inner);
+        i.tasks.spawn(async move {
+            LeaseKeeper {
+                ctx: &o.ctx,
+                writer: &o.writer,
+            }
+            .run()
+            .await
+        });
+        let o = Arc::clone(&self.inner);
+        i.tasks
+            .spawn(async move { Leader::new(&o.ctx).run(&o.ctx).await });
+        let o = Arc::clone(&self.inner);
+        i.tasks.spawn(async move { o.scheduler.run(&o.ctx).await });
     }
 
     /// Stops taking new work (claims and slot runs); running tasks go on.
     pub fn stop_claiming(&self) {
-        self.inner.claiming.cancel();
+        self.inner.ctx.claiming.cancel();
     }
 
     /// Rebuilds the agents after a config reload (running tasks keep the agent they had).
     pub fn reload_agents(&self) {
-        let cfg = self.inner.config.load();
-        self.inner.agents.store(Arc::new(Agents::from_config(
-            &cfg,
-            &self.inner.extra_agents,
-        )));
-        self.inner.wake.notify_one();
+        let ctx = &self.inner.ctx;
+        ctx.agents.rebuild(&ctx.config.load());
+        ctx.wake.notify_one();
     }
 
     /// The error for a request naming an agent this instance does not run.
     pub(crate) fn unknown_agent(&self, agent: &str) -> OrchestratorError {
         OrchestratorError::UnknownAgent {
             agent: agent.to_string(),
-            known: self.inner.agents.load().names().into_iter().collect(),
+            known: self.inner.ctx.agents.load().names().into_iter().collect(),
         }
     }
 
     pub fn agents(&self) -> Arc<Agents> {
-        self.inner.agents.load_full()
+        self.inner.ctx.agents.load_full()
     }
 
     pub fn hub(&self) -> &EventHub {
-        &self.inner.hub
+        &self.inner.ctx.hub
     }
 
     pub fn instance_id(&self) -> &str {
-        &self.inner.instance_id
+        &self.inner.ctx.instance_id
     }
 
     /// Tasks running here right now.
     pub fn running_here(&self) -> usize {
-        self.inner.total.load(Ordering::Relaxed)
+        self.inner.capacity.running()
     }
 
     /// Why this instance cannot do its work, if its writes fail: the latest claim,
-    /// completion batch or lease beat found the database unreachable or got no answer
+    /// outcome batch or lease beat found the database unreachable or got no answer
     /// within `query_timeout`, and none has succeeded since. A server that answers the
     /// supervisor's reads but commits nothing (a promoted standby still waiting for a
     /// synchronous standby of its own, a full disk) shows here, not there. `/readyz` reads
     /// it beside the supervisor's view.
     pub fn write_stall(&self) -> Option<String> {
-        let stall = self
-            .inner
-            .write_stall
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        stall.as_ref().map(|(since, e)| {
-            format!(
-                "database takes no writes (for {:.1}s): {e}",
-                since.elapsed().as_secs_f64()
-            )
-        })
+        self.inner.writer.stall()
+    }
+
+    /// One claim round over every agent with free capacity, as the claimer does when woken;
+    /// returns how many tasks it started or prefetched.
+    pub async fn claim_once(&self) -> Result<usize, StoreError> {
+        let i = &self.inner;
+        let start = |task, entry| self.start_claimed(task, entry);
+        i.claimer
+            .claim_once(&i.ctx, &i.capacity, &i.writer, &start)
+            .await
+    }
+
+    /// Extends this instance's leases once, as the lease keeper does every third of
+    /// `workers.lease` (see `leases`).
+    pub async fn beat(&self, lease: Duration) -> Result<(), StoreError> {
+        let i = &self.inner;
+        LeaseKeeper {
+            ctx: &i.ctx,
+            writer: &i.writer,
+        }
+        .beat(lease)
+        .await
+    }
+
+    /// One retention run with the configuration in force, as the leader does it (without
+    /// the leadership check: for tests and tools).
+    pub async fn retention_once(&self) -> Result<RetentionReport, StoreError> {
+        let ctx = &self.inner.ctx;
+        let cfg = ctx.config.load_full();
+        retention::retain(ctx, &cfg.retention, &|| true).await
+    }
+
+    /// Each schedule as this instance last saw it.
+    pub fn schedules_status(&self) -> BTreeMap<String, ScheduleState> {
+        self.inner.scheduler.status()
     }
 
     /// Waits until no run started here is still going (for shutdown), up to `limit`.
@@ -415,11 +340,4 @@ impl Orchestrator {
         }
         true
     }
-}
-
-fn hostname() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "unknown".into())
 }

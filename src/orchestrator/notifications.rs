@@ -1,22 +1,25 @@
 //! The notification listener: `LISTEN <schema>_tasks` on a connection of its own,
 //! probed while idle so a frozen link is replaced; claims fall back to polling meanwhile.
 
-use super::Orchestrator;
+use super::Context;
 use crate::db::DbError;
 use futures_util::FutureExt;
 use futures_util::StreamExt;
-use std::sync::Arc;
 
-impl Orchestrator {
-    pub(super) async fn listener(self) {
-        let i = Arc::clone(&self.inner);
-        while !i.shutdown.is_cancelled() {
-            if let Err(e) = self.listen_once().await {
+/// What the listener alone needs: the connection settings it opens its own session with.
+pub(super) struct Listener {
+    pub(super) pg: tokio_postgres::Config,
+}
+
+impl Listener {
+    pub(super) async fn run(&self, ctx: &Context) {
+        while !ctx.shutdown.is_cancelled() {
+            if let Err(e) = self.listen_once(ctx).await {
                 tracing::warn!(error = %e, "task notification listener lost its connection; polling meanwhile");
             }
-            let poll = i.config.load().workers.poll_interval.get();
+            let poll = ctx.config.load().workers.poll_interval.get();
             tokio::select! {
-                _ = i.shutdown.cancelled() => return,
+                _ = ctx.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(poll) => {}
             }
         }
@@ -25,12 +28,11 @@ impl Orchestrator {
     /// One LISTEN connection's life. Connect and LISTEN are bounded; while idle, a probe
     /// round trip every `query_timeout` proves the link alive, so a frozen connection is
     /// replaced within two deadlines instead of silently delivering nothing.
-    pub(super) async fn listen_once(&self) -> Result<(), DbError> {
-        let i = &self.inner;
-        let cfg = i.config.load_full();
+    async fn listen_once(&self, ctx: &Context) -> Result<(), DbError> {
+        let cfg = ctx.config.load_full();
         let deadline = cfg.database.query_timeout.get();
         // LISTEN needs a session that lasts: `direct_url` when set.
-        let (mut pg, pooler, tls) = crate::db::session_target(&i.pg, &cfg.database)?;
+        let (mut pg, pooler, tls) = crate::db::session_target(&self.pg, &cfg.database)?;
         crate::db::session_settings_via(&mut pg, &cfg.database, pooler);
         pg.application_name(format!("{}:listener", cfg.database.application_name));
         let connect_limit = cfg.database.connect_timeout.get();
@@ -43,7 +45,7 @@ impl Orchestrator {
         let on_message =
             |m: Option<Result<tokio_postgres::AsyncMessage, tokio_postgres::Error>>| match m {
                 Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
-                    i.wake.notify_one();
+                    ctx.wake.notify_one();
                     Ok(true)
                 }
                 Some(Ok(_)) => Ok(true),
@@ -63,7 +65,7 @@ impl Orchestrator {
                     tokio::pin!(expires);
                     loop {
                         tokio::select! {
-                            _ = i.shutdown.cancelled() => return Ok(()),
+                            _ = ctx.shutdown.cancelled() => return Ok(()),
                             r = &mut *rt => { r?; break; }
                             m = messages.next() => if !on_message(m)? { return Ok(()) },
                             _ = &mut expires => return Err(DbError::Deadline(deadline)),
@@ -72,14 +74,14 @@ impl Orchestrator {
                     if !listening {
                         // Notifications sent while nothing listened are lost: look now.
                         listening = true;
-                        i.wake.notify_one();
+                        ctx.wake.notify_one();
                     }
                     round_trip = None;
                     next_probe = tokio::time::Instant::now() + deadline;
                 }
                 None => {
                     tokio::select! {
-                        _ = i.shutdown.cancelled() => return Ok(()),
+                        _ = ctx.shutdown.cancelled() => return Ok(()),
                         m = messages.next() => if !on_message(m)? { return Ok(()) },
                         _ = tokio::time::sleep_until(next_probe) => {
                             round_trip = Some(client.batch_execute("SELECT 1").boxed());

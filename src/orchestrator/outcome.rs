@@ -1,15 +1,28 @@
 //! What an attempt's outcome leads to, decided without the database: the transition it
 //! writes ([`decide`]), the delay before a retry ([`retry_backoff`]), and the pause
 //! between tries to write an outcome while the database is unreachable
-//! ([`write_retry_pause`]). The runner does the writing.
+//! ([`write_retry_pause`], waited out by [`retry_pause`]). The runner and the outcome
+//! writer do the writing.
 
-use super::Outcome;
+use super::registry::Kill;
 use crate::agents::AgentError;
 use crate::agents::AgentOutput;
 use crate::agents::storable;
 use crate::store::TaskStatus;
 use crate::store::TransitionArgs;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How one attempt ended.
+pub(super) enum Outcome {
+    Succeeded(AgentOutput),
+    Failed(AgentError),
+    TimedOut(Duration),
+    Cancelled,
+    /// Ended by the supervisor: a resource limit of the agent, or one of its database
+    /// sessions past `session_max_age`.
+    Killed(Kill),
+}
 
 /// Exponential backoff between attempts of a task: base·2^(attempt-1) (attempt clamped to
 /// 1..=20), capped at `max`, then scaled by `jitter` so retries of many tasks that failed
@@ -23,6 +36,17 @@ pub(super) fn retry_backoff(base: Duration, max: Duration, attempt: i32, jitter:
 /// to 5 s. No jitter: a restarting database is retried by few writers at a time.
 pub(super) fn write_retry_pause(attempt: u32) -> Duration {
     Duration::from_millis(200u64 << attempt.min(5)).min(Duration::from_secs(5))
+}
+
+/// Waits [`write_retry_pause`] before the next try to write, and counts the try. False
+/// when the daemon is shutting down first (the outcome is then left to lease expiry).
+pub(super) async fn retry_pause(shutdown: &CancellationToken, attempt: &mut u32) -> bool {
+    let pause = write_retry_pause(*attempt);
+    *attempt += 1;
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(pause) => true,
+    }
 }
 
 /// An attempt's outcome as the database can store it ([`crate::agents::storable`]): the

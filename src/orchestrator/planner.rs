@@ -1,42 +1,39 @@
 //! A planner agent's reply becomes the objective's next steps.
 
-use super::Orchestrator;
+use super::Context;
 use crate::agents::AgentError;
 use crate::store::NewStep;
 use crate::store::StoreError;
 use crate::store::Task;
 
-impl Orchestrator {
-    /// A planner's reply is the objective's next steps: `[...]` or `{"steps": [...]}`.
-    /// They are added before the plan step counts as succeeded; a bad plan fails it.
-    pub(super) async fn apply_plan(
-        &self,
-        task: &Task,
-        result: &Option<serde_json::Value>,
-    ) -> Result<(), AgentError> {
-        let Some(objective_id) = task.objective_id else {
-            return Ok(());
-        };
-        let steps = parse_plan(result)?;
-        let known = self.inner.agents.load().names();
-        let added = self
-            .inner
-            .store
-            .add_steps(objective_id, &steps, Some(&known))
-            .await
-            .map_err(|e| match e {
-                StoreError::Invalid { .. } => AgentError::fatal(format!("planner reply: {e}")),
-                other => AgentError::retryable(format!("planner reply: {other}")),
-            })?;
-        tracing::info!(
-            task_id = task.id,
-            objective_id,
-            steps = added.len(),
-            "planner added steps"
-        );
-        self.inner.wake.notify_one();
-        Ok(())
-    }
+/// A planner's reply is the objective's next steps: `[...]` or `{"steps": [...]}`.
+/// They are added before the plan step counts as succeeded; a bad plan fails it.
+pub(super) async fn apply_plan(
+    ctx: &Context,
+    task: &Task,
+    result: &Option<serde_json::Value>,
+) -> Result<(), AgentError> {
+    let Some(objective_id) = task.objective_id else {
+        return Ok(());
+    };
+    let steps = parse_plan(result)?;
+    let known = ctx.agents.load().names();
+    let added = ctx
+        .store
+        .add_steps(objective_id, &steps, Some(&known))
+        .await
+        .map_err(|e| match e {
+            StoreError::Invalid { .. } => AgentError::fatal(format!("planner reply: {e}")),
+            other => AgentError::retryable(format!("planner reply: {other}")),
+        })?;
+    tracing::info!(
+        task_id = task.id,
+        objective_id,
+        steps = added.len(),
+        "planner added steps"
+    );
+    ctx.wake.notify_one();
+    Ok(())
 }
 
 /// The steps in a planner's reply: `[...]` or `{"steps": [...]}`, each a step as in

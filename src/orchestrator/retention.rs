@@ -5,10 +5,10 @@
 //! instance still leads and within the run's time budget; what is left waits for the next
 //! run. Counted in `taskwarden_tasks_deleted_total{status}`.
 
-use super::Orchestrator;
+use super::Context;
+use super::leader::Leader;
 use crate::config::Config;
 use crate::metrics as m;
-use crate::orchestrator::elector::Elector;
 use crate::store::StoreError;
 use std::time::Instant;
 
@@ -30,21 +30,14 @@ impl RetentionReport {
     }
 }
 
-impl Orchestrator {
-    /// One retention run with the configuration in force, as the leader does it (without
-    /// the leadership check: for tests and tools).
-    pub async fn retention_once(&self) -> Result<RetentionReport, StoreError> {
-        let cfg = self.inner.config.load_full();
-        self.retain(&cfg.retention, &|| true).await
-    }
-
+impl Leader {
     /// Runs retention when `retention.interval` has passed since the last run here.
     pub(super) async fn retain_if_due(
-        &self,
-        elector: &Elector,
+        &mut self,
+        ctx: &Context,
         cfg: &Config,
-        last: &mut Option<Instant>,
     ) -> Result<(), StoreError> {
+        let last = &mut self.last_retention;
         if last.is_some_and(|t| t.elapsed() < cfg.retention.interval.get()) {
             return Ok(());
         }
@@ -52,51 +45,50 @@ impl Orchestrator {
         // Leave most of the leader's period to its other duties and the next renewal.
         let budget = cfg.workers.lease.get() / 6;
         let started = Instant::now();
-        let go_on = || elector.is_leading() && started.elapsed() < budget;
-        self.retain(&cfg.retention, &go_on).await.map(|_| ())
+        let go_on = || self.is_leading() && started.elapsed() < budget;
+        retain(ctx, &cfg.retention, &go_on).await.map(|_| ())
     }
+}
 
-    /// Deletes expired tasks, then expired objectives, one bounded statement at a time
-    /// while `go_on` says so; each statement's deletions are counted as they commit.
-    pub(super) async fn retain(
-        &self,
-        r: &RetentionConfig,
-        go_on: &(dyn Fn() -> bool + Sync),
-    ) -> Result<RetentionReport, StoreError> {
-        let i = &self.inner;
-        let ages = RetentionAges {
-            by_status: r.ages(),
+/// Deletes expired tasks, then expired objectives, one bounded statement at a time
+/// while `go_on` says so; each statement's deletions are counted as they commit.
+pub(super) async fn retain(
+    ctx: &Context,
+    r: &RetentionConfig,
+    go_on: &(dyn Fn() -> bool + Sync),
+) -> Result<RetentionReport, StoreError> {
+    let ages = RetentionAges {
+        by_status: r.ages(),
+    };
+    let limit = i64::from(r.batch_size);
+    let mut report = RetentionReport::default();
+    let mut tasks_left = !ages.by_status.is_empty();
+    let mut objectives_left = tasks_left;
+    while (tasks_left || objectives_left) && report.statements < r.max_batches && go_on() {
+        let deleted = if tasks_left {
+            let d = ctx.store.delete_expired_tasks(&ages, limit).await?;
+            tasks_left = d.values().sum::<u64>() >= u64::from(r.batch_size);
+            d
+        } else {
+            let d = ctx.store.delete_expired_objectives(&ages, limit).await?;
+            objectives_left = d.values().sum::<u64>() > 0;
+            d
         };
-        let limit = i64::from(r.batch_size);
-        let mut report = RetentionReport::default();
-        let mut tasks_left = !ages.by_status.is_empty();
-        let mut objectives_left = tasks_left;
-        while (tasks_left || objectives_left) && report.statements < r.max_batches && go_on() {
-            let deleted = if tasks_left {
-                let d = i.store.delete_expired_tasks(&ages, limit).await?;
-                tasks_left = d.values().sum::<u64>() >= u64::from(r.batch_size);
-                d
-            } else {
-                let d = i.store.delete_expired_objectives(&ages, limit).await?;
-                objectives_left = d.values().sum::<u64>() > 0;
-                d
-            };
-            report.statements += 1;
-            for (status, n) in deleted {
-                i.metrics
-                    .counter(m::TASKS_DELETED_TOTAL, &[("status", status.as_str())])
-                    .increment(n);
-                *report.deleted.entry(status).or_insert(0) += n;
-            }
+        report.statements += 1;
+        for (status, n) in deleted {
+            ctx.metrics
+                .counter(m::TASKS_DELETED_TOTAL, &[("status", status.as_str())])
+                .increment(n);
+            *report.deleted.entry(status).or_insert(0) += n;
         }
-        if report.total() > 0 {
-            tracing::info!(
-                deleted = report.total(),
-                by_status = ?report.deleted,
-                statements = report.statements,
-                "retention deleted finished tasks and their events"
-            );
-        }
-        Ok(report)
     }
+    if report.total() > 0 {
+        tracing::info!(
+            deleted = report.total(),
+            by_status = ?report.deleted,
+            statements = report.statements,
+            "retention deleted finished tasks and their events"
+        );
+    }
+    Ok(report)
 }

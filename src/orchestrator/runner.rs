@@ -1,15 +1,16 @@
 //! One attempt of one task: run the agent under its cancel token and time limit, write
 //! the output it kept during an outage, then hand the outcome (what the state machine
 //! writes for it, and its event) to the batched outcome writer, which keeps the lease
-//! until it is written; a slot whose run ended starts the next prefetched task.
+//! until it is written; a permit whose run ended starts the next prefetched task.
 
 use super::Orchestrator;
-use super::Outcome;
-use super::PendingOutcome;
-use super::RunCount;
+use super::capacity::RunPermit;
 use super::outcome::{
-    AttemptOf, Decision, decide, make_storable, retry_backoff, write_retry_pause,
+    AttemptOf, Decision, Outcome, decide, make_storable, retry_backoff, retry_pause,
 };
+use super::outcome_writer::PendingOutcome;
+use super::planner::apply_plan;
+use super::slots::SlotRun;
 use crate::agents::AgentEntry;
 use crate::agents::AgentOutput;
 use crate::agents::OutputWriter;
@@ -22,7 +23,6 @@ use crate::store::Task;
 use crate::store::TaskStatus;
 use rand::Rng;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -33,39 +33,36 @@ impl Orchestrator {
         task: Task,
         entry: AgentEntry,
         cancel: CancellationToken,
-        slot: Option<(String, CancellationToken, tokio::sync::OwnedSemaphorePermit)>,
+        slot: Option<SlotRun>,
     ) {
-        let i = Arc::clone(&self.inner);
-        i.total.fetch_add(1, Ordering::Relaxed);
-        *i.counts().entry(task.agent.clone()).or_insert(0) += 1;
-        let count = RunCount {
-            inner: Arc::clone(&i),
-            agent: task.agent.clone(),
-        };
+        let permit = RunPermit::take(&self.inner, &task.agent);
+        let i = &self.inner.ctx;
         let registration = i.running.register(task.id, &task.agent, cancel.clone());
         let this = self.clone();
         i.tasks.spawn(async move {
-            let _count = count;
-            let Some((slot_id, done, _permit)) = slot else {
+            let Some(slot) = slot else {
                 this.run_attempt(&task, &entry, &cancel, registration).await;
-                // The slot this run held starts the next task claimed ahead at once:
-                // waiting for the claimer would stall every freed slot behind its claim
+                // The permit this run held starts the next task claimed ahead at once:
+                // waiting for the claimer would stall every freed permit behind its claim
                 // round trip, about a third of the time with short tasks.
-                let mut agent = task.agent;
-                while let Some((task, entry, cancel, registration)) = this.next_prefetched(&agent) {
+                while let Some((task, entry, cancel, registration)) = this
+                    .inner
+                    .claimer
+                    .next_prefetched(&this.inner.ctx, &this.inner.capacity, &permit)
+                {
                     this.run_attempt(&task, &entry, &cancel, registration).await;
-                    agent = task.agent;
                 }
                 return;
             };
-            // Whatever happens, the run slot's waiters learn that this run ended.
-            let _done = done.drop_guard();
-            this.run_attempt(&task, &entry, &cancel, registration).await;
-            let mut slots = this.inner.slots();
-            if slots.get(&slot_id).is_some_and(|e| e.task_id == task.id) {
-                slots.remove(&slot_id);
-            }
+            let run = this.run_attempt(&task, &entry, &cancel, registration);
+            this.inner.slots.run_to_end(task.id, slot, run).await;
+            drop(permit);
         });
+    }
+
+    /// Runs a task the claimer claimed (or took from its prefetch) on a permit of its own.
+    pub(super) fn start_claimed(&self, task: Task, entry: AgentEntry) {
+        self.spawn_run(task, entry, CancellationToken::new(), None);
     }
 
     /// One attempt and its outcome, queued for the outcome writer (a cancel: written at once).
@@ -81,7 +78,7 @@ impl Orchestrator {
         if entry.planner
             && let Outcome::Succeeded(out) = &outcome
             && out.snooze.is_none()
-            && let Err(e) = self.apply_plan(task, &out.result).await
+            && let Err(e) = apply_plan(&self.inner.ctx, task, &out.result).await
         {
             outcome = Outcome::Failed(e);
         }
@@ -95,7 +92,7 @@ impl Orchestrator {
         cancel: &CancellationToken,
         registration: &Registration,
     ) -> Outcome {
-        let i = &self.inner;
+        let i = &self.inner.ctx;
         let limit = entry
             .timeout
             .min(i.config.load().supervisor.max_task_duration.get());
@@ -164,7 +161,9 @@ impl Orchestrator {
                 }
                 Err(e) if e.is_transient() => {
                     tracing::warn!(task_id = task.id, agent = %task.agent, attempt, error = %e, "writing kept task output failed; retrying");
-                    if cancel.is_cancelled() || !self.retry_pause(&mut attempt).await {
+                    if cancel.is_cancelled()
+                        || !retry_pause(&self.inner.ctx.shutdown, &mut attempt).await
+                    {
                         return;
                     }
                 }
@@ -180,7 +179,7 @@ impl Orchestrator {
     /// carries (`attempt_failed`, `snoozed`). `registration` lives until the write is
     /// done, so the lease is kept meanwhile.
     pub(super) async fn finish(&self, task: &Task, outcome: Outcome, registration: Registration) {
-        let i = &self.inner;
+        let i = &self.inner.ctx;
         registration.run_ended();
         let ran = task
             .started_at
@@ -237,30 +236,25 @@ impl Orchestrator {
         if c.row.to == TaskStatus::Cancelled {
             // Written here, at once: whoever cancelled (a run slot replacing its run, an
             // API call) waits for the run to end, and it ends when its outcome is written.
-            self.write_outcomes(&mut vec![c]).await;
+            self.inner
+                .writer
+                .write_outcomes(&self.inner.ctx, &mut vec![c])
+                .await;
             return;
         }
-        if let Err(tokio::sync::mpsc::error::SendError(c)) = i.outcomes.send(c).await {
+        if let Err(c) = self.inner.writer.send(c).await {
             // The writer has stopped (shutdown): write this one here, once.
-            self.write_outcomes(&mut vec![c]).await;
-        }
-    }
-
-    /// Backoff between attempts to write an outcome ([`write_retry_pause`]). False when
-    /// the daemon is shutting down (the outcome is then left to lease expiry).
-    pub(super) async fn retry_pause(&self, attempt: &mut u32) -> bool {
-        let pause = write_retry_pause(*attempt);
-        *attempt += 1;
-        tokio::select! {
-            _ = self.inner.shutdown.cancelled() => false,
-            _ = tokio::time::sleep(pause) => true,
+            self.inner
+                .writer
+                .write_outcomes(&self.inner.ctx, &mut vec![c])
+                .await;
         }
     }
 
     /// The delay before the next attempt, with the configured base and cap and a random
     /// 50–100 % jitter ([`retry_backoff`]).
     pub(super) fn backoff(&self, attempt: i32) -> Duration {
-        let w = &self.inner.config.load().workers;
+        let w = &self.inner.ctx.config.load().workers;
         retry_backoff(
             w.retry_backoff.get(),
             w.retry_backoff_max.get(),

@@ -11,12 +11,12 @@
 //! one run is queued for the latest missed due time, and the others are counted in
 //! `taskwarden_schedule_skipped_total` and logged.
 
-use super::Orchestrator;
+use super::Context;
 use crate::metrics as m;
 use crate::periodic::Periodic;
 use crate::periodic::Ran;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use std::time::Instant;
 
@@ -47,17 +47,26 @@ pub struct ScheduleState {
     wake_at: Option<Instant>,
 }
 
-impl Orchestrator {
+/// The schedules as the scheduler last saw them (for `/v1/status` and its next wake-up).
+#[derive(Default)]
+pub(super) struct Scheduler {
+    schedules: Mutex<BTreeMap<String, ScheduleState>>,
+}
+
+impl Scheduler {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, ScheduleState>> {
+        self.schedules.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The scheduler loop (see the module doc); under the periodic driver.
-    pub(super) async fn scheduler(self) {
-        let i = Arc::clone(&self.inner);
-        let mut every = Periodic::new("scheduler", i.metrics.clone(), i.shutdown.clone());
+    pub(super) async fn run(&self, ctx: &Context) {
+        let mut every = Periodic::new("scheduler", ctx.metrics.clone(), ctx.shutdown.clone());
         loop {
             if !every.wait(SCHEDULER_MAX_SLEEP).await {
                 break;
             }
-            let deadline = i.config.load().database.query_timeout.get() * 2;
-            match every.run(deadline, self.schedule_once()).await {
+            let deadline = ctx.config.load().database.query_timeout.get() * 2;
+            match every.run(deadline, self.run_once(ctx)).await {
                 Ran::Done(Some(wake)) => every.due_within(wake),
                 Ran::Done(None) | Ran::Missed => {}
                 Ran::Shutdown => break,
@@ -67,18 +76,17 @@ impl Orchestrator {
 
     /// One pass: tries every schedule whose wake-up time has come; returns how soon the
     /// next one is due (None: none within [`SCHEDULER_MAX_SLEEP`]).
-    async fn schedule_once(&self) -> Option<Duration> {
-        let i = &self.inner;
-        let cfg = i.config.load_full();
+    pub(super) async fn run_once(&self, ctx: &Context) -> Option<Duration> {
+        let cfg = ctx.config.load_full();
         tracing::debug!(schedules = cfg.schedules.len(), "scheduler pass");
         {
             // Drop what a reload removed.
-            let mut st = i.schedules();
+            let mut st = self.lock();
             st.retain(|name, _| cfg.schedules.contains_key(name));
         }
         for (name, sc) in &cfg.schedules {
             let wake_at = {
-                let mut st = i.schedules();
+                let mut st = self.lock();
                 let e = st.entry(name.clone()).or_default();
                 if e.cron != sc.cron || e.agent != sc.agent {
                     // New, or changed by a reload: try at once.
@@ -105,8 +113,8 @@ impl Orchestrator {
                 payload: &sc.payload,
                 priority: sc.priority,
             };
-            let fired = i.store.fire_schedule(&cron, &task).await;
-            let mut st = i.schedules();
+            let fired = ctx.store.fire_schedule(&cron, &task).await;
+            let mut st = self.lock();
             let e = st.entry(name.clone()).or_default();
             let next_in = match fired {
                 Ok(Fired::Queued {
@@ -115,11 +123,11 @@ impl Orchestrator {
                     skipped,
                     now,
                 }) => {
-                    i.metrics
+                    ctx.metrics
                         .counter(m::SCHEDULE_RUNS_TOTAL, &[("schedule", name.as_str())])
                         .increment(1);
                     if skipped > 0 {
-                        i.metrics
+                        ctx.metrics
                             .counter(m::SCHEDULE_SKIPPED_TOTAL, &[("schedule", name.as_str())])
                             .increment(skipped);
                         tracing::warn!(schedule = %name, %due, skipped, "missed due times not run; queued the latest one only");
@@ -142,7 +150,7 @@ impl Orchestrator {
             e.wake_at = Some(Instant::now() + next_in);
         }
         let now = Instant::now();
-        i.schedules()
+        self.lock()
             .values()
             .filter_map(|e| e.wake_at)
             .map(|w| w.saturating_duration_since(now))
@@ -150,8 +158,8 @@ impl Orchestrator {
     }
 
     /// Each schedule as this instance last saw it.
-    pub fn schedules_status(&self) -> BTreeMap<String, ScheduleState> {
-        self.inner.schedules().clone()
+    pub(super) fn status(&self) -> BTreeMap<String, ScheduleState> {
+        self.lock().clone()
     }
 }
 

@@ -4,13 +4,74 @@
 
 use super::Orchestrator;
 use super::OrchestratorError;
-use super::REPLACE_WAIT;
-use super::SlotEntry;
 use crate::store::NewTask;
 use crate::store::StoreError;
 use crate::store::Task;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+
+/// How long a slot run waits for the task it replaced to end before answering.
+pub const REPLACE_WAIT: Duration = Duration::from_secs(10);
+
+/// The run slots of this instance: which task runs in each, and the bound on how many
+/// slot runs go at once (they do not wait for free capacity as claims do).
+pub(super) struct RunSlotState {
+    entries: Mutex<HashMap<String, SlotEntry>>,
+    runs: Arc<Semaphore>,
+    limit: usize,
+}
+
+struct SlotEntry {
+    task_id: i64,
+    cancel: CancellationToken,
+    done: CancellationToken,
+}
+
+/// What a run started in a run slot carries to its end: the slot, the token its
+/// replacer waits on, and its share of the slot-run bound.
+pub(super) struct SlotRun {
+    slot_id: String,
+    done: CancellationToken,
+    _bound: OwnedSemaphorePermit,
+}
+
+impl RunSlotState {
+    pub(super) fn new(limit: usize) -> RunSlotState {
+        RunSlotState {
+            entries: Mutex::new(HashMap::new()),
+            runs: Arc::new(Semaphore::new(limit)),
+            limit,
+        }
+    }
+
+    fn entries(&self) -> MutexGuard<'_, HashMap<String, SlotEntry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The run in `run.slot_id` ended: the slot is emptied unless a newer run took it, and
+    /// whoever replaced it learns so (also when the run panicked: the guard fires on drop).
+    pub(super) async fn run_to_end<F: Future<Output = ()>>(
+        &self,
+        task_id: i64,
+        run: SlotRun,
+        f: F,
+    ) {
+        let SlotRun {
+            slot_id,
+            done,
+            _bound,
+        } = run;
+        let _done = done.drop_guard();
+        f.await;
+        let mut slots = self.entries();
+        if slots.get(&slot_id).is_some_and(|e| e.task_id == task_id) {
+            slots.remove(&slot_id);
+        }
+    }
+}
 
 impl Orchestrator {
     /// Runs a task in run slot `slot_id` now, replacing the slot's running task.
@@ -19,7 +80,7 @@ impl Orchestrator {
         slot_id: &str,
         mut t: NewTask,
     ) -> Result<Task, OrchestratorError> {
-        let i = &self.inner;
+        let i = &self.inner.ctx;
         t.slot_id = Some(slot_id.to_string());
         let Some(entry) = i.agents.load().get(&t.agent).cloned() else {
             return Err(self.unknown_agent(&t.agent));
@@ -27,9 +88,10 @@ impl Orchestrator {
         if i.claiming.is_cancelled() {
             return Err(OrchestratorError::ShuttingDown);
         }
-        let permit = Arc::clone(&i.slot_runs)
+        let state = &self.inner.slots;
+        let bound = Arc::clone(&state.runs)
             .try_acquire_owned()
-            .map_err(|_| OrchestratorError::NoRunSlot(i.slot_run_limit))?;
+            .map_err(|_| OrchestratorError::NoRunSlot(state.limit))?;
         let lease = i.config.load().workers.lease.get();
         let task = i.store.create_running(&t, &i.instance_id, lease).await?;
 
@@ -38,7 +100,7 @@ impl Orchestrator {
         let cancel = CancellationToken::new();
         let done = CancellationToken::new();
         let old = {
-            let mut slots = i.slots();
+            let mut slots = state.entries();
             match slots.get(slot_id) {
                 Some(cur) if cur.task_id > task.id => {
                     cancel.cancel();
@@ -59,7 +121,11 @@ impl Orchestrator {
             task.clone(),
             entry,
             cancel,
-            Some((slot_id.to_string(), done, permit)),
+            Some(SlotRun {
+                slot_id: slot_id.to_string(),
+                done,
+                _bound: bound,
+            }),
         );
 
         // Replaced tasks end as cancelled in the database, with the reason; local ones
@@ -94,11 +160,12 @@ impl Orchestrator {
         let reason = format!("replaced by task {newest}");
         let ids = self
             .inner
+            .ctx
             .store
             .cancel_slot_runs_before(slot_id, newest, &reason)
             .await?;
         for id in &ids {
-            self.inner.running.cancel(*id);
+            self.inner.ctx.running.cancel(*id);
         }
         Ok(ids)
     }

@@ -22,14 +22,14 @@ impl Orchestrator {
 
     /// Queues a task (agent must be known), or answers the task holding its unique key.
     pub async fn enqueue(&self, t: &NewTask) -> Result<Enqueued, OrchestratorError> {
-        if self.inner.agents.load().get(&t.agent).is_none() {
+        if self.inner.ctx.agents.load().get(&t.agent).is_none() {
             return Err(self.unknown_agent(&t.agent));
         }
-        let e = self.inner.store.enqueue(t).await?;
+        let e = self.inner.ctx.store.enqueue(t).await?;
         if e.duplicate {
             tracing::debug!(task_id = e.task.id, unique_key = ?e.task.unique_key, "duplicate submit answered with the key's holder");
         } else {
-            self.inner.wake.notify_one();
+            self.inner.ctx.wake.notify_one();
         }
         Ok(e)
     }
@@ -40,7 +40,7 @@ impl Orchestrator {
         &self,
         items: &[NewTask],
     ) -> Result<Vec<Enqueued>, OrchestratorError> {
-        let agents = self.inner.agents.load();
+        let agents = self.inner.ctx.agents.load();
         if let Some((i, t)) = items
             .iter()
             .enumerate()
@@ -55,7 +55,7 @@ impl Orchestrator {
                 ),
             ));
         }
-        let out = self.inner.store.enqueue_many(items).await?;
+        let out = self.inner.ctx.store.enqueue_many(items).await?;
         let created = out.iter().filter(|e| !e.duplicate).count();
         tracing::info!(
             items = out.len(),
@@ -64,14 +64,14 @@ impl Orchestrator {
             "bulk submit"
         );
         if created > 0 {
-            self.inner.wake.notify_one();
+            self.inner.ctx.wake.notify_one();
         }
         Ok(out)
     }
 
     /// Creates an objective whose steps all name known agents.
     pub async fn create_objective(&self, o: &NewObjective) -> Result<Objective, OrchestratorError> {
-        let agents = self.inner.agents.load_full();
+        let agents = self.inner.ctx.agents.load_full();
         let known = agents.names();
         let planned;
         let o = match &o.planner {
@@ -101,8 +101,13 @@ impl Orchestrator {
                 &planned
             }
         };
-        let obj = self.inner.store.create_objective(o, Some(&known)).await?;
-        self.inner.wake.notify_one();
+        let obj = self
+            .inner
+            .ctx
+            .store
+            .create_objective(o, Some(&known))
+            .await?;
+        self.inner.ctx.wake.notify_one();
         Ok(obj)
     }
 
@@ -111,6 +116,7 @@ impl Orchestrator {
     pub async fn cancel(&self, id: i64, reason: &str) -> Result<Task, OrchestratorError> {
         let t = self
             .inner
+            .ctx
             .store
             .transition(
                 id,
@@ -121,8 +127,8 @@ impl Orchestrator {
                 },
             )
             .await?;
-        self.inner.running.cancel(id);
-        super::outcome_writer::cancel_blocked_dependants(&self.inner.store).await;
+        self.inner.ctx.running.cancel(id);
+        super::outcome_writer::cancel_blocked_dependants(&self.inner.ctx.store).await;
         Ok(t)
     }
 }
