@@ -18,13 +18,13 @@ pub fn check(db: &DatabaseConfig) -> Vec<ConfigIssue> {
         if url.is_empty() {
             continue;
         }
-        let message = if let Err(e) = super::tls::parse_url(url) {
+        let message = if let Err(e) = super::target::parse_url(url) {
             match e {
                 // A PG* variable, not the URL, is what cannot be used.
                 super::tls::TlsError::Environment(why) => format!("from the environment: {why}"),
                 e => format!("not a PostgreSQL connection URL (postgresql://user@host/db): {e}"),
             }
-        } else if let Err(e) = super::tls::Tls::for_url(url, db) {
+        } else if let Err(e) = super::target::tls_for_url(url, db) {
             // Certificates are read now, so a missing CA file is found by check-config.
             e.to_string()
         } else {

@@ -34,6 +34,7 @@ pub mod schema;
 pub mod tracker;
 pub use config_check::load_config;
 pub use schema::Schema;
+pub mod target;
 pub mod tls;
 
 use std::fmt;
@@ -273,24 +274,24 @@ pub fn session_target(
     if cfg.direct_url.trim().is_empty() {
         return Ok((pg.clone(), cfg.pooler, pool_tls(cfg)?));
     }
-    let (direct, _) = tls::parse_url(&cfg.direct_url)
+    let (direct, _) = target::parse_url(&cfg.direct_url)
         .map_err(|e| DbError::Config(format!("database.direct_url: {e}")))?;
     Ok((
         direct,
         Pooler::None,
-        tls::Tls::for_url(&cfg.direct_url, cfg)?,
+        target::tls_for_url(&cfg.direct_url, cfg)?,
     ))
 }
 
 /// The TLS of the pool's target: `database.url` (or its env override) and the
 /// `[database]` TLS keys.
 pub fn pool_tls(cfg: &DatabaseConfig) -> Result<tls::Tls, DbError> {
-    Ok(tls::Tls::for_url(&cfg.effective_url(), cfg)?)
+    Ok(target::tls_for_url(&cfg.effective_url(), cfg)?)
 }
 
 /// Parses a connection URL, whatever libpq TLS parameters it carries (see [`tls`]).
 pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, DbError> {
-    Ok(tls::parse_url(url)?.0)
+    Ok(target::parse_url(url)?.0)
 }
 
 /// Whether notifications can be listened for: LISTEN needs a session that lasts, which a

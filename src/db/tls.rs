@@ -78,7 +78,7 @@ pub struct TlsParams {
 
 impl TlsParams {
     /// `self`, with what `over` gives taking its place.
-    fn overridden_by(mut self, over: TlsParams) -> TlsParams {
+    pub(super) fn overridden_by(mut self, over: TlsParams) -> TlsParams {
         if over.mode.is_some() {
             self.mode = over.mode;
         }
@@ -94,7 +94,7 @@ impl TlsParams {
         self
     }
 
-    fn of_config(cfg: &DatabaseConfig) -> TlsParams {
+    pub(super) fn of_config(cfg: &DatabaseConfig) -> TlsParams {
         TlsParams {
             mode: Some(cfg.sslmode),
             root_cert: cfg.sslrootcert.clone(),
@@ -213,7 +213,7 @@ pub(super) fn names_port(conn: &str) -> bool {
 /// `conn` (which names no port) with `ports` (PGPORT: one, or one per host) written in: after
 /// each host of a URI's host part (a `port=` beside a written host would be a second port
 /// to tokio-postgres), else as a `port` parameter.
-fn with_port(conn: &str, ports: &str) -> String {
+pub(super) fn with_port(conn: &str, ports: &str) -> String {
     let Some(query_at) = uri_query_start(conn) else {
         return format!("{conn} port={ports}");
     };
@@ -312,45 +312,6 @@ fn percent_decode(key: &str, v: &str) -> Result<String, TlsError> {
     String::from_utf8(out).map_err(|_| TlsError::Url(format!("the value of {key} is not UTF-8")))
 }
 
-/// Parses a connection string whose TLS parameters may be any of libpq's; the TLS ones
-/// are returned beside the tokio-postgres config.
-pub fn parse_url(conn: &str) -> Result<(tokio_postgres::Config, TlsParams), TlsError> {
-    let env = super::libpq_env::Env::process();
-    let (mut clean, params) = url_params(conn, &env)?;
-    // tokio-postgres gives a URI's host port 5432 when none is written, where libpq would
-    // take PGPORT: so PGPORT is written into the string first.
-    let port = env
-        .port()
-        .map_err(|e| TlsError::Environment(e.to_string()))?;
-    if let Some(port) = port.filter(|_| !names_port(&clean)) {
-        clean = with_port(&clean, &port);
-    }
-    let mut pg = clean
-        .parse::<tokio_postgres::Config>()
-        .map_err(|e| TlsError::Url(e.to_string()))?;
-    super::libpq_env::fill(&mut pg, &env).map_err(|e| TlsError::Environment(e.to_string()))?;
-    Ok((pg, params))
-}
-
-/// The TLS parameters of a connection string with what it leaves out taken from the
-/// environment (`PGSSL*`), and the rest of the string.
-fn url_params(conn: &str, env: &super::libpq_env::Env) -> Result<(String, TlsParams), TlsError> {
-    let (clean, mut params) = split_tls_params(conn)?;
-    super::libpq_env::fill_tls(&mut params, env)?;
-    Ok((clean, params))
-}
-
-/// The `sslmode` in force for `url` under `cfg`, without reading any certificate (what
-/// status shows; [`Tls::for_url`] builds the connector).
-pub fn mode_for_url(url: &str, cfg: &DatabaseConfig) -> Result<SslMode, TlsError> {
-    let from_url = if url.trim().is_empty() {
-        None
-    } else {
-        url_params(url, &super::libpq_env::Env::vars_only())?.1.mode
-    };
-    Ok(from_url.unwrap_or(cfg.sslmode))
-}
-
 /// The TLS of one target, built once (certificates read) and cheap to clone.
 #[derive(Clone)]
 pub struct Tls {
@@ -394,17 +355,6 @@ impl std::fmt::Debug for Tls {
 }
 
 impl Tls {
-    /// The TLS for the connection string `url` (empty: a target given without one, such as
-    /// the embedded server's socket) under `cfg`'s `[database]` keys.
-    pub fn for_url(url: &str, cfg: &DatabaseConfig) -> Result<Tls, TlsError> {
-        let from_url = if url.trim().is_empty() {
-            TlsParams::default()
-        } else {
-            url_params(url, &super::libpq_env::Env::vars_only())?.1
-        };
-        Tls::build(&TlsParams::of_config(cfg).overridden_by(from_url))
-    }
-
     /// Reads the certificates `p` names.
     pub fn build(p: &TlsParams) -> Result<Tls, TlsError> {
         let mode = p.mode.unwrap_or_default();
@@ -753,7 +703,7 @@ mod tests {
             split_tls_params("postgresql://h/db?sslmode=sometimes"),
             Err(TlsError::Mode(_))
         ));
-        assert!(parse_url("postgresql://u@h/db?sslmode=verify-full").is_ok());
+        assert!(crate::db::target::parse_url("postgresql://u@h/db?sslmode=verify-full").is_ok());
     }
 
     #[test]

@@ -18,6 +18,7 @@ use super::task::MAX_NAME_LEN;
 use super::task::NewTask;
 use super::task::TASK_COLUMNS;
 use super::task::Task;
+use super::task::UniqueScope;
 use crate::db::Session;
 use chrono::DateTime;
 use chrono::Utc;
@@ -27,40 +28,6 @@ pub use crate::config::MAX_BULK_ITEMS;
 
 /// Shortest period of `unique_scope = "period"`.
 const MIN_UNIQUE_FOR: Duration = Duration::from_secs(1);
-
-/// How long a task holds its unique key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum UniqueScope {
-    /// Until it first starts running (a retry back in the queue does not take it again).
-    Queued,
-    /// While queued or running: any final status frees it.
-    Active,
-    /// For `unique_for` after it was created, whatever its status.
-    Period,
-}
-
-impl UniqueScope {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            UniqueScope::Queued => "queued",
-            UniqueScope::Active => "active",
-            UniqueScope::Period => "period",
-        }
-    }
-}
-
-impl std::str::FromStr for UniqueScope {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "queued" => Ok(UniqueScope::Queued),
-            "active" => Ok(UniqueScope::Active),
-            "period" => Ok(UniqueScope::Period),
-            other => Err(format!("unknown unique scope {other:?}")),
-        }
-    }
-}
 
 /// A submit's answer: the task, and whether it already existed (its unique key was held).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -16,7 +16,7 @@ pub use events::{MAX_EVENTS_PER_TASK, TaskEvent};
 
 mod enqueue;
 
-pub use enqueue::{Enqueued, MAX_BULK_ITEMS, UniqueScope};
+pub use enqueue::{Enqueued, MAX_BULK_ITEMS};
 
 mod leases;
 mod objectives;
@@ -33,7 +33,7 @@ pub use queue::{MAX_EXTRA_ATTEMPTS, PausedAgent, RetryFilter};
 pub use retention::{Deleted, RetentionAges};
 pub use schedules::{Fired, ScheduledTask};
 pub(crate) use task::TASK_COLUMNS;
-pub use task::{MAX_NAME_LEN, MAX_STEPS, NewTask, Task};
+pub use task::{MAX_NAME_LEN, MAX_STEPS, NewTask, Task, UniqueScope};
 pub use view::{DbView, QueueView, STATUS_INSTANCE_SILENCE, VIEW_LIST_MAX};
 
 use std::time::Duration;

@@ -2,7 +2,6 @@
 //! submits it (`NewTask`, validated before any statement).
 
 use super::StoreError;
-use super::enqueue::UniqueScope;
 use super::invalid;
 use crate::task_state::TaskStatus;
 use chrono::DateTime;
@@ -10,6 +9,40 @@ use chrono::Utc;
 use serde::Deserialize;
 use serde::Serialize;
 use tokio_postgres::Row;
+
+/// How long a task holds its unique key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum UniqueScope {
+    /// Until it first starts running (a retry back in the queue does not take it again).
+    Queued,
+    /// While queued or running: any final status frees it.
+    Active,
+    /// For `unique_for` after it was created, whatever its status.
+    Period,
+}
+
+impl UniqueScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UniqueScope::Queued => "queued",
+            UniqueScope::Active => "active",
+            UniqueScope::Period => "period",
+        }
+    }
+}
+
+impl std::str::FromStr for UniqueScope {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "queued" => Ok(UniqueScope::Queued),
+            "active" => Ok(UniqueScope::Active),
+            "period" => Ok(UniqueScope::Period),
+            other => Err(format!("unknown unique scope {other:?}")),
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Task {
