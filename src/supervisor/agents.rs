@@ -36,6 +36,7 @@ use crate::orchestrator::registry::{AgentUsage, Kill};
 use crate::store::TaskStatus;
 use std::collections::BTreeMap;
 use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 /// One process as the supervisor sums it up.
 #[derive(Debug, Clone, Copy)]
@@ -130,6 +131,8 @@ struct AgentSession {
 
 /// How many (role, missing grant) pairs are remembered as logged.
 pub(super) const PRIVILEGE_WARNED_MAX: usize = 64;
+/// How often a lasting missing grant is said again.
+pub(super) const PRIVILEGE_REWARN: Duration = Duration::from_secs(3600);
 
 // backend_start is NULL exactly when the row is another role's and this one lacks
 // pg_read_all_stats; pg_terminate_backend would raise 42501 for a session it may not
@@ -485,6 +488,16 @@ impl Supervisor {
         grant: &'static str,
         what: &'static str,
     ) {
+        // Said again every PRIVILEGE_REWARN while it lasts: a grant revoked at runtime, or
+        // roles beyond the cap, are not silenced for good.
+        let now = Instant::now();
+        if self
+            .privilege_warned_since
+            .is_none_or(|t| now.saturating_duration_since(t) >= PRIVILEGE_REWARN)
+        {
+            self.privilege_warned.clear();
+            self.privilege_warned_since = Some(now);
+        }
         if self.privilege_warned.len() >= PRIVILEGE_WARNED_MAX {
             return;
         }

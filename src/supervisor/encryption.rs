@@ -24,7 +24,7 @@ pub struct Encryption {
 impl Supervisor {
     pub(super) async fn check_encryption(&mut self, cfg: &Config) -> Result<(), SupervisorError> {
         // The mode only: building the connector would read the certificates every tick.
-        let sslmode = crate::db::tls::mode_for_url(&cfg.database.effective_url(), &cfg.database)
+        let sslmode = crate::db::target::mode_for_url(&cfg.database.effective_url(), &cfg.database)
             .map(|m| m.as_str().to_string())
             .unwrap_or_else(|e| format!("invalid: {e}"));
         let app = self.application_name.clone();

@@ -135,8 +135,11 @@ pub struct Supervisor {
     agent_sessions_warned: std::collections::HashSet<i32>,
     /// (role, what cannot be done) pairs: sessions of roles this one may not see the state
     /// of, or may not end,
-    /// already logged (each once; bounded by [`agents::PRIVILEGE_WARNED_MAX`]).
+    /// already logged (each once an hour while it lasts; bounded by
+    /// [`agents::PRIVILEGE_WARNED_MAX`]).
     privilege_warned: std::collections::HashSet<(String, &'static str)>,
+    /// Since when `privilege_warned` holds what it holds.
+    privilege_warned_since: Option<Instant>,
     /// What the watch rules already logged (see `watch.rs`).
     watch: watch::WatchMemory,
 }
@@ -167,6 +170,7 @@ impl Supervisor {
             agent_cpu: Default::default(),
             agent_sessions_warned: Default::default(),
             privilege_warned: Default::default(),
+            privilege_warned_since: None,
             watch: Default::default(),
         }
     }
@@ -583,7 +587,7 @@ impl Supervisor {
 /// asks for the role's privileges (`USAGE`: membership that inherits), as the server's
 /// own check does; a NOINHERIT membership is not enough.
 pub(crate) const MAY_SIGNAL: &str = "coalesce((pg_has_role(usesysid, 'USAGE') OR pg_has_role('pg_signal_backend', 'USAGE')) \
-     AND (NOT (SELECT r.rolsuper FROM pg_roles r WHERE r.oid = usesysid) \
+     AND (NOT coalesce((SELECT r.rolsuper FROM pg_roles r WHERE r.oid = usesysid), false) \
           OR (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user)), false)";
 
 #[cfg(test)]

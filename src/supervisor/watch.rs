@@ -280,7 +280,9 @@ impl Supervisor {
     /// fails is the tick's error like any other.
     pub(super) async fn check_watch(&mut self, cfg: &Config) -> Result<(), SupervisorError> {
         match self.watch_pass(cfg).await {
-            Err(SupervisorError::Db(e)) if e.sqlstate().is_some() => {
+            // Refused by a server that answers; a connection terminated, a time-out or a
+            // shutdown (transient) is the tick's error, and rebuilds the connection.
+            Err(SupervisorError::Db(e)) if e.sqlstate().is_some() && !e.is_transient() => {
                 let message = e.to_string();
                 if self.watch.refused.as_deref() != Some(message.as_str()) {
                     tracing::warn!(error = %message, "watching the applications' sessions failed; the other checks go on");
@@ -310,6 +312,9 @@ impl Supervisor {
                 .logged
                 .retain(|(rule, key, _)| live.contains(key) && cfg.watch.contains_key(rule));
             let mut signals: Vec<(&Session, &'static str, &str)> = Vec::new();
+            // One signal per session: the first rule and limit (in config order) that ends
+            // it; a session to be terminated has no query to cancel.
+            let mut signalled: HashMap<(i32, u64), &'static str> = HashMap::new();
             for (name, w) in &cfg.watch {
                 let net = w.client_addr.as_deref().and_then(|c| Cidr::parse(c).ok());
                 let mine: Vec<&Session> = sessions
@@ -338,7 +343,21 @@ impl Supervisor {
                             }
                         }
                         if w.action == WatchAction::Terminate {
-                            signals.push((s, reason, name));
+                            let first = signalled.get(&s.key()).copied();
+                            let ends = reason != QUERY_DURATION;
+                            match first {
+                                None => {
+                                    signalled.insert(s.key(), reason);
+                                    signals.push((s, reason, name));
+                                }
+                                // A cancel listed first gives way to a termination.
+                                Some(QUERY_DURATION) if ends => {
+                                    signalled.insert(s.key(), reason);
+                                    signals.retain(|(o, _, _)| o.key() != s.key());
+                                    signals.push((s, reason, name));
+                                }
+                                Some(_) => {}
+                            }
                         }
                     }
                 }
@@ -593,13 +612,17 @@ impl Supervisor {
             Err(e) => return Err(e),
         };
         // In the order listed (rules as configured): the first rule and limit that ended
-        // a session names it, and a session is counted once.
+        // a session names it, and a session is counted once. At most WATCH_LIST_MAX lines
+        // per rule and pass, then one for the rest.
         let mut counted: HashSet<(i32, &str)> = HashSet::new();
+        let mut lines: HashMap<&str, usize> = HashMap::new();
+        let mut refused: HashMap<&str, u64> = HashMap::new();
         for (s, reason, rule) in list {
             let Some((done, role)) = results.get(&(s.pid, *reason)) else {
                 continue;
             };
             let Some(ok) = done else {
+                *refused.entry(rule).or_default() += 1;
                 self.privilege_missing(
                     role,
                     "pg_signal_backend",
@@ -615,11 +638,16 @@ impl Supervisor {
             if !ok || !counted.insert((s.pid, what)) {
                 continue;
             }
+            let n = lines.entry(rule).or_default();
+            *n += 1;
+            let quiet = *n > WATCH_LIST_MAX;
             if *reason == QUERY_DURATION {
                 self.metrics
                     .counter(m::WATCH_QUERIES_CANCELLED_TOTAL, &[("watch", rule)])
                     .increment(1);
-                tracing::warn!(watch = rule, reason, pid = s.pid, application_name = ?s.application_name, query = ?s.query, "cancelled a watched application's query past its rule's {reason}");
+                if !quiet {
+                    tracing::warn!(watch = rule, reason, pid = s.pid, application_name = ?s.application_name, query = ?s.query, "cancelled a watched application's query past its rule's {reason}");
+                }
             } else {
                 self.metrics
                     .counter(
@@ -627,8 +655,25 @@ impl Supervisor {
                         &[("watch", rule), ("reason", reason)],
                     )
                     .increment(1);
-                tracing::warn!(watch = rule, reason, pid = s.pid, application_name = ?s.application_name, state = s.state.as_deref().unwrap_or("unknown"), "terminated a watched application's session past its rule's {reason}");
+                if !quiet {
+                    tracing::warn!(watch = rule, reason, pid = s.pid, application_name = ?s.application_name, state = s.state.as_deref().unwrap_or("unknown"), "terminated a watched application's session past its rule's {reason}");
+                }
             }
+        }
+        for (rule, n) in lines {
+            if n > WATCH_LIST_MAX {
+                tracing::warn!(
+                    watch = rule,
+                    signalled = n,
+                    "{} more sessions or queries of a watched application were ended this pass (not logged one by one; counted in the watch metrics)",
+                    n - WATCH_LIST_MAX
+                );
+            }
+        }
+        for (rule, n) in refused {
+            self.metrics
+                .counter(m::WATCH_SIGNALS_REFUSED_TOTAL, &[("watch", rule)])
+                .increment(n);
         }
         Ok(())
     }
