@@ -496,8 +496,8 @@ fn keepalives(msgs: &[String]) -> usize {
     msgs.iter().filter(|m| *m == "WATCHDOG=1").count()
 }
 
-/// READY=1 comes once the daemon's own migrations ran and its listener is up (README,
-/// "systemd"): at the moment it arrives, the schema of a database the daemon found empty
+/// READY=1 comes once the daemon's own migrations ran and its listener is up (docs/operations.md,
+/// "Install as a service"): at the moment it arrives, the schema of a database the daemon found empty
 /// is at the newest version and the address READY names answers HTTP. Then WATCHDOG=1
 /// while the supervisor ticks, and STOPPING=1 on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
