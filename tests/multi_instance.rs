@@ -175,7 +175,7 @@ async fn a_sigkilled_instances_tasks_are_finished_by_the_other() {
         not_by_b.is_empty(),
         "in flight on A, never finished by B: {not_by_b:?}"
     );
-    // ...and every task completed, a repeat (at-least-once, README "Delivery semantics")
+    // ...and every task completed, a repeat (at-least-once, docs/job-queue.md, "Delivery semantics")
     // only for one A had in flight at the kill: its program may have finished just before
     // the kill, with the outcome not yet written.
     let mut seen = by_a.clone();

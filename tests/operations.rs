@@ -58,10 +58,11 @@ fn promtool_accepts_the_alert_rules() {
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("SUCCESS: 18 rules found"), "{text}");
-    // Every rule links its runbook (README anchors) under the standard annotation.
+    // Every rule links its runbook (a section of docs/runbooks.md) under the standard
+    // annotation.
     let rules = std::fs::read_to_string(root().join("dashboards/alerts.yml")).unwrap();
     assert!(!rules.contains(" runbook:"), "a rule carries `runbook`");
-    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let runbooks = std::fs::read_to_string(root().join("docs/runbooks.md")).unwrap();
     let tests = std::fs::read_to_string(root().join("dashboards/alerts_test.yml")).unwrap();
     let names: Vec<&str> = rules
         .lines()
@@ -69,10 +70,10 @@ fn promtool_accepts_the_alert_rules() {
         .collect();
     assert_eq!(names.len(), 18);
     for name in names {
-        let anchor = format!("runbook_url: \"README.md#{}\"", name.to_lowercase());
+        let anchor = format!("runbook_url: \"docs/runbooks.md#{}\"", name.to_lowercase());
         assert!(rules.contains(&anchor), "{name}: no {anchor}");
         assert!(
-            readme.contains(&format!("#### {name}\n")),
+            runbooks.contains(&format!("\n## {name}\n")),
             "{name}: no runbook"
         );
         assert!(
@@ -495,8 +496,8 @@ fn keepalives(msgs: &[String]) -> usize {
     msgs.iter().filter(|m| *m == "WATCHDOG=1").count()
 }
 
-/// READY=1 comes once the daemon's own migrations ran and its listener is up (README,
-/// "systemd"): at the moment it arrives, the schema of a database the daemon found empty
+/// READY=1 comes once the daemon's own migrations ran and its listener is up (docs/operations.md,
+/// "Install as a service"): at the moment it arrives, the schema of a database the daemon found empty
 /// is at the newest version and the address READY names answers HTTP. Then WATCHDOG=1
 /// while the supervisor ticks, and STOPPING=1 on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

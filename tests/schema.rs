@@ -4,7 +4,7 @@
 //! - beside an application's own `public.tasks` and `objectives`, as a role with only
 //!   `CONNECT, CREATE ON DATABASE`: the daemon creates its schema, migrates and runs, the
 //!   application's tables are untouched, and an application role with only the grants
-//!   README gives can enqueue and cannot read the tables;
+//!   docs/managed-postgres.md gives can enqueue and cannot read the tables;
 //! - an installation made by the migrations of before v8 (every table in `public`, tasks
 //!   in every state, events, pauses, schedules) is moved into the schema in place: no row
 //!   lost, ids and sequences kept, the old `taskwarden_enqueue` still works for the role
@@ -124,7 +124,7 @@ async fn wait_status(http: &reqwest::Client, base: &str, id: i64, want: &str) ->
 }
 
 /// The application's own `tasks` and `objectives` in `public`, a daemon role with only
-/// `CONNECT, CREATE ON DATABASE`, and an application role given only what README says an
+/// `CONNECT, CREATE ON DATABASE`, and an application role given only what docs/managed-postgres.md says an
 /// enqueuing application needs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_least_privilege_role_installs_beside_the_applications_own_tables() {
@@ -207,7 +207,7 @@ async fn a_least_privilege_role_installs_beside_the_applications_own_tables() {
         assert!(owners.iter().any(|(t, _)| t == "refinery_schema_history"), "{owners:?}");
         assert!(owners.iter().all(|(_, o)| *o == daemon_role), "{owners:?}");
 
-        // The application role: nothing before the grants; after README's grants, it can
+        // The application role: nothing before the grants; after the documented grants, it can
         // enqueue inside its own transaction and still cannot read taskwarden's tables.
         let app = connect_as(&t, &app_role).await;
         let refused = app
@@ -297,7 +297,7 @@ async fn a_least_privilege_role_installs_beside_the_applications_own_tables() {
             assert_eq!(out.matches(what).count(), 1, "{what:?} said once:\n{out}");
         }
         lookalike.batch_execute("COMMIT").await.unwrap();
-        // With both grants README names, the same agent's session is ended.
+        // With both grants the docs name, the same agent's session is ended.
         admin
             .batch_execute(&format!("GRANT pg_signal_backend TO {daemon_role}"))
             .await

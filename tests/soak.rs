@@ -861,7 +861,7 @@ async fn check(rig: &mut Rig, c: &tokio_postgres::Client, drained: bool, seed: u
             continue;
         }
         // More than one attempt: its lease was lost (a kill, a dead link) and it ran again,
-        // at least once (README "Delivery semantics"); never twice in one attempt.
+        // at least once (docs/job-queue.md, "Delivery semantics"); never twice in one attempt.
         lease_lost += 1;
         let distinct: BTreeSet<i32> = ran.iter().copied().collect();
         let ok_status = status == "succeeded"

@@ -119,20 +119,24 @@ mod tests {
         );
     }
 
-    /// README's route table names every operation of the document as `METHOD /path`.
+    /// The route table of docs/http-api.md names every operation of the document as
+    /// `METHOD /path`.
     #[test]
-    fn readme_names_every_documented_route() {
-        let readme = include_str!("../../README.md");
+    fn the_api_docs_name_every_documented_route() {
+        let docs = include_str!("../../docs/http-api.md");
         let doc: serde_json::Value = serde_json::from_str(&super::document()).unwrap();
         let mut missing = Vec::new();
         for (path, item) in doc["paths"].as_object().unwrap() {
             for method in item.as_object().unwrap().keys() {
                 let route = format!("`{} {path}", method.to_uppercase());
-                if !readme.contains(&route) {
+                if !docs.contains(&route) {
                     missing.push(route);
                 }
             }
         }
-        assert!(missing.is_empty(), "README's API table lacks {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "docs/http-api.md's route table lacks {missing:?}"
+        );
     }
 }

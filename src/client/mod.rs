@@ -43,7 +43,7 @@ pub enum ClientError {
     Input(String),
 }
 
-/// The exit code of a client command (documented in README, "Commands").
+/// The exit code of a client command (documented in docs/cli.md).
 impl ClientError {
     pub fn exit_code(&self) -> u8 {
         match self {

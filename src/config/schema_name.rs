@@ -114,8 +114,9 @@ const RESERVED: &[&str] = &[
 ];
 
 /// Whether `name` can be a schema here: a lower-case SQL identifier that needs no quoting
-/// (so it reads the same in every statement, in `psql` and in the grants README gives),
-/// and not one PostgreSQL or the applications sharing the database own.
+/// (so it reads the same in every statement, in `psql` and in the grants
+/// docs/managed-postgres.md gives), and not one PostgreSQL or the applications sharing the
+/// database own.
 pub fn validate(name: &str) -> Result<(), String> {
     let mut chars = name.chars();
     let first_ok = chars

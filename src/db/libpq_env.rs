@@ -16,7 +16,7 @@ use tokio_postgres::config::Host;
 
 use super::tls::{TlsError, TlsParams};
 
-/// The variables read, in the order README's table lists them.
+/// The variables read, in the order docs/managed-postgres.md lists them.
 pub const VARS: [&str; 11] = [
     "PGHOST",
     "PGHOSTADDR",

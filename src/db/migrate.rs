@@ -93,7 +93,7 @@ pub enum MigrateError {
     #[error("migration {0} is not applied but the database is already at version {1}")]
     OutOfOrder(String, i32),
     #[error(
-        "cannot create schema {schema}: {source}; grant the role CREATE ON DATABASE, or create the schema for it (CREATE SCHEMA {schema} AUTHORIZATION <role>), see README \"Connecting to a managed PostgreSQL\""
+        "cannot create schema {schema}: {source}; grant the role CREATE ON DATABASE, or create the schema for it (CREATE SCHEMA {schema} AUTHORIZATION <role>), see docs/managed-postgres.md"
     )]
     CreateSchema {
         schema: String,
