@@ -677,6 +677,13 @@ async fn large_payloads_and_lists_stay_bounded_in_memory() {
         );
 
         assert!(before.is_some() && after.is_some(), "no resident memory gauge in /metrics");
+        // The bound means something only if the payloads were taken: each body is ~1 MB,
+        // under the default 1 MiB http.max_body_bytes, so every one is created.
+        assert_eq!(
+            (created, too_large),
+            (TASKS, 0),
+            "~1 MB payloads under the 1 MiB body limit were refused"
+        );
         let oversized: Vec<usize> = sizes
             .iter()
             .map(|(_, b)| *b)
@@ -701,9 +708,11 @@ async fn large_payloads_and_lists_stay_bounded_in_memory() {
             oversized.is_empty(),
             "list responses larger than {MAX_LIST_BODY} bytes: {oversized:?}"
         );
-        // 503 is the API's "no capacity"; at least one list must have been answered.
+        // Every list is answered: 5 lists are far inside the pool (20 + 10 overflow),
+        // http.max_connections (1024) and the 5 s checkout timeout, so no capacity 503 is
+        // due; a list too big for http.max_response_bytes is cut (a 200 page), not refused.
         assert!(
-            sizes.iter().all(|(s, _)| *s == 200 || *s == 503) && sizes.iter().any(|(s, _)| *s == 200),
+            sizes.iter().all(|(s, _)| *s == 200),
             "list answers (status, bytes): {sizes:?}"
         );
         sigterm_and_expect_success(&mut d);

@@ -1,5 +1,5 @@
 //! Issue 18: the agents under the watchdog. Real processes and real PostgreSQL sessions,
-//! against the built daemon: a tree over `memory_max` or `processes_max` is killed whole
+//! against the built daemon: a tree over `memory_max`, `processes_max` or `cpu_time_max` is killed whole
 //! (checked by a unique marker in argv) and its task fails naming the limit; an agent's
 //! own sessions (psql, labelled by `PGAPPNAME`) show under its task in `/v1/status`, the
 //! one idle in a transaction is terminated past the limit, none remains once the task
@@ -172,6 +172,66 @@ async fn a_tree_over_memory_max_or_processes_max_is_killed_whole_and_the_task_na
         }
         assert!(metrics.contains("taskwarden_agent_cpu_seconds_total{agent=\"calm\"}"));
         common::promtool_check_metrics(&metrics);
+        d.signal(nix::sys::signal::Signal::SIGTERM);
+        d.wait_exit(LIMIT);
+    })
+    .await;
+}
+
+/// README: a tree past its agent's `cpu_time_max` is killed whole and its task fails with
+/// outcome `over_limit`, naming the limit and the figure; a tree under it is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_over_cpu_time_max_is_killed_whole_and_the_task_names_the_limit() {
+    bounded(Duration::from_secs(120), async {
+        let t = TestDb::new().await;
+        let dir = tempfile::tempdir().unwrap();
+        let spin = marker();
+        let calm = marker();
+        // A child that burns CPU until killed; a child that sleeps (next to no CPU time).
+        let burn = format!("sh -c 'while :; do :; done' {spin}_child; echo '{{}}'");
+        let small = format!("sh -c 'sleep 3; :' {calm}_child; echo '{{\"result\": 1}}'");
+        let agents = format!(
+            "[agents.spin]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", {burn:?}]\ncpu_time_max = \"1s\"\n\
+             [agents.calm]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", {small:?}]\ncpu_time_max = \"1s\"\n"
+        );
+        let url = t.url();
+        let mut d = Daemon::start(
+            dir.path(),
+            &config(&t, "", &agents),
+            &[("TASKWARDEN_DATABASE_URL", &url)],
+        );
+        let base = d.base_url();
+        let http = http_client(Duration::from_secs(10));
+        let calm_id = submit(&http, &base, "calm").await;
+        let spin_id = submit(&http, &base, "spin").await;
+
+        let s = ended(&http, &base, spin_id).await;
+        assert_eq!(s["status"], "failed", "{s}");
+        let err = s["error"].as_str().unwrap();
+        assert!(
+            err.contains("CPU time") && err.contains("cpu_time_max 1.0s"),
+            "{err}"
+        );
+        let m = format!("{spin}_child");
+        assert!(
+            eventually(Duration::from_secs(10), || async { marked(&m).is_empty() }).await,
+            "{m} still running: {:?}",
+            marked(&m)
+        );
+        let c = ended(&http, &base, calm_id).await;
+        assert_eq!(c["status"], "succeeded", "{c}");
+
+        let metrics = scrape(&http, &base).await;
+        for line in [
+            "taskwarden_agent_limits_hit_total{agent=\"spin\",limit=\"cpu_time_max\"} 1",
+            "taskwarden_tasks_finished_total{agent=\"spin\",outcome=\"over_limit\"} 1",
+        ] {
+            assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+        }
+        assert!(
+            !metrics.contains("taskwarden_agent_limits_hit_total{agent=\"calm\""),
+            "the calm tree was counted over a limit:\n{metrics}"
+        );
         d.signal(nix::sys::signal::Signal::SIGTERM);
         d.wait_exit(LIMIT);
     })

@@ -671,7 +671,26 @@ async fn sighup_reports_restart_only_keys_and_does_not_apply_them() {
     assert_eq!(a.post("/v1/tasks", big).await.0, 413);
     // Many supervisor ticks (200 ms) later, the foreign session idle in its transaction
     // is still there: the sweep still matches the name our connections were opened with.
+    // The ticks are counted, not assumed: at least 10 more must have run.
+    let ticks = || async {
+        let m = a.call(reqwest::Method::GET, "/metrics", None, None).await.1;
+        taskwarden::metrics::parse_value(
+            m.as_str().unwrap_or(""),
+            "taskwarden_supervisor_ticks_total",
+            &[("result", "ok")],
+        )
+        .unwrap_or(0.0)
+    };
+    let ticks_before = ticks().await;
     tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            ticks().await >= ticks_before + 10.0
+        })
+        .await,
+        "the supervisor did not tick 10 times after the reload (ok ticks {ticks_before} -> {})",
+        ticks().await
+    );
     foreign
         .batch_execute("SELECT 1; COMMIT")
         .await

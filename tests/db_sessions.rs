@@ -187,32 +187,60 @@ async fn checkout_timeout_is_a_typed_error_and_capacity_returns() {
 #[tokio::test]
 async fn pre_ping_replaces_connections_the_server_terminated() {
     let t = TestDb::new().await;
-    let db = t.pool(3, 0, Duration::from_secs(5));
+    let mut cfg = t.config(3, 0, Duration::from_secs(5));
+    cfg.pre_ping = true;
+    cfg.pre_ping_idle = taskwarden::config::Dur(Duration::from_millis(50));
+    let db = Db::new(t.pg.clone(), &cfg, &taskwarden::metrics::Metrics::new()).unwrap();
     let held: Vec<_> = futures_join(&db, 3).await;
     let old_pids: Vec<i32> = held.iter().map(|s| s.backend_pid()).collect();
     drop(held);
     assert_eq!(db.status().idle, 3);
 
-    let admin = t.admin().await;
-    let killed: i64 = admin
-        .query_one(
-            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE application_name = $1 AND pid <> pg_backend_pid()) k",
-            &[&t.application_name],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(killed, 3);
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            t.backends().await.is_empty()
-        })
-        .await
-    );
+    // The backends are ended from another thread with a runtime of its own, and this
+    // (current-thread) runtime is blocked meanwhile: the pool's connection tasks never run,
+    // so the client has not read the server's goodbye and its socket still looks open.
+    // Only a ping finds out (with `pre_ping = false` the checkout hands out a dead
+    // connection and the query below fails). The wait also idles the connections well past
+    // `pre_ping_idle`.
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let admin = t.admin().await;
+                    let killed: i64 = admin
+                        .query_one(
+                            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) \
+                             FROM pg_stat_activity \
+                             WHERE application_name = $1 AND pid <> pg_backend_pid()) k",
+                            &[&t.application_name],
+                        )
+                        .await
+                        .unwrap()
+                        .get(0);
+                    assert_eq!(killed, 3);
+                    assert!(
+                        eventually(Duration::from_secs(10), || async {
+                            t.backends().await.is_empty()
+                        })
+                        .await
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                });
+            })
+            .join()
+            .unwrap();
+    });
 
     let s = db.session("test.after_terminate").await.unwrap();
-    let one: i32 = s.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    let one: i32 = s
+        .query_one("SELECT 1", &[])
+        .await
+        .expect("the checkout after the server ended every backend handed out a dead connection")
+        .get(0);
     assert_eq!(one, 1);
     assert!(!old_pids.contains(&s.backend_pid()));
 }

@@ -50,6 +50,11 @@ async fn submit_all(http: &reqwest::Client, base: &str, n: i64) {
     }
 }
 
+/// The fewest of the storm's 250 task submissions that must be created to show the pool
+/// serving (half; on 2 shared cores all 250 are). The other 250 requests, `GET
+/// /v1/status`, answer 200 without waiting for the pool, so they prove nothing here.
+const STORM_MIN_CREATED: i64 = 125;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_of_500_requests_on_a_pool_of_5_gets_answers_and_leaves_nothing_checked_out() {
     let t = TestDb::new().await;
@@ -65,8 +70,10 @@ async fn a_storm_of_500_requests_on_a_pool_of_5_gets_answers_and_leaves_nothing_
         "http://{}",
         tokio::task::block_in_place(|| d.addr()).expect("ready")
     );
+    // Every request is bounded: a daemon that never answers fails here, not by hanging.
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(30))
         .build()
         .unwrap();
 
@@ -136,7 +143,16 @@ async fn a_storm_of_500_requests_on_a_pool_of_5_gets_answers_and_leaves_nothing_
         }
     }
     assert_eq!(ok + busy, 500);
-    assert!(ok > 0);
+    // A meaningful share is served: each submission holds one of the 5 connections for
+    // a query of a few milliseconds, so within the 1 s checkout_timeout the pool serves far
+    // more than STORM_MIN_CREATED of the 250, even on a slow shared machine; fewer means
+    // the pool starves (connections held or not handed on), and a storm of 503s is not
+    // "gets answers".
+    assert!(
+        created >= STORM_MIN_CREATED,
+        "only {created} of 250 submissions were created ({ok} successes, {busy} answered 503); \
+         want at least {STORM_MIN_CREATED}"
+    );
     assert_eq!(health.await.unwrap(), 40);
     // Afterwards nothing is left checked out: once the accepted tasks have run and the
     // daemon is idle, one status reading shows no open session, no live session and no

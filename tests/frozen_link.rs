@@ -8,9 +8,9 @@
 //! - the supervisor, claimer, heartbeat and leader all recover by themselves once new
 //!   connections work again; an instance that cannot reach the database loses leadership
 //!   to one that can;
-//! - `/readyz` answers (quickly) 503 with a reason while the database is unreachable, and
+//! - `/readyz` answers 503 with a reason while the database is unreachable, and
 //!   200 again once it is back; `/healthz` stays 200;
-//! - `/v1/status` answers quickly even with the pool exhausted.
+//! - `/v1/status` answers (200, without a pool connection) even with the pool exhausted.
 //!
 //! The `eventually` limits below only guard against hangs; they are not timing assertions.
 
@@ -254,7 +254,7 @@ async fn the_instance_that_is_not_frozen_takes_over_leadership() {
             &config,
             &[("TASKWARDEN_DATABASE_URL", &url_a)],
         );
-        ready(&mut a);
+        let base_a = ready(&mut a);
         let led = tokio::task::block_in_place(|| a.wait_for("became leader", RECOVERY));
         assert!(
             led.is_some(),
@@ -292,6 +292,23 @@ async fn the_instance_that_is_not_frozen_takes_over_leadership() {
             "the expired-lease task {ghost} was not re-queued and run by B; row {:?}; B output:\n{}",
             row(&c, ghost).await,
             b.drain()
+        );
+
+        // A stepped down by itself (ARCHITECTURE.md: failing to renew steps down at once):
+        // it says so, and its leader gauge — served without the database — is 0. The wait
+        // is a hang guard only.
+        let stepped = tokio::task::block_in_place(|| a.wait_for("stepping down", RECOVERY));
+        assert!(
+            stepped.is_some(),
+            "A never stepped down while cut off from the database; A output:\n{}",
+            a.drain()
+        );
+        let http = client();
+        let gauge = common::daemon::scrape(&http, &base_a).await;
+        assert_eq!(
+            taskwarden::metrics::parse_value(&gauge, "taskwarden_leader", &[]),
+            Some(0.0),
+            "A still reports itself leader after stepping down"
         );
 
         // A may be wedged: its Drop kills it.
@@ -439,7 +456,7 @@ async fn a_30s_black_hole_turns_readyz_503_and_heals_by_itself() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn status_answers_quickly_with_the_pool_exhausted() {
+async fn status_answers_with_the_pool_exhausted() {
     bounded(async {
         let t = TestDb::new().await;
         let dir = tempfile::tempdir().unwrap();
@@ -475,10 +492,13 @@ async fn status_answers_quickly_with_the_pool_exhausted() {
             })
             .collect();
 
-        let quick = Duration::from_secs(1);
+        // A hang guard, not a speed check: longer than the 5 s checkout_timeout, so a
+        // status that waited for a pool connection would answer 503 (and fail the 200
+        // below) rather than trip this bound; the lock is held far longer (until rollback).
+        let guard = Duration::from_secs(15);
         let last: RefCell<Option<Result<(u16, Value), String>>> = RefCell::new(None);
         let exhausted = eventually(Duration::from_secs(20), || async {
-            let r = get_json(&http, &format!("{base}/v1/status"), quick).await;
+            let r = get_json(&http, &format!("{base}/v1/status"), guard).await;
             let full = matches!(&r, Ok((200, v)) if v["pool"]["in_use"].as_u64() == Some(2));
             *last.borrow_mut() = Some(r);
             full
@@ -486,18 +506,13 @@ async fn status_answers_quickly_with_the_pool_exhausted() {
         .await;
         assert!(
             exhausted,
-            "GET /v1/status never answered within {quick:?} showing pool.in_use == 2 \
+            "GET /v1/status never answered within {guard:?} showing pool.in_use == 2 \
              (pool exhausted by requests waiting on a lock); last: {:?}",
             last.borrow()
         );
-        let started = std::time::Instant::now();
-        let (code, v) = get_json(&http, &format!("{base}/v1/status"), quick)
+        let (code, v) = get_json(&http, &format!("{base}/v1/status"), guard)
             .await
             .unwrap_or_else(|e| panic!("status with the pool exhausted: {e}"));
-        println!(
-            "status with the pool exhausted took {:?}",
-            started.elapsed()
-        );
         assert_eq!(code, 200, "{v}");
         assert_eq!(
             v["pool"]["in_use"], v["pool"]["max"],

@@ -344,15 +344,30 @@ proptest! {
             }
             Err(e) => {
                 prop_assert!(!e.to_string().is_empty());
-                if let Some(obj) = v.as_object()
-                    && let Some(k) = obj.keys().find(|k| !task_fields.contains(*k))
-                {
-                    // Refused, and the reason is an unknown field or a wrong type.
-                    let msg = e.to_string();
-                    prop_assert!(
-                        msg.contains("unknown field") || msg.contains("invalid"),
-                        "refused {v} (unknown {k:?}) with {msg}"
-                    );
+                // Refused by field: an unknown field named in the message, or a known field
+                // of the wrong shape at the error's path.
+                let named = serde_path_to_error::deserialize::<_, NewTask>(v.clone())
+                    .expect_err("serde_path_to_error accepted what serde_json refused");
+                let path = named.path().to_string();
+                let msg = named.inner().to_string();
+                if let Some(obj) = v.as_object() {
+                    if let Some(k) = msg
+                        .strip_prefix("unknown field `")
+                        .and_then(|r| r.split('`').next())
+                    {
+                        prop_assert!(
+                            obj.contains_key(k) && !task_fields.iter().any(|f| f == k),
+                            "refused {v} naming {k:?}, which is not an unknown field of it: {msg}"
+                        );
+                    } else {
+                        let top = path.split(['.', '[']).next().unwrap_or("");
+                        prop_assert!(
+                            obj.contains_key(top) && task_fields.iter().any(|f| f == top),
+                            "refused {v} at {path:?}, not at a field it holds: {msg}"
+                        );
+                    }
+                } else {
+                    prop_assert!(msg.contains("invalid"), "refused {v} with {msg}");
                 }
             }
         }
@@ -378,6 +393,42 @@ proptest! {
             }
         }
     }
+}
+
+/// Whether a rejection of `body` blames an input by name: its `field` is a field of the
+/// request (a key of the body, a field of a task, objective or step, an item of a bulk, or
+/// the body itself), or, for a body that is no object, its error says the body must be
+/// one (`the body must be ...`) or is not JSON it can read, or its error quotes an
+/// unknown field of the body or a required field it lacks.
+fn names_the_field(body: &Value, answer: &Value) -> bool {
+    let known: Vec<String> = fields_of::<NewTask>()
+        .into_iter()
+        .chain(fields_of::<NewObjective>())
+        .chain(fields_of::<NewStep>())
+        .collect();
+    let error = answer["error"].as_str().unwrap_or("");
+    if let Some(field) = answer["field"].as_str() {
+        let top = field.split(['.', '[']).next().unwrap_or("");
+        return !field.is_empty()
+            && (field == "body"
+                || (body.is_array() && (field == "items" || field.starts_with("items[")))
+                || body.as_object().is_some_and(|o| o.contains_key(top))
+                || known.iter().any(|k| k == top));
+    }
+    if !body.is_object() {
+        return error.starts_with("the body must be") || error.starts_with("invalid JSON");
+    }
+    let quoted = |after: &str| {
+        error
+            .split(after)
+            .nth(1)
+            .and_then(|r| r.split('`').next())
+            .map(str::to_string)
+    };
+    let obj = body.as_object();
+    quoted("unknown field `").is_some_and(|k| obj.is_some_and(|o| o.contains_key(&k)))
+        || quoted("missing field `")
+            .is_some_and(|k| known.contains(&k) && obj.is_some_and(|o| !o.contains_key(&k)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -424,6 +475,10 @@ async fn the_api_answers_generated_bodies_with_4xx_or_success_never_5xx() {
             assert!(
                 answer["error"].is_string(),
                 "{path} {body} -> {status} without a JSON error: {answer}"
+            );
+            assert!(
+                names_the_field(&body, &answer),
+                "{path} {body} -> {status}: the rejection names no field of the body: {answer}"
             );
         }
         *seen.entry(status).or_insert(0) += 1;

@@ -16,10 +16,22 @@ use taskwarden::db::{Db, DbError};
 use taskwarden::metrics::{self as m, Metrics};
 use taskwarden::orchestrator::registry::RunningTasks;
 use taskwarden::store::{NewTask, Store, TaskStatus, TransitionArgs};
-use taskwarden::supervisor::Supervisor;
+use taskwarden::supervisor::{Supervisor, TickReport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// Bound of one supervisor tick: a hang guard (docs/testing.md: every test is bounded in
+/// time), far beyond any tick these short limits make.
+const TICK_LIMIT: Duration = Duration::from_secs(60);
+
+/// One tick, bounded by [`TICK_LIMIT`]; a failed or hung tick fails the test.
+async fn tick(sup: &mut Supervisor) -> TickReport {
+    tokio::time::timeout(TICK_LIMIT, sup.tick())
+        .await
+        .unwrap_or_else(|_| panic!("a supervisor tick did not end within {TICK_LIMIT:?}"))
+        .unwrap()
+}
 
 struct Rig {
     t: TestDb,
@@ -175,7 +187,7 @@ async fn pool_alert_fires_once_and_resolves_once() {
         held.push(rig.db.session("test.hold").await.unwrap());
     }
     for _ in 0..3 {
-        sup.tick().await.unwrap();
+        tick(&mut sup).await;
     }
     assert!(rig.alerts.is_firing(alerts::POOL_UTILIZATION_HIGH));
     assert_eq!(
@@ -190,14 +202,14 @@ async fn pool_alert_fires_once_and_resolves_once() {
 
     // Between the lines (0.8, then exactly the 0.7 clear line): no flapping.
     held.truncate(8);
-    sup.tick().await.unwrap();
+    tick(&mut sup).await;
     held.truncate(7);
-    sup.tick().await.unwrap();
+    tick(&mut sup).await;
     assert!(rig.alerts.is_firing(alerts::POOL_UTILIZATION_HIGH));
 
     held.clear();
     for _ in 0..3 {
-        sup.tick().await.unwrap();
+        tick(&mut sup).await;
     }
     assert!(!rig.alerts.is_firing(alerts::POOL_UTILIZATION_HIGH));
     assert_eq!(
@@ -302,9 +314,9 @@ async fn a_guard_held_past_cancellation_gets_its_slot_lent_back() {
     let stubborn = rig.db.session("test.stubborn").await.unwrap();
     let mut sup = rig.supervisor();
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let r1 = sup.tick().await.unwrap();
+    let r1 = tick(&mut sup).await;
     assert_eq!(r1.sessions_force_closed, 1);
-    let r2 = sup.tick().await.unwrap();
+    let r2 = tick(&mut sup).await;
     assert_eq!(r2.capacity_lent, 1);
     // Capacity is back while the stubborn guard still exists...
     let s = rig.db.session("test.lent").await.unwrap();
@@ -465,7 +477,7 @@ async fn memory_pressure_alerts_and_closes_idle_connections() {
     before.sort();
     assert_eq!(before, idle_pids);
     let mut sup = rig.supervisor();
-    let r = sup.tick().await.unwrap();
+    let r = tick(&mut sup).await;
     assert!(r.resident_memory_bytes > 0);
     assert!(r.emergency_cleanup);
     assert!(rig.alerts.is_firing(alerts::MEMORY_HIGH));
@@ -495,7 +507,7 @@ async fn memory_pressure_alerts_and_closes_idle_connections() {
     assert_eq!(rig.value(m::EMERGENCY_CLEANUPS_TOTAL, &[]), 1.0);
     assert!(rig.value(m::PROCESS_RESIDENT_MEMORY_BYTES, &[]) > 0.0);
     // Still firing on the next tick: no second alert, no second cleanup.
-    let r = sup.tick().await.unwrap();
+    let r = tick(&mut sup).await;
     assert!(!r.emergency_cleanup);
     assert_eq!(rig.value(m::ALERTS_TOTAL, &[("alert", "memory_high")]), 1.0);
 }
@@ -506,8 +518,8 @@ async fn a_long_lived_session_is_warned_about_once() {
     let _s = rig.db.session("test.long").await.unwrap();
     let mut sup = rig.supervisor();
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(sup.tick().await.unwrap().sessions_warned, 1);
-    assert_eq!(sup.tick().await.unwrap().sessions_warned, 0);
+    assert_eq!(tick(&mut sup).await.sessions_warned, 1);
+    assert_eq!(tick(&mut sup).await.sessions_warned, 0);
     assert_eq!(rig.value(m::DB_SESSIONS_LONG_LIVED_TOTAL, &[]), 1.0);
     assert!(rig.value(m::DB_SESSION_OLDEST_AGE_SECONDS, &[]) >= 1.0);
 }

@@ -68,6 +68,17 @@ impl Elector {
         leading
     }
 
+    /// After a pass that was dropped at its deadline: if the leadership counted from the
+    /// last successful renewal has lapsed meanwhile, steps down as a failed renewal does
+    /// (said in the log, `taskwarden_leader` 0), rather than keep the stale state.
+    pub fn step_down_if_lapsed(&mut self) {
+        if self.leading_until.is_some() && !self.is_leading() {
+            tracing::warn!(instance = %self.instance_id, "leadership lapsed: the renewal did not finish in time; stepping down");
+            self.leading_until = None;
+            self.metrics.gauge(m::LEADER, &[]).set(0.0);
+        }
+    }
+
     /// One statement: insert the row, renew it if it is ours, or take it if it expired.
     async fn try_hold(&self, ttl: Duration) -> Result<bool, DbError> {
         let s = self.db.session("elector.hold").await?;

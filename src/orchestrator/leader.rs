@@ -54,7 +54,10 @@ impl Leader {
                     tracing::warn!(error = %e, "leader duties failed; retrying next round")
                 }
                 Ran::Shutdown => break,
-                Ran::Done(Ok(())) | Ran::Missed => {}
+                // A renewal that never came back (a frozen link) was dropped with the pass:
+                // the leadership it would have extended has lapsed by now.
+                Ran::Missed => self.elector.step_down_if_lapsed(),
+                Ran::Done(Ok(())) => {}
             }
         }
         self.elector.resign().await;
