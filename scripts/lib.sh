@@ -45,6 +45,22 @@ ensure_pgbouncer() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends pgbouncer
 }
 
+# Makes a fresh virtualenv at $1 and pip-installs the rest of the arguments into it,
+# installing python3-venv first where Debian's python3 lacks it.
+make_venv() {
+  local venv="$1"
+  shift
+  if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+    local sudo=""
+    if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+    $sudo apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends python3-venv
+  fi
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q "$@"
+}
+
 # Installs schemathesis (PyPI, pinned) into a virtualenv under the user's cache for
 # tests/openapi.rs and exports TASKWARDEN_SCHEMATHESIS with its path.
 SCHEMATHESIS_VERSION=4.32.5
@@ -52,15 +68,7 @@ ensure_schemathesis() {
   local venv="${XDG_CACHE_HOME:-$HOME/.cache}/taskwarden/schemathesis-$SCHEMATHESIS_VERSION"
   if [ ! -x "$venv/bin/schemathesis" ]; then
     echo "installing schemathesis $SCHEMATHESIS_VERSION from PyPI into $venv" >&2
-    if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
-      local sudo=""
-      if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
-      $sudo apt-get update -q
-      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends python3-venv
-    fi
-    rm -rf "$venv"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install -q "schemathesis==$SCHEMATHESIS_VERSION"
+    make_venv "$venv" "schemathesis==$SCHEMATHESIS_VERSION"
   fi
   export TASKWARDEN_SCHEMATHESIS="$venv/bin/schemathesis"
 }
@@ -75,15 +83,7 @@ ensure_clients() {
   venv="${XDG_CACHE_HOME:-$HOME/.cache}/taskwarden/clients-$sum"
   if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import sqlalchemy, asyncpg, psycopg' >/dev/null 2>&1; then
     echo "installing the client examples' packages from PyPI into $venv" >&2
-    if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
-      local sudo=""
-      if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
-      $sudo apt-get update -q
-      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends python3-venv
-    fi
-    rm -rf "$venv"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install -q -r examples/clients/requirements.txt
+    make_venv "$venv" -r examples/clients/requirements.txt
   fi
   export TASKWARDEN_CLIENTS_PYTHON="$venv/bin/python"
   if [ ! -d examples/clients/node/node_modules/pg ]; then

@@ -16,7 +16,7 @@ use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::daemon::{Daemon, bounded, http_client, scrape};
+use common::daemon::{Daemon, bounded, firing_for, http_client, metric_value, scrape, status_json};
 use common::{TestDb, eventually};
 use serde_json::Value;
 
@@ -63,29 +63,15 @@ async fn a_leaking_sqlalchemy_application_is_caught_named_and_unwedged() {
 
         // While the application leaks: the budget alert, the sessions named by caller.
         let fired = eventually(Duration::from_secs(30), || async {
-            let s: Value = http
-                .get(format!("{base}/v1/status"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            s["alerts_firing"].as_array().is_some_and(|a| {
-                a.iter()
-                    .any(|x| x["alert"] == "watch_sessions_high" && x["subject"] == "seedapp")
-            })
+            firing_for(
+                &status_json(&http, &base).await,
+                "watch_sessions_high",
+                Some("seedapp"),
+            )
         })
         .await;
         assert!(fired, "watch_sessions_high never fired:\n{}", d.drain());
-        let s: Value = http
-            .get(format!("{base}/v1/status"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let s = status_json(&http, &base).await;
         let rule = &s["watch"]["rules"]["seedapp"];
         let named = rule["sessions"].as_array().unwrap().iter().any(|x| {
             x["application_name"]
@@ -144,17 +130,10 @@ async fn a_leaking_sqlalchemy_application_is_caught_named_and_unwedged() {
         assert!(recovered, "the application never created tasks again: {last}");
         assert!(last["created"].as_u64().unwrap_or(0) > 30, "{last}");
         let text = scrape(&http, &base).await;
-        let terminated: f64 = text
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(
-                    "taskwarden_watch_sessions_terminated_total{watch=\"seedapp\",reason=\"idle_in_transaction_max\"}",
-                )?
-                .trim()
-                .parse()
-                .ok()
-            })
-            .unwrap_or(0.0);
+        let terminated = metric_value(
+            &text,
+            "taskwarden_watch_sessions_terminated_total{watch=\"seedapp\",reason=\"idle_in_transaction_max\"}",
+        );
         assert!(terminated >= 30.0, "{terminated} terminated\n{text}");
     })
     .await;

@@ -12,9 +12,10 @@ use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::daemon::{Daemon, bounded, http_client, scrape};
+use common::daemon::{
+    Daemon, bounded, firing_for, http_client, metric_value as metric, scrape, status_json as status,
+};
 use common::{TestDb, count, eventually};
-use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -61,30 +62,6 @@ async fn pids(c: &tokio_postgres::Client, app: &str) -> Vec<i32> {
     .iter()
     .map(|r| r.get(0))
     .collect()
-}
-
-async fn status(http: &reqwest::Client, base: &str) -> Value {
-    http.get(format!("{base}/v1/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-fn firing_for(s: &Value, alert: &str, subject: Option<&str>) -> bool {
-    s["alerts_firing"].as_array().is_some_and(|a| {
-        a.iter()
-            .any(|x| x["alert"] == alert && x["subject"].as_str() == subject)
-    })
-}
-
-/// A metric's value in a scrape (0 when the series is absent).
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 fn config(t: &TestDb, rules: &str) -> String {

@@ -316,7 +316,13 @@ impl Supervisor {
             // it; a session to be terminated has no query to cancel.
             let mut signalled: HashMap<(i32, u64), &'static str> = HashMap::new();
             for (name, w) in &cfg.watch {
-                let net = w.client_addr.as_deref().and_then(|c| Cidr::parse(c).ok());
+                // Validated at load and reload; a network that would not parse must match
+                // nothing, never everything.
+                let net = match w.client_addr.as_deref().map(Cidr::parse) {
+                    None => None,
+                    Some(Ok(n)) => Some(n),
+                    Some(Err(_)) => continue,
+                };
                 let mine: Vec<&Session> = sessions
                     .iter()
                     .filter(|s| s.matches(w, net.as_ref()))

@@ -235,3 +235,30 @@ pub async fn scrape(http: &reqwest::Client, base: &str) -> String {
         .await
         .unwrap()
 }
+
+/// `GET /v1/status` as JSON.
+pub async fn status_json(http: &reqwest::Client, base: &str) -> serde_json::Value {
+    http.get(format!("{base}/v1/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Whether a status answer lists `alert` firing (for `subject`, an alert that fires per
+/// thing; `None` for one that has none).
+pub fn firing_for(status: &serde_json::Value, alert: &str, subject: Option<&str>) -> bool {
+    status["alerts_firing"].as_array().is_some_and(|a| {
+        a.iter()
+            .any(|x| x["alert"] == alert && x["subject"].as_str() == subject)
+    })
+}
+
+/// A series' value in a `/metrics` scrape (`name{labels}` as rendered), 0 when absent.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
