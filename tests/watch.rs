@@ -72,6 +72,20 @@ fn config(t: &TestDb, rules: &str) -> String {
     )
 }
 
+/// A daemon on this test's database with `rules`, once it is ready: the daemon, its base
+/// URL, an HTTP client, and the directory its config lives in (kept while it runs).
+fn start(t: &TestDb, rules: &str) -> (Daemon, String, reqwest::Client, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = t.url();
+    let mut d = Daemon::start(
+        dir.path(),
+        &config(t, rules),
+        &[("TASKWARDEN_DATABASE_URL", url.as_str())],
+    );
+    let base = d.base_url();
+    (d, base, http_client(Duration::from_secs(10)), dir)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminate_rule_ends_what_passes_its_limits_and_nothing_unwatched() {
     bounded(Duration::from_secs(120), async {
@@ -84,15 +98,8 @@ async fn a_terminate_rule_ends_what_passes_its_limits_and_nothing_unwatched() {
              idle_in_transaction_max = \"3s\"\nsession_max_age = \"20s\"\n\
              query_max_duration = \"2s\"\naction = \"terminate\"\n"
         );
-        let dir = tempfile::tempdir().unwrap();
         let url = t.url();
-        let mut d = Daemon::start(
-            dir.path(),
-            &config(&t, &rules),
-            &[("TASKWARDEN_DATABASE_URL", url.as_str())],
-        );
-        let base = d.base_url();
-        let http = http_client(Duration::from_secs(10));
+        let (mut d, base, http, _dir) = start(&t, &rules);
         let c = t.admin().await;
 
         let leaked_name = format!("{app}:task_tracking.py:41:create_task_in_db");
@@ -236,15 +243,8 @@ async fn an_alert_rule_logs_and_counts_and_ends_nothing() {
              idle_in_transaction_max = \"1s\"\nsession_max_age = \"4s\"\n\
              query_max_duration = \"1s\"\n"
         );
-        let dir = tempfile::tempdir().unwrap();
         let url = t.url();
-        let mut d = Daemon::start(
-            dir.path(),
-            &config(&t, &rules),
-            &[("TASKWARDEN_DATABASE_URL", url.as_str())],
-        );
-        let base = d.base_url();
-        let http = http_client(Duration::from_secs(10));
+        let (mut d, base, http, _dir) = start(&t, &rules);
         let c = t.admin().await;
         let idle_tx = format!("{app}:task_tracking.py:41:create_task_in_db");
         let slow = format!("{app}:report.py:7:slow_report");
@@ -410,15 +410,8 @@ async fn a_rule_as_wide_as_everything_spares_the_daemons_own_sessions() {
              [agents.ok]\nkind = \"command\"\ncommand = [\"cat\"]\n",
             t.name
         );
-        let dir = tempfile::tempdir().unwrap();
         let url = t.url();
-        let mut d = Daemon::start(
-            dir.path(),
-            &config(&t, &rules),
-            &[("TASKWARDEN_DATABASE_URL", url.as_str())],
-        );
-        let base = d.base_url();
-        let http = http_client(Duration::from_secs(10));
+        let (mut d, base, http, _dir) = start(&t, &rules);
         let victim = format!("v{}-victim", std::process::id());
         let _v = Psql::open(&url, &victim, "SELECT 1;");
         // Each check on a connection of its own, younger than the rule's 2 s.

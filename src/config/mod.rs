@@ -160,6 +160,16 @@ impl Config {
     }
 }
 
+/// Whether `name` may name a `[section.NAME]` (a schedule, a watch rule): 1..=`max`
+/// letters, digits, '_' and '-', so it is safe as a metric label and in a dotted key.
+pub(crate) fn is_section_name(name: &str, max: usize) -> bool {
+    !name.is_empty()
+        && name.len() <= max
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ParseError {
     Syntax(String),

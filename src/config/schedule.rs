@@ -110,12 +110,7 @@ impl Config {
     pub(super) fn validate_schedules(&self, bad: &mut dyn FnMut(&str, String)) {
         for (name, s) in &self.schedules {
             let key = |k: &str| format!("schedules.{name}.{k}");
-            if name.is_empty()
-                || name.len() > 200
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-            {
+            if !super::is_section_name(name, 200) {
                 bad(
                     &format!("schedules.{name}"),
                     "schedule names use 1..=200 letters, digits, '_' and '-'".into(),

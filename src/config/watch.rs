@@ -181,12 +181,7 @@ impl Config {
         }
         for (name, w) in &self.watch {
             let key = |k: &str| format!("watch.{name}.{k}");
-            if name.is_empty()
-                || name.len() > 64
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-            {
+            if !super::is_section_name(name, 64) {
                 bad(
                     &format!("watch.{name}"),
                     "rule names use 1..=64 letters, digits, '_' and '-'".into(),
