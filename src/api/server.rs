@@ -39,7 +39,10 @@ pub const DRAIN: Duration = Duration::from_secs(3);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// A count of things open (connections, event streams) with a bound read at each entry,
-/// so a reload that changes the bound applies to the next one.
+/// so a reload that changes the bound applies to the next one. Its gauge moves by one
+/// on each entry and leave, never by a `set` of a count read earlier: two permits that
+/// leave at once on two threads would otherwise write their counts in either order and
+/// leave the gauge one off for good (seen as a stream "still open" that was not).
 #[derive(Debug, Default)]
 pub struct Gate {
     open: AtomicUsize,
@@ -60,13 +63,12 @@ impl Gate {
         metrics: &Metrics,
         gauge: &'static str,
     ) -> Option<Permit> {
-        let entered = gate
-            .open
+        gate.open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
             .ok()?;
-        metrics.gauge(gauge, &[]).set((entered + 1) as f64);
+        metrics.gauge(gauge, &[]).increment(1.0);
         Some(Permit {
             gate: Arc::clone(gate),
             on_leave: Some((metrics.clone(), gauge)),
@@ -80,13 +82,9 @@ impl Gate {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let left = self
-            .gate
-            .open
-            .fetch_sub(1, Ordering::AcqRel)
-            .saturating_sub(1);
+        self.gate.open.fetch_sub(1, Ordering::AcqRel);
         if let Some((metrics, gauge)) = self.on_leave.take() {
-            metrics.gauge(gauge, &[]).set(left as f64);
+            metrics.gauge(gauge, &[]).decrement(1.0);
         }
     }
 }
@@ -182,4 +180,45 @@ fn refuse(stream: &tokio::net::TcpStream, max: usize) {
         body.len()
     );
     let _ = stream.try_write(reply.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gauge_value(metrics: &Metrics, name: &str) -> Option<f64> {
+        metrics.render().lines().find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+    }
+
+    /// Permits given back on several threads at the same instant (as when thirty stream
+    /// clients leave at once) leave the gauge where the count is: zero once all have left.
+    #[test]
+    fn the_gauge_follows_the_count_under_concurrent_leaves() {
+        const THREADS: usize = 4;
+        let metrics = Metrics::new();
+        let gate = Arc::new(Gate::default());
+        let barrier = std::sync::Barrier::new(THREADS);
+        let mut off = 0;
+        for _ in 0..500 {
+            std::thread::scope(|s| {
+                for _ in 0..THREADS {
+                    s.spawn(|| {
+                        let p = Gate::try_enter(&gate, 1_000, &metrics, m::HTTP_STREAMS);
+                        assert!(p.is_some());
+                        barrier.wait();
+                        drop(p);
+                    });
+                }
+            });
+            assert_eq!(gate.open(), 0);
+            if gauge_value(&metrics, m::HTTP_STREAMS) != Some(0.0) {
+                off += 1;
+            }
+        }
+        assert_eq!(off, 0, "rounds whose gauge stayed off the count");
+    }
 }
