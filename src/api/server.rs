@@ -186,14 +186,6 @@ fn refuse(stream: &tokio::net::TcpStream, max: usize) {
 mod tests {
     use super::*;
 
-    fn gauge_value(metrics: &Metrics, name: &str) -> Option<f64> {
-        metrics.render().lines().find_map(|l| {
-            l.strip_prefix(name)
-                .and_then(|rest| rest.strip_prefix(' '))
-                .and_then(|v| v.trim().parse().ok())
-        })
-    }
-
     /// Permits given back on several threads at the same instant (as when thirty stream
     /// clients leave at once) leave the gauge where the count is: zero once all have left.
     #[test]
@@ -215,7 +207,7 @@ mod tests {
                 }
             });
             assert_eq!(gate.open(), 0);
-            if gauge_value(&metrics, m::HTTP_STREAMS) != Some(0.0) {
+            if m::parse_value(&metrics.render(), m::HTTP_STREAMS, &[]) != Some(0.0) {
                 off += 1;
             }
         }
