@@ -523,3 +523,93 @@ async fn a_long_lived_session_is_warned_about_once() {
     assert_eq!(rig.value(m::DB_SESSIONS_LONG_LIVED_TOTAL, &[]), 1.0);
     assert!(rig.value(m::DB_SESSION_OLDEST_AGE_SECONDS, &[]) >= 1.0);
 }
+
+/// One store function, written once over `db::Query`, runs on every handle: a pooled
+/// session, its transaction, a direct connection and its lock-timeout transaction — and in
+/// a spawned task (its future is `Send`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_functions_take_any_query_handle() {
+    use taskwarden::db::connect_direct;
+    use taskwarden::store::watchdog;
+    let rig = Rig::new(2, |_| {}).await;
+    let store = Store::new(rig.db.clone(), 3);
+    let id = store
+        .enqueue(&NewTask::new("echo", serde_json::json!({})))
+        .await
+        .unwrap()
+        .task
+        .id;
+    rig.t
+        .admin()
+        .await
+        .execute(
+            "UPDATE taskwarden.tasks SET status = 'running', started_at = now() WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let ids = [id, id + 1_000_000];
+    let want = std::collections::HashSet::from([id]);
+    let mut s = rig.db.session("test.query").await.unwrap();
+    assert_eq!(watchdog::running_among(&s, &ids).await.unwrap(), want);
+    let tx = s.transaction().await.unwrap();
+    assert_eq!(watchdog::running_among(&tx, &ids).await.unwrap(), want);
+    tx.commit().await.unwrap();
+    let cfg = rig.config.load();
+    let direct = connect_direct(&rig.t.pg, &cfg.database, "test")
+        .await
+        .unwrap();
+    assert_eq!(watchdog::running_among(&direct, &ids).await.unwrap(), want);
+    let dtx = direct
+        .transaction_with_lock_timeout(Duration::from_millis(100))
+        .await
+        .unwrap();
+    let r = watchdog::running_among(&dtx, &ids).await;
+    assert_eq!(dtx.finish(r).await.unwrap(), want);
+    assert!(!direct.is_broken());
+    let spawned = tokio::spawn(async move {
+        let got = watchdog::running_among(&s, &ids).await;
+        drop(s);
+        got
+    });
+    assert_eq!(spawned.await.unwrap().unwrap(), want);
+}
+
+/// The lock-timeout transaction gives up on a locked table with 55P03, leaves the
+/// connection usable once rolled back, and marks it broken when dropped open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_timeout_transaction_refuses_a_locked_table_and_is_never_left_open() {
+    use taskwarden::db::connect_direct;
+    use taskwarden::store::watchdog;
+    let rig = Rig::new(2, |_| {}).await;
+    let cfg = rig.config.load();
+    let direct = connect_direct(&rig.t.pg, &cfg.database, "test")
+        .await
+        .unwrap();
+    let mut holder = rig.db.session("test.lock").await.unwrap();
+    let lock = holder.transaction().await.unwrap();
+    lock.execute("LOCK TABLE taskwarden.tasks IN ACCESS EXCLUSIVE MODE", &[])
+        .await
+        .unwrap();
+    let dtx = direct
+        .transaction_with_lock_timeout(Duration::from_millis(50))
+        .await
+        .unwrap();
+    let r = watchdog::running_among(&dtx, &[1]).await;
+    let e = dtx.finish(r).await.unwrap_err();
+    assert!(e.is_lock_timeout(), "{e}");
+    assert!(!direct.is_broken());
+    lock.rollback().await.unwrap();
+    assert!(
+        watchdog::running_among(&direct, &[1])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let dtx = direct
+        .transaction_with_lock_timeout(Duration::from_millis(50))
+        .await
+        .unwrap();
+    drop(dtx);
+    assert!(direct.is_broken());
+}

@@ -67,6 +67,17 @@ impl DirectClient {
         }
     }
 
+    pub async fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>, DbError> {
+        let sql = &*self.schema.sql(sql);
+        if self.unnamed {
+            self.run(self.client.query_typed_opt(sql, &param::typed(params)))
+                .await
+        } else {
+            self.run(self.client.query_opt(sql, &param::values(params)))
+                .await
+        }
+    }
+
     pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, DbError> {
         let sql = &*self.schema.sql(sql);
         if self.unnamed {
@@ -101,6 +112,91 @@ impl DirectClient {
 
     pub fn deadline(&self) -> Duration {
         self.timeout
+    }
+
+    /// Opens a transaction whose every lock wait ends after `lock_timeout` (`SET LOCAL`:
+    /// nothing outlives it, behind a pooler too), for reads that must never queue behind
+    /// a session holding a lock on taskwarden's tables (the supervisor's). A refusal is
+    /// an error with SQLSTATE 55P03 ([`DbError::is_lock_timeout`]).
+    pub async fn transaction_with_lock_timeout(
+        &self,
+        lock_timeout: Duration,
+    ) -> Result<DirectTx<'_>, DbError> {
+        self.batch_execute(&format!(
+            "BEGIN; SET LOCAL lock_timeout = {}",
+            lock_timeout.as_millis().max(1)
+        ))
+        .await?;
+        Ok(DirectTx {
+            client: self,
+            open: true,
+        })
+    }
+}
+
+/// A transaction on a [`DirectClient`] (see
+/// [`DirectClient::transaction_with_lock_timeout`]); its statements run on the client,
+/// with its deadline. End it with [`DirectTx::finish`], [`DirectTx::commit`] or
+/// [`DirectTx::rollback`]; dropped open (its future cancelled mid-way), it marks the
+/// client broken, since a connection left inside a transaction must not be used again.
+pub struct DirectTx<'a> {
+    client: &'a DirectClient,
+    open: bool,
+}
+
+impl DirectTx<'_> {
+    pub async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, DbError> {
+        self.client.query(sql, params).await
+    }
+
+    pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, DbError> {
+        self.client.query_one(sql, params).await
+    }
+
+    pub async fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>, DbError> {
+        self.client.query_opt(sql, params).await
+    }
+
+    pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, DbError> {
+        self.client.execute(sql, params).await
+    }
+
+    pub fn schema(&self) -> &Schema {
+        self.client.schema()
+    }
+
+    pub async fn commit(mut self) -> Result<(), DbError> {
+        self.open = false;
+        self.client.batch_execute("COMMIT").await
+    }
+
+    pub async fn rollback(mut self) -> Result<(), DbError> {
+        self.open = false;
+        self.client.batch_execute("ROLLBACK").await
+    }
+
+    /// Commits after `result` succeeded, else rolls back and returns its error. A failed
+    /// ROLLBACK is not reported over the error that caused it: it leaves a broken or
+    /// aborted connection, which the owner's next failing statement makes it rebuild.
+    pub async fn finish<T>(self, result: Result<T, DbError>) -> Result<T, DbError> {
+        match result {
+            Ok(v) => {
+                self.commit().await?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = self.rollback().await;
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for DirectTx<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            self.client.broken.store(true, Ordering::Relaxed);
+        }
     }
 }
 

@@ -19,10 +19,13 @@ pub use guard::{Session, Tx};
 mod direct;
 mod error;
 pub mod param;
+mod query;
+
+pub use query::Query;
 
 pub use param::{Param, Params, SqlType};
 
-pub use direct::{DirectClient, connect_direct};
+pub use direct::{DirectClient, DirectTx, connect_direct};
 pub use error::{DbError, describe_pg_error};
 
 pub mod config_check;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::db::{Db, DbError};
 use crate::metrics::{self as m, Metrics};
+use crate::store::leader;
 
 pub struct Elector {
     instance_id: String,
@@ -82,21 +83,7 @@ impl Elector {
     /// One statement: insert the row, renew it if it is ours, or take it if it expired.
     async fn try_hold(&self, ttl: Duration) -> Result<bool, DbError> {
         let s = self.db.session("elector.hold").await?;
-        let row = s
-            .query_opt(
-                "INSERT INTO taskwarden.leader (name, leader_id, elected_at, expires_at) \
-                 VALUES ('default', $1, now(), now() + make_interval(secs => $2)) \
-                 ON CONFLICT (name) DO UPDATE SET \
-                   leader_id = EXCLUDED.leader_id, \
-                   elected_at = CASE WHEN leader.leader_id = EXCLUDED.leader_id \
-                                THEN leader.elected_at ELSE now() END, \
-                   expires_at = EXCLUDED.expires_at \
-                 WHERE leader.leader_id = EXCLUDED.leader_id OR leader.expires_at < now() \
-                 RETURNING leader_id",
-                &[&self.instance_id, &ttl.as_secs_f64()],
-            )
-            .await?;
-        Ok(row.is_some())
+        leader::hold(&s, &self.instance_id, ttl).await
     }
 
     /// Gives leadership up (shutdown), so another instance need not wait for the expiry.
@@ -107,11 +94,7 @@ impl Elector {
         self.metrics.gauge(m::LEADER, &[]).set(0.0);
         let r = async {
             let s = self.db.session("elector.resign").await?;
-            s.execute(
-                "DELETE FROM taskwarden.leader WHERE leader_id = $1",
-                &[&self.instance_id],
-            )
-            .await
+            leader::resign(&s, &self.instance_id).await
         }
         .await;
         match r {

@@ -18,6 +18,8 @@ mod enqueue;
 
 pub use enqueue::{Enqueued, MAX_BULK_ITEMS};
 
+pub mod activity;
+pub mod leader;
 mod leases;
 mod objectives;
 mod queue;
@@ -25,9 +27,10 @@ mod retention;
 mod schedules;
 mod task;
 mod view;
+pub mod watchdog;
 
 pub use crate::task_state::TaskStatus;
-pub use leases::{Claimed, END_LEASE, OutcomeRow, RUNNING_AMONG_SQL, TIME_OUT_OVERDUE_SQL};
+pub use leases::{Claimed, OutcomeRow};
 pub use objectives::{NewObjective, NewStep, Objective, ObjectiveStatus, validate_objective};
 pub use queue::{MAX_EXTRA_ATTEMPTS, PausedAgent, RetryFilter};
 pub use retention::{Deleted, RetentionAges};

@@ -7,6 +7,7 @@ use tokio_postgres::Row;
 
 use super::Store;
 use super::StoreError;
+use crate::db::{DbError, Query};
 use crate::task_state::TaskStatus;
 use std::collections::HashMap;
 
@@ -15,12 +16,7 @@ impl Store {
     /// are the configured agents (always listed; the others are capped and summed).
     pub async fn read_view(&self, wait: Duration, known: &[String]) -> Result<DbView, StoreError> {
         let s = self.db.session_within("store.read_view", wait).await?;
-        let known = known.to_vec();
-        let counts = s
-            .query(DbView::COUNTS_SQL, &[&known, &VIEW_LIST_MAX])
-            .await?;
-        let instances = s.query(DbView::INSTANCES_SQL, &[&VIEW_LIST_MAX]).await?;
-        Ok(DbView::from_rows(&counts, &instances))
+        Ok(DbView::read(&s, known).await?)
     }
 
     /// Task counts by status (every status present, zero when none).
@@ -102,7 +98,7 @@ impl DbView {
     /// same way; and the totals: the unknown agents' queues summed (`unknown`), how many
     /// unknown agents are paused (`unknown_paused`) and have a queue or pause
     /// (`unknown_agents`), how many agents in all (`agents`), how many paused (`paused_total`).
-    pub const COUNTS_SQL: &str = "\
+    const COUNTS_SQL: &str = "\
         WITH q AS (SELECT agent, count(*) AS n, \
             COALESCE(extract(epoch FROM now() - min(run_after) \
               FILTER (WHERE run_after <= now() AND cardinality(depends_on) = 0))::float8, 0) AS secs, \
@@ -137,13 +133,24 @@ impl DbView {
     /// of them (the oldest first), each row with the total: the leader reaps a dead one
     /// after 3 × `workers.lease`, but with no leader running (or one that cannot write)
     /// status does not list the dead for ever.
-    pub const INSTANCES_SQL: &str = "SELECT i.id, i.hostname, i.pid, i.version, i.started_at, \
+    const INSTANCES_SQL: &str = "SELECT i.id, i.hostname, i.pid, i.version, i.started_at, \
         i.heartbeat_at, COALESCE(l.leader_id = i.id AND l.expires_at > now(), false), \
         count(*) OVER () \
         FROM taskwarden.instances i LEFT JOIN taskwarden.leader l ON true \
         WHERE i.heartbeat_at > now() - interval '10 minutes' ORDER BY i.started_at LIMIT $1::int8";
 
-    pub fn from_rows(counts: &[Row], instances: &[Row]) -> DbView {
+    /// Reads the view on any handle (two statements, in order); `known` are the
+    /// configured agents (always listed; the others are capped and summed).
+    pub async fn read(q: &impl Query, known: &[String]) -> Result<DbView, DbError> {
+        let known = known.to_vec();
+        let counts = q
+            .query(DbView::COUNTS_SQL, &[&known, &VIEW_LIST_MAX])
+            .await?;
+        let instances = q.query(DbView::INSTANCES_SQL, &[&VIEW_LIST_MAX]).await?;
+        Ok(DbView::from_rows(&counts, &instances))
+    }
+
+    fn from_rows(counts: &[Row], instances: &[Row]) -> DbView {
         let mut tasks_by_status: std::collections::BTreeMap<String, i64> = TaskStatus::ALL
             .iter()
             .map(|st| (st.as_str().to_string(), 0))

@@ -33,7 +33,7 @@ use super::lock_timeout_for;
 use crate::config::Config;
 use crate::metrics as m;
 use crate::orchestrator::registry::{AgentUsage, Kill};
-use crate::store::TaskStatus;
+use crate::store::{TaskStatus, activity, watchdog};
 use std::collections::BTreeMap;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -124,7 +124,8 @@ struct AgentSession {
     state_seconds: f64,
     /// Its state and ages are visible to this role (its own, or `pg_read_all_stats`).
     visible: bool,
-    /// This role may end it (its own, or `pg_signal_backend`, and not a superuser's).
+    /// This role may end it (its own, or `pg_signal_backend`, and not a superuser's):
+    /// `pg_terminate_backend` would raise 42501 for one it may not, failing the batch.
     signalable: bool,
     role: String,
 }
@@ -133,24 +134,6 @@ struct AgentSession {
 pub(super) const PRIVILEGE_WARNED_MAX: usize = 64;
 /// How often a lasting missing grant is said again.
 pub(super) const PRIVILEGE_REWARN: Duration = Duration::from_secs(3600);
-
-// backend_start is NULL exactly when the row is another role's and this one lacks
-// pg_read_all_stats; pg_terminate_backend would raise 42501 for a session it may not
-// signal, failing the whole batch, so that is decided here.
-fn agent_sessions_sql() -> String {
-    format!(
-        "SELECT pid, application_name, coalesce(state, '') = 'idle in transaction', \
-           coalesce(extract(epoch FROM now() - backend_start)::float8, 0), \
-           coalesce(extract(epoch FROM now() - state_change)::float8, 0), \
-           backend_start IS NOT NULL, {}, coalesce(usename::text, '') \
-         FROM pg_stat_activity WHERE left(application_name, length($1)) = $1 \
-           AND datname = current_database() AND pid <> pg_backend_pid()",
-        super::MAY_SIGNAL
-    )
-}
-
-const TERMINATE_SQL: &str =
-    "SELECT count(*) FILTER (WHERE pg_terminate_backend(p)) FROM unnest($1::int4[]) AS p";
 
 impl Supervisor {
     /// Samples every running task's process tree and agent sessions, records them, and
@@ -243,27 +226,26 @@ impl Supervisor {
     async fn agent_sessions(&mut self) -> Result<Vec<AgentSession>, SupervisorError> {
         let prefix =
             crate::db::Schema::new(&self.config.load().database.schema).task_sessions_prefix();
-        let rows = self
-            .admin()
-            .await?
-            .query(&agent_sessions_sql(), &[&prefix])
-            .await?;
+        let rows = activity::agent_sessions(self.admin().await?, &prefix).await?;
         // Forget the warnings of sessions that are gone (bounded by what exists now).
-        let live: HashSet<i32> = rows.iter().map(|r| r.get::<_, i32>(0)).collect();
+        let live: HashSet<i32> = rows.iter().map(|r| r.pid).collect();
         self.agent_sessions_warned.retain(|p| live.contains(p));
         Ok(rows
-            .iter()
+            .into_iter()
             .filter_map(|r| {
-                let name: String = r.get(1);
                 Some(AgentSession {
-                    pid: r.get(0),
-                    task_id: name.strip_prefix(prefix.as_str())?.parse().ok()?,
-                    idle_in_transaction: r.get(2),
-                    age_seconds: r.get(3),
-                    state_seconds: r.get(4),
-                    visible: r.get(5),
-                    signalable: r.get(6),
-                    role: r.get(7),
+                    pid: r.pid,
+                    task_id: r
+                        .application_name
+                        .strip_prefix(prefix.as_str())?
+                        .parse()
+                        .ok()?,
+                    idle_in_transaction: r.idle_in_transaction,
+                    age_seconds: r.age_seconds,
+                    state_seconds: r.state_seconds,
+                    visible: r.visible,
+                    signalable: r.signalable,
+                    role: r.role,
                 })
             })
             .collect())
@@ -288,11 +270,15 @@ impl Supervisor {
             return Ok(());
         }
         let lock = lock_timeout_for(self.config.load().supervisor.interval.get());
-        let rows = match self
-            .read_within_lock_timeout(lock, &[(crate::store::RUNNING_AMONG_SQL, &[&elsewhere])])
-            .await
-        {
-            Ok(mut r) => r.pop().unwrap_or_default(),
+        let read = match self.within_lock_timeout(lock).await {
+            Ok(tx) => {
+                let r = watchdog::running_among(&tx, &elsewhere).await;
+                tx.finish(r).await.map_err(SupervisorError::from)
+            }
+            Err(e) => Err(e),
+        };
+        let running = match read {
+            Ok(r) => r,
             // Whether those tasks still run is unknown this tick: terminate none of them.
             Err(SupervisorError::Db(e)) if e.is_lock_timeout() => {
                 self.lock_refused("agent_sessions", &e, lock);
@@ -300,7 +286,6 @@ impl Supervisor {
             }
             Err(e) => return Err(e),
         };
-        let running: HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
         for s in sessions {
             if !here.contains_key(&s.task_id) && !running.contains(&s.task_id) {
                 terminate.push((s.pid, "task_ended"));
@@ -457,7 +442,7 @@ impl Supervisor {
             return Ok(());
         }
         let pids: Vec<i32> = terminate.iter().map(|(p, _)| *p).collect();
-        self.admin().await?.query(TERMINATE_SQL, &[&pids]).await?;
+        activity::terminate_backends(self.admin().await?, &pids).await?;
         for (pid, why) in terminate {
             let task_id = sessions.iter().find(|s| s.pid == *pid).map(|s| s.task_id);
             let agent = task_id.and_then(|t| here.get(&t).copied()).unwrap_or("");

@@ -6,6 +6,7 @@ use super::Supervisor;
 use super::SupervisorError;
 use crate::config::Config;
 use crate::metrics as m;
+use crate::store::activity;
 
 /// The last reading.
 #[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
@@ -29,22 +30,13 @@ impl Supervisor {
             .unwrap_or_else(|e| format!("invalid: {e}"));
         let app = self.application_name.clone();
         let admin = self.admin().await?;
-        let row = admin
-            .query_one(
-                "SELECT count(*), count(*) FILTER (WHERE s.ssl), \
-                        max(s.version) FILTER (WHERE s.ssl), max(s.cipher) FILTER (WHERE s.ssl) \
-                 FROM pg_stat_activity a JOIN pg_stat_ssl s ON s.pid = a.pid \
-                 WHERE a.datname = current_database() \
-                   AND (a.application_name = $1 OR starts_with(a.application_name, $1 || ':'))",
-                &[&app],
-            )
-            .await?;
+        let seen = activity::encryption(admin, &app).await?;
         let seen = Encryption {
             sslmode,
-            sessions: row.get(0),
-            encrypted: row.get(1),
-            version: row.get(2),
-            cipher: row.get(3),
+            sessions: seen.sessions,
+            encrypted: seen.encrypted,
+            version: seen.version,
+            cipher: seen.cipher,
         };
         self.metrics
             .gauge(m::DB_SESSIONS_ENCRYPTED, &[])

@@ -61,7 +61,7 @@ use crate::db::{Db, DbError, DirectClient, PoolStatus, connect_direct};
 use crate::metrics::{self as m, Metrics};
 use crate::orchestrator::registry::RunningTasks;
 use crate::periodic::{Periodic, Ran};
-use crate::store::{DbView, TaskStatus, VIEW_LIST_MAX};
+use crate::store::{DbView, activity, watchdog};
 
 /// While the database is unreachable, the supervisor ticks this often (or every
 /// `supervisor.interval`, if shorter), so readiness comes back soon after the database.
@@ -329,21 +329,19 @@ impl Supervisor {
         cfg: &Config,
         report: &mut TickReport,
     ) -> Result<(), SupervisorError> {
-        let limit_s = cfg.supervisor.max_task_duration.get().as_secs_f64();
-        let allowed = TaskStatus::allowed_from(TaskStatus::TimedOut);
+        let max = cfg.supervisor.max_task_duration.get();
+        let limit_s = max.as_secs_f64();
         let message = format!("exceeded max_task_duration ({limit_s:.0}s)");
         let lock = lock_timeout_for(cfg.supervisor.interval.get());
-        let rows = match self
-            .read_within_lock_timeout(
-                lock,
-                &[(
-                    crate::store::TIME_OUT_OVERDUE_SQL,
-                    &[&limit_s, &allowed, &message],
-                )],
-            )
-            .await
-        {
-            Ok(mut r) => r.pop().unwrap_or_default(),
+        let timed_out = match self.within_lock_timeout(lock).await {
+            Ok(tx) => {
+                let r = watchdog::time_out_overdue(&tx, max, &message).await;
+                tx.finish(r).await.map_err(SupervisorError::from)
+            }
+            Err(e) => Err(e),
+        };
+        let timed_out = match timed_out {
+            Ok(t) => t,
             // The overdue tasks are still overdue next tick; nothing was written.
             Err(SupervisorError::Db(e)) if e.is_lock_timeout() => {
                 self.lock_refused("time_out", &e, lock);
@@ -351,10 +349,8 @@ impl Supervisor {
             }
             Err(e) => return Err(e),
         };
-        for row in &rows {
-            let id: i64 = row.get(0);
-            let agent: String = row.get(1);
-            let ran: f64 = row.get(2);
+        for t in &timed_out {
+            let (id, agent, ran) = (t.id, &t.agent, t.ran_seconds);
             let here = self.running.cancel(id);
             report.tasks_timed_out.push(id);
             self.metrics
@@ -366,7 +362,7 @@ impl Supervisor {
                     &[
                         (
                             "agent",
-                            m::agent_label(cfg.agents.contains_key(&agent), &agent),
+                            m::agent_label(cfg.agents.contains_key(agent), agent),
                         ),
                         ("outcome", "timed_out"),
                     ],
@@ -380,20 +376,15 @@ impl Supervisor {
             );
         }
         let known: Vec<String> = cfg.agents.keys().cloned().collect();
-        let read = self
-            .read_within_lock_timeout(
-                lock,
-                &[
-                    (DbView::COUNTS_SQL, &[&known, &VIEW_LIST_MAX]),
-                    (DbView::INSTANCES_SQL, &[&VIEW_LIST_MAX]),
-                ],
-            )
-            .await;
+        let read = match self.within_lock_timeout(lock).await {
+            Ok(tx) => {
+                let r = DbView::read(&tx, &known).await;
+                tx.finish(r).await.map_err(SupervisorError::from)
+            }
+            Err(e) => Err(e),
+        };
         let view = match read {
-            Ok(r) => DbView::from_rows(
-                r.first().map(Vec::as_slice).unwrap_or(&[]),
-                r.get(1).map(Vec::as_slice).unwrap_or(&[]),
-            ),
+            Ok(view) => view,
             // The figures keep their last value, marked stale; the rest of the tick goes on.
             Err(SupervisorError::Db(e)) if e.is_lock_timeout() => {
                 self.lock_refused("task_view", &e, lock);
@@ -416,36 +407,16 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Runs `statements` in one transaction whose every lock wait ends after
-    /// `lock_timeout` (SET LOCAL: nothing outlives it, behind a pooler too), so the
-    /// watchdog never queues behind a session that locked taskwarden's tables; a
-    /// refusal is an error with SQLSTATE 55P03 ([`DbError::is_lock_timeout`]).
-    async fn read_within_lock_timeout(
+    /// A transaction on the admin connection whose every lock wait ends after
+    /// `lock_timeout` ([`DirectClient::transaction_with_lock_timeout`]), so the watchdog
+    /// never queues behind a session that locked taskwarden's tables. The caller ends it
+    /// with [`crate::db::DirectTx::finish`].
+    async fn within_lock_timeout(
         &mut self,
         lock_timeout: Duration,
-        statements: &[(&str, crate::db::Params<'_>)],
-    ) -> Result<Vec<Vec<tokio_postgres::Row>>, SupervisorError> {
+    ) -> Result<crate::db::DirectTx<'_>, SupervisorError> {
         let admin = self.admin().await?;
-        admin
-            .batch_execute(&format!(
-                "BEGIN; SET LOCAL lock_timeout = {}",
-                lock_timeout.as_millis().max(1)
-            ))
-            .await?;
-        let mut out = Vec::with_capacity(statements.len());
-        for (sql, params) in statements {
-            match admin.query(sql, params).await {
-                Ok(rows) => out.push(rows),
-                Err(e) => {
-                    // A failed ROLLBACK leaves a broken or aborted connection, which the
-                    // next failing statement makes the loop rebuild.
-                    let _ = admin.batch_execute("ROLLBACK").await;
-                    return Err(e.into());
-                }
-            }
-        }
-        admin.batch_execute("COMMIT").await?;
-        Ok(out)
+        Ok(admin.transaction_with_lock_timeout(lock_timeout).await?)
     }
 
     /// A statement refused by lock_timeout: counted every time, logged once per episode
@@ -511,10 +482,8 @@ impl Supervisor {
         }
     }
 
-    /// SQL (over `pg_stat_activity`'s `usesysid`) for whether this role may end the
-    /// session: its own role's (or a member's), or any with `pg_signal_backend`, and a
-    /// superuser's only as a superuser. `pg_terminate_backend` raises 42501 otherwise,
-    /// failing the whole statement, so every termination asks first.
+    /// Terminates backends with our `application_name` that look orphaned (see the
+    /// module doc); one whose role this one may not signal is left alone, and said once.
     async fn check_backends(
         &mut self,
         cfg: &Config,
@@ -536,28 +505,13 @@ impl Supervisor {
         // restart, and a reloaded value must not make foreign sessions look like ours.
         let app = self.application_name.clone();
         let admin = self.admin().await?;
-        let rows = admin
-            .query(
-                &format!(
-                    "SELECT pid, state, CASE WHEN {MAY_SIGNAL} THEN pg_terminate_backend(pid) END, \
-                        coalesce(usename::text, '') \
-                 FROM pg_stat_activity \
-                 WHERE application_name = $1 AND datname = current_database() \
-                   AND pid <> pg_backend_pid() AND NOT (pid = ANY($2)) \
-                   AND ((state IN ('idle in transaction', 'idle in transaction (aborted)') \
-                         AND state_change < now() - make_interval(secs => $3)) \
-                     OR state_change < now() - make_interval(secs => $4))"
-                ),
-                &[&app, &ours, &grace_s, &max_age_s],
-            )
-            .await?;
-        for r in &rows {
-            let pid: i32 = r.get(0);
-            let state: Option<String> = r.get(1);
-            let Some(terminated) = r.get::<_, Option<bool>>(2) else {
-                let role: String = r.get(3);
+        let orphans =
+            activity::terminate_orphans(admin, &app, &ours, grace_s, max_age_s).await?;
+        for o in orphans {
+            let (pid, state) = (o.pid, o.state);
+            let Some(terminated) = o.terminated else {
                 self.privilege_missing(
-                    &role,
+                    &o.role,
                     "pg_signal_backend",
                     "cannot end sessions of this role that carry our application_name and look orphaned: they are left alone",
                 );
@@ -582,13 +536,6 @@ impl Supervisor {
         Ok(())
     }
 }
-
-/// See [`Supervisor::check_backends`]: whether this role may signal the row's backend. It
-/// asks for the role's privileges (`USAGE`: membership that inherits), as the server's
-/// own check does; a NOINHERIT membership is not enough.
-pub(crate) const MAY_SIGNAL: &str = "coalesce((pg_has_role(usesysid, 'USAGE') OR pg_has_role('pg_signal_backend', 'USAGE')) \
-     AND (NOT coalesce((SELECT r.rolsuper FROM pg_roles r WHERE r.oid = usesysid), false) \
-          OR (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = current_user)), false)";
 
 #[cfg(test)]
 mod tests {

@@ -11,6 +11,7 @@ use crate::alerts::Severity;
 use crate::config::Config;
 use crate::db::tracker::SessionInfo;
 use crate::metrics as m;
+use crate::store::activity;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -170,14 +171,7 @@ impl Supervisor {
 
     /// pg_terminate_backend on each pid; returns how many were terminated.
     async fn terminate(&mut self, pids: &[i32]) -> Result<usize, SupervisorError> {
-        let admin = self.admin().await?;
-        let rows = admin
-            .query(
-                "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY($1)",
-                &[&pids],
-            )
-            .await?;
-        Ok(rows.iter().filter(|r| r.get::<_, bool>(1)).count())
+        Ok(activity::terminate_listed(self.admin().await?, pids).await?)
     }
 }
 

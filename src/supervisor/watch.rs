@@ -21,11 +21,12 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::json;
 
-use super::{MAY_SIGNAL, Supervisor, SupervisorError};
+use super::{Supervisor, SupervisorError};
 use crate::alerts::{self, Severity};
 use crate::config::Config;
 use crate::config::watch::{Cidr, WatchAction, WatchConfig, glob_match};
 use crate::metrics as m;
+use crate::store::activity::{self, ClientSession, ServerUse, Signal, SignalRequest};
 
 /// Sessions listed per rule in `/v1/status` (oldest first); the figures count them all.
 pub const WATCH_LIST_MAX: usize = 20;
@@ -115,6 +116,38 @@ impl Session {
     }
 }
 
+impl From<ClientSession> for Session {
+    fn from(s: ClientSession) -> Session {
+        Session {
+            pid: s.pid,
+            // Names are input (a role or database may be named with a newline): kept
+            // printable and within PostgreSQL's 63 bytes, as the query's start is.
+            user: prefix(&s.user, NAME_CHARS),
+            database: prefix(&s.database, NAME_CHARS),
+            application_name: prefix(&s.application_name, NAME_CHARS),
+            client_addr: s.client_addr,
+            state: s.state,
+            started: s.started,
+            state_since: s.state_since,
+            query_since: s.query_since,
+            age: s.age,
+            state_age: s.state_age,
+            query_age: s.query_age,
+            query: prefix(&s.query, QUERY_PREFIX_CHARS),
+        }
+    }
+}
+
+/// What ends a session past `reason`: its query cancelled past `query_max_duration`, the
+/// session terminated past the others.
+fn signal_for(reason: &str) -> Signal {
+    match reason {
+        IDLE_IN_TRANSACTION => Signal::EndIdleTransaction,
+        QUERY_DURATION => Signal::CancelQuery,
+        _ => Signal::EndSession,
+    }
+}
+
 /// A watched session as `/v1/status` lists it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct WatchedSession {
@@ -191,77 +224,6 @@ pub(super) struct WatchMemory {
     logged: HashSet<(String, (i32, u64), &'static str)>,
     /// The last refusal logged, so a lasting one is logged once.
     refused: Option<String>,
-}
-
-/// A client session, as `pg_stat_activity` shows it to any role: another role's sessions
-/// have a NULL `backend_type` (and state, ages) unless this role has `pg_read_all_stats`,
-/// so a row with a role and no type counts as a client too.
-macro_rules! client {
-    () => {
-        "(backend_type = 'client backend' OR (backend_type IS NULL AND usesysid IS NOT NULL))"
-    };
-}
-
-/// Reads every client session but this connection's own, with ages computed by the server.
-const SESSIONS_SQL: &str = concat!(
-    "SELECT pid, coalesce(usename::text, '') AS usename, \
-        coalesce(datname::text, '') AS datname, coalesce(application_name, '') AS app, \
-        host(client_addr) AS client_addr, state, \
-        extract(epoch FROM backend_start)::float8 AS started, \
-        extract(epoch FROM state_change)::float8 AS state_since, \
-        extract(epoch FROM query_start)::float8 AS query_since, \
-        coalesce(extract(epoch FROM now() - backend_start)::float8, 0) AS age, \
-        extract(epoch FROM now() - state_change)::float8 AS state_age, \
-        extract(epoch FROM now() - query_start)::float8 AS query_age, \
-        coalesce(left(query, 200), '') AS query \
-     FROM pg_stat_activity WHERE ",
-    client!(),
-    " AND pid <> pg_backend_pid()"
-);
-
-/// Connections by state, and what the server admits to ordinary roles.
-const SERVER_SQL: &str = concat!(
-    "SELECT coalesce(CASE WHEN state LIKE 'idle in transaction%' \
-        THEN 'idle_in_transaction' WHEN state = 'idle' THEN 'idle' \
-        WHEN state IS NULL THEN 'unknown' ELSE 'active' END, 'unknown') AS state, \
-        count(*) AS n \
-     FROM pg_stat_activity WHERE ",
-    client!(),
-    " GROUP BY 1"
-);
-
-const SERVER_MAX_SQL: &str = "SELECT current_setting('max_connections')::int8 \
-        - current_setting('superuser_reserved_connections')::int8 \
-        - coalesce(current_setting('reserved_connections', true)::int8, 0) AS max";
-
-const ROLES_SQL: &str = "SELECT r.rolname::text AS role, r.rolconnlimit::int8 AS lim, \
-        count(a.pid) AS n \
-     FROM pg_roles r LEFT JOIN pg_stat_activity a \
-       ON a.usesysid = r.oid \
-      AND (a.backend_type = 'client backend' OR a.backend_type IS NULL) \
-     WHERE r.rolconnlimit >= 0 GROUP BY r.rolname, r.rolconnlimit \
-     ORDER BY count(a.pid)::float8 / greatest(r.rolconnlimit, 1) DESC, 1 LIMIT $1";
-
-/// Signals the sessions listed, each only if it is still the one seen: same pid and
-/// start, and for an idle transaction or a query, the same since-when. `kind` is the
-/// limit; a query is cancelled, a session terminated. Returns pid, kind and the result
-/// (null: this role may not signal that session).
-fn signal_sql() -> String {
-    format!(
-        "SELECT a.pid, t.kind, CASE WHEN {MAY_SIGNAL} THEN \
-            CASE WHEN t.kind = '{QUERY_DURATION}' THEN pg_cancel_backend(a.pid) \
-                 ELSE pg_terminate_backend(a.pid) END END AS done, \
-            coalesce(a.usename::text, '') AS usename \
-         FROM pg_stat_activity a \
-         JOIN unnest($1::int4[], $2::float8[], $3::text[], $4::float8[]) \
-           AS t(pid, started, kind, since) ON a.pid = t.pid \
-         WHERE extract(epoch FROM a.backend_start)::float8 = t.started \
-           AND (t.kind = '{SESSION_AGE}' \
-             OR (t.kind = '{IDLE_IN_TRANSACTION}' AND a.state LIKE 'idle in transaction%' \
-                 AND extract(epoch FROM a.state_change)::float8 = t.since) \
-             OR (t.kind = '{QUERY_DURATION}' AND a.state = 'active' \
-                 AND extract(epoch FROM a.query_start)::float8 = t.since))"
-    )
 }
 
 /// The first `n` characters, with control characters shown as spaces (a query is
@@ -391,26 +353,10 @@ impl Supervisor {
         let ours = self.application_name.clone();
         let agents =
             crate::db::Schema::new(&self.config.load().database.schema).task_sessions_prefix();
-        let rows = self.admin().await?.query(SESSIONS_SQL, &[]).await?;
+        let rows = activity::client_sessions(self.admin().await?).await?;
         Ok(rows
-            .iter()
-            .map(|r| Session {
-                pid: r.get("pid"),
-                // Names are input (a role or database may be named with a newline): kept
-                // printable and within PostgreSQL's 63 bytes, as the query's start is.
-                user: prefix(&r.get::<_, String>("usename"), NAME_CHARS),
-                database: prefix(&r.get::<_, String>("datname"), NAME_CHARS),
-                application_name: prefix(&r.get::<_, String>("app"), NAME_CHARS),
-                client_addr: r.get("client_addr"),
-                state: r.get("state"),
-                started: r.get::<_, Option<f64>>("started").unwrap_or_default(),
-                state_since: r.get("state_since"),
-                query_since: r.get("query_since"),
-                age: r.get("age"),
-                state_age: r.get("state_age"),
-                query_age: r.get("query_age"),
-                query: prefix(&r.get::<_, String>("query"), QUERY_PREFIX_CHARS),
-            })
+            .into_iter()
+            .map(Session::from)
             // taskwarden's own sessions (every instance's pool, its agents') have their
             // own checks; a rule as wide as "*" must not end them.
             .filter(|s| !is_ours(&s.application_name, &ours, &agents))
@@ -418,27 +364,17 @@ impl Supervisor {
     }
 
     async fn read_server(&mut self) -> Result<ServerConnections, SupervisorError> {
-        let admin = self.admin().await?;
-        let by_state: BTreeMap<String, i64> = admin
-            .query(SERVER_SQL, &[])
-            .await?
-            .iter()
-            .map(|r| (r.get("state"), r.get("n")))
-            .collect();
-        let max: i64 = admin
-            .query(SERVER_MAX_SQL, &[])
-            .await?
-            .first()
-            .map(|r| r.get("max"))
-            .unwrap_or_default();
-        let roles = admin
-            .query(ROLES_SQL, &[&(ROLES_LIST_MAX as i64)])
-            .await?
-            .iter()
+        let ServerUse {
+            by_state,
+            max,
+            roles,
+        } = activity::server_use(self.admin().await?, ROLES_LIST_MAX).await?;
+        let roles = roles
+            .into_iter()
             .map(|r| RoleConnections {
-                role: prefix(&r.get::<_, String>("role"), NAME_CHARS),
-                limit: r.get("lim"),
-                connections: r.get("n"),
+                role: prefix(&r.role, NAME_CHARS),
+                limit: r.limit,
+                connections: r.connections,
             })
             .collect();
         let in_use = by_state.values().sum();
@@ -690,34 +626,29 @@ impl Supervisor {
         &mut self,
         list: &[(&Session, &'static str, &str)],
     ) -> Result<HashMap<(i32, &'static str), (Option<bool>, String)>, SupervisorError> {
-        let pids: Vec<i32> = list.iter().map(|(s, _, _)| s.pid).collect();
-        let started: Vec<f64> = list.iter().map(|(s, _, _)| s.started).collect();
-        let kinds: Vec<&str> = list.iter().map(|(_, k, _)| *k).collect();
-        let since: Vec<f64> = list
+        let requests: Vec<SignalRequest> = list
             .iter()
-            .map(|(s, k, _)| match *k {
-                IDLE_IN_TRANSACTION => s.state_since.unwrap_or_default(),
-                QUERY_DURATION => s.query_since.unwrap_or_default(),
-                _ => 0.0,
+            .map(|(s, reason, _)| SignalRequest {
+                pid: s.pid,
+                started: s.started,
+                signal: signal_for(reason),
+                since: match *reason {
+                    IDLE_IN_TRANSACTION => s.state_since.unwrap_or_default(),
+                    QUERY_DURATION => s.query_since.unwrap_or_default(),
+                    _ => 0.0,
+                },
             })
             .collect();
-        let rows = self
-            .admin()
-            .await?
-            .query(&signal_sql(), &[&pids, &started, &kinds, &since])
-            .await?;
+        let done = activity::signal_sessions(self.admin().await?, &requests).await?;
         let mut out = HashMap::new();
-        for r in &rows {
-            let pid: i32 = r.get("pid");
-            let kind: String = r.get("kind");
-            let Some(kind) = [IDLE_IN_TRANSACTION, SESSION_AGE, QUERY_DURATION]
+        for d in done {
+            let Some(reason) = [IDLE_IN_TRANSACTION, SESSION_AGE, QUERY_DURATION]
                 .into_iter()
-                .find(|k| *k == kind)
+                .find(|r| signal_for(r) == d.signal)
             else {
                 continue;
             };
-            let role = prefix(&r.get::<_, String>("usename"), NAME_CHARS);
-            out.insert((pid, kind), (r.get::<_, Option<bool>>("done"), role));
+            out.insert((d.pid, reason), (d.done, prefix(&d.role, NAME_CHARS)));
         }
         Ok(out)
     }
