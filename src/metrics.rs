@@ -467,75 +467,9 @@ fn escape_label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// What `/proc/self` says of the process, for [`PROCESS_DEFS`]; `None` where it cannot
-/// be read (not Linux), and then the family is left out.
-#[derive(Debug, Default, Clone, Copy, PartialEq)]
-pub struct ProcessFigures {
-    pub cpu_seconds: Option<f64>,
-    pub open_fds: Option<f64>,
-    pub max_fds: Option<f64>,
-    pub virtual_memory_bytes: Option<f64>,
-    pub resident_memory_bytes: Option<f64>,
-    pub start_time_seconds: Option<f64>,
-}
-
-impl ProcessFigures {
-    /// Reads the figures of this process.
-    pub fn read() -> ProcessFigures {
-        let stat = std::fs::read_to_string("/proc/self/stat").ok();
-        let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("btime "))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-        });
-        let limits = std::fs::read_to_string("/proc/self/limits").ok();
-        let open_fds = std::fs::read_dir("/proc/self/fd")
-            .ok()
-            .map(|d| d.count() as f64);
-        let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-            .ok()
-            .flatten()
-            .filter(|t| *t > 0)
-            .unwrap_or(100) as f64;
-        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-            .ok()
-            .flatten()
-            .filter(|t| *t > 0)
-            .unwrap_or(4096) as f64;
-        let mut f = parse_proc_stat(stat.as_deref().unwrap_or(""), ticks, page, boot);
-        f.open_fds = open_fds;
-        f.max_fds = limits.as_deref().and_then(parse_max_fds);
-        f
-    }
-}
-
-/// The CPU, memory and start-time figures of a `/proc/<pid>/stat` line.
-pub fn parse_proc_stat(stat: &str, ticks: f64, page: f64, boot: Option<f64>) -> ProcessFigures {
-    let Some(s) = crate::process::Stat::parse(stat) else {
-        return ProcessFigures::default();
-    };
-    ProcessFigures {
-        cpu_seconds: Some(s.utime.saturating_add(s.stime) as f64 / ticks),
-        virtual_memory_bytes: Some(s.vsize as f64),
-        resident_memory_bytes: Some(s.rss_pages as f64 * page),
-        start_time_seconds: boot.map(|b| b + s.starttime as f64 / ticks),
-        ..ProcessFigures::default()
-    }
-}
-
-/// The soft limit of open files from `/proc/<pid>/limits`.
-fn parse_max_fds(limits: &str) -> Option<f64> {
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    let soft = line
-        .trim_start_matches("Max open files")
-        .split_whitespace()
-        .next()?;
-    soft.parse::<f64>().ok()
-}
-
 /// Appends the process families to an exposition.
 fn render_process(out: &mut String) {
-    let f = ProcessFigures::read();
+    let f = crate::process::ProcessFigures::read();
     for (name, kind, help) in PROCESS_DEFS {
         let v = match *name {
             PROCESS_CPU_SECONDS_TOTAL => f.cpu_seconds,
@@ -601,28 +535,6 @@ mod tests {
                 assert!(d.name.ends_with("_total"), "{}", d.name);
             }
         }
-    }
-
-    #[test]
-    fn proc_stat_fields_are_read_after_the_command_name() {
-        // A command name with a space and a parenthesis.
-        let line = "42 (a b) c) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 1000 \
-                    123456 7 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0";
-        let f = parse_proc_stat(line, 100.0, 4096.0, Some(1_000_000.0));
-        assert_eq!(f.cpu_seconds, Some(3.0));
-        assert_eq!(f.virtual_memory_bytes, Some(123456.0));
-        assert_eq!(f.resident_memory_bytes, Some(7.0 * 4096.0));
-        assert_eq!(f.start_time_seconds, Some(1_000_010.0));
-        assert_eq!(
-            parse_proc_stat("garbage", 100.0, 4096.0, None),
-            ProcessFigures::default()
-        );
-        assert_eq!(
-            parse_max_fds(
-                "Limit Soft Hard Units\nMax open files            1024                 524288               files\n"
-            ),
-            Some(1024.0)
-        );
     }
 
     #[test]

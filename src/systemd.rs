@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::supervisor::Heartbeat;
+use crate::supervisor::Liveness;
 
 /// Where notifications go: systemd's socket, or nowhere.
 #[derive(Debug, Clone, Default)]
@@ -94,7 +94,7 @@ pub fn watchdog_interval() -> Option<Duration> {
 pub async fn watchdog(
     notifier: Notifier,
     period: Duration,
-    heartbeat: Arc<Heartbeat>,
+    liveness: Arc<Liveness>,
     config: Arc<ArcSwap<Config>>,
     shutdown: CancellationToken,
 ) {
@@ -104,7 +104,7 @@ pub async fn watchdog(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(period / 2) => {}
         }
-        match crate::supervisor::restart_would_mend(&heartbeat, &config.load()) {
+        match crate::supervisor::restart_would_mend(&liveness, &config.load()) {
             None => {
                 notifier.send("WATCHDOG=1");
                 stalled_logged = false;

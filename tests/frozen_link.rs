@@ -5,7 +5,7 @@
 //! What is expected of the daemon (some of it not implemented yet):
 //! - every database round trip is bounded by `database.query_timeout` (a new key), so a
 //!   loop stuck on a frozen connection gives up, discards that connection and reconnects;
-//! - the supervisor, claimer, heartbeat and leader all recover by themselves once new
+//! - the supervisor, claimer, lease keeper and leader all recover by themselves once new
 //!   connections work again; an instance that cannot reach the database loses leadership
 //!   to one that can;
 //! - `/readyz` answers 503 with a reason while the database is unreachable, and

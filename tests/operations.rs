@@ -610,7 +610,7 @@ async fn watchdog_keepalives_stop_when_the_supervisor_stalls() {
         alerts,
         metrics,
     );
-    let hb = sup.heartbeat();
+    let hb = sup.liveness();
     // Keep-alives every half period (100 ms) while the supervisor is on time.
     const PERIOD: Duration = Duration::from_millis(200);
     // Longer than the period, so a quiet window means keep-alives stopped.

@@ -91,9 +91,9 @@ impl Rig {
     }
 
     /// Starts the real loop.
-    fn start(&self) -> Arc<taskwarden::supervisor::Heartbeat> {
+    fn start(&self) -> Arc<taskwarden::supervisor::Liveness> {
         let s = self.supervisor();
-        let hb = s.heartbeat();
+        let hb = s.liveness();
         self.tasks.spawn(s.run(self.shutdown.clone()));
         hb
     }

@@ -33,9 +33,8 @@ pub const SUBCOMMAND: &str = "agent-shim";
 
 /// Whether process `pid` runs the shim (its argv holds [`SUBCOMMAND`]).
 pub fn is_shim(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .unwrap_or_default()
-        .split(|b| *b == 0)
+    crate::process::argv(pid)
+        .iter()
         .any(|a| a == SUBCOMMAND.as_bytes())
 }
 

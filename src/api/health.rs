@@ -53,7 +53,7 @@ pub(super) async fn healthz() -> impl IntoResponse {
 /// database that answers reads but commits nothing). Memory only.
 fn not_ready(s: &ApiState) -> Option<String> {
     let cfg = s.config.load();
-    crate::supervisor::not_ready_reason(&s.heartbeat, &cfg).or_else(|| s.orchestrator.write_stall())
+    crate::supervisor::not_ready_reason(&s.liveness, &cfg).or_else(|| s.orchestrator.write_stall())
 }
 
 /// Ready when the supervisor completes ticks on time, its last tick reached the database
@@ -294,7 +294,7 @@ async fn status_report(s: &ApiState) -> StatusReport {
     .and_then(Result::ok)
     .map(Arc::new);
     let read_live = live.is_some();
-    let view = live.or_else(|| s.heartbeat.view());
+    let view = live.or_else(|| s.liveness.view());
     let paused_agents = view.as_ref().map(|v| {
         v.queues
             .iter()
@@ -370,20 +370,20 @@ async fn status_report(s: &ApiState) -> StatusReport {
         schedules_total,
         alerts_firing: s.alerts.firing(),
         supervisor: SupervisorReport {
-            ticks: s.heartbeat.ticks(),
-            seconds_since_last_tick: s.heartbeat.since_last_tick().map(|d| d.as_secs_f64()),
+            ticks: s.liveness.ticks(),
+            seconds_since_last_tick: s.liveness.since_last_tick().map(|d| d.as_secs_f64()),
             interval_seconds: cfg.supervisor.interval.get().as_secs_f64(),
-            task_figures_stale: !read_live && s.heartbeat.view_stale(),
+            task_figures_stale: !read_live && s.liveness.view_stale(),
         },
         instances: view.as_ref().map(|v| v.instances.clone()),
         instances_total: view.as_ref().map(|v| v.instances_total),
         truncated,
         config: (**s.config_meta.load()).clone(),
-        database_tls: s.heartbeat.encryption(),
+        database_tls: s.liveness.encryption(),
         logging: LoggingReport {
             level: cfg.logging.level.clone(),
         },
         agents: agents_report(s, &cfg),
-        watch: s.heartbeat.watch().map(|w| (*w).clone()),
+        watch: s.liveness.watch().map(|w| (*w).clone()),
     }
 }

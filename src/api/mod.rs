@@ -51,7 +51,7 @@ use crate::metrics::Metrics;
 use crate::orchestrator::Orchestrator;
 use crate::orchestrator::registry::RunningTasks;
 use crate::store::Store;
-use crate::supervisor::Heartbeat;
+use crate::supervisor::Liveness;
 
 /// Longest time a request may take to produce its response head.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -88,7 +88,7 @@ pub struct ApiState {
     pub orchestrator: Orchestrator,
     pub metrics: Metrics,
     pub alerts: Alerts,
-    pub heartbeat: Arc<Heartbeat>,
+    pub liveness: Arc<Liveness>,
     pub running: Arc<RunningTasks>,
     /// Ends event streams at shutdown, so the server can drain.
     pub shutdown: tokio_util::sync::CancellationToken,

@@ -174,11 +174,11 @@ pub(super) fn to_sse(e: &crate::store::TaskEvent) -> Result<Event, Infallible> {
 /// How often an event stream with nothing to say sends a comment line. Its write is how a
 /// client that vanished without closing is found (the write fails), and it keeps proxies
 /// from timing the stream out.
-pub(super) const STREAM_HEARTBEAT: Duration = Duration::from_secs(5);
+pub(super) const STREAM_KEEPALIVE: Duration = Duration::from_secs(5);
 
 /// A stream fed by a producer task through a small bounded channel. The producer ends
 /// when the client goes away even if it has nothing to send (the response body, and with
-/// it the receiver, is dropped once hyper sees the connection close, a heartbeat write
+/// it the receiver, is dropped once hyper sees the connection close, a keep-alive write
 /// fail or the writes stall past `http.write_timeout`), at shutdown, or when it returns.
 /// The stream's place among `http.max_streams` is held by the response body, not the
 /// producer: a producer that has queued its last events and returned still leaves them
@@ -225,10 +225,10 @@ impl tokio_stream::Stream for HeldStream {
     }
 }
 
-/// The response of an event stream, with its heartbeat.
+/// The response of an event stream, with its keep-alive.
 pub(super) fn sse_response(stream: HeldStream) -> Response {
     Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(STREAM_HEARTBEAT))
+        .keep_alive(KeepAlive::new().interval(STREAM_KEEPALIVE))
         .into_response()
 }
 

@@ -286,7 +286,7 @@ impl Daemon {
             orchestrator: self.orchestrator.clone(),
             metrics: self.metrics.clone(),
             alerts: self.alerts.clone(),
-            heartbeat: Arc::clone(&self.heartbeat),
+            liveness: Arc::clone(&self.liveness),
             running: Arc::clone(&self.running),
             shutdown: self.shutdown.clone(),
             streams: Default::default(),
@@ -318,7 +318,7 @@ impl Daemon {
             self.tasks.spawn(systemd::watchdog(
                 systemd::Notifier::from_env(),
                 period,
-                Arc::clone(&self.heartbeat),
+                Arc::clone(&self.liveness),
                 Arc::clone(&self.config),
                 self.shutdown.clone(),
             ));

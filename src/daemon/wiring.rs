@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::orchestrator::registry::RunningTasks;
 use crate::orchestrator::{Orchestrator, OrchestratorParts};
 use crate::store::Store;
-use crate::supervisor::{Heartbeat, Supervisor};
+use crate::supervisor::{Liveness, Supervisor};
 
 /// A running taskwarden's parts. Stop it with [`Parts::stop`].
 pub struct Parts {
@@ -29,7 +29,7 @@ pub struct Parts {
     pub metrics: Metrics,
     pub running: Arc<RunningTasks>,
     pub alerts: Alerts,
-    pub heartbeat: Arc<Heartbeat>,
+    pub liveness: Arc<Liveness>,
     pub orchestrator: Orchestrator,
     pub instance_id: String,
     pub shutdown: CancellationToken,
@@ -70,7 +70,7 @@ impl Parts {
             alerts.clone(),
             metrics.clone(),
         );
-        let heartbeat = supervisor.heartbeat();
+        let liveness = supervisor.liveness();
         tasks.spawn(supervisor.run(shutdown.clone()));
         let orchestrator = Orchestrator::new(OrchestratorParts {
             config: Arc::clone(&config),
@@ -93,7 +93,7 @@ impl Parts {
             metrics,
             running,
             alerts,
-            heartbeat,
+            liveness,
             orchestrator,
             instance_id,
             shutdown,

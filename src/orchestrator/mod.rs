@@ -1,12 +1,12 @@
 //! The orchestrator: claims runnable tasks, runs them on their agents, records the
 //! outcome, and coordinates with other instances through PostgreSQL only. One file per
 //! role, each role a type that owns its state (`Claimer`, `Capacity`, `OutcomeWriter`,
-//! `Scheduler`, `Listener`, `RunSlotState`; `Leader`, built by its loop; `LeaseKeeper`
-//! has none) and is handed the shared [`Context`] (config, store, pool, agents,
-//! metrics, the running registry, the event hub, the instance id, shutdown and the
-//! claimer's wake-up). [`Inner`] is that context plus one field per role. What stays on
-//! `Orchestrator` is the API's side (submit, queue, run slots) and the runner, which
-//! they and the claimer start runs through:
+//! `Scheduler`, `Listener`, `RunSlots`; `Leader`, built by its loop; `Runner` and
+//! `LeaseKeeper` own none) and is handed the shared [`Context`] (config, store, pool,
+//! agents, metrics, the running registry, the event hub, the instance id, shutdown and
+//! the claimer's wake-up). [`Inner`] is that context plus one field per role. What stays
+//! on `Orchestrator` is the façade the API and the daemon call (submit, queue controls,
+//! run slots, start, reload, drain), each a thin call into the role that does it:
 //!
 //! - [`submit`]: tasks, objectives and cancels coming in from the API;
 //! - [`slots`]: run slots (`/v1/slots/{id}/run`), replace-then-await;
@@ -62,9 +62,11 @@ use crate::config::Config;
 use crate::db::{Db, DbError};
 use crate::metrics::Metrics;
 use crate::orchestrator::registry::RunningTasks;
+use crate::store::{NewTask, Task};
 use crate::store::{Store, StoreError};
 use leader::Leader;
 use leases::LeaseKeeper;
+use runner::Runner;
 
 pub use outcome_writer::OUTCOME_BATCH;
 pub use retention::RetentionReport;
@@ -79,6 +81,14 @@ fn invalid(field: &str, message: impl Into<String>) -> OrchestratorError {
         field: field.into(),
         message: message.into(),
     })
+}
+
+/// The error for a request naming an agent this instance does not run.
+fn unknown_agent(ctx: &Context, agent: &str) -> OrchestratorError {
+    OrchestratorError::UnknownAgent {
+        agent: agent.to_string(),
+        known: ctx.agents.load().names().into_iter().collect(),
+    }
 }
 
 /// "known agents: a, b" (or that none is configured), for unknown-agent errors.
@@ -149,7 +159,7 @@ struct Inner {
     ctx: Context,
     claimer: claimer::Claimer,
     capacity: capacity::Capacity,
-    slots: slots::RunSlotState,
+    slots: slots::RunSlots,
     scheduler: scheduler::Scheduler,
     writer: outcome_writer::OutcomeWriter,
     listener: notifications::Listener,
@@ -202,7 +212,7 @@ impl Orchestrator {
                 },
                 claimer: claimer::Claimer::default(),
                 capacity: capacity::Capacity::default(),
-                slots: slots::RunSlotState::new(limit),
+                slots: slots::RunSlots::new(limit),
                 scheduler: scheduler::Scheduler::default(),
                 writer: outcome_writer::OutcomeWriter::new(),
                 listener: notifications::Listener { pg: p.pg },
@@ -215,11 +225,11 @@ impl Orchestrator {
         let i = &self.inner.ctx;
         let o = Arc::clone(&self.inner);
         i.tasks.spawn(async move { o.writer.run(&o.ctx).await });
-        let o = self.clone();
+        let runner = self.runner();
+        let o = Arc::clone(&self.inner);
         i.tasks.spawn(async move {
-            let i = &o.inner;
-            let start = |task, entry| o.start_claimed(task, entry);
-            i.claimer.run(&i.ctx, &i.capacity, &i.writer, &start).await
+            let start = |task, entry| runner.start_claimed(task, entry);
+            o.claimer.run(&o.ctx, &o.capacity, &o.writer, &start).await
         });
         let cfg = i.config.load();
         if crate::db::can_listen(&cfg.database) {
@@ -261,10 +271,19 @@ impl Orchestrator {
 
     /// The error for a request naming an agent this instance does not run.
     pub(crate) fn unknown_agent(&self, agent: &str) -> OrchestratorError {
-        OrchestratorError::UnknownAgent {
-            agent: agent.to_string(),
-            known: self.inner.ctx.agents.load().names().into_iter().collect(),
-        }
+        unknown_agent(&self.inner.ctx, agent)
+    }
+
+    /// The runner: what the claimer and the run slots start runs through.
+    fn runner(&self) -> Runner {
+        Runner::new(Arc::clone(&self.inner))
+    }
+
+    /// Runs a task in run slot `slot_id` now, replacing the slot's running task (see
+    /// `slots`).
+    pub async fn run_in_slot(&self, slot_id: &str, t: NewTask) -> Result<Task, OrchestratorError> {
+        let i = &self.inner;
+        i.slots.run(&i.ctx, &self.runner(), slot_id, t).await
     }
 
     pub fn agents(&self) -> Arc<Agents> {
@@ -298,7 +317,8 @@ impl Orchestrator {
     /// returns how many tasks it started or prefetched.
     pub async fn claim_once(&self) -> Result<usize, StoreError> {
         let i = &self.inner;
-        let start = |task, entry| self.start_claimed(task, entry);
+        let runner = self.runner();
+        let start = |task, entry| runner.start_claimed(task, entry);
         i.claimer
             .claim_once(&i.ctx, &i.capacity, &i.writer, &start)
             .await

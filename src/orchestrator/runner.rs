@@ -2,8 +2,13 @@
 //! the output it kept during an outage, then hand the outcome (what the state machine
 //! writes for it, and its event) to the batched outcome writer, which keeps the lease
 //! until it is written; a permit whose run ended starts the next prefetched task.
+//!
+//! [`Runner`] owns no state: one attempt's state lives in its future. It is the handle
+//! the claimer and the run slots start runs through, and it reaches the roles a run
+//! hands work to (the claimer's prefetch, capacity, the run slots, the outcome writer)
+//! only through their methods.
 
-use super::Orchestrator;
+use super::Inner;
 use super::capacity::RunPermit;
 use super::outcome::{
     AttemptOf, Decision, Outcome, decide, make_storable, retry_backoff, retry_pause,
@@ -26,7 +31,17 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-impl Orchestrator {
+/// Starts runs and sees each through to its outcome. Cheap to clone.
+#[derive(Clone)]
+pub(super) struct Runner {
+    inner: Arc<Inner>,
+}
+
+impl Runner {
+    pub(super) fn new(inner: Arc<Inner>) -> Runner {
+        Runner { inner }
+    }
+
     /// Runs one attempt of `task` (already running under our lease) on its own task.
     pub(super) fn spawn_run(
         &self,
@@ -85,7 +100,7 @@ impl Orchestrator {
         self.finish(task, outcome, registration).await;
     }
 
-    pub(super) async fn attempt(
+    async fn attempt(
         &self,
         task: &Task,
         entry: &AgentEntry,
@@ -147,12 +162,7 @@ impl Orchestrator {
     /// Writes the events and usage the attempt kept during a database outage, before its
     /// outcome; retried with backoff while the database is unreachable (the lease is kept
     /// meanwhile), given up on shutdown, cancellation or a refusal by the database.
-    pub(super) async fn flush_output(
-        &self,
-        task: &Task,
-        output: &OutputWriter,
-        cancel: &CancellationToken,
-    ) {
+    async fn flush_output(&self, task: &Task, output: &OutputWriter, cancel: &CancellationToken) {
         let mut attempt = 0u32;
         while !output.is_flushed() {
             match output.flush().await {
@@ -178,7 +188,7 @@ impl Orchestrator {
     /// Records an attempt's outcome: queued for the batch writer with the event it
     /// carries (`attempt_failed`, `snoozed`). `registration` lives until the write is
     /// done, so the lease is kept meanwhile.
-    pub(super) async fn finish(&self, task: &Task, outcome: Outcome, registration: Registration) {
+    async fn finish(&self, task: &Task, outcome: Outcome, registration: Registration) {
         let i = &self.inner.ctx;
         registration.run_ended();
         let ran = task
@@ -253,7 +263,7 @@ impl Orchestrator {
 
     /// The delay before the next attempt, with the configured base and cap and a random
     /// 50–100 % jitter ([`retry_backoff`]).
-    pub(super) fn backoff(&self, attempt: i32) -> Duration {
+    fn backoff(&self, attempt: i32) -> Duration {
         let w = &self.inner.ctx.config.load().workers;
         retry_backoff(
             w.retry_backoff.get(),

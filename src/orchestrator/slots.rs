@@ -2,8 +2,8 @@
 //! starts the new run at once, then cancels the one it replaces and waits for it outside
 //! every lock (the third seed's deadlock, done right). At most one task runs per slot.
 
-use super::Orchestrator;
-use super::OrchestratorError;
+use super::runner::Runner;
+use super::{Context, OrchestratorError, unknown_agent};
 use crate::store::NewTask;
 use crate::store::StoreError;
 use crate::store::Task;
@@ -18,7 +18,7 @@ pub const REPLACE_WAIT: Duration = Duration::from_secs(10);
 
 /// The run slots of this instance: which task runs in each, and the bound on how many
 /// slot runs go at once (they do not wait for free capacity as claims do).
-pub(super) struct RunSlotState {
+pub(super) struct RunSlots {
     entries: Mutex<HashMap<String, SlotEntry>>,
     runs: Arc<Semaphore>,
     limit: usize,
@@ -38,9 +38,9 @@ pub(super) struct SlotRun {
     _bound: OwnedSemaphorePermit,
 }
 
-impl RunSlotState {
-    pub(super) fn new(limit: usize) -> RunSlotState {
-        RunSlotState {
+impl RunSlots {
+    pub(super) fn new(limit: usize) -> RunSlots {
+        RunSlots {
             entries: Mutex::new(HashMap::new()),
             runs: Arc::new(Semaphore::new(limit)),
             limit,
@@ -71,24 +71,23 @@ impl RunSlotState {
             slots.remove(&slot_id);
         }
     }
-}
 
-impl Orchestrator {
     /// Runs a task in run slot `slot_id` now, replacing the slot's running task.
-    pub async fn run_in_slot(
+    pub(super) async fn run(
         &self,
+        i: &Context,
+        runner: &Runner,
         slot_id: &str,
         mut t: NewTask,
     ) -> Result<Task, OrchestratorError> {
-        let i = &self.inner.ctx;
         t.slot_id = Some(slot_id.to_string());
         let Some(entry) = i.agents.load().get(&t.agent).cloned() else {
-            return Err(self.unknown_agent(&t.agent));
+            return Err(unknown_agent(i, &t.agent));
         };
         if i.claiming.is_cancelled() {
             return Err(OrchestratorError::ShuttingDown);
         }
-        let state = &self.inner.slots;
+        let state = self;
         let bound = Arc::clone(&state.runs)
             .try_acquire_owned()
             .map_err(|_| OrchestratorError::NoRunSlot(state.limit))?;
@@ -117,7 +116,7 @@ impl Orchestrator {
             }
         };
         // Start the new task at once.
-        self.spawn_run(
+        runner.spawn_run(
             task.clone(),
             entry,
             cancel,
@@ -130,7 +129,7 @@ impl Orchestrator {
 
         // Replaced tasks end as cancelled in the database, with the reason; local ones
         // are cancelled here, ones running elsewhere at their instance's next lease-keeper pass.
-        let replaced = self.cancel_older_slot_runs(slot_id, task.id).await;
+        let replaced = cancel_older_slot_runs(i, slot_id, task.id).await;
         if let Err(e) = &replaced {
             tracing::warn!(slot_id, task_id = task.id, error = %e, "could not record replaced slot tasks");
         }
@@ -151,22 +150,22 @@ impl Orchestrator {
         }
         Ok(task)
     }
+}
 
-    pub(super) async fn cancel_older_slot_runs(
-        &self,
-        slot_id: &str,
-        newest: i64,
-    ) -> Result<Vec<i64>, StoreError> {
-        let reason = format!("replaced by task {newest}");
-        let ids = self
-            .inner
-            .ctx
-            .store
-            .cancel_slot_runs_before(slot_id, newest, &reason)
-            .await?;
-        for id in &ids {
-            self.inner.ctx.running.cancel(*id);
-        }
-        Ok(ids)
+/// Ends the runs of `slot_id` older than `newest` as cancelled, with the reason; the
+/// ones running here are cancelled now, the others at their instance's next lease beat.
+async fn cancel_older_slot_runs(
+    i: &Context,
+    slot_id: &str,
+    newest: i64,
+) -> Result<Vec<i64>, StoreError> {
+    let reason = format!("replaced by task {newest}");
+    let ids = i
+        .store
+        .cancel_slot_runs_before(slot_id, newest, &reason)
+        .await?;
+    for id in &ids {
+        i.running.cancel(*id);
     }
+    Ok(ids)
 }

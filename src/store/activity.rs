@@ -64,7 +64,12 @@ pub async fn terminate_orphans(
                          AND state_change < now() - make_interval(secs => $3)) \
                      OR state_change < now() - make_interval(secs => $4))"
             ),
-            &[&application_name, &accounted, &grace_seconds, &max_age_seconds],
+            &[
+                &application_name,
+                &accounted,
+                &grace_seconds,
+                &max_age_seconds,
+            ],
         )
         .await?;
     rows.iter()

@@ -41,7 +41,7 @@ impl Supervisor {
         self.metrics
             .gauge(m::DB_SESSIONS_ENCRYPTED, &[])
             .set(seen.encrypted as f64);
-        self.heartbeat.set_encryption(seen);
+        self.liveness.set_encryption(seen);
         Ok(())
     }
 }

@@ -1,4 +1,4 @@
-//! What the rest of the daemon reads of the supervisor: its heartbeat (last tick, last
+//! What the rest of the daemon reads of the supervisor: its liveness (last tick, last
 //! database error, the dated database view), the one readiness rule `/readyz` and the
 //! systemd watchdog share, and the live pool and session gauges written at each scrape.
 
@@ -17,7 +17,7 @@ use std::time::UNIX_EPOCH;
 
 /// Shared view of the loop's liveness, for readiness, the systemd watchdog and status.
 #[derive(Debug, Default)]
-pub struct Heartbeat {
+pub struct Liveness {
     last_tick_unix_ms: AtomicU64,
     ticks: AtomicU64,
     /// Why the last tick could not reach the database, if it could not.
@@ -36,9 +36,9 @@ pub struct Heartbeat {
 /// Why the daemon is not ready, if it is not: the supervisor has not completed a tick
 /// within `bound`, or its last tick could not reach the database. `/readyz` and the systemd
 /// watchdog both ask this, so they tell the same truth.
-pub fn not_ready_reason(heartbeat: &Heartbeat, cfg: &Config) -> Option<String> {
+pub fn not_ready_reason(liveness: &Liveness, cfg: &Config) -> Option<String> {
     let bound = stall_bound(cfg);
-    match heartbeat.since_last_tick() {
+    match liveness.since_last_tick() {
         None => {
             return Some("the supervisor has not completed its first tick yet".into());
         }
@@ -51,18 +51,18 @@ pub fn not_ready_reason(heartbeat: &Heartbeat, cfg: &Config) -> Option<String> {
         }
         Some(_) => {}
     }
-    heartbeat
+    liveness
         .database_error()
         .map(|e| format!("database unreachable: {e}"))
-        .or_else(|| heartbeat.outcome_stall())
+        .or_else(|| liveness.outcome_stall())
 }
 
 /// Whether a restart would mend what is wrong: the supervisor stalled, or outcomes are
 /// stalled while the database answers the supervisor (a wedged writer). A database that
 /// cannot be reached is not mended by restarting the daemon, which would kill the work
 /// running here; the systemd watchdog withholds its keep-alive only when this is true.
-pub fn restart_would_mend(heartbeat: &Heartbeat, cfg: &Config) -> Option<String> {
-    match heartbeat.since_last_tick() {
+pub fn restart_would_mend(liveness: &Liveness, cfg: &Config) -> Option<String> {
+    match liveness.since_last_tick() {
         Some(d) if d <= stall_bound(cfg) => {}
         other => {
             return Some(format!(
@@ -71,10 +71,10 @@ pub fn restart_would_mend(heartbeat: &Heartbeat, cfg: &Config) -> Option<String>
             ));
         }
     }
-    if heartbeat.database_error().is_some() {
+    if liveness.database_error().is_some() {
         return None;
     }
-    heartbeat.outcome_stall()
+    liveness.outcome_stall()
 }
 
 /// Longest a healthy supervisor goes between completed ticks: two intervals, plus the
@@ -122,7 +122,7 @@ pub fn record_live_gauges(metrics: &Metrics, db: &Db) -> PoolStatus {
     p
 }
 
-impl Heartbeat {
+impl Liveness {
     /// The last database view, if a tick has read one.
     pub fn view(&self) -> Option<Arc<DbView>> {
         self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -183,7 +183,7 @@ impl Heartbeat {
         let now = unix_ms();
         Some(Duration::from_millis(now.saturating_sub(ms)))
     }
-    pub(super) fn beat(&self) {
+    pub(super) fn ticked(&self) {
         self.last_tick_unix_ms.store(unix_ms(), Ordering::Relaxed);
         self.ticks.fetch_add(1, Ordering::Relaxed);
     }

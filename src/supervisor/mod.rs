@@ -45,7 +45,7 @@ pub use watch::{RoleConnections, ServerConnections, WatchRuleView, WatchView, Wa
 
 use liveness::unix_ms;
 pub use liveness::{
-    Heartbeat, not_ready_reason, record_live_gauges, restart_would_mend, stall_bound,
+    Liveness, not_ready_reason, record_live_gauges, restart_would_mend, stall_bound,
 };
 
 use std::sync::Arc;
@@ -120,11 +120,10 @@ pub struct Supervisor {
     running: Arc<RunningTasks>,
     alerts: Alerts,
     metrics: Metrics,
-    heartbeat: Arc<Heartbeat>,
+    liveness: Arc<Liveness>,
     admin: Option<DirectClient>,
     application_name: String,
-    sys: sysinfo::System,
-    pid: sysinfo::Pid,
+    memory: crate::process::MemoryReader,
     last_resource_log: Option<Instant>,
     /// A lock_timeout refusal was logged; cleared once the task figures are read again.
     lock_refusal_logged: bool,
@@ -161,10 +160,9 @@ impl Supervisor {
             running,
             alerts,
             metrics,
-            heartbeat: Arc::new(Heartbeat::default()),
+            liveness: Arc::new(Liveness::default()),
             admin: None,
-            sys: sysinfo::System::new(),
-            pid: sysinfo::Pid::from_u32(std::process::id()),
+            memory: crate::process::MemoryReader::default(),
             last_resource_log: None,
             lock_refusal_logged: false,
             agent_cpu: Default::default(),
@@ -175,8 +173,8 @@ impl Supervisor {
         }
     }
 
-    pub fn heartbeat(&self) -> Arc<Heartbeat> {
-        Arc::clone(&self.heartbeat)
+    pub fn liveness(&self) -> Arc<Liveness> {
+        Arc::clone(&self.liveness)
     }
 
     /// Ticks every `supervisor.interval` (re-read each time, so a reload applies) until
@@ -287,8 +285,8 @@ impl Supervisor {
             .as_ref()
             .map(|e| e.to_string())
             .or_else(|| db_result.as_ref().err().map(|e| e.to_string()));
-        self.heartbeat.set_database_error(db_error);
-        self.heartbeat.beat();
+        self.liveness.set_database_error(db_error);
+        self.liveness.ticked();
         if let Some(e) = admin_err {
             return Err(e);
         }
@@ -403,7 +401,7 @@ impl Supervisor {
             .gauge(m::TASK_RUNNING_OLDEST_SECONDS, &[])
             .set(view.oldest_running_seconds);
         self.record_queue_gauges(cfg, &view);
-        self.heartbeat.set_view(view);
+        self.liveness.set_view(view);
         Ok(())
     }
 
@@ -439,13 +437,13 @@ impl Supervisor {
     }
 
     fn set_task_figures_stale(&mut self, stale: bool) {
-        if !stale && self.heartbeat.view_stale() {
+        if !stale && self.liveness.view_stale() {
             tracing::info!("supervisor task figures read again");
         }
         if !stale {
             self.lock_refusal_logged = false;
         }
-        self.heartbeat.set_view_stale(stale);
+        self.liveness.set_view_stale(stale);
         self.metrics
             .gauge(m::SUPERVISOR_TASK_FIGURES_STALE, &[])
             .set(if stale { 1.0 } else { 0.0 });
@@ -495,7 +493,7 @@ impl Supervisor {
         if cfg.database.pooler != crate::config::Pooler::None {
             return Ok(());
         }
-        // Accounted for: backends behind live guards and idle pool slots. Read both before
+        // Accounted for: backends behind live guards and idle pooled connections. Read both before
         // querying the server, so a connection created meanwhile is simply not listed yet.
         let mut ours: Vec<i32> = self.db.tracker().owned_backends();
         ours.extend(self.db.idle_backends());
@@ -505,8 +503,7 @@ impl Supervisor {
         // restart, and a reloaded value must not make foreign sessions look like ours.
         let app = self.application_name.clone();
         let admin = self.admin().await?;
-        let orphans =
-            activity::terminate_orphans(admin, &app, &ours, grace_s, max_age_s).await?;
+        let orphans = activity::terminate_orphans(admin, &app, &ours, grace_s, max_age_s).await?;
         for o in orphans {
             let (pid, state) = (o.pid, o.state);
             let Some(terminated) = o.terminated else {

@@ -13,7 +13,7 @@ use serde_json::json;
 
 impl Supervisor {
     /// Measures the outcome lag, fires or resolves `outcomes_stalled`, and records the
-    /// verdict in the heartbeat. Needs no database: it reads the running-task registry.
+    /// verdict in the liveness. Needs no database: it reads the running-task registry.
     pub(super) fn check_outcomes(&mut self, cfg: &Config) {
         let oldest = self.running.oldest_unwritten();
         let lag = oldest.map(|(_, d)| d).unwrap_or_default();
@@ -38,7 +38,7 @@ impl Supervisor {
                         json!({ "task_id": task_id, "waited_seconds": waited.as_secs_f64() }),
                     );
                 }
-                self.heartbeat.set_outcome_stall(Some(reason));
+                self.liveness.set_outcome_stall(Some(reason));
             }
             None => {
                 if firing {
@@ -48,7 +48,7 @@ impl Supervisor {
                         json!({ "lag_seconds": lag.as_secs_f64() }),
                     );
                 }
-                self.heartbeat.set_outcome_stall(None);
+                self.liveness.set_outcome_stall(None);
             }
         }
     }

@@ -12,26 +12,12 @@ use std::time::Instant;
 
 impl Supervisor {
     pub(super) async fn check_process(&mut self, cfg: &Config, report: &mut TickReport) {
-        use sysinfo::{ProcessRefreshKind, ProcessesToUpdate};
-        self.sys.refresh_processes_specifics(
-            ProcessesToUpdate::Some(&[self.pid]),
-            false,
-            ProcessRefreshKind::nothing().with_memory(),
-        );
-        self.sys.refresh_memory();
-        let Some(p) = self.sys.process(self.pid) else {
+        let Some((rss, limit)) = self.memory.read() else {
             return;
         };
-        let rss = p.memory();
-        let limit = self
-            .sys
-            .cgroup_limits()
-            .map(|c| c.total_memory)
-            .filter(|t| *t > 0)
-            .unwrap_or_else(|| self.sys.total_memory());
         report.resident_memory_bytes = rss;
         // process_resident_memory_bytes and process_cpu_seconds_total are read from /proc
-        // at each scrape (metrics::ProcessFigures); the limit is ours.
+        // at each scrape (process::ProcessFigures); the limit is ours.
         self.metrics
             .gauge(m::PROCESS_MEMORY_LIMIT_BYTES, &[])
             .set(limit as f64);

@@ -92,7 +92,7 @@ impl Supervisor {
                 self.alert_force_closed(info, age, cfg);
             } else if self.db.lend_capacity_for(info) {
                 // Force-closed on an earlier tick and still held: its holder ignores
-                // cancellation. Give the pool its slot back anyway.
+                // cancellation. Give the pool its connection of capacity back anyway.
                 report.capacity_lent += 1;
                 tracing::error!(session_id = info.id, caller = %info.caller, label = info.label, lent = self.db.lent(), "force-closed session still held; pool lends one connection of capacity until it is dropped");
             }

@@ -341,7 +341,7 @@ impl Supervisor {
             self.signal(&signals).await?;
         }
         self.forget_rules(cfg);
-        self.heartbeat.set_watch(WatchView {
+        self.liveness.set_watch(WatchView {
             as_of: Utc::now(),
             server,
             rules,

@@ -178,8 +178,11 @@ pub(super) fn stop_stale_postmaster(pgdata: &Path) {
         return;
     };
     // The pid may have been reused by an unrelated process since: only a postgres counts.
-    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    if !comm.trim().starts_with("postgres") {
+    let comm = u32::try_from(pid)
+        .ok()
+        .and_then(crate::process::comm)
+        .unwrap_or_default();
+    if !comm.starts_with("postgres") {
         return;
     }
     let pid = Pid::from_raw(pid);
