@@ -165,11 +165,57 @@ pub const PROCESS_DEFS: &[(&str, &str, &str)] = &[
     ),
 ];
 
-/// Bucket bounds for second-valued histograms: 1 ms to 30 min.
-const SECONDS_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    300.0, 900.0, 1800.0,
+/// Bucket bounds per histogram family, fitted to what each measures: one list for all
+/// would put every microsecond checkout in its first bucket and every hour-long task in
+/// `+Inf`. Every [`Kind::Histogram`] of [`DEFS`] has its row (a unit test checks).
+pub const HISTOGRAM_BUCKETS: &[(&str, &[f64])] = &[
+    // A checkout from a warm pool takes microseconds; a starved one waits up to
+    // checkout_timeout + connect_timeout (5 s + 10 s by default).
+    (
+        DB_CHECKOUT_WAIT_SECONDS,
+        &[
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5, 5.0, 10.0, 15.0,
+        ],
+    ),
+    // Agent runs: from a shell one-liner (milliseconds) to a long model session, bounded
+    // by the agent's timeout and supervisor.max_task_duration (hours at most).
+    (
+        TASK_DURATION_SECONDS,
+        &[
+            0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0,
+            14400.0,
+        ],
+    ),
+    // Queue latency: milliseconds on an idle daemon, up to hours behind a backlog or a
+    // rate limit.
+    (
+        TASK_QUEUE_WAIT_SECONDS,
+        &[
+            0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+            14400.0,
+        ],
+    ),
+    // One pass of the watchdog or a periodic loop: a few round trips (sub-millisecond
+    // to milliseconds); seconds only near its deadline (query_timeout, 15 s by default).
+    (SUPERVISOR_TICK_SECONDS, LOOP_BUCKETS),
+    (LOOP_RUN_SECONDS, LOOP_BUCKETS),
 ];
+
+const LOOP_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0,
+    30.0, 60.0,
+];
+
+// The exporter refuses an empty bucket list: make one a compile error, not a silent
+// fallback at start-up.
+const _: () = {
+    let mut i = 0;
+    while i < HISTOGRAM_BUCKETS.len() {
+        assert!(!HISTOGRAM_BUCKETS[i].1.is_empty());
+        i += 1;
+    }
+};
 
 /// Series of [`Kind::FloatCounter`] metrics: (name, labels) to value.
 type FloatSeries = BTreeMap<(&'static str, Vec<(&'static str, String)>), f64>;
@@ -246,9 +292,13 @@ const META: Metadata<'static> = Metadata::new(module_path!(), metrics::Level::IN
 
 impl Metrics {
     pub fn new() -> Metrics {
-        // Only an empty bucket list is refused, and ours is not empty.
-        let builder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+        // Only an empty bucket list is refused, and none of ours is (checked when
+        // compiling, below the table).
+        let builder = HISTOGRAM_BUCKETS
+            .iter()
+            .try_fold(PrometheusBuilder::new(), |b, (name, buckets)| {
+                b.set_buckets_for_metric(Matcher::Full((*name).to_string()), buckets)
+            })
             .unwrap_or_else(|_| PrometheusBuilder::new());
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
@@ -538,6 +588,66 @@ mod tests {
     }
 
     #[test]
+    fn every_histogram_has_buckets_fitted_to_its_family() {
+        for d in DEFS.iter().filter(|d| d.kind == Kind::Histogram) {
+            let buckets = HISTOGRAM_BUCKETS
+                .iter()
+                .find(|(n, _)| *n == d.name)
+                .map(|(_, b)| *b)
+                .unwrap_or_else(|| panic!("{} has no row in HISTOGRAM_BUCKETS", d.name));
+            assert!(buckets.len() >= 10, "{}: {buckets:?}", d.name);
+            assert!(
+                buckets.windows(2).all(|w| w[0] < w[1]),
+                "{}: not ascending: {buckets:?}",
+                d.name
+            );
+        }
+        for (name, _) in HISTOGRAM_BUCKETS {
+            assert!(
+                DEFS.iter()
+                    .any(|d| d.name == *name && d.kind == Kind::Histogram),
+                "{name} is no histogram of DEFS"
+            );
+        }
+        // What is exported: a 150 µs checkout lands in the 250 µs bucket, not the first
+        // millisecond; a two-hour task below the 4-hour bound, not in +Inf.
+        let m = Metrics::new();
+        m.histogram(DB_CHECKOUT_WAIT_SECONDS, &[]).record(0.00015);
+        m.histogram(TASK_DURATION_SECONDS, &[("agent", "a")])
+            .record(7000.0);
+        m.histogram(SUPERVISOR_TICK_SECONDS, &[]).record(0.0007);
+        let text = m.render();
+        let line = |series: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+        };
+        assert_eq!(
+            line("taskwarden_db_checkout_wait_seconds_bucket{le=\"0.0001\"}"),
+            0.0
+        );
+        assert_eq!(
+            line("taskwarden_db_checkout_wait_seconds_bucket{le=\"0.00025\"}"),
+            1.0
+        );
+        assert_eq!(
+            line("taskwarden_task_duration_seconds_bucket{agent=\"a\",le=\"3600\"}"),
+            0.0
+        );
+        assert_eq!(
+            line("taskwarden_task_duration_seconds_bucket{agent=\"a\",le=\"7200\"}"),
+            1.0
+        );
+        assert_eq!(
+            line("taskwarden_supervisor_tick_seconds_bucket{le=\"0.001\"}"),
+            1.0
+        );
+        assert!(
+            !text.contains("taskwarden_task_duration_seconds_bucket{agent=\"a\",le=\"0.0001\"}"),
+            "{text}"
+        );
+    }
+
     fn recorded_values_render_with_help() {
         let m = Metrics::new();
         m.gauge(DB_POOL_IN_USE, &[]).set(3.0);
