@@ -98,16 +98,72 @@ fn promtool_unit_tests_of_the_alert_rules_pass() {
     assert!(text.contains("SUCCESS"), "{text}");
 }
 
-#[test]
-fn the_dashboard_is_complete_and_names_only_exported_metrics() {
-    let d = dashboard();
-    let vars: Vec<&str> = d["templating"]["list"]
+/// What is wrong with a dashboard, as the lint sees it: importable (`__inputs` asks for
+/// a Prometheus data source, a data-source variable that every panel and query follows,
+/// no data-source uid of someone's Grafana), no hard-coded job (every metric selector
+/// filtered by the `job` and `instance` variables), every query naming only metrics the
+/// daemon exports, and every per-agent resource and session metric on it.
+fn dashboard_lint(d: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let inputs = d["__inputs"].as_array().cloned().unwrap_or_default();
+    if !inputs.iter().any(|i| {
+        i["name"] == "DS_PROMETHEUS" && i["type"] == "datasource" && i["pluginId"] == "prometheus"
+    }) {
+        out.push(format!(
+            "no DS_PROMETHEUS data-source input in __inputs: {inputs:?}"
+        ));
+    }
+    let vars = d["templating"]["list"]
         .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(vars, vec!["datasource", "instance"]);
+        .cloned()
+        .unwrap_or_default();
+    let names: Vec<&str> = vars.iter().filter_map(|v| v["name"].as_str()).collect();
+    if names != ["datasource", "job", "instance"] {
+        out.push(format!(
+            "template variables {names:?}, not datasource, job, instance"
+        ));
+    }
+    if let Some(ds) = vars.iter().find(|v| v["name"] == "datasource") {
+        if ds["type"] != "datasource" || ds["query"] != "prometheus" {
+            out.push(format!(
+                "the datasource variable is no Prometheus data-source variable: {ds}"
+            ));
+        }
+        if ds["current"]["value"] != "${DS_PROMETHEUS}" {
+            out.push("the datasource variable does not default to the imported data source".into());
+        }
+    }
+    // A data source is named only through the variable, wherever one is named.
+    fn datasources(v: &Value, at: &str, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    if k == "datasource" && at != "templating" {
+                        if x["uid"] != "${datasource}" {
+                            out.push(format!("a data source other than ${{datasource}}: {x}"));
+                        }
+                    } else {
+                        datasources(x, if k == "templating" { "templating" } else { at }, out);
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|x| datasources(x, at, out)),
+            _ => {}
+        }
+    }
+    datasources(&d["panels"], "", &mut out);
+    for v in &vars {
+        if v["type"] == "query" && v["datasource"]["uid"] != "${datasource}" {
+            out.push(format!(
+                "variable {} queries another data source",
+                v["name"]
+            ));
+        }
+        let q = v["query"]["query"].as_str().unwrap_or("");
+        if v["name"] == "instance" && !q.contains("job=~\"$job\"") {
+            out.push(format!("the instance variable ignores $job: {q}"));
+        }
+    }
     let mut exported: BTreeSet<String> = BTreeSet::new();
     for def in DEFS {
         exported.insert(def.name.to_string());
@@ -117,6 +173,102 @@ fn the_dashboard_is_complete_and_names_only_exported_metrics() {
             }
         }
     }
+    for name in taskwarden::metrics::PROCESS_DEFS.iter().map(|p| p.0) {
+        exported.insert(name.to_string());
+    }
+    let mut queried: BTreeSet<String> = BTreeSet::new();
+    for p in d["panels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["type"] != "row")
+    {
+        let title = p["title"].as_str().unwrap_or("");
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap_or("");
+            for (name, selector) in selectors(expr) {
+                if !exported.contains(&name) {
+                    out.push(format!("{title}: {name} is not exported by the daemon"));
+                }
+                if !selector.contains("job=~\"$job\"")
+                    || !selector.contains("instance=~\"$instance\"")
+                {
+                    out.push(format!(
+                        "{title}: {name}{selector} is not filtered by $job and $instance"
+                    ));
+                }
+                queried.insert(name);
+            }
+            // Whatever the matcher (=, =~, !=, !~), a job is only ever the variable.
+            let mut rest = expr;
+            while let Some(i) = rest.find("job") {
+                let after = rest[i + 3..].trim_start();
+                let op = ["=~", "!~", "!=", "="]
+                    .into_iter()
+                    .find(|o| after.starts_with(o));
+                if let Some(op) = op
+                    && !after[op.len()..].trim_start().starts_with("\"$job\"")
+                {
+                    out.push(format!("{title}: a hard-coded job in {expr}"));
+                }
+                rest = &rest[i + 3..];
+            }
+        }
+    }
+    for def in DEFS
+        .iter()
+        .filter(|d| d.name.starts_with("taskwarden_agent_"))
+    {
+        let name = if def.kind == Kind::Histogram {
+            format!("{}_bucket", def.name)
+        } else {
+            def.name.to_string()
+        };
+        if !queried.contains(&name) {
+            out.push(format!("per-agent metric {} is on no panel", def.name));
+        }
+    }
+    out
+}
+
+/// Each metric a PromQL expression names (taskwarden's and the standard `process_`
+/// ones), with the `{...}` selector right after it ("" when none).
+fn selectors(expr: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < expr.len() {
+        let tail = &expr[i..];
+        let starts = (tail.starts_with("taskwarden_") || tail.starts_with("process_"))
+            && !expr[..i]
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !starts {
+            i += tail.chars().next().map_or(1, char::len_utf8);
+            continue;
+        }
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let sel = tail[end..]
+            .strip_prefix('{')
+            .and_then(|r| r.find('}').map(|e| format!("{{{}}}", &r[..e])))
+            .unwrap_or_default();
+        out.push((tail[..end].to_string(), sel));
+        i += end;
+    }
+    out
+}
+
+#[test]
+fn the_dashboard_is_complete_and_names_only_exported_metrics() {
+    let d = dashboard();
+    let problems = dashboard_lint(&d);
+    assert!(
+        problems.is_empty(),
+        "dashboard lint:\n{}",
+        problems.join("\n")
+    );
     let rows: Vec<&str> = d["panels"]
         .as_array()
         .unwrap()
@@ -130,11 +282,33 @@ fn the_dashboard_is_complete_and_names_only_exported_metrics() {
             "Pool",
             "Sessions",
             "Tasks",
+            "Agents",
             "Applications sharing the database",
             "LLM usage",
             "Daemon"
         ]
     );
+    // Panels do not overlap on Grafana's 24-column grid.
+    let mut cells: BTreeSet<(i64, i64)> = BTreeSet::new();
+    for p in d["panels"].as_array().unwrap() {
+        let g = &p["gridPos"];
+        let (x, y, w, h) = (
+            g["x"].as_i64().unwrap(),
+            g["y"].as_i64().unwrap(),
+            g["w"].as_i64().unwrap(),
+            g["h"].as_i64().unwrap(),
+        );
+        assert!(x + w <= 24, "{}: off the grid", p["title"]);
+        for cx in x..x + w {
+            for cy in y..y + h {
+                assert!(
+                    cells.insert((cx, cy)),
+                    "{} overlaps another panel",
+                    p["title"]
+                );
+            }
+        }
+    }
     for p in d["panels"]
         .as_array()
         .unwrap()
@@ -166,30 +340,89 @@ fn the_dashboard_is_complete_and_names_only_exported_metrics() {
         let targets = p["targets"].as_array().unwrap();
         assert!(!targets.is_empty(), "{title}: no query");
         for t in targets {
-            let expr = t["expr"].as_str().unwrap();
-            assert!(!expr.is_empty(), "{title}: empty query");
-            for name in metric_names(expr) {
-                assert!(
-                    exported.contains(&name),
-                    "{title}: {name} is not exported by the daemon"
-                );
-            }
+            assert!(
+                !t["expr"].as_str().unwrap().is_empty(),
+                "{title}: empty query"
+            );
         }
     }
 }
 
-fn metric_names(expr: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut rest = expr;
-    while let Some(i) = rest.find("taskwarden_") {
-        let tail = &rest[i..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(tail.len());
-        out.push(tail[..end].to_string());
-        rest = &tail[end..];
+/// The lint finds what it is for: each fault put into the shipped dashboard is reported.
+#[test]
+fn the_dashboard_lint_finds_a_hard_coded_job_and_a_missing_input() {
+    let d = dashboard();
+    let expr = "/panels/1/targets/0/expr";
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut d = d.clone();
+        f(&mut d);
+        dashboard_lint(&d)
+    };
+    let set_expr =
+        |e: &'static str| move |d: &mut Value| *d.pointer_mut(expr).unwrap() = Value::from(e);
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        (
+            "hard-coded job",
+            with(&set_expr(
+                "taskwarden_db_pool_in_use{job=\"taskwarden\", job=~\"$job\", instance=~\"$instance\"}",
+            )),
+        ),
+        (
+            "hard-coded job",
+            with(&set_expr(
+                "taskwarden_db_pool_in_use{job =~ \"task.*\", instance=~\"$instance\"}",
+            )),
+        ),
+        (
+            "not filtered by $job",
+            with(&set_expr(
+                "taskwarden_db_pool_in_use{instance=~\"$instance\"}",
+            )),
+        ),
+        (
+            "process_resident_memory_bytes{instance",
+            with(&set_expr(
+                "process_resident_memory_bytes{instance=~\"$instance\"}",
+            )),
+        ),
+        (
+            "not exported",
+            with(&set_expr(
+                "taskwarden_no_such_metric{job=~\"$job\", instance=~\"$instance\"}",
+            )),
+        ),
+        (
+            "DS_PROMETHEUS",
+            with(&|d: &mut Value| {
+                d.as_object_mut().unwrap().remove("__inputs");
+            }),
+        ),
+        (
+            "a data source other than",
+            with(&|d: &mut Value| {
+                d["panels"][1]["datasource"]["uid"] = Value::from("P1809F7CD0C75ACF3");
+            }),
+        ),
+        (
+            "template variables",
+            with(&|d: &mut Value| {
+                d["templating"]["list"].as_array_mut().unwrap().remove(1);
+            }),
+        ),
+        (
+            "per-agent metric taskwarden_agent_db_sessions ",
+            with(&|d: &mut Value| {
+                let panels = d["panels"].as_array_mut().unwrap();
+                panels.retain(|p| p["title"] != "Agent DB sessions by agent (budget dashed)");
+            }),
+        ),
+    ];
+    for (want, found) in cases {
+        assert!(
+            found.iter().any(|p| p.contains(want)),
+            "{want:?} not reported: {found:?}"
+        );
     }
-    out
 }
 
 #[test]
@@ -276,6 +509,13 @@ async fn prom_query(http: &reqwest::Client, base: &str, q: &str) -> Value {
     }
 }
 
+/// A dashboard query as Grafana sends it with every variable at "All".
+fn grafana_vars(expr: &str) -> String {
+    expr.replace("$instance", ".*")
+        .replace("$job", ".*")
+        .replace("$__rate_interval", "1m")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() {
     let t = TestDb::new().await;
@@ -283,9 +523,12 @@ async fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() {
     let script = r#"cat >/dev/null; echo '{"step": 1}'; echo '{"usage": {"prompt_tokens": 12, "completion_tokens": 3, "cost_usd": 0.002}}'"#;
     let config = format!(
         "[database]\napplication_name = {:?}\n[supervisor]\ninterval = \"500ms\"\n\
-         [workers]\nretry_backoff = \"10ms\"\nretry_backoff_max = \"20ms\"\n\
+         [workers]\nretry_backoff = \"10ms\"\nretry_backoff_max = \"20ms\"\nshutdown_grace = \"1s\"\n\
          [agents.llm]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", {script:?}]\n\
          [agents.flaky]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"cat >/dev/null; exit 1\"]\n\
+         [agents.worker]\nkind = \"command\"\ncommand = [\"sh\", \"-c\", \"cat >/dev/null; sleep 600\"]\ndb_sessions_max = 5\n\
+         [agents.forky]\nkind = \"command\"\nprocesses_max = 2\n\
+         command = [\"sh\", \"-c\", \"cat >/dev/null; sleep 60 & sleep 60 & sleep 60 & wait\"]\n\
          [watch.everyone]\napplication_name = \"*\"\nmax_sessions = 10000\n",
         t.application_name
     );
@@ -353,7 +596,11 @@ async fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() {
     // More work after the first scrapes, so rates see it change; and a task that fails
     // (twice retried, then failed) for the failures panel.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    for agent in ["llm", "llm", "llm", "llm", "llm", "flaky"] {
+    // A long task for the agent panels (its process tree and session budget while it
+    // runs), and one over its processes_max for the limits panel.
+    for agent in [
+        "llm", "llm", "llm", "llm", "llm", "flaky", "worker", "forky",
+    ] {
         let r = http
             .post(format!("{api}/v1/tasks"))
             .json(&serde_json::json!({"agent": agent}))
@@ -369,10 +616,7 @@ async fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() {
         let base = base.clone();
         async move {
             for (_, e) in &exprs {
-                let q = e
-                    .replace("$instance", ".*")
-                    .replace("$__rate_interval", "1m");
-                let v = prom_query(&http, &base, &q).await;
+                let v = prom_query(&http, &base, &grafana_vars(e)).await;
                 if v["status"] != "success"
                     || v["data"]["result"].as_array().is_none_or(|r| r.is_empty())
                 {
@@ -386,9 +630,7 @@ async fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() {
     let mut missing = Vec::new();
     if !all_have_data {
         for (title, e) in &exprs {
-            let q = e
-                .replace("$instance", ".*")
-                .replace("$__rate_interval", "1m");
+            let q = grafana_vars(e);
             let v = prom_query(&http, &base, &q).await;
             if v["status"] != "success"
                 || v["data"]["result"].as_array().is_none_or(|r| r.is_empty())
