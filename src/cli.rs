@@ -77,6 +77,17 @@ pub enum Command {
     Retry(RetryArgs),
     /// Print the HTTP API's OpenAPI 3.1 document (the one served at /openapi.json).
     Openapi,
+    /// Print the Prometheus alerting rules (dashboards/alerts.yml) with the runbook links at
+    /// your base URL and the instance-down rule at your scrape job.
+    Alerts {
+        /// URL of the runbooks page (docs/runbooks.md as you publish it); each rule's
+        /// runbook_url is this plus `#<alert name in lower case>`.
+        #[arg(long, default_value = taskwarden::alert_rules::DEFAULT_RUNBOOK_BASE)]
+        runbook_base: String,
+        /// The `job` label Prometheus gives taskwarden's scrapes.
+        #[arg(long, default_value = taskwarden::alert_rules::DEFAULT_JOB)]
+        job: String,
+    },
     /// Internal: run a command agent's program under the subreaper shim.
     #[command(name = "agent-shim", hide = true)]
     AgentShim {

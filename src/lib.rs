@@ -6,6 +6,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod agents;
+pub mod alert_rules;
 pub mod alerts;
 pub mod api;
 pub mod client;

@@ -77,6 +77,18 @@ fn main() -> ExitCode {
         })),
         Command::Submit(args) => submit(args),
         Command::Tasks { command } => tasks(command),
+        Command::Alerts { runbook_base, job } => {
+            match taskwarden::alert_rules::prometheus_rules(&runbook_base, &job) {
+                Ok(rules) => {
+                    print!("{rules}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("taskwarden alerts: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Openapi => {
             print!("{}", taskwarden::api::openapi_document());
             ExitCode::SUCCESS

@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::os::unix::net::UnixDatagram;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,31 +47,65 @@ fn dashboard_exprs(d: &Value) -> Vec<(String, String)> {
     out
 }
 
-#[test]
-fn promtool_accepts_the_alert_rules() {
+/// `promtool check rules` on a rules file: its output, asserted to succeed.
+fn promtool_check_rules(path: &Path) -> String {
     let out = Command::new("promtool")
         .args(["check", "rules"])
-        .arg(root().join("dashboards/alerts.yml"))
+        .arg(path)
         .output()
         .expect("promtool (Debian package prometheus; scripts/test.sh installs it)");
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("SUCCESS: 18 rules found"), "{text}");
-    // Every rule links its runbook (a section of docs/runbooks.md) under the standard
-    // annotation.
+    text
+}
+
+/// Each rule of a rules file: its name and its lines up to the next rule.
+fn rule_blocks(rules: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for line in rules.lines() {
+        if let Some(name) = line.trim().strip_prefix("- alert: ") {
+            out.push((name.to_string(), String::new()));
+        } else if let Some((_, block)) = out.last_mut() {
+            block.push_str(line.trim());
+            block.push('\n');
+        }
+    }
+    out
+}
+
+const RULE_COUNT: usize = 18;
+
+#[test]
+fn promtool_accepts_the_alert_rules() {
+    let text = promtool_check_rules(&root().join("dashboards/alerts.yml"));
+    assert!(
+        text.contains(&format!("SUCCESS: {RULE_COUNT} rules found")),
+        "{text}"
+    );
+    // Every rule has a severity, a `for:`, and links its runbook (a section of
+    // docs/runbooks.md) under the standard annotation, at an absolute URL.
     let rules = std::fs::read_to_string(root().join("dashboards/alerts.yml")).unwrap();
     assert!(!rules.contains(" runbook:"), "a rule carries `runbook`");
     let runbooks = std::fs::read_to_string(root().join("docs/runbooks.md")).unwrap();
     let tests = std::fs::read_to_string(root().join("dashboards/alerts_test.yml")).unwrap();
-    let names: Vec<&str> = rules
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("- alert: "))
-        .collect();
-    assert_eq!(names.len(), 18);
-    for name in names {
-        let anchor = format!("runbook_url: \"docs/runbooks.md#{}\"", name.to_lowercase());
-        assert!(rules.contains(&anchor), "{name}: no {anchor}");
+    let blocks = rule_blocks(&rules);
+    assert_eq!(blocks.len(), RULE_COUNT);
+    for (name, block) in &blocks {
+        assert!(
+            block.lines().any(|l| l.starts_with("for: ")),
+            "{name}: no `for:`"
+        );
+        assert!(
+            block.contains("severity: warning\n") || block.contains("severity: critical\n"),
+            "{name}: no severity"
+        );
+        let anchor = format!(
+            "runbook_url: \"{}#{}\"",
+            taskwarden::alert_rules::DEFAULT_RUNBOOK_BASE,
+            name.to_lowercase()
+        );
+        assert!(block.contains(&anchor), "{name}: no {anchor}");
         assert!(
             runbooks.contains(&format!("\n## {name}\n")),
             "{name}: no runbook"
@@ -81,6 +115,81 @@ fn promtool_accepts_the_alert_rules() {
             "{name}: no promtool unit test"
         );
     }
+}
+
+/// `taskwarden alerts --runbook-base URL --job NAME`: the rules an operator installs pass
+/// promtool, every runbook link is at their base with its alert's anchor, the instance-down
+/// rule watches their job, and the unit tests pass on them too (with the expected links
+/// and series moved the same way). Without options it prints the committed file.
+#[test]
+fn the_alerts_command_puts_runbooks_at_the_given_base_and_job() {
+    let committed = std::fs::read_to_string(root().join("dashboards/alerts.yml")).unwrap();
+    let plain = Command::new(bin()).arg("alerts").output().unwrap();
+    assert!(plain.status.success(), "{plain:?}");
+    assert_eq!(String::from_utf8_lossy(&plain.stdout), committed);
+
+    let base = "https://wiki.example.org/ops/taskwarden-runbooks";
+    let out = Command::new(bin())
+        .args(["alerts", "--runbook-base", base, "--job", "tw-prod"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let rules = String::from_utf8(out.stdout).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("alerts.yml"), &rules).unwrap();
+    let text = promtool_check_rules(&dir.path().join("alerts.yml"));
+    assert!(
+        text.contains(&format!("SUCCESS: {RULE_COUNT} rules found")),
+        "{text}"
+    );
+    let blocks = rule_blocks(&rules);
+    assert_eq!(blocks.len(), RULE_COUNT);
+    for (name, block) in &blocks {
+        let links: Vec<&str> = block
+            .lines()
+            .filter(|l| l.starts_with("runbook_url: "))
+            .collect();
+        assert_eq!(
+            links,
+            [format!("runbook_url: \"{base}#{}\"", name.to_lowercase())],
+            "{name}"
+        );
+    }
+    assert!(rules.contains("up{job=\"tw-prod\"} == 0"), "{rules}");
+    assert!(
+        !rules.contains(taskwarden::alert_rules::DEFAULT_RUNBOOK_BASE),
+        "{rules}"
+    );
+
+    let tests = std::fs::read_to_string(root().join("dashboards/alerts_test.yml"))
+        .unwrap()
+        .replace(taskwarden::alert_rules::DEFAULT_RUNBOOK_BASE, base)
+        .replace("up{job=\"taskwarden\"", "up{job=\"tw-prod\"")
+        .replace("job: taskwarden,", "job: tw-prod,");
+    std::fs::write(dir.path().join("alerts_test.yml"), tests).unwrap();
+    let unit = Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(dir.path().join("alerts_test.yml"))
+        .output()
+        .unwrap();
+    assert!(
+        unit.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&unit.stdout),
+        String::from_utf8_lossy(&unit.stderr)
+    );
+
+    // A relative base is what the rules had before: refused, naming the option.
+    let bad = Command::new(bin())
+        .args(["alerts", "--runbook-base", "docs/runbooks.md"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--runbook-base"),
+        "{bad:?}"
+    );
+    assert!(bad.stdout.is_empty(), "{bad:?}");
 }
 
 /// `promtool test rules`: each rule fires on synthetic series and resolves after, the
