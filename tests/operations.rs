@@ -74,7 +74,7 @@ fn rule_blocks(rules: &str) -> Vec<(String, String)> {
     out
 }
 
-const RULE_COUNT: usize = 18;
+const RULE_COUNT: usize = 21;
 
 #[test]
 fn promtool_accepts_the_alert_rules() {
@@ -794,7 +794,7 @@ async fn prometheus_scrapes_the_daemon_and_every_dashboard_query_has_data() {
         .iter()
         .map(|g| g["rules"].as_array().unwrap().len())
         .sum();
-    assert_eq!(n, 18);
+    assert_eq!(n, RULE_COUNT);
     drop(prom);
     d.signal(Signal::SIGTERM);
     assert!(tokio::task::block_in_place(|| d.wait_exit(Duration::from_secs(120))).success());
