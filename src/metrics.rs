@@ -648,6 +648,7 @@ mod tests {
         );
     }
 
+    #[test]
     fn recorded_values_render_with_help() {
         let m = Metrics::new();
         m.gauge(DB_POOL_IN_USE, &[]).set(3.0);
