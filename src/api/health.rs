@@ -143,8 +143,12 @@ pub(super) struct AgentReport {
     concurrency: u32,
     timeout_seconds: f64,
     planner: bool,
-    /// Cluster-wide claim rate limit (`N/sec|min|hour`), if any.
+    /// Cluster-wide rate limit on starts (`N/sec|min|hour` or `N/PERIOD`), if any: at
+    /// most N start in any window of the period (N + burst - 1 with a burst).
     rate: Option<String>,
+    /// How many of the rate's starts may come at once (1 unless configured); absent
+    /// without a rate.
+    burst: Option<u32>,
     memory_max_bytes: Option<u64>,
     processes_max: Option<u64>,
     cpu_time_max_seconds: Option<f64>,
@@ -265,6 +269,7 @@ fn agents_report(s: &ApiState, cfg: &Config) -> std::collections::BTreeMap<Strin
                 timeout_seconds: a.timeout.get().as_secs_f64(),
                 planner: a.planner,
                 rate: a.rate.as_ref().map(|r| r.to_string()),
+                burst: a.rate.map(|_| a.burst.unwrap_or(1)),
                 memory_max_bytes: a.memory_max.map(|m| m.0),
                 processes_max: a.processes_max,
                 cpu_time_max_seconds: a.cpu_time_max.map(|c| c.get().as_secs_f64()),

@@ -1,5 +1,5 @@
 //! Job-queue config beyond one section: periodic tasks (`[schedules.NAME]`, a cron
-//! expression in UTC) and an agent's rate limit (`rate = "N/sec|min|hour"`).
+//! expression in UTC) and an agent's rate limit (`rate = "N/sec|min|hour|PERIOD"`).
 
 use super::Config;
 use serde::Deserialize;
@@ -9,11 +9,15 @@ use serde::Serializer;
 use std::fmt;
 use std::time::Duration;
 
-/// Most starts a rate may allow per window.
+/// Most starts a rate may allow per period.
 pub const MAX_RATE_COUNT: u32 = 1_000_000;
+/// Shortest period a rate may name.
+pub const MIN_RATE_PERIOD: Duration = Duration::from_secs(1);
+/// Longest period a rate may name (a day).
+pub const MAX_RATE_PERIOD: Duration = Duration::from_secs(24 * 3600);
 
-/// A cluster-wide rate limit: at most `count` claims per fixed window of `window`
-/// (1 s, 1 min or 1 h), over every instance together.
+/// A cluster-wide rate limit: at most `count` starts per `window` (a period of 1 s to a
+/// day), over every instance together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
     pub count: u32,
@@ -21,11 +25,13 @@ pub struct Rate {
 }
 
 impl Rate {
-    fn unit(&self) -> &'static str {
+    fn unit(&self) -> Option<&'static str> {
         match self.window.as_secs() {
-            1 => "sec",
-            60 => "min",
-            _ => "hour",
+            _ if self.window.subsec_nanos() != 0 => None,
+            1 => Some("sec"),
+            60 => Some("min"),
+            3600 => Some("hour"),
+            _ => None,
         }
     }
 }
@@ -33,30 +39,47 @@ impl Rate {
 impl std::str::FromStr for Rate {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid rate {s:?}; write N/sec, N/min or N/hour, e.g. \"60/min\"");
+        let bad = || {
+            format!(
+                "invalid rate {s:?}; write N/sec, N/min, N/hour or N/PERIOD, e.g. \"60/min\" or \"20/5s\""
+            )
+        };
         let (n, unit) = s.trim().split_once('/').ok_or_else(bad)?;
         let count: u32 = n.trim().parse().map_err(|_| bad())?;
-        let secs = match unit.trim() {
-            "s" | "sec" | "second" => 1,
-            "m" | "min" | "minute" => 60,
-            "h" | "hour" => 3600,
+        let unit = unit.trim();
+        let window = match unit {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            // A period with a number: "5s", "10min", "1h 30m" (humantime's syntax).
+            _ if unit.starts_with(|c: char| c.is_ascii_digit()) => {
+                humantime::parse_duration(unit).map_err(|_| bad())?
+            }
             _ => return Err(bad()),
         };
+        if !(MIN_RATE_PERIOD..=MAX_RATE_PERIOD).contains(&window) {
+            return Err(format!("rate {s:?}: the period must be from 1s to 24h"));
+        }
         if !(1..=MAX_RATE_COUNT).contains(&count) {
             return Err(format!(
                 "rate {s:?}: the count must be in 1..={MAX_RATE_COUNT}"
             ));
         }
-        Ok(Rate {
-            count,
-            window: Duration::from_secs(secs),
-        })
+        Ok(Rate { count, window })
     }
 }
 
 impl fmt::Display for Rate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.count, self.unit())
+        match self.unit() {
+            Some(u) => write!(f, "{}/{u}", self.count),
+            None => write!(
+                f,
+                "{}/{}",
+                self.count,
+                humantime::format_duration(self.window)
+            ),
+        }
     }
 }
 
@@ -149,6 +172,11 @@ mod tests {
             (" 5 / hour ", 5, 3600, "5/hour"),
             ("1/s", 1, 1, "1/sec"),
             ("1000000/h", 1_000_000, 3600, "1000000/hour"),
+            ("20/5s", 20, 5, "20/5s"),
+            ("3/90s", 3, 90, "3/1m 30s"),
+            ("1/1h 30m", 1, 5400, "1/1h 30m"),
+            ("7/24h", 7, 86400, "7/1day"),
+            ("2/60s", 2, 60, "2/min"),
         ] {
             let r: Rate = s.parse().unwrap();
             assert_eq!((r.count, r.window.as_secs()), (count, secs), "{s}");
@@ -162,9 +190,37 @@ mod tests {
             "60/day",
             "x/min",
             "1000001/sec",
+            "1/500ms",
+            "1/25h",
+            "1/0s",
+            "1/-5s",
+            "1/5 parsecs",
         ] {
             assert!(s.parse::<Rate>().is_err(), "{s}");
         }
+    }
+
+    #[test]
+    fn a_burst_needs_a_rate_and_stays_within_its_count() {
+        let agent = |extra: &str| {
+            format!("[agents.a]\nkind = \"command\"\ncommand = [\"true\"]\n{extra}\n")
+        };
+        let ok = Config::parse(&agent("rate = \"20/5s\"\nburst = 20")).unwrap();
+        assert_eq!(ok.agents["a"].burst, Some(20));
+        assert_eq!(ok.agents["a"].rate.map(|r| r.window.as_secs()), Some(5));
+        for (extra, says) in [
+            ("burst = 3", "needs a rate"),
+            ("rate = \"20/5s\"\nburst = 0", "must be in 1..=20"),
+            ("rate = \"20/5s\"\nburst = 21", "must be in 1..=20"),
+        ] {
+            let found = issues(&agent(extra));
+            assert_eq!(found.len(), 1, "{extra}: {found:?}");
+            assert_eq!(found[0].key, "agents.a.burst", "{extra}");
+            assert!(found[0].message.contains(says), "{extra}: {found:?}");
+        }
+        // A negative burst is refused by type, named by key.
+        let found = issues(&agent("rate = \"20/5s\"\nburst = -1"));
+        assert!(found.iter().any(|i| i.key == "agents.a.burst"), "{found:?}");
     }
 
     #[test]

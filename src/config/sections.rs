@@ -251,9 +251,13 @@ pub struct AgentConfig {
     pub timeout: Dur,
     /// The agent's reply is the list of steps of an objective.
     pub planner: bool,
-    /// Cluster-wide rate limit on claims of this agent's tasks (`"N/sec|min|hour"`);
-    /// none when absent.
+    /// Cluster-wide rate limit on starts of this agent's tasks (`"N/sec|min|hour"` or
+    /// `"N/PERIOD"` such as `"20/5s"`), held in every window of the period (GCRA, see
+    /// `store::rate_limit`); none when absent.
     pub rate: Option<Rate>,
+    /// How many of the rate's starts may come at once (1..=N, default 1). With B, any
+    /// window of the rate's period holds at most N + B - 1 starts.
+    pub burst: Option<u32>,
     /// A task whose process tree holds more resident memory than this (summed over the
     /// tree, sampled every supervisor.interval) is killed, whole tree, and fails; none
     /// when absent.
@@ -278,6 +282,7 @@ impl Default for AgentConfig {
             timeout: Dur::secs(1800),
             planner: false,
             rate: None,
+            burst: None,
             memory_max: None,
             processes_max: None,
             cpu_time_max: None,

@@ -199,6 +199,20 @@ impl Config {
             if a.timeout.get().is_zero() {
                 bad(&key("timeout"), "must be greater than zero".into());
             }
+            match (a.rate, a.burst) {
+                (None, Some(_)) => bad(
+                    &key("burst"),
+                    "a burst needs a rate (e.g. rate = \"60/min\")".into(),
+                ),
+                (Some(r), Some(b)) if !(1..=r.count).contains(&b) => bad(
+                    &key("burst"),
+                    format!(
+                        "must be in 1..={} (the rate's count: a burst of B lets N + B - 1 start in one period)",
+                        r.count
+                    ),
+                ),
+                _ => {}
+            }
             if a.memory_max.is_some_and(|m| m.0 < 1 << 20) {
                 bad(&key("memory_max"), "must be at least 1MiB".into());
             }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use super::rate_limit::Gcra;
 use super::{MAX_EVENTS_PER_TASK, Store, StoreError, TASK_COLUMNS, Task, TaskStatus};
 
 /// Ends a task's lease; part of every write that takes a task out of `running`.
@@ -35,6 +36,12 @@ pub const TIME_OUT_OVERDUE_SQL: &str = "UPDATE taskwarden.tasks SET status = 'ti
 /// The claim statement: `$1` agent, `$2` limit, `$3` owner, `$4` lease in seconds, `$5`
 /// the allowed set into `running`.
 fn claim_sql() -> String {
+    claim_sql_started("now()")
+}
+
+/// The claim statement with `started` as the tasks' `started_at` (the rated claim dates
+/// its starts with the instant its rate row allowed them).
+fn claim_sql_started(started: &str) -> String {
     format!(
         "WITH c AS ( \
            SELECT t.id AS claim_id FROM taskwarden.tasks t \
@@ -45,7 +52,7 @@ fn claim_sql() -> String {
                  AND d.step_key = ANY(t.depends_on) AND d.status <> 'succeeded')) \
            ORDER BY t.priority DESC, t.run_after, t.id \
            LIMIT $2 FOR UPDATE SKIP LOCKED) \
-         UPDATE taskwarden.tasks SET status = 'running', attempts = attempts + 1, started_at = now(), \
+         UPDATE taskwarden.tasks SET status = 'running', attempts = attempts + 1, started_at = {started}, \
            updated_at = now(), lease_owner = $3, \
            lease_expires_at = now() + make_interval(secs => $4) \
          FROM c WHERE tasks.id = c.claim_id AND tasks.status = ANY($5) \
@@ -88,8 +95,10 @@ impl OutcomeRow {
 #[derive(Debug)]
 pub struct Claimed {
     pub tasks: Vec<Task>,
-    /// The rate's window had less left than was asked for.
+    /// The rate's schedule allowed less than was asked for.
     pub throttled: bool,
+    /// When throttled: how long until the schedule allows the next start.
+    pub next_start_in: Option<Duration>,
 }
 
 impl Store {
@@ -115,12 +124,14 @@ impl Store {
         rows.iter().map(Task::from_row).collect()
     }
 
-    /// [`Store::claim`] under a cluster-wide rate limit (`rate`, if any): in one
-    /// transaction, the agent's `rate_windows` row is upserted and locked (a new fixed
-    /// window starts with nothing used; a window never moves back), at most what the
-    /// window has left is claimed, and the claimed count is added. Every instance's
-    /// claims of the agent go through that row, so together they claim at most
-    /// `rate.count` per window. `throttled` says the window left less than `limit`.
+    /// [`Store::claim`] under a cluster-wide rate limit (`rate`, if any, with `burst`):
+    /// in one transaction the agent's `rate_limits` row is upserted and locked, the
+    /// database's clock is read under that lock, at most what the GCRA schedule allows at
+    /// that instant is claimed (the tasks' `started_at` is that instant), and the row
+    /// moves on by what was claimed (see `rate_limit`). Every instance's claims of the
+    /// agent queue on that row, so together they start at most N + burst − 1 in any
+    /// window of the period. `throttled` says the schedule allowed less than `limit`;
+    /// `next_start_in`, when the next start conforms.
     pub async fn claim_rated(
         &self,
         agent: &str,
@@ -128,55 +139,62 @@ impl Store {
         owner: &str,
         lease: Duration,
         rate: Option<crate::config::Rate>,
+        burst: u32,
     ) -> Result<Claimed, StoreError> {
         let Some(rate) = rate else {
             let tasks = self.claim(agent, limit, owner, lease).await?;
             return Ok(Claimed {
                 tasks,
                 throttled: false,
+                next_start_in: None,
             });
         };
+        let gcra = Gcra::new(rate, burst);
         let allowed = TaskStatus::allowed_from(TaskStatus::Running);
         let mut s = self.session("store.claim_rated").await?;
         let tx = s.transaction().await?;
-        let used: i64 = tx
+        // RETURNING runs once the row is locked: the clock read there is after every
+        // earlier claim of this agent committed, so claims are ordered by that clock.
+        let row = tx
             .query_one(
-                "INSERT INTO taskwarden.rate_windows AS w (agent, window_start, used) \
-                 VALUES ($1, to_timestamp(floor(extract(epoch FROM now()) / $2::bigint) * $2::bigint), 0) \
-                 ON CONFLICT (agent) DO UPDATE SET \
-                   used = CASE WHEN EXCLUDED.window_start > w.window_start THEN 0 ELSE w.used END, \
-                   window_start = GREATEST(w.window_start, EXCLUDED.window_start) \
-                 RETURNING used",
-                &[&agent, &(rate.window.as_secs() as i64)],
-            )
-            .await?
-            .try_get(0)?;
-        let left = (i64::from(rate.count) - used).max(0);
-        let take = limit.min(left);
-        let throttled = take < limit;
-        if take <= 0 {
-            tx.commit().await?;
-            return Ok(Claimed {
-                tasks: Vec::new(),
-                throttled,
-            });
-        }
-        let rows = tx
-            .query(
-                &claim_sql(),
-                &[&agent, &take, &owner, &lease.as_secs_f64(), &allowed],
+                "INSERT INTO taskwarden.rate_limits AS r (agent, tat) VALUES ($1, clock_timestamp()) \
+                 ON CONFLICT (agent) DO UPDATE SET tat = r.tat \
+                 RETURNING (extract(epoch FROM r.tat) * 1000000)::int8, \
+                   (extract(epoch FROM clock_timestamp()) * 1000000)::int8",
+                &[&agent],
             )
             .await?;
-        let tasks: Vec<Task> = rows.iter().map(Task::from_row).collect::<Result<_, _>>()?;
-        if !tasks.is_empty() {
+        let (tat, now): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+        let allowance = gcra.allowance(tat, now);
+        let take = limit.min(allowance.count);
+        let tasks: Vec<Task> = if take > 0 {
+            let rows = tx
+                .query(
+                    &claim_sql_started("to_timestamp(0) + $6::int8 * interval '1 microsecond'"),
+                    &[&agent, &take, &owner, &lease.as_secs_f64(), &allowed, &now],
+                )
+                .await?;
+            rows.iter().map(Task::from_row).collect::<Result<_, _>>()?
+        } else {
+            Vec::new()
+        };
+        let taken = i64::try_from(tasks.len()).unwrap_or(i64::MAX);
+        let tat = gcra.after(allowance, taken);
+        if taken > 0 {
             tx.execute(
-                "UPDATE taskwarden.rate_windows SET used = used + $2 WHERE agent = $1",
-                &[&agent, &(tasks.len() as i64)],
+                "UPDATE taskwarden.rate_limits \
+                 SET tat = to_timestamp(0) + $2::int8 * interval '1 microsecond' WHERE agent = $1",
+                &[&agent, &tat],
             )
             .await?;
         }
         tx.commit().await?;
-        Ok(Claimed { tasks, throttled })
+        let throttled = taken < limit && allowance.count < limit;
+        Ok(Claimed {
+            tasks,
+            throttled,
+            next_start_in: throttled.then(|| gcra.wait(tat, now)),
+        })
     }
 
     /// Hands claimed tasks that never started back to the queue (prefetched tasks at

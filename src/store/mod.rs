@@ -23,6 +23,7 @@ pub mod leader;
 mod leases;
 mod objectives;
 mod queue;
+pub mod rate_limit;
 mod retention;
 mod schedules;
 mod task;
