@@ -192,7 +192,7 @@ pub fn argv(pid: u32) -> Vec<Vec<u8>> {
 /// exists.
 pub fn comm(pid: u32) -> Option<String> {
     let c = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    Some(c.trim_end().to_string())
+    Some(c.trim().to_string())
 }
 
 /// The daemon's resident memory and the memory it may use (its cgroup's limit, else the

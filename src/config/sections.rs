@@ -201,8 +201,8 @@ pub struct WorkersConfig {
     pub retry_backoff_max: Dur,
     /// How long shutdown waits for running work before re-queueing it and exiting.
     pub shutdown_grace: Dur,
-    /// Most tasks claimed ahead per agent, beyond the free slots, held here until a slot
-    /// frees (see `orchestrator::claimer`). 0: claim only for free permits.
+    /// Most tasks claimed ahead per agent, beyond the free permits, held here until a
+    /// permit frees (see `orchestrator::claimer`). 0: claim only for free permits.
     pub prefetch: u32,
     /// How long the outcome writer gathers outcomes before writing them in one
     /// statement (0: write whatever is queued at once).

@@ -165,14 +165,18 @@ impl DirectTx<'_> {
         self.client.schema()
     }
 
+    // `open` is cleared only once the statement returned: cancelled mid-way, or failed,
+    // the transaction may still be open, and the drop marks the client broken.
     pub async fn commit(mut self) -> Result<(), DbError> {
+        self.client.batch_execute("COMMIT").await?;
         self.open = false;
-        self.client.batch_execute("COMMIT").await
+        Ok(())
     }
 
     pub async fn rollback(mut self) -> Result<(), DbError> {
+        self.client.batch_execute("ROLLBACK").await?;
         self.open = false;
-        self.client.batch_execute("ROLLBACK").await
+        Ok(())
     }
 
     /// Commits after `result` succeeded, else rolls back and returns its error. A failed

@@ -7,7 +7,9 @@
 //! A session of another role shows a NULL state, ages and `backend_start` unless this
 //! role has `pg_read_all_stats`; and `pg_terminate_backend` (or `pg_cancel_backend`)
 //! raises 42501 for a session this role may not signal, failing the whole statement. So
-//! every statement that signals asks [`MAY_SIGNAL`] first and answers NULL where it may not.
+//! every statement that signals an application's sessions asks [`MAY_SIGNAL`] first and
+//! answers NULL where it may not; the pool's own backends (`terminate_listed`) are ours to
+//! end, and `terminate_backends` is given only pids its caller found signalable.
 
 use std::collections::BTreeMap;
 
