@@ -12,7 +12,13 @@
 -- no longer read or written by v9 daemons; it stays until a later version so that an
 -- older daemon still running during a rolling upgrade keeps working (its claims are not
 -- counted against the new rows meanwhile).
+--
+-- `interval_us` and `tolerance_us` are the constants the TAT was kept under: a claim under
+-- other ones (a reload changed the rate or burst) brings a TAT far ahead back within one
+-- interval of the new rate, instead of waiting out a schedule an old rate left.
 CREATE TABLE rate_limits (
-    agent text        PRIMARY KEY,
-    tat   timestamptz NOT NULL
+    agent        text        PRIMARY KEY,
+    tat          timestamptz NOT NULL,
+    interval_us  bigint      NOT NULL,
+    tolerance_us bigint      NOT NULL
 );

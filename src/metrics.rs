@@ -86,7 +86,7 @@ metrics_table! {
     TASKS_DELETED_TOTAL = "tasks_deleted_total", Counter, Count, ["status"], "Finished tasks deleted by retention (with their events), by final status.";
     SCHEDULE_RUNS_TOTAL = "schedule_runs_total", Counter, Count, ["schedule"], "Runs of a periodic task this instance queued (each due time is queued by one instance: sum over instances).";
     SCHEDULE_SKIPPED_TOTAL = "schedule_skipped_total", Counter, Count, ["schedule"], "Due times of a periodic task not run because they were missed (downtime): only the latest missed one runs.";
-    CLAIMS_THROTTLED_TOTAL = "claims_throttled_total", Counter, Count, ["agent"], "Claims of an agent cut short by its cluster-wide rate limit (the window had fewer starts left than asked for).";
+    CLAIMS_THROTTLED_TOTAL = "claims_throttled_total", Counter, Count, ["agent"], "Claims of an agent cut short by its cluster-wide rate limit (its schedule allowed fewer starts than asked for).";
     TASK_DURATION_SECONDS = "task_duration_seconds", Histogram, Seconds, ["agent"], "Run time of finished task attempts.";
     TASK_QUEUE_WAIT_SECONDS = "task_queue_wait_seconds", Histogram, Seconds, [], "Time from runnable to started.";
     TASKS_TIMED_OUT_TOTAL = "tasks_timed_out_total", Counter, Count, [], "Tasks that ended timed_out: past their agent's timeout or supervisor.max_task_duration.";

@@ -146,7 +146,7 @@ pub(super) struct AgentReport {
     /// Cluster-wide rate limit on starts (`N/sec|min|hour` or `N/PERIOD`), if any: at
     /// most N start in any window of the period (N + burst - 1 with a burst).
     rate: Option<String>,
-    /// How many of the rate's starts may come at once (1 unless configured); absent
+    /// How many of the rate's starts may come at once (1 unless configured); null
     /// without a rate.
     burst: Option<u32>,
     memory_max_bytes: Option<u64>,

@@ -261,7 +261,7 @@ impl Claimer {
                 ctx.metrics
                     .counter(m::CLAIMS_THROTTLED_TOTAL, &[("agent", name.as_str())])
                     .increment(1);
-                if let Some(after) = claimed.next_start_in {
+                if let Some(after) = claimed.next_start_in.filter(|d| !d.is_zero()) {
                     self.wake_for_rate(after);
                 }
                 tracing::debug!(agent = %name, claimed = claimed.tasks.len(), rate = ?rate.map(|r| r.to_string()), next_start_in = ?claimed.next_start_in, "claim cut short by the agent's rate limit");
@@ -308,6 +308,11 @@ impl Claimer {
             return None;
         }
         let cfg = ctx.config.load();
+        // A rate added by a reload: what was claimed ahead without it goes back to the
+        // queue at the next claim round, never starts here uncounted.
+        if cfg.agents.get(agent).is_some_and(|a| a.rate.is_some()) {
+            return None;
+        }
         let entry = ctx.agents.load().get(agent).cloned()?;
         if capacity.over(agent, entry.concurrency, cfg.workers.concurrency as usize) {
             return None;

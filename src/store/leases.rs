@@ -153,18 +153,26 @@ impl Store {
         let allowed = TaskStatus::allowed_from(TaskStatus::Running);
         let mut s = self.session("store.claim_rated").await?;
         let tx = s.transaction().await?;
+        let (interval, tolerance) = gcra.constants();
         // RETURNING runs once the row is locked: the clock read there is after every
         // earlier claim of this agent committed, so claims are ordered by that clock.
         let row = tx
             .query_one(
-                "INSERT INTO taskwarden.rate_limits AS r (agent, tat) VALUES ($1, clock_timestamp()) \
+                "INSERT INTO taskwarden.rate_limits AS r (agent, tat, interval_us, tolerance_us) \
+                 VALUES ($1, clock_timestamp(), $2, $3) \
                  ON CONFLICT (agent) DO UPDATE SET tat = r.tat \
                  RETURNING (extract(epoch FROM r.tat) * 1000000)::int8, \
-                   (extract(epoch FROM clock_timestamp()) * 1000000)::int8",
-                &[&agent],
+                   (extract(epoch FROM clock_timestamp()) * 1000000)::int8, \
+                   r.interval_us, r.tolerance_us",
+                &[&agent, &interval, &tolerance],
             )
             .await?;
-        let (tat, now): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+        let (mut tat, now): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+        let kept_under: (i64, i64) = (row.try_get(2)?, row.try_get(3)?);
+        let rebased = kept_under != (interval, tolerance);
+        if rebased {
+            tat = gcra.rebase(tat, now);
+        }
         let allowance = gcra.allowance(tat, now);
         let take = limit.min(allowance.count);
         let tasks: Vec<Task> = if take > 0 {
@@ -180,16 +188,20 @@ impl Store {
         };
         let taken = i64::try_from(tasks.len()).unwrap_or(i64::MAX);
         let tat = gcra.after(allowance, taken);
-        if taken > 0 {
+        if taken > 0 || rebased {
             tx.execute(
                 "UPDATE taskwarden.rate_limits \
-                 SET tat = to_timestamp(0) + $2::int8 * interval '1 microsecond' WHERE agent = $1",
-                &[&agent, &tat],
+                 SET tat = to_timestamp(0) + $2::int8 * interval '1 microsecond', \
+                   interval_us = $3, tolerance_us = $4 WHERE agent = $1",
+                &[&agent, &tat, &interval, &tolerance],
             )
             .await?;
         }
         tx.commit().await?;
-        let throttled = taken < limit && allowance.count < limit;
+        // Throttled only when the schedule was what held the claim back (it took all
+        // the schedule allowed, and that was less than asked): an agent with nothing to
+        // claim is not throttled, and its claimer does not wake for it.
+        let throttled = allowance.count < limit && taken == allowance.count;
         Ok(Claimed {
             tasks,
             throttled,

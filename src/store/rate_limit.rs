@@ -30,9 +30,7 @@ pub struct Gcra {
 /// What a claim may take now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Allowance {
-    /// The schedule the starts taken now extend: `max(TAT, now)`, with a TAT further
-    /// ahead than one burst (left by a slower rate before a reload, or a clock that went
-    /// back) brought back to `now + B·T`.
+    /// The schedule the starts taken now extend: `max(TAT, now)`.
     base: i64,
     /// How many may start at `now` (0..=B).
     pub count: i64,
@@ -42,7 +40,9 @@ impl Gcra {
     /// `burst` is clamped to `1..=rate.count` (the config refuses anything else).
     pub fn new(rate: Rate, burst: u32) -> Gcra {
         let count = i64::from(rate.count.max(1));
-        let period = i64::try_from(rate.window.as_micros()).unwrap_or(i64::MAX);
+        // Rounded up to the microsecond: a truncated period would space starts a little
+        // closer than it.
+        let period = i64::try_from(rate.window.as_nanos().div_ceil(1000)).unwrap_or(i64::MAX);
         let interval = (period.saturating_add(count - 1) / count).max(1);
         let burst = i64::from(burst.clamp(1, rate.count.max(1)));
         Gcra {
@@ -53,11 +53,8 @@ impl Gcra {
 
     /// What may start at `now` (µs since the epoch) given the stored `tat`.
     pub fn allowance(&self, tat: i64, now: i64) -> Allowance {
-        let ceiling = now
-            .saturating_add(self.tolerance)
-            .saturating_add(self.interval);
-        let base = tat.min(ceiling).max(now);
-        let slack = now.saturating_add(self.tolerance) - base;
+        let base = tat.max(now);
+        let slack = now.saturating_add(self.tolerance).saturating_sub(base);
         let count = if slack < 0 {
             0
         } else {
@@ -72,11 +69,27 @@ impl Gcra {
             .saturating_add(taken.clamp(0, a.count).saturating_mul(self.interval))
     }
 
-    /// How long after `now` one more start conforms, given the TAT then.
+    /// How long after `now` one more start conforms, given the TAT then (zero: now).
     pub fn wait(&self, tat: i64, now: i64) -> Duration {
-        let a = self.allowance(tat, now);
-        let next = a.base.saturating_sub(self.tolerance);
+        let next = tat.saturating_sub(self.tolerance);
         Duration::from_micros(u64::try_from(next.saturating_sub(now)).unwrap_or(0))
+    }
+
+    /// A TAT kept under other constants (a reload changed the rate or burst), brought
+    /// within one interval of these: a schedule an earlier, slower rate left hours ahead
+    /// does not hold the new one back. Under unchanged constants a TAT far ahead is left
+    /// alone (only the database's clock stepping back makes one), since moving it back
+    /// could let starts it already counted be counted again.
+    pub fn rebase(&self, tat: i64, now: i64) -> i64 {
+        tat.min(
+            now.saturating_add(self.tolerance)
+                .saturating_add(self.interval),
+        )
+    }
+
+    /// The emission interval T and tolerance τ, in µs, as stored beside the TAT.
+    pub fn constants(&self) -> (i64, i64) {
+        (self.interval, self.tolerance)
     }
 }
 
@@ -135,13 +148,45 @@ mod tests {
     }
 
     #[test]
-    fn a_tat_far_ahead_waits_at_most_one_burst() {
-        // A TAT left an hour ahead (a slower rate before a reload, a clock that went back).
+    fn a_tat_far_ahead_is_waited_for_unless_the_rate_changed() {
+        // A TAT an hour ahead under the same rate (the database's clock stepped back):
+        // waited for, not polled every interval.
         let g = Gcra::new(rate(10, 1), 2);
         let now = 10_000_000;
         let tat = now + 3_600_000_000;
         assert_eq!(g.allowance(tat, now).count, 0);
+        assert_eq!(
+            g.wait(tat, now),
+            Duration::from_micros(3_600_000_000 - 100_000)
+        );
+        // Left by another rate (a reload): brought back to one interval, and the claim
+        // after that wait gets a start.
+        let tat = g.rebase(tat, now);
         assert_eq!(g.wait(tat, now), Duration::from_millis(100));
+        assert_eq!(g.allowance(tat, now + 100_000).count, 1);
+        // Rebasing never moves a schedule forward.
+        assert_eq!(g.rebase(now - 5, now), now - 5);
+    }
+
+    #[test]
+    fn the_wait_is_zero_exactly_when_a_start_conforms() {
+        let g = Gcra::new(rate(20, 5), 3);
+        let now = 7_000_000;
+        for tat in [
+            0,
+            now - 1,
+            now,
+            now + 250_000,
+            now + 500_000,
+            now + 750_000,
+            now + 10_000_000,
+        ] {
+            assert_eq!(
+                g.wait(tat, now).is_zero(),
+                g.allowance(tat, now).count > 0,
+                "tat {tat}"
+            );
+        }
     }
 
     #[test]
@@ -149,6 +194,12 @@ mod tests {
         assert_eq!(Gcra::new(rate(7, 60), 1).interval, 8_571_429);
         assert_eq!(Gcra::new(rate(1_000_000, 1), 1).interval, 1);
         assert_eq!(Gcra::new(rate(3, 1), 99).tolerance, 2 * 333_334);
+        // A period with nanoseconds rounds up: "1/1s 1ns" spaces starts 1.000001 s apart.
+        let odd = Rate {
+            count: 1,
+            window: Duration::new(1, 1),
+        };
+        assert_eq!(Gcra::new(odd, 1).interval, 1_000_001);
     }
 
     proptest! {
